@@ -1,0 +1,265 @@
+"""The device contract: what the orchestrator may ask of a migratable device.
+
+The orchestrator talks to every backend (simulated, guest RAM, real VFIO) through
+:class:`MigratableDevice` alone. A backend whose driver implements single arcs derives
+from :class:`ArcDevice` and lets :mod:`devices.fsm` walk combination transitions; a
+backend whose driver walks them itself (the kernel, for VFIO) implements ``set_state``
+and ``reset`` directly. Either way the orchestrator sees the same thing.
+
+Data channel semantics (the data_fd of the uAPI):
+
+* It exists while the device is in the saving group (PRE_COPY, PRE_COPY_P2P,
+  STOP_COPY) or in RESUMING. The arc entering the group opens it, moves inside the
+  group keep it, the arc leaving closes it. A channel object used after it was closed
+  raises :class:`ChannelClosedError` naming the device and its state.
+* ``SaveChannel.read()`` returns the next chunk as a tuple of buffers (gathered on the
+  wire without joining them). The bytes of a returned chunk never change afterwards,
+  so the caller may hold them without copying. It returns ``None`` at the temporary end
+  of stream in PRE_COPY states (ENOMSG: nothing now, more may come); the caller then
+  awaits ``wait_readable()`` (poll) instead of spinning. In STOP_COPY it returns ``()``
+  at the permanent end of stream, forever.
+* ``ResumeChannel.write()`` takes chunks in stream order; the buffer is not kept after
+  the call returns, so the caller may reuse it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+from devices import fsm
+from devices.errors import ArcFailed, ChannelClosedError, InvalidStateError
+from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
+
+Buffer = bytes | bytearray | memoryview
+#: One chunk of the device's migration stream: buffers sent back to back.
+Chunk = tuple[Buffer, ...]
+StateListener = Callable[["MigratableDevice", State, State], None]
+
+
+class PrecopyInfo(NamedTuple):
+    """What VFIO_MIG_GET_PRECOPY_INFO reports: bytes still to read in pre-copy."""
+
+    initial_bytes: int
+    dirty_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDescriptor:
+    """What the destination needs to know to accept a device's stream."""
+
+    name: str
+    kind: str
+    format_version: int
+    features: Feature
+
+
+class Channel:
+    """A data session of one device; dead once the arc leaving its states ran."""
+
+    def __init__(self, device: MigratableDevice) -> None:
+        self.device = device
+        self.closed = False
+
+    def check_open(self) -> None:
+        """Raise ChannelClosedError if this session has ended."""
+        if self.closed:
+            raise ChannelClosedError(
+                self.device.name,
+                f"data channel used after it was closed (device is {self.device.state.name})",
+            )
+
+    def close(self) -> None:
+        """End the session; idempotent. Called by the arc that leaves the channel states."""
+        self.closed = True
+
+
+class SaveChannel(Channel):
+    """The saving side of a data session (PRE_COPY, PRE_COPY_P2P, STOP_COPY)."""
+
+    @abc.abstractmethod
+    async def read(self) -> Chunk | None:
+        """Next chunk; None at the temporary end (PRE_COPY states); () at the permanent end."""
+
+    @abc.abstractmethod
+    async def wait_readable(self) -> None:
+        """Return once a read may yield data or the permanent end (poll for POLLIN)."""
+
+
+class ResumeChannel(Channel):
+    """The resuming side of a data session (RESUMING)."""
+
+    @abc.abstractmethod
+    async def write(self, data: Buffer) -> None:
+        """Load the next piece of the stream, in order; ``data`` is not kept."""
+
+
+class MigratableDevice(abc.ABC):
+    """A device whose internal state can be saved on one host and loaded on another.
+
+    ``state`` is the device's FSM state. State changes go through ``set_state``, which
+    raises :class:`devices.errors.TransitionError` with the resulting state attached when
+    it fails, and ``reset``, which brings any state back to RUNNING.
+    """
+
+    #: Kind of device, compared by the destination before accepting a stream.
+    kind: ClassVar[str]
+    #: Version of the device's stream format; the destination must speak the same one.
+    format_version: ClassVar[int]
+
+    def __init__(self, name: str, features: Feature) -> None:
+        if features not in fsm.LEGAL_FEATURE_SETS:
+            raise ValueError(f"{name}: undefined migration feature set {features!r}")
+        self.name = name
+        self.features = features
+        self._state = State.RUNNING
+        self._listeners: list[StateListener] = []
+
+    @property
+    def state(self) -> State:
+        """The current FSM state."""
+        return self._state
+
+    @state.setter
+    def state(self, new: State) -> None:
+        old, self._state = self._state, new
+        if old != new:
+            for listener in self._listeners:
+                listener(self, old, new)
+
+    def add_state_listener(self, listener: StateListener) -> None:
+        """Call ``listener(device, old, new)`` after every state change (for traces)."""
+        self._listeners.append(listener)
+
+    def descriptor(self) -> DeviceDescriptor:
+        """The identity the handshake announces for this device."""
+        return DeviceDescriptor(self.name, self.kind, self.format_version, self.features)
+
+    async def open(self) -> None:  # noqa: B027 - optional hook, most devices need nothing
+        """Acquire the device (file descriptors, workload); called once before use."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what ``open`` acquired."""
+
+    @abc.abstractmethod
+    async def set_state(self, target: State) -> None:
+        """Move to ``target`` through the FSM; on failure raise TransitionError."""
+
+    @abc.abstractmethod
+    async def reset(self) -> None:
+        """Take any state, ERROR included, back to RUNNING (losing any data session)."""
+
+    @abc.abstractmethod
+    def save_channel(self) -> SaveChannel:
+        """The current saving session; InvalidStateError outside the saving group."""
+
+    @abc.abstractmethod
+    def resume_channel(self) -> ResumeChannel:
+        """The current resuming session; InvalidStateError outside RESUMING."""
+
+    @abc.abstractmethod
+    def precopy_info(self) -> PrecopyInfo:
+        """initial/dirty bytes; only in PRE_COPY and PRE_COPY_P2P (InvalidStateError else)."""
+
+    @abc.abstractmethod
+    def stop_copy_size(self) -> int:
+        """Estimate of the bytes STOP_COPY would still have to move."""
+
+    @abc.abstractmethod
+    async def digest(self) -> bytes:
+        """A strong hash of the whole device state (for proving byte equality)."""
+
+    def can_throttle(self) -> bool:
+        """Whether ``set_throttle`` slows the device's workload (auto-converge)."""
+        return False
+
+    def set_throttle(self, fraction: float) -> None:
+        """Slow the workload to ``1 - fraction`` of its speed; only if ``can_throttle``."""
+        raise InvalidStateError(self.name, "device does not support throttling")
+
+    def require(self, *states: State, what: str) -> None:
+        """Raise InvalidStateError unless the device is in one of ``states``."""
+        if self._state not in states:
+            allowed = ", ".join(s.name for s in states)
+            raise InvalidStateError(
+                self.name, f"{what} is valid only in {allowed}, device is {self._state.name}"
+            )
+
+
+Arc = tuple[State, State]
+ArcHandler = Callable[[], None]
+
+
+class ArcDevice(MigratableDevice):
+    """A device that implements single arcs; :mod:`devices.fsm` walks the rest.
+
+    Subclasses provide ``arc_actions()`` (a dict keyed by arc, one handler each) and the
+    channel factories; this base opens and closes data sessions on the arcs that enter
+    and leave the channel states, so no subclass can get a session's lifetime wrong.
+    """
+
+    def __init__(self, name: str, features: Feature) -> None:
+        super().__init__(name, features)
+        self._channel: Channel | None = None
+        self._actions = self.arc_actions()
+        missing = fsm.ARCS[features] - self._actions.keys()
+        if missing:
+            arcs = ", ".join(f"{a.name}->{b.name}" for a, b in sorted(missing))
+            raise TypeError(f"{type(self).__name__} lacks handlers for arcs {arcs}")
+
+    @abc.abstractmethod
+    def arc_actions(self) -> dict[Arc, ArcHandler]:
+        """The device's action for every arc it implements."""
+
+    @abc.abstractmethod
+    def new_save_channel(self) -> SaveChannel:
+        """Open a saving session (called on the arc entering the saving group)."""
+
+    @abc.abstractmethod
+    def new_resume_channel(self) -> ResumeChannel:
+        """Open a resuming session (called on the arc entering RESUMING)."""
+
+    def fail_arc(self, arc_from: State, arc_to: State) -> None:
+        """Hook for fault injection: raise ArcFailed to make an arc fail."""
+
+    async def step(self, arc_from: State, arc_to: State) -> None:
+        """Run one arc: the device's action plus the data-session bookkeeping."""
+        action = self._actions.get((arc_from, arc_to))
+        if action is None:
+            raise ArcFailed(self.name, f"no handler for arc {arc_from.name} -> {arc_to.name}")
+        self.fail_arc(arc_from, arc_to)
+        action()
+        entering_saving = arc_to in SAVING_GROUP and arc_from not in SAVING_GROUP
+        if self._channel is not None and (
+            arc_to not in CHANNEL_STATES or entering_saving or arc_to == State.RESUMING
+        ):
+            self._channel.close()
+            self._channel = None
+        if entering_saving:
+            self._channel = self.new_save_channel()
+        elif arc_to == State.RESUMING:
+            self._channel = self.new_resume_channel()
+
+    async def set_state(self, target: State) -> None:
+        await fsm.set_state(self, target)
+
+    async def hard_reset(self) -> None:
+        """Drop any data session; subclasses extend this to reset their own machinery."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    async def reset(self) -> None:
+        await fsm.reset(self)
+
+    def save_channel(self) -> SaveChannel:
+        self.require(*SAVING_GROUP, what="the saving data channel")
+        assert isinstance(self._channel, SaveChannel)
+        return self._channel
+
+    def resume_channel(self) -> ResumeChannel:
+        self.require(State.RESUMING, what="the resuming data channel")
+        assert isinstance(self._channel, ResumeChannel)
+        return self._channel
