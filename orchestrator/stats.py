@@ -1,0 +1,229 @@
+"""Migration statistics and the downtime clock, readable at any time (QEMU's query-migrate).
+
+Downtime starts at the first source arc out of full operation (PRE_COPY ->
+PRE_COPY_P2P, or the STOP_COPY arc with P2P off) and ends when the last destination
+device is RUNNING. Destination timestamps come back in its verdicts and are placed on
+the source's monotonic clock: exactly when both daemons share a boot (one clock), else
+through the offset measured by the handshake's round trips, whose uncertainty is
+reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections import deque
+from typing import Any
+
+
+class Status(enum.StrEnum):
+    """Where a migration is; the names QEMU's query-migrate uses."""
+
+    #: Connecting, handshake, devices entering PRE_COPY.
+    SETUP = "setup"
+    #: Pre-copy iterations while the devices run.
+    ACTIVE = "active"
+    #: Waiting for the user's go-ahead before the switchover.
+    PRE_SWITCHOVER = "pre-switchover"
+    #: The switchover: devices quiesced, stopped, drained and loaded.
+    DEVICE = "device"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
+
+#: Phases of the downtime window, in order; each ends at the mark of the same name.
+DOWNTIME_PHASES = ("quiesce", "stop", "drain", "wire", "load", "commit", "resume")
+
+
+class RateMeter:
+    """Bytes per second over windows of at least ``window_s``, plus the peak seen."""
+
+    def __init__(self, window_s: float = 0.1) -> None:
+        self.window_s = window_s
+        self._samples: deque[tuple[float, int]] = deque()
+        self.rate = 0.0
+        self.peak = 0.0
+
+    def sample(self, total_bytes: int, now: float | None = None) -> float:
+        """Record the running total; return the rate over the newest full window."""
+        now = time.monotonic() if now is None else now
+        self._samples.append((now, total_bytes))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
+            self._samples.popleft()
+        start, first = self._samples[0]
+        if now - start >= self.window_s:
+            self.rate = (total_bytes - first) / (now - start)
+            self.peak = max(self.peak, self.rate)
+        return self.rate
+
+
+@dataclasses.dataclass(slots=True)
+class DeviceStats:
+    """Per-device counters of one migration."""
+
+    name: str
+    kind: str
+    precopy_bytes: int = 0
+    stopcopy_bytes: int = 0
+    initial_bytes: int = 0
+    dirty_bytes: int = 0
+    remaining_bytes: int = 0
+    #: Per-device share of the downtime window, in ms (source and destination arcs).
+    downtime_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def transferred_bytes(self) -> int:
+        """Everything this device put on the wire."""
+        return self.precopy_bytes + self.stopcopy_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "transferred_bytes": self.transferred_bytes,
+            "precopy_bytes": self.precopy_bytes,
+            "stopcopy_bytes": self.stopcopy_bytes,
+            "initial_bytes": self.initial_bytes,
+            "dirty_bytes": self.dirty_bytes,
+            "remaining_bytes": self.remaining_bytes,
+            "downtime_ms": {k: round(v, 3) for k, v in self.downtime_ms.items()},
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class IterationSample:
+    """One pre-copy iteration, kept for plots of convergence."""
+
+    t_s: float
+    pending_bytes: int
+    dirty_bytes: int
+    bandwidth: float
+    expected_downtime_ms: float
+
+
+@dataclasses.dataclass(slots=True)
+class MigrationStats:
+    """The live state of one migration; ``as_dict`` is the query-migrate answer."""
+
+    migration_id: str
+    destination: str
+    devices: list[DeviceStats]
+    status: Status = Status.SETUP
+    started_at: float = dataclasses.field(default_factory=time.time)
+    started_mono: float = dataclasses.field(default_factory=time.monotonic)
+    setup_ms: float | None = None
+    total_ms: float | None = None
+    iterations: int = 0
+    bandwidth: float = 0.0
+    switchover_bandwidth: float = 0.0
+    dirty_rate: float = 0.0
+    expected_downtime_ms: float | None = None
+    downtime_ms: float | None = None
+    downtime_breakdown_ms: dict[str, float] = dataclasses.field(default_factory=dict)
+    clock_offset_uncertainty_ms: float = 0.0
+    throttle: float = 0.0
+    forced: bool = False
+    error: str | None = None
+    verified: bool | None = None
+    history: deque[IterationSample] = dataclasses.field(
+        default_factory=lambda: deque(maxlen=10_000)
+    )
+    switchover_at_s: float | None = None
+
+    @property
+    def transferred_bytes(self) -> int:
+        """Bytes of device state put on the wire so far."""
+        return sum(d.transferred_bytes for d in self.devices)
+
+    @property
+    def remaining_bytes(self) -> int:
+        """What the devices estimate is still to move."""
+        return sum(d.remaining_bytes for d in self.devices)
+
+    def elapsed_s(self) -> float:
+        """Seconds since the migration started."""
+        return time.monotonic() - self.started_mono
+
+    def as_dict(self, *, history: bool = False) -> dict[str, Any]:
+        """Plain values for JSON; the same fields for ``migrate --json`` and ``bench --json``."""
+
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value, 3)
+
+        answer: dict[str, Any] = {
+            "migration_id": self.migration_id,
+            "destination": self.destination,
+            "status": self.status.value,
+            "started_at": self.started_at,
+            "setup_ms": ms(self.setup_ms),
+            "total_ms": ms(self.total_ms if self.total_ms is not None else self.elapsed_s() * 1e3),
+            "iterations": self.iterations,
+            "transferred_bytes": self.transferred_bytes,
+            "remaining_bytes": self.remaining_bytes,
+            "total_bytes": self.transferred_bytes + self.remaining_bytes,
+            "bandwidth_bps": round(self.bandwidth),
+            "switchover_bandwidth_bps": round(self.switchover_bandwidth),
+            "dirty_rate_bps": round(self.dirty_rate),
+            "expected_downtime_ms": ms(self.expected_downtime_ms),
+            "downtime_ms": ms(self.downtime_ms),
+            "downtime_breakdown_ms": {
+                k: round(v, 3) for k, v in self.downtime_breakdown_ms.items()
+            },
+            "clock_offset_uncertainty_ms": round(self.clock_offset_uncertainty_ms, 3),
+            "throttle": self.throttle,
+            "forced": self.forced,
+            "error": self.error,
+            "verified": self.verified,
+            "devices": [d.as_dict() for d in self.devices],
+        }
+        if history:
+            answer["history"] = [dataclasses.asdict(s) for s in self.history]
+            answer["switchover_at_s"] = self.switchover_at_s
+        return answer
+
+
+class DowntimeClock:
+    """Marks of the switchover on the source's clock, turned into a breakdown."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.marks: dict[str, float] = {}
+
+    def begin(self) -> float:
+        """The first arc out of full operation is about to run: downtime starts."""
+        self.start = time.monotonic()
+        return self.start
+
+    def mark(self, phase: str, at: float | None = None) -> None:
+        """Record the end of ``phase`` (a name from DOWNTIME_PHASES)."""
+        if phase not in DOWNTIME_PHASES:
+            raise ValueError(f"unknown downtime phase {phase!r}")
+        self.marks[phase] = time.monotonic() if at is None else at
+
+    def elapsed_s(self) -> float:
+        """Seconds since downtime began (0 before it did)."""
+        return 0.0 if self.start is None else time.monotonic() - self.start
+
+    def breakdown_ms(self) -> dict[str, float]:
+        """Duration of each marked phase, in order, from the previous mark."""
+        if self.start is None:
+            return {}
+        result: dict[str, float] = {}
+        previous = self.start
+        for phase in DOWNTIME_PHASES:
+            if phase in self.marks:
+                at = max(self.marks[phase], previous)  # clock offset error never goes negative
+                result[phase] = (at - previous) * 1e3
+                previous = at
+        return result
+
+    def total_ms(self) -> float | None:
+        """The whole window up to the last destination device RUNNING."""
+        if self.start is None or "resume" not in self.marks:
+            return None
+        return sum(self.breakdown_ms().values())

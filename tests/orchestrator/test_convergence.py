@@ -1,0 +1,152 @@
+"""The convergence rule, the policies, the parameters and the downtime clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator import convergence
+from orchestrator.convergence import Action, DeviceProgress
+from orchestrator.errors import MigrationBlocked
+from orchestrator.params import MigrationParams, Policy
+from orchestrator.stats import DowntimeClock, RateMeter
+
+MB = 1_000_000
+
+
+def progress(initial: int, dirty: int, stop_copy: int | None = None) -> DeviceProgress:
+    return DeviceProgress("d", initial, dirty, dirty if stop_copy is None else stop_copy)
+
+
+def test_threshold_is_bandwidth_times_limit() -> None:
+    """With no fixed cost, what fits is exactly bandwidth x downtime limit."""
+    params = MigrationParams(downtime_limit_ms=100)
+    fits = convergence.estimate([progress(0, 10 * MB)], 100 * MB, 0.0)
+    over = convergence.estimate([progress(0, 10 * MB + 1)], 100 * MB, 0.0)
+    assert convergence.decide(fits, params, iteration=1, elapsed_s=0, ack_pending=False) is (
+        Action.SWITCHOVER
+    )
+    assert convergence.decide(over, params, iteration=1, elapsed_s=0, ack_pending=False) is (
+        Action.CONTINUE
+    )
+
+
+def test_initial_data_must_be_sent_first() -> None:
+    """A device with initial bytes left blocks the switchover even if little is pending."""
+    est = convergence.estimate([progress(0, 0), progress(1, 0)], 100 * MB, 0.0)
+    assert not est.initial_done
+    params = MigrationParams()
+    assert convergence.decide(est, params, iteration=1, elapsed_s=0, ack_pending=False) is (
+        Action.CONTINUE
+    )
+
+
+def test_switchover_waits_for_ack() -> None:
+    """A fitting estimate still waits while the destination's switchover-ack is pending."""
+    est = convergence.estimate([progress(0, 0)], 100 * MB, 0.0)
+    params = MigrationParams()
+    assert convergence.decide(est, params, iteration=1, elapsed_s=0, ack_pending=True) is (
+        Action.CONTINUE
+    )
+
+
+def test_stop_copy_estimate_counts() -> None:
+    """A device's stop-copy estimate counts when it exceeds its dirty bytes."""
+    est = convergence.estimate([progress(0, 1, stop_copy=5 * MB)], 100 * MB, 0.01)
+    assert est.remaining_bytes == 5 * MB
+    assert est.expected_downtime_s == pytest.approx(0.06)
+
+
+def test_fixed_overhead_counts_against_the_limit() -> None:
+    """The measured arc overhead is part of the expected downtime."""
+    est = convergence.estimate([progress(0, 0)], 100 * MB, 0.2)
+    assert not est.fits(0.1)
+    assert est.fits(0.3)
+
+
+def test_zero_bandwidth_never_fits_with_data_pending() -> None:
+    """Without any measured bandwidth pending bytes cannot be promised to fit."""
+    assert convergence.estimate([progress(0, 1)], 0.0, 0.0).expected_downtime_s == float("inf")
+    assert convergence.estimate([progress(0, 0)], 0.0, 0.0).fits(0.1)
+
+
+def test_wait_policy_fails_after_timeout() -> None:
+    """The wait policy keeps going until the timeout, then fails."""
+    params = MigrationParams(timeout_s=10)
+    est = convergence.estimate([progress(0, 100 * MB)], MB, 0.0)
+    assert convergence.decide(est, params, iteration=99, elapsed_s=9.9, ack_pending=False) is (
+        Action.CONTINUE
+    )
+    assert convergence.decide(est, params, iteration=100, elapsed_s=10, ack_pending=False) is (
+        Action.FAIL
+    )
+
+
+def test_force_policy_by_iterations_and_time() -> None:
+    """The force policy switches over after N iterations or T seconds, whichever first."""
+    est = convergence.estimate([progress(0, 100 * MB)], MB, 0.0)
+    by_count = MigrationParams(policy=Policy.FORCE, force_after_iterations=5)
+    by_time = MigrationParams(policy=Policy.FORCE, force_after_s=2.0)
+    decide = convergence.decide
+    assert decide(est, by_count, iteration=4, elapsed_s=0, ack_pending=True) is Action.CONTINUE
+    assert decide(est, by_count, iteration=5, elapsed_s=0, ack_pending=True) is Action.FORCE
+    assert decide(est, by_time, iteration=99, elapsed_s=1.9, ack_pending=False) is (Action.CONTINUE)
+    assert decide(est, by_time, iteration=1, elapsed_s=2.0, ack_pending=False) is Action.FORCE
+
+
+def test_throttle_policy_steps_up_to_cap() -> None:
+    """Auto-converge starts at the initial throttle and climbs by the increment to the cap."""
+    params = MigrationParams(
+        policy=Policy.THROTTLE, throttle_initial=0.3, throttle_increment=0.25, throttle_max=0.9
+    )
+    est = convergence.estimate([progress(0, 100 * MB)], MB, 0.0)
+    assert convergence.decide(est, params, iteration=3, elapsed_s=0, ack_pending=False) is (
+        Action.THROTTLE
+    )
+    levels = [0.0]
+    for _ in range(4):
+        levels.append(convergence.next_throttle(levels[-1], params))
+    assert levels == pytest.approx([0.0, 0.3, 0.55, 0.8, 0.9])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"downtime_limit_ms": 0}, "downtime_limit_ms must be > 0"),
+        ({"channels": 65}, "channels must be <= 64"),
+        ({"max_bandwidth": -1}, "max_bandwidth must be > 0"),
+        ({"p2p": "yes"}, "p2p must be bool"),
+        ({"policy": "maybe"}, "policy must be one of wait, force, throttle"),
+        ({"policy": "force"}, "needs force_after_iterations or force_after_s"),
+        ({"throttle_max": 1.5}, r"throttle_max must be in \(0, 1\)"),
+        ({"bogus": 1}, "unknown parameter"),
+    ],
+)
+def test_bad_parameters_are_named(changes: dict[str, object], message: str) -> None:
+    """Each nonsensical parameter is refused with a message naming it."""
+    with pytest.raises(MigrationBlocked, match=message):
+        MigrationParams().updated(changes)
+
+
+def test_rate_meter_uses_full_windows() -> None:
+    """The rate is computed over at least one full window and the peak is remembered."""
+    meter = RateMeter(window_s=0.1)
+    assert meter.sample(0, now=0.0) == 0.0
+    assert meter.sample(50, now=0.05) == 0.0  # window not full yet
+    assert meter.sample(100, now=0.1) == pytest.approx(1000.0)
+    assert meter.sample(110, now=0.3) == pytest.approx(50.0)
+    assert meter.peak == pytest.approx(1000.0)
+
+
+def test_downtime_breakdown_sums_to_total() -> None:
+    """The breakdown phases partition the window; a negative step from clock error is 0."""
+    clock = DowntimeClock()
+    start = clock.begin()
+    for phase, at in [("quiesce", 0.001), ("stop", 0.003), ("drain", 0.010), ("wire", 0.0095),
+                      ("load", 0.012), ("commit", 0.0125), ("resume", 0.015)]:  # fmt: skip
+        clock.mark(phase, start + at)
+    breakdown = clock.breakdown_ms()
+    assert list(breakdown) == ["quiesce", "stop", "drain", "wire", "load", "commit", "resume"]
+    assert breakdown["wire"] == 0.0
+    assert clock.total_ms() == pytest.approx(15.0)
+    with pytest.raises(ValueError, match="unknown downtime phase"):
+        clock.mark("nap")
