@@ -14,7 +14,9 @@ Data channel semantics (the data_fd of the uAPI):
   raises :class:`ChannelClosedError` naming the device and its state.
 * ``SaveChannel.read()`` returns the next chunk as a tuple of buffers (gathered on the
   wire without joining them). The bytes of a returned chunk never change afterwards,
-  so the caller may hold them without copying. It returns ``None`` at the temporary end
+  so the caller may hold them without copying (a backend may hand out views of its
+  state while it is stopped, so the caller finishes with STOP_COPY chunks before it
+  lets the device run again). It returns ``None`` at the temporary end
   of stream in PRE_COPY states (ENOMSG: nothing now, more may come); the caller then
   awaits ``wait_readable()`` (poll) instead of spinning. In STOP_COPY it returns ``()``
   at the permanent end of stream, forever.
@@ -229,8 +231,13 @@ class ArcDevice(MigratableDevice):
         action = self._actions.get((arc_from, arc_to))
         if action is None:
             raise ArcFailed(self.name, f"no handler for arc {arc_from.name} -> {arc_to.name}")
-        self.fail_arc(arc_from, arc_to)
-        action()
+        try:
+            self.fail_arc(arc_from, arc_to)
+            action()
+        except Exception:
+            if self.state == State.ERROR:
+                self._drop_channel()  # the arc broke the device: its session is gone
+            raise
         entering_saving = arc_to in SAVING_GROUP and arc_from not in SAVING_GROUP
         if self._channel is not None and (
             arc_to not in CHANNEL_STATES or entering_saving or arc_to == State.RESUMING
@@ -245,11 +252,14 @@ class ArcDevice(MigratableDevice):
     async def set_state(self, target: State) -> None:
         await fsm.set_state(self, target)
 
-    async def hard_reset(self) -> None:
-        """Drop any data session; subclasses extend this to reset their own machinery."""
+    def _drop_channel(self) -> None:
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+    async def hard_reset(self) -> None:
+        """Drop any data session; subclasses extend this to reset their own machinery."""
+        self._drop_channel()
 
     async def reset(self) -> None:
         await fsm.reset(self)
