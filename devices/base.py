@@ -205,6 +205,7 @@ class ArcDevice(MigratableDevice):
     def __init__(self, name: str, features: Feature) -> None:
         super().__init__(name, features)
         self._channel: Channel | None = None
+        self.add_state_listener(self._end_session_on_error)
         self._actions = self.arc_actions()
         missing = fsm.ARCS[features] - self._actions.keys()
         if missing:
@@ -231,13 +232,8 @@ class ArcDevice(MigratableDevice):
         action = self._actions.get((arc_from, arc_to))
         if action is None:
             raise ArcFailed(self.name, f"no handler for arc {arc_from.name} -> {arc_to.name}")
-        try:
-            self.fail_arc(arc_from, arc_to)
-            action()
-        except Exception:
-            if self.state == State.ERROR:
-                self._drop_channel()  # the arc broke the device: its session is gone
-            raise
+        self.fail_arc(arc_from, arc_to)
+        action()
         entering_saving = arc_to in SAVING_GROUP and arc_from not in SAVING_GROUP
         if self._channel is not None and (
             arc_to not in CHANNEL_STATES or entering_saving or arc_to == State.RESUMING
@@ -251,6 +247,11 @@ class ArcDevice(MigratableDevice):
 
     async def set_state(self, target: State) -> None:
         await fsm.set_state(self, target)
+
+    def _end_session_on_error(self, device: MigratableDevice, old: State, new: State) -> None:
+        # A device in ERROR has no data session, whether an arc broke it or an unwind failed.
+        if new == State.ERROR:
+            self._drop_channel()
 
     def _drop_channel(self) -> None:
         if self._channel is not None:
