@@ -1,0 +1,63 @@
+"""Errors raised by the transport.
+
+Every error the transport raises is a :class:`TransportError`::
+
+    TransportError
+     +-- ProtocolError          bad input from the peer; the message names the field
+     |    +-- LimitExceeded     a size or count limit; names the limit and the value
+     +-- AuthenticationError    the peer failed authentication, or refused ours
+     +-- ConnectionLost         the peer vanished; ``__cause__`` is the OSError or EOFError
+     +-- PeerCancelled          the peer sent CANCEL; ``reason`` says why
+     +-- SessionClosed          misuse: the session was closed or aborted locally
+     +-- TransportTimeout       an operation ran out of its time budget (also a TimeoutError)
+
+A session that raised any of them (but SessionClosed) is aborted: no later frame of
+that session reaches the caller, so nothing is ever half-applied.
+"""
+
+from __future__ import annotations
+
+
+class TransportError(Exception):
+    """Base of every error the transport raises."""
+
+
+class ProtocolError(TransportError):
+    """The peer sent something the protocol forbids; ``field`` names what was wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class LimitExceeded(ProtocolError):
+    """The peer exceeded a limit; ``limit`` names it, ``value`` is what the peer sent."""
+
+    def __init__(self, field: str, value: int, limit: int) -> None:
+        super().__init__(field, f"{value} exceeds the limit of {limit}")
+        self.value = value
+        self.limit = limit
+
+
+class AuthenticationError(TransportError):
+    """Authentication failed: we refused the peer, or the peer refused us."""
+
+
+class ConnectionLost(TransportError):
+    """The connection to the peer ended unexpectedly; ``__cause__`` says how."""
+
+
+class PeerCancelled(TransportError):
+    """The peer cancelled the session; ``reason`` is the text it gave."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"peer cancelled: {reason}")
+        self.reason = reason
+
+
+class SessionClosed(TransportError):
+    """The session was used after it was closed, cancelled or aborted locally."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """An operation (connect, handshake, close) did not finish within its budget."""

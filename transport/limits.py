@@ -1,0 +1,47 @@
+"""The limits a session enforces on what its peer sends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on peer input; exceeding one raises LimitExceeded naming it.
+
+    Together they bound the memory a peer can make a session allocate: at most
+    ``receive_segments`` buffers of ``max(receive_segment_size, max_payload)`` bytes per
+    channel, plus ``max_queued_frames`` control frames of ``max_control_payload`` bytes.
+    """
+
+    #: Largest payload of a data frame (one device chunk), in bytes.
+    max_payload: int = 16 * MiB
+    #: Largest payload of a control frame (a msgpack map), in bytes.
+    max_control_payload: int = 256 * 1024
+    #: Largest control payload accepted before authentication completed.
+    max_handshake_payload: int = 4096
+    #: Most devices one DEVICES frame may announce.
+    max_devices: int = 1024
+    #: Longest device name or kind, in characters.
+    max_name_length: int = 256
+    #: Most parallel connections one session may use.
+    max_channels: int = 16
+    #: Most received frames waiting for ``recv()`` before reading pauses.
+    max_queued_frames: int = 1024
+    #: Most connections a server lets sit in the handshake at once.
+    max_pending_handshakes: int = 64
+    #: Seconds a connection (or a session's set of channels) has to finish the handshake.
+    handshake_timeout: float = 10.0
+    #: Size of one receive buffer; larger frames get a buffer of their own size.
+    receive_segment_size: int = 4 * MiB
+    #: Receive buffers per channel; reading pauses while all hold unread frames.
+    receive_segments: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("max_payload", "max_control_payload", "max_handshake_payload"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
+        if self.max_channels < 1 or self.receive_segments < 2 or self.max_queued_frames < 1:
+            raise ValueError("max_channels, max_queued_frames >= 1 and receive_segments >= 2")

@@ -1,0 +1,951 @@
+"""Sessions: the asyncio shell around the frame codec (connect, serve, send, recv).
+
+A :class:`Session` is 1..N connections ("channels") to one peer, opened by
+:func:`connect` on the source and handed to the handler of :func:`serve` on the
+destination once every channel passed the handshake (see :mod:`transport.frames`).
+
+Receiving is zero-copy: each channel is a ``BufferedProtocol`` reading straight into
+the :class:`~transport.frames.FrameDecoder`'s buffers, and data frames reach ``recv()``
+as views into them. Frames are decoded as soon as they arrive, so CANCEL and PING are
+answered even while the application is busy sending. Sending writes the header and the
+chunk's own buffers with ``writelines`` and waits only past the write high-water mark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import ssl
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from devices.base import Buffer, Chunk
+from transport.auth import NONCE_SIZE, SESSION_ID_SIZE, AuthConfig, check_proof, new_nonce, proof
+from transport.bandwidth import BandwidthEstimator, TokenBucket
+from transport.errors import (
+    AuthenticationError,
+    ConnectionLost,
+    LimitExceeded,
+    PeerCancelled,
+    ProtocolError,
+    SessionClosed,
+    TransportError,
+    TransportTimeout,
+)
+from transport.frames import (
+    DATA_TAGS,
+    MAX_HEADER,
+    PREFIX,
+    PROTOCOL_VERSION,
+    Frame,
+    FrameDecoder,
+    Tag,
+    checksum,
+    decode_devices,
+    encode_fields,
+    encode_header,
+    require,
+)
+from transport.limits import Limits, MiB
+
+log = structlog.get_logger(__name__)
+
+#: Writing pauses past this many buffered bytes per channel and resumes below LOW.
+WRITE_HIGH_WATER = 8 * MiB
+WRITE_LOW_WATER = 2 * MiB
+
+#: What each side may receive once the handshake is done.
+_RECEIVES = {
+    "source": frozenset(
+        {Tag.DEVICES_ACCEPTED, Tag.SWITCHOVER_ACK, Tag.VERDICT, Tag.CANCEL, Tag.PING, Tag.PONG}
+    ),
+    "dest": frozenset(Tag)
+    - {Tag.HELLO, Tag.AUTH, Tag.DEVICES_ACCEPTED, Tag.SWITCHOVER_ACK, Tag.VERDICT},
+}
+
+Handler = Callable[["Session"], Awaitable[None]]
+
+
+def parse_address(address: str) -> tuple[str, str, int]:
+    """``("tcp", host, port)`` or ``("unix", path, 0)`` from a livemig address.
+
+    Accepted forms: ``tcp:HOST:PORT``, ``HOST:PORT``, ``[v6]:PORT`` and ``unix:/path``.
+    """
+    if address.startswith("unix:"):
+        path = address[len("unix:") :]
+        if not path:
+            raise ValueError(f"{address!r}: empty unix socket path")
+        return "unix", path, 0
+    rest = address.removeprefix("tcp:")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r}: expected tcp:HOST:PORT, HOST:PORT or unix:/path")
+    return "tcp", host.removeprefix("[").removesuffix("]") or "localhost", int(port)
+
+
+def format_address(kind: str, host: str, port: int) -> str:
+    """The inverse of :func:`parse_address`."""
+    if kind == "unix":
+        return f"unix:{host}"
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
+
+
+class _Channel(asyncio.BufferedProtocol):
+    """One connection: decodes into its own buffers, writes frames with their seq.
+
+    Until a session adopts it, it decodes lazily (one frame per ``next_frame()``) so
+    an unauthenticated peer cannot make it buffer more than one handshake frame.
+    """
+
+    def __init__(self, limits: Limits, on_made: Callable[[_Channel], None] | None = None) -> None:
+        self.limits = limits
+        self.decoder = FrameDecoder(limits, handshake=True)
+        self.index = 0
+        #: Frames of this channel waiting in the session queue.
+        self.queued = 0
+        #: Payload bytes and headers handed to the transport.
+        self.submitted = 0
+        self.transport: asyncio.Transport | None = None
+        self.error: TransportError | None = None
+        self._on_made = on_made
+        self._session: Session | None = None
+        self._seq = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+        self._reading_paused = False
+        self.closing = False
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.BufferedProtocol ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self._on_made is not None:
+            self._on_made(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self.decoder.get_buffer(force=True)
+        assert view is not None
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.advance(nbytes)
+        if self._session is not None:
+            self.process()
+        else:
+            self._wake()
+            if self.decoder.buffered > PREFIX.size + MAX_HEADER + self.limits.max_handshake_payload:
+                self._pause_reading()
+
+    def eof_received(self) -> bool | None:
+        return None  # let the transport close; connection_lost reports it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        cause = exc or EOFError(
+            "peer closed the connection"
+            + (
+                f" with {self.decoder.buffered} bytes of a frame unread"
+                if self.decoder.buffered
+                else ""
+            )
+        )
+        if not self.closing:
+            lost = ConnectionLost(f"channel {self.index}: {cause}")
+            lost.__cause__ = cause
+            self.fail(lost)
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # -- reading ---------------------------------------------------------------------
+
+    def fail(self, exc: TransportError) -> None:
+        """Record the first error and hand it to the session, if one owns the channel."""
+        if self.error is None:
+            self.error = exc
+        if self._session is not None:
+            self._session._fail(exc)
+        elif self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    def _wake(self) -> None:
+        for fut in (self._waiter, self._drain):
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport and not self.transport.is_closing():
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport and not self.transport.is_closing():
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    async def next_frame(self) -> Frame:
+        """The next handshake frame (lazy decoding, before a session adopts the channel)."""
+        while True:
+            try:
+                frame = self.decoder.next_frame()
+            except ProtocolError as exc:
+                self.fail(exc)
+                raise
+            if frame is not None:
+                return frame
+            if self.error is not None:
+                raise self.error
+            self._resume_reading()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def adopt(self, session: Session, index: int) -> None:
+        """Hand the channel to ``session``: decode eagerly from now on."""
+        self._session = session
+        self.index = index
+        self.decoder.end_handshake()
+        if self.error is not None:
+            session._fail(self.error)
+        else:
+            self.process()
+
+    def process(self) -> None:
+        """Decode every complete frame and deliver it; pause reading when full."""
+        session = self._session
+        assert session is not None
+        try:
+            while session.error is None and (frame := self.decoder.next_frame()) is not None:
+                session._on_frame(self, frame)
+        except TransportError as exc:
+            session._fail(exc)
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """Pause while the queue or the receive buffers are full, resume otherwise."""
+        if self.queued >= self.limits.max_queued_frames or self.decoder.get_buffer() is None:
+            self._pause_reading()
+        else:
+            self._resume_reading()
+
+    # -- writing ---------------------------------------------------------------------
+
+    def send(self, tag: Tag, device: int, chunk: Sequence[Buffer], length: int) -> None:
+        """Write one frame now (never interleaved with another: no await inside)."""
+        if self.transport is None or self.transport.is_closing():
+            raise self.error or SessionClosed(f"channel {self.index} is closed")
+        header = encode_header(tag, device, self._seq, length, checksum(chunk))
+        self._seq += 1
+        self.transport.writelines([header, *chunk])
+        self.submitted += len(header) + length
+
+    def send_control(self, tag: Tag, fields: Mapping[str, Any] | None = None) -> None:
+        """Write a control frame now."""
+        payload = encode_fields(fields)
+        self.send(tag, 0, (payload,), len(payload))
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above the high-water mark."""
+        while self._paused and self.error is None and not self.closing:
+            self._drain = asyncio.get_running_loop().create_future()
+            try:
+                await self._drain
+            finally:
+                self._drain = None
+
+    def written(self) -> int:
+        """Bytes that left the transport's buffer (handed to the kernel)."""
+        if self.transport is None:
+            return 0
+        return self.submitted - self.transport.get_write_buffer_size()
+
+
+class Session:
+    """A migration session with one peer over ``channels`` connections.
+
+    Control frames travel on channel 0, a device's frames on channel ``device %
+    channels``. Any error from the peer (ProtocolError, PeerCancelled, ConnectionLost)
+    aborts the whole session and is raised by every later call; frames received before
+    a plain connection loss are still delivered first. One task may ``recv()`` while
+    others send.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[_Channel],
+        *,
+        role: str,
+        peer_name: str,
+        peer_max_payload: int,
+        limits: Limits,
+        session_id: bytes,
+    ) -> None:
+        self.role = role
+        self.peer_name = peer_name
+        self.peer_max_payload = peer_max_payload
+        self.limits = limits
+        self.session_id = session_id
+        self.channels = len(channels)
+        self.error: TransportError | None = None
+        self._chans = list(channels)
+        self._receives = _RECEIVES[role]
+        self._queue: deque[tuple[_Channel, Frame]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._held: tuple[_Channel, Frame] | None = None
+        self._ended: set[int] = set()
+        self._end_frame: Frame | None = None
+        self._sent_devices: int | None = None
+        self._pings: dict[int, asyncio.Future[float]] = {}
+        self._ping_id = 0
+        self._bucket = TokenBucket()
+        self._bucket_changed = asyncio.Event()
+        self._log = log.bind(session=session_id.hex()[:12], role=role, peer=peer_name)
+        self.bandwidth = BandwidthEstimator(self._written)
+        for index, channel in enumerate(self._chans):
+            channel.adopt(self, index)
+        self._log.info("session_opened", channels=self.channels)
+
+    # -- receiving -------------------------------------------------------------------
+
+    def _on_frame(self, channel: _Channel, frame: Frame) -> None:
+        """Route one decoded frame (called from the protocol, synchronously)."""
+        tag = frame.tag
+        if tag not in self._receives:
+            raise ProtocolError("tag", f"a {self.role} does not accept {tag.name}")
+        if tag is Tag.PING:
+            stamp = require(frame.fields(), "id", int)
+            channel.send_control(Tag.PONG, {"id": stamp, "t": time.monotonic()})
+        elif tag is Tag.PONG:
+            fields = frame.fields()
+            waiter = self._pings.pop(require(fields, "id", int), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(float(require(fields, "t", (int, float))))
+        elif tag is Tag.CANCEL:
+            reason = frame.fields().get("reason")
+            raise PeerCancelled(reason if isinstance(reason, str) else "no reason given")
+        elif tag is Tag.END_OF_STREAM:
+            if channel.index in self._ended:
+                raise ProtocolError("tag", f"second END_OF_STREAM on channel {channel.index}")
+            self._ended.add(channel.index)
+            if channel.index == 0:
+                self._end_frame = frame
+            if len(self._ended) == self.channels:
+                assert self._end_frame is not None
+                self._enqueue(self._chans[0], self._end_frame)
+        else:
+            if tag is Tag.DEVICES:
+                if self._chans[0].decoder.device_count is not None:
+                    raise ProtocolError("tag", "second DEVICES frame")
+                self.set_device_count(len(decode_devices(frame.fields(), self.limits)))
+            elif tag in DATA_TAGS or tag is Tag.END_OF_DEVICE:
+                expected = frame.device % self.channels
+                if channel.index != expected:
+                    raise ProtocolError(
+                        "device",
+                        f"device {frame.device} on channel {channel.index}, "
+                        f"expected channel {expected}",
+                    )
+            self._enqueue(channel, frame)
+
+    def _enqueue(self, channel: _Channel, frame: Frame) -> None:
+        self._queue.append((channel, frame))
+        channel.queued += 1
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _release_held(self) -> None:
+        if self._held is not None:
+            channel, frame = self._held
+            self._held = None
+            channel.decoder.release(frame)
+            if self.error is None:
+                channel.update_reading()
+
+    async def recv(self) -> Frame:
+        """The next frame from any channel, in arrival order (per device: send order).
+
+        A data frame's payload is valid until the next ``recv()``. PING, PONG and
+        CANCEL never come out: the session answers them. END_OF_STREAM comes out once,
+        after it arrived on every channel. Raises PeerCancelled, ProtocolError,
+        ConnectionLost (after the frames that came before it), or SessionClosed.
+        """
+        self._release_held()
+        while True:
+            error = self.error
+            if error is not None and not (self._queue and isinstance(error, ConnectionLost)):
+                raise error
+            if self._queue:
+                channel, frame = self._queue.popleft()
+                channel.queued -= 1
+                if frame._segment is not None:
+                    self._held = (channel, frame)
+                if error is None:
+                    channel.update_reading()
+                return frame
+            if self._waiter is not None:
+                raise RuntimeError("recv() is already being awaited by another task")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def set_device_count(self, count: int) -> None:
+        """Accept device frames for devices 0..count-1 only (done by DEVICES itself)."""
+        if count > self.limits.max_devices:
+            raise LimitExceeded("devices", count, self.limits.max_devices)
+        for channel in self._chans:
+            channel.decoder.device_count = count
+
+    # -- sending ---------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    async def send_control(
+        self, tag: Tag, fields: Mapping[str, Any] | None = None, *, device: int = 0
+    ) -> None:
+        """Send a control frame: on channel 0, END_OF_DEVICE on the device's channel,
+        END_OF_STREAM on every channel (after everything sent on it before)."""
+        self._check()
+        if tag in DATA_TAGS or tag in (Tag.HELLO, Tag.AUTH):
+            raise ValueError(f"{tag.name} is not a control frame of a session")
+        payload = encode_fields(fields)
+        if len(payload) > self.limits.max_control_payload:
+            raise ValueError(f"{tag.name} fields take {len(payload)} bytes, over the limit")
+        if tag is Tag.DEVICES:
+            self._sent_devices = len(require(fields or {}, "devices", list))
+        if tag is Tag.END_OF_STREAM:
+            targets = [*self._chans[1:], self._chans[0]]
+            for channel in targets:
+                channel.send(tag, 0, (payload,), len(payload))
+        else:
+            if tag is Tag.END_OF_DEVICE:
+                targets = [self._chans[device % self.channels]]
+            else:
+                targets, device = [self._chans[0]], 0
+            targets[0].send(tag, device, (payload,), len(payload))
+        for channel in targets:
+            await channel.drain()
+        self._check()
+
+    async def send_chunk(self, tag: Tag, device: int, chunk: Chunk) -> int:
+        """Send one chunk of ``device``'s stream as one data frame; returns its size.
+
+        The checksum covers the chunk's buffers, which go to the socket as they are
+        (the chunk must not change afterwards, as the device contract promises). Waits
+        while the channel's write buffer is past the high-water mark and while the
+        max-bandwidth bucket is in debt.
+        """
+        self._check()
+        if tag not in DATA_TAGS:
+            raise ValueError(f"{tag.name} is not a data tag")
+        if self._sent_devices is not None and not 0 <= device < self._sent_devices:
+            raise ValueError(f"device {device} was not announced ({self._sent_devices} devices)")
+        length = sum(memoryview(part).nbytes for part in chunk)
+        if length > self.peer_max_payload:
+            raise ValueError(f"chunk of {length} bytes exceeds the peer's max_payload")
+        channel = self._chans[device % self.channels]
+        channel.send(tag, device, chunk, length)
+        self._bucket.take(length)
+        self.bandwidth.sample()
+        await channel.drain()
+        while (delay := self._bucket.delay()) > 0:
+            self._bucket_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._bucket_changed.wait(), delay)
+        self._check()
+        return length
+
+    async def send_end_of_device(self, device: int) -> None:
+        """END_OF_DEVICE on the device's channel, so it follows all of its data."""
+        await self.send_control(Tag.END_OF_DEVICE, device=device)
+
+    def set_max_bandwidth(self, bytes_per_second: float | None) -> None:
+        """Cap the data rate (token bucket over all channels); None lifts the cap."""
+        self._bucket.set_rate(bytes_per_second)
+        self._bucket_changed.set()
+
+    def _written(self) -> int:
+        return sum(channel.written() for channel in self._chans)
+
+    async def ping(self) -> tuple[float, float, float]:
+        """``(sent, peer, received)`` time.monotonic() stamps of one PING/PONG."""
+        self._check()
+        self._ping_id += 1
+        waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._pings[self._ping_id] = waiter
+        sent = time.monotonic()
+        try:
+            self._chans[0].send_control(Tag.PING, {"id": self._ping_id, "t": sent})
+            peer = await waiter
+        finally:
+            self._pings.pop(self._ping_id, None)
+        return sent, peer, time.monotonic()
+
+    # -- ending ----------------------------------------------------------------------
+
+    def _fail(self, exc: TransportError) -> None:
+        """Abort the session because of ``exc`` (the first error wins)."""
+        if self.error is not None:
+            return
+        self.error = exc
+        if not isinstance(exc, ConnectionLost):
+            self._drop_queue()
+        level = "info" if isinstance(exc, SessionClosed) else "warning"
+        getattr(self._log, level)("session_aborted", error=str(exc), kind=type(exc).__name__)
+        for channel in self._chans:
+            channel.closing = True
+            if channel.transport is not None:
+                channel.transport.abort()
+        self._wake_all()
+
+    def _drop_queue(self) -> None:
+        for channel, frame in self._queue:
+            channel.decoder.release(frame)
+        self._queue.clear()
+
+    def _wake_all(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        for waiter in self._pings.values():
+            if not waiter.done():
+                assert self.error is not None
+                waiter.set_exception(self.error)
+        self._pings.clear()
+        self._bucket_changed.set()
+        for channel in self._chans:
+            channel._wake()
+
+    async def cancel(self, reason: str) -> None:
+        """Tell the peer to abandon the session (CANCEL), then close."""
+        if self.error is None:
+            with contextlib.suppress(TransportError):
+                self._chans[0].send_control(Tag.CANCEL, {"reason": reason, "code": "cancelled"})
+            self._log.info("session_cancelled", reason=reason)
+        await self._close(1.0, SessionClosed(f"session cancelled: {reason}"))
+
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - asyncpg-style budget
+        """Flush what was sent and close every channel; abort() after ``timeout``."""
+        await self._close(timeout, SessionClosed("session closed"))
+
+    async def _close(self, timeout: float, reason: SessionClosed) -> None:  # noqa: ASYNC109
+        if self.error is None:
+            self.error = reason
+            self._drop_queue()
+            self._wake_all()
+        for channel in self._chans:
+            channel.closing = True
+            if channel.transport is not None:
+                channel.transport.close()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(channel.closed for channel in self._chans))
+        except TimeoutError:
+            self.abort()
+        self._release_held()
+
+    def abort(self) -> None:
+        """Drop every connection now; idempotent."""
+        self._fail(SessionClosed("session aborted"))
+        for channel in self._chans:
+            if channel.transport is not None:
+                channel.transport.abort()
+
+
+# -- handshake -------------------------------------------------------------------------
+
+
+def _refuse(channel: _Channel, code: str, reason: str) -> None:
+    """Send the peer a refusal and nothing else, then close."""
+    with contextlib.suppress(TransportError):
+        channel.send_control(Tag.CANCEL, {"reason": reason, "code": code})
+    channel.closing = True
+    if channel.transport is not None:
+        channel.transport.close()
+
+
+def _raise_if_cancel(frame: Frame, expected: Tag) -> None:
+    if frame.tag is Tag.CANCEL:
+        fields = frame.fields()
+        reason = str(fields.get("reason", "no reason given"))[:200]
+        if fields.get("code") == "auth":
+            raise AuthenticationError(f"peer refused us: {reason}")
+        raise PeerCancelled(reason)
+    if frame.tag is not expected:
+        raise ProtocolError("tag", f"expected {expected.name}, got {frame.tag.name}")
+
+
+def _bytes_field(fields: Mapping[str, Any], key: str, size: int) -> bytes:
+    value: bytes = require(fields, key, bytes)
+    if len(value) != size:
+        raise ProtocolError(key, f"expected {size} bytes, got {len(value)}")
+    return value
+
+
+def _name_field(fields: Mapping[str, Any], limits: Limits) -> str:
+    name: str = require(fields, "name", str)
+    if len(name) > limits.max_name_length:
+        raise LimitExceeded("name", len(name), limits.max_name_length)
+    return name
+
+
+async def _client_handshake(
+    channel: _Channel,
+    *,
+    name: str,
+    auth: AuthConfig,
+    session: bytes,
+    index: int,
+    channels: int,
+    limits: Limits,
+) -> tuple[str, int]:
+    """Run the source side of the handshake; returns the peer's name and max_payload."""
+    nonce = new_nonce()
+    channel.send_control(
+        Tag.HELLO,
+        {
+            "version": PROTOCOL_VERSION,
+            "name": name,
+            "session": session,
+            "channel": index,
+            "channels": channels,
+            "nonce": nonce,
+            "auth": auth.method,
+            "max_payload": limits.max_payload,
+        },
+    )
+    frame = await channel.next_frame()
+    _raise_if_cancel(frame, Tag.HELLO)
+    hello = frame.fields()
+    if hello.get("version") != PROTOCOL_VERSION:
+        raise ProtocolError("version", f"peer speaks {hello.get('version')!r}")
+    dest_nonce = _bytes_field(hello, "nonce", NONCE_SIZE)
+    if auth.psk is not None and hello.get("auth") != "psk":
+        _refuse(channel, "auth", "the source requires a pre-shared key")
+        raise AuthenticationError("the destination does not authenticate with the key")
+    reply = {}
+    if auth.psk is not None:
+        reply["proof"] = proof(auth.psk, "source", session, index, nonce, dest_nonce)
+    channel.send_control(Tag.AUTH, reply)
+    frame = await channel.next_frame()
+    _raise_if_cancel(frame, Tag.AUTH)
+    accepted = frame.fields()
+    if auth.psk is not None and not check_proof(
+        accepted.get("proof"), auth.psk, "dest", session, index, nonce, dest_nonce
+    ):
+        _refuse(channel, "auth", "authentication failed")
+        raise AuthenticationError("the destination failed to prove the pre-shared key")
+    max_payload = require(accepted, "max_payload", int)
+    return _name_field(accepted, limits), max_payload
+
+
+@dataclass(frozen=True, slots=True)
+class _Hello:
+    """What a source told about itself and the session a channel belongs to."""
+
+    name: str
+    session: bytes
+    channel: int
+    channels: int
+    max_payload: int
+
+
+async def _server_handshake(
+    channel: _Channel, *, name: str, auth: AuthConfig, limits: Limits
+) -> _Hello:
+    """Run the destination side of the handshake on one channel."""
+    frame = await channel.next_frame()
+    _raise_if_cancel(frame, Tag.HELLO)
+    fields = frame.fields()
+    version = fields.get("version")
+    if version != PROTOCOL_VERSION:
+        _refuse(channel, "version", f"protocol version {PROTOCOL_VERSION} only")
+        raise ProtocolError("version", f"peer speaks {version!r}, not {PROTOCOL_VERSION}")
+    channels = require(fields, "channels", int)
+    if not 1 <= channels <= limits.max_channels:
+        raise LimitExceeded("channels", channels, limits.max_channels)
+    index = require(fields, "channel", int)
+    if not 0 <= index < channels:
+        raise ProtocolError("channel", f"{index} is not in 0..{channels - 1}")
+    hello = _Hello(
+        name=_name_field(fields, limits),
+        session=_bytes_field(fields, "session", SESSION_ID_SIZE),
+        channel=index,
+        channels=channels,
+        max_payload=require(fields, "max_payload", int),
+    )
+    source_nonce = _bytes_field(fields, "nonce", NONCE_SIZE)
+    nonce = new_nonce()
+    channel.send_control(
+        Tag.HELLO, {"version": PROTOCOL_VERSION, "nonce": nonce, "auth": auth.method}
+    )
+    frame = await channel.next_frame()
+    _raise_if_cancel(frame, Tag.AUTH)
+    answer = frame.fields()
+    reply: dict[str, Any] = {"name": name, "max_payload": limits.max_payload}
+    if auth.psk is not None:
+        if not check_proof(
+            answer.get("proof"), auth.psk, "source", hello.session, index, source_nonce, nonce
+        ):
+            _refuse(channel, "auth", "authentication failed")
+            raise AuthenticationError(f"source {hello.name!r} failed to prove the key")
+        reply["proof"] = proof(auth.psk, "dest", hello.session, index, source_nonce, nonce)
+    channel.send_control(Tag.AUTH, reply)
+    return hello
+
+
+# -- connect -----------------------------------------------------------------------------
+
+
+async def _open_channel(
+    kind: str, host: str, port: int, auth: AuthConfig, limits: Limits
+) -> _Channel:
+    loop = asyncio.get_running_loop()
+    factory = lambda: _Channel(limits)  # noqa: E731 - a one-line protocol factory
+    if kind == "unix":
+        _, channel = await loop.create_unix_connection(
+            factory, host, ssl=auth.ssl_context, server_hostname=auth.server_hostname
+        )
+    else:
+        hostname = (auth.server_hostname or host) if auth.ssl_context else None
+        _, channel = await loop.create_connection(
+            factory, host, port, ssl=auth.ssl_context, server_hostname=hostname
+        )
+    return channel
+
+
+async def connect(
+    address: str,
+    *,
+    name: str,
+    auth: AuthConfig,
+    channels: int = 1,
+    limits: Limits | None = None,
+    timeout: float = 10.0,  # noqa: ASYNC109 - one budget for every channel's handshake
+) -> Session:
+    """Open a session to the destination at ``address`` over ``channels`` connections.
+
+    Raises AuthenticationError (refused, or the destination failed to prove the key or
+    its certificate), ConnectionLost (cannot connect, or dropped), ProtocolError, or
+    TransportTimeout after ``timeout`` seconds for the whole set.
+    """
+    limits = limits or Limits()
+    if not 1 <= channels <= limits.max_channels:
+        raise ValueError(f"channels must be in 1..{limits.max_channels}, got {channels}")
+    kind, host, port = parse_address(address)
+    session = os.urandom(SESSION_ID_SIZE)
+    opened: list[_Channel] = []
+    try:
+        async with asyncio.timeout(timeout):
+            for index in range(channels):
+                channel = await _open_channel(kind, host, port, auth, limits)
+                opened.append(channel)
+                peer, peer_max = await _client_handshake(
+                    channel,
+                    name=name,
+                    auth=auth,
+                    session=session,
+                    index=index,
+                    channels=channels,
+                    limits=limits,
+                )
+    except BaseException as exc:
+        for channel in opened:
+            channel.closing = True
+            if channel.transport is not None:
+                channel.transport.abort()
+        if isinstance(exc, ConnectionLost) and isinstance(exc.__cause__, ssl.SSLError):
+            raise AuthenticationError(f"TLS with {address} failed: {exc.__cause__}") from exc
+        if isinstance(exc, ssl.SSLError):
+            raise AuthenticationError(f"TLS with {address} failed: {exc}") from exc
+        if isinstance(exc, TimeoutError) and not isinstance(exc, TransportError):
+            raise TransportTimeout(f"no session with {address} within {timeout} s") from exc
+        if isinstance(exc, OSError):
+            raise ConnectionLost(f"cannot connect to {address}: {exc}") from exc
+        raise
+    return Session(
+        opened,
+        role="source",
+        peer_name=peer,
+        peer_max_payload=peer_max,
+        limits=limits,
+        session_id=session,
+    )
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+class _Group:
+    """The channels of one session that passed the handshake so far."""
+
+    def __init__(self, hello: _Hello, timer: asyncio.TimerHandle) -> None:
+        self.hello = hello
+        self.timer = timer
+        self.channels: dict[int, _Channel] = {}
+
+
+class Server:
+    """A listening socket that runs ``handler(session)`` once per incoming session.
+
+    A failing handler aborts its own session only; the server keeps listening.
+    ``close()`` stops listening and cancels handshakes and running handlers;
+    ``wait_closed()`` waits until they are gone.
+    """
+
+    def __init__(self, handler: Handler, *, name: str, auth: AuthConfig, limits: Limits) -> None:
+        self.address = ""
+        self._handler = handler
+        self._name = name
+        self._auth = auth
+        self._limits = limits
+        self._server: asyncio.AbstractServer | None = None
+        self._groups: dict[bytes, _Group] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._log = log.bind(server=name)
+
+    def _protocol(self) -> _Channel:
+        return _Channel(self._limits, on_made=self._accepted)
+
+    def _accepted(self, channel: _Channel) -> None:
+        if len(self._handshakes) >= self._limits.max_pending_handshakes:
+            self._log.warning("connection_refused", reason="too many pending handshakes")
+            channel.closing = True
+            assert channel.transport is not None
+            channel.transport.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._handshake(channel))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, channel: _Channel) -> None:
+        try:
+            async with asyncio.timeout(self._limits.handshake_timeout):
+                hello = await _server_handshake(
+                    channel, name=self._name, auth=self._auth, limits=self._limits
+                )
+        except (TransportError, TimeoutError) as exc:
+            self._log.warning("handshake_failed", error=str(exc), kind=type(exc).__name__)
+            channel.closing = True
+            if channel.transport is not None and not channel.transport.is_closing():
+                channel.transport.abort()
+            return
+        self._join(channel, hello)
+
+    def _join(self, channel: _Channel, hello: _Hello) -> None:
+        group = self._groups.get(hello.session)
+        if group is None:
+            timer = asyncio.get_running_loop().call_later(
+                self._limits.handshake_timeout, self._expire, hello.session
+            )
+            group = self._groups[hello.session] = _Group(hello, timer)
+        elif group.hello.channels != hello.channels or hello.channel in group.channels:
+            self._log.warning("channel_refused", reason="inconsistent channel", peer=hello.name)
+            _refuse(channel, "protocol", f"channel {hello.channel} does not fit the session")
+            return
+        group.channels[hello.channel] = channel
+        if len(group.channels) < hello.channels:
+            return
+        group.timer.cancel()
+        del self._groups[hello.session]
+        session = Session(
+            [group.channels[i] for i in range(hello.channels)],
+            role="dest",
+            peer_name=group.hello.name,
+            peer_max_payload=group.hello.max_payload,
+            limits=self._limits,
+            session_id=hello.session,
+        )
+        task = asyncio.get_running_loop().create_task(self._run(session))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    def _expire(self, session: bytes) -> None:
+        group = self._groups.pop(session, None)
+        if group is not None:
+            self._log.warning("session_incomplete", peer=group.hello.name)
+            for channel in group.channels.values():
+                _refuse(channel, "protocol", "not all channels of the session arrived")
+
+    async def _run(self, session: Session) -> None:
+        try:
+            await self._handler(session)
+        except asyncio.CancelledError:
+            session.abort()
+            raise
+        except Exception as exc:  # a failing handler ends its session, not the server
+            self._log.warning("handler_failed", error=str(exc), kind=type(exc).__name__)
+            session.abort()
+        else:
+            await session.close()
+
+    def close(self) -> None:
+        """Stop listening; cancel handshakes in progress and running handlers."""
+        if self._server is not None:
+            self._server.close()
+        for task in (*self._handshakes, *self._handlers):
+            task.cancel()
+        for session in list(self._groups):
+            self._expire(session)
+
+    async def wait_closed(self) -> None:
+        """Wait until the listener and every handler have finished."""
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.gather(*self._handshakes, *self._handlers, return_exceptions=True)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def serve(
+    address: str,
+    handler: Handler,
+    *,
+    name: str,
+    auth: AuthConfig,
+    limits: Limits | None = None,
+) -> Server:
+    """Listen on ``address`` (port 0 picks one: see ``Server.address``)."""
+    limits = limits or Limits()
+    server = Server(handler, name=name, auth=auth, limits=limits)
+    kind, host, port = parse_address(address)
+    loop = asyncio.get_running_loop()
+    if kind == "unix":
+        server._server = await loop.create_unix_server(server._protocol, host, ssl=auth.ssl_context)
+        server.address = format_address("unix", host, 0)
+    else:
+        server._server = await loop.create_server(
+            server._protocol, host, port, ssl=auth.ssl_context
+        )
+        bound = server._server.sockets[0].getsockname()
+        server.address = format_address("tcp", bound[0], bound[1])
+    server._log.info("server_listening", address=server.address)
+    return server
