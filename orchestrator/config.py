@@ -1,0 +1,545 @@
+"""The daemon's TOML configuration, validated with errors naming the key and its line.
+
+::
+
+    name = "source"                          # announced in handshakes (default: host name)
+    control_socket = "/run/livemig/control.sock"
+    listen = ["0.0.0.0:7070", "unix:/run/livemig/migration.sock"]   # or one string
+    metrics = "127.0.0.1:9464"               # optional Prometheus endpoint (or a port)
+
+    [auth]                                   # optional: without it peers are not checked
+    psk_file = "/etc/livemig/psk"            # pre-shared key (mode 0600, >= 16 bytes)
+    # tls_cert, tls_key, tls_ca              # TLS (mutual when all three are given)
+
+    [migration]                              # defaults: any MigrationParams field
+    downtime_limit_ms = 300
+
+    [[device]]                               # one per device this host owns
+    kind = "simulated"                       # simulated | ram | vfio
+    name = "sim0"
+    state_mib = 16
+
+tomllib gives no positions, so :class:`_KeyLines` finds each key's line in the text:
+a small scan of table headers and ``key =`` lines, which is all a config of this shape
+uses. A key it cannot place (inside an inline table, say) is reported at its table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import socket
+import stat
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from devices.base import MigratableDevice
+from devices.fsm import Feature, State
+from devices.paged import Faults
+from orchestrator.errors import MigrationBlocked
+from orchestrator.params import MigrationParams
+from transport.auth import AuthConfig, client_tls_context, server_tls_context
+
+MIB = 1 << 20
+KIB = 1 << 10
+MB = 1_000_000
+#: Shortest pre-shared key accepted, in bytes.
+MIN_PSK_BYTES = 16
+
+KeyPath = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the file, line and key."""
+
+    def __init__(self, file: str, line: int | None, key: str, problem: str) -> None:
+        where = f"{file}:{line}" if line is not None else file
+        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
+        self.file = file
+        self.line = line
+        self.key = key
+        self.problem = problem
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """How this daemon authenticates peers, as the config gave it."""
+
+    psk: bytes | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_check_hostname: bool = True
+
+    def server(self) -> AuthConfig:
+        """What the migration listeners require of an incoming source."""
+        context = None
+        if self.tls_cert is not None:
+            context = server_tls_context(self.tls_cert, self.tls_key, client_ca_file=self.tls_ca)
+        return AuthConfig(psk=self.psk, ssl_context=context)
+
+    def client(self) -> AuthConfig:
+        """What an outgoing migration presents to, and requires of, the destination."""
+        context = None
+        if self.tls_ca is not None:
+            context = client_tls_context(
+                self.tls_ca,
+                self.tls_cert,
+                self.tls_key,
+                check_hostname=self.tls_check_hostname,
+            )
+        return AuthConfig(psk=self.psk, ssl_context=context)
+
+    @property
+    def method(self) -> str:
+        """A word for logs: which checks are on."""
+        methods = [m for m, on in (("psk", self.psk), ("tls", self.tls_cert)) if on]
+        return "+".join(methods) or "none"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    """One ``[[device]]`` entry: the constructor and its arguments, already validated."""
+
+    kind: str
+    name: str
+    line: int | None
+    factory: Callable[..., MigratableDevice]
+    arguments: Mapping[str, Any]
+
+    file: str = "<config>"
+
+    def build(self) -> MigratableDevice:
+        """A new device object (not yet opened); ConfigError when its arguments clash."""
+        try:
+            return self.factory(self.name, **self.arguments)
+        except (ValueError, TypeError) as exc:
+            problem = str(exc).removeprefix(f"{self.name}: ")
+            raise ConfigError(
+                self.file, self.line, f"device {self.name!r}", f"({self.kind}) {problem}"
+            ) from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """Everything a daemon needs, validated; ``file`` is where it came from."""
+
+    file: str
+    name: str
+    control_socket: Path
+    listen: tuple[str, ...]
+    metrics: tuple[str, int] | None
+    auth: AuthSettings
+    migration: MigrationParams
+    devices: tuple[DeviceConfig, ...]
+
+
+# -- where keys are ------------------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_KEY = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
+)
+
+
+def _split_key(text: str) -> tuple[str, ...]:
+    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
+    return tuple(p.strip("\"'") for p in parts)
+
+
+class _KeyLines:
+    """Line numbers of the tables and keys in a TOML text (1-based)."""
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[KeyPath, int] = {}
+        counts: dict[tuple[str, ...], int] = {}
+        table: KeyPath = ()
+        in_string: str | None = None
+        for number, line in enumerate(text.splitlines(), start=1):
+            if in_string is not None:
+                if line.count(in_string) % 2:
+                    in_string = None
+                continue
+            header = _HEADER.match(line)
+            if header:
+                name = _split_key(header.group(2))
+                if header.group(1) == "[[":
+                    index = counts.get(name, 0)
+                    counts[name] = index + 1
+                    table = (*name, index)
+                else:
+                    table = name
+                self.lines.setdefault(table, number)
+                continue
+            key = _KEY.match(line)
+            if key:
+                self.lines.setdefault((*table, *_split_key(key.group(1))), number)
+                rest = line[key.end() :]
+                for quote in ('"""', "'''"):
+                    if rest.count(quote) % 2:
+                        in_string = quote
+
+    def line(self, path: KeyPath) -> int | None:
+        """The line of ``path``, else of its nearest enclosing key or table."""
+        for end in range(len(path), 0, -1):
+            if path[:end] in self.lines:
+                return self.lines[path[:end]]
+        return None
+
+
+def _dotted(path: KeyPath) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+class _Reader:
+    """Typed access to the parsed document that raises ConfigError at the right line."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.where = _KeyLines(text)
+
+    def error(self, path: KeyPath, problem: str) -> ConfigError:
+        return ConfigError(self.file, self.where.line(path), _dotted(path), problem)
+
+    def refuse_unknown(self, table: Mapping[str, Any], path: KeyPath, known: set[str]) -> None:
+        for key in table:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                choices = ", ".join(sorted(known))
+                raise self.error((*path, key), f"unknown key{hint}; known keys: {choices}")
+
+    def get(
+        self,
+        table: Mapping[str, Any],
+        path: KeyPath,
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any = ...,
+    ) -> Any:
+        if key not in table:
+            if default is ...:
+                raise self.error(path, f"missing required key {key!r}")
+            return default
+        value = table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+            raise self.error(
+                (*path, key), f"must be {names}, got {_TYPE_NAMES.get(type(value), '?')} {value!r}"
+            )
+        return value
+
+    def positive(
+        self, table: Mapping[str, Any], path: KeyPath, key: str, default: Any = ...
+    ) -> Any:
+        value = self.get(table, path, key, (int, float), default)
+        if value is not None and value is not default and not value > 0:
+            raise self.error((*path, key), f"must be > 0, got {value!r}")
+        return value
+
+
+_TYPE_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "an array",
+    dict: "a table",
+}
+
+
+# -- loading --------------------------------------------------------------------------------
+
+_TOP_KEYS = {"name", "control_socket", "listen", "metrics", "auth", "migration", "device"}
+
+
+def load(path: str | os.PathLike[str]) -> DaemonConfig:
+    """Read and validate a config file; ConfigError says what is wrong and where."""
+    file = os.fspath(path)
+    try:
+        text = Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, None, "", f"cannot read the config: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, None, "", f"not UTF-8 text: {exc.reason}") from exc
+    return parse(text, file=file)
+
+
+def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
+    """Validate a config's text; relative paths in it are relative to the file's folder."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(
+            file, int(line.group(1)) if line else None, "", f"not valid TOML: {exc}"
+        ) from exc
+    reader = _Reader(file, text)
+    base = Path(file).resolve().parent if file != "<config>" else Path.cwd()
+    reader.refuse_unknown(document, (), _TOP_KEYS)
+
+    name = reader.get(document, (), "name", str, socket.gethostname())
+    if not name or len(name) > 64:
+        raise reader.error(("name",), "must be 1 to 64 characters")
+    control = base / reader.get(document, (), "control_socket", str)
+    listen_value = reader.get(document, (), "listen", (str, list), [])
+    listen = [listen_value] if isinstance(listen_value, str) else listen_value
+    for index, address in enumerate(listen):
+        if not isinstance(address, str):
+            raise reader.error(("listen",), f"entry {index} must be a string, got {address!r}")
+        _check_address(reader, ("listen",), address)
+    listen = [_absolute(address, base) for address in listen]
+    metrics = _metrics(reader, document.get("metrics"))
+    auth = _auth(reader, reader.get(document, (), "auth", dict, {}), base)
+    migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
+    entries = reader.get(document, (), "device", list, [])
+    devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
+    seen: dict[str, int] = {}
+    for index, device in enumerate(devices):
+        if device.name in seen:
+            raise reader.error(
+                ("device", index, "name"),
+                f"device name {device.name!r} is already used by device[{seen[device.name]}]",
+            )
+        seen[device.name] = index
+    return DaemonConfig(
+        file=file,
+        name=name,
+        control_socket=control,
+        listen=tuple(listen),
+        metrics=metrics,
+        auth=auth,
+        migration=migration,
+        devices=devices,
+    )
+
+
+def _check_address(reader: _Reader, path: KeyPath, address: str) -> None:
+    """``host:port`` with a port in 0..65535, or ``unix:PATH``."""
+    if address.startswith("unix:"):
+        if not address[5:]:
+            raise reader.error(path, f"{address!r} names no socket path")
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise reader.error(path, f"{address!r} is neither host:port nor unix:PATH")
+
+
+def _absolute(address: str, base: Path) -> str:
+    if address.startswith("unix:"):
+        return f"unix:{base / address[5:]}"
+    return address
+
+
+def _metrics(reader: _Reader, value: object) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"127.0.0.1:{value}"
+    if not isinstance(value, str):
+        raise reader.error(("metrics",), f"must be a port or host:port, got {value!r}")
+    _check_address(reader, ("metrics",), value)
+    if value.startswith("unix:"):
+        raise reader.error(("metrics",), "the metrics endpoint is HTTP over TCP: use host:port")
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings:
+    path: KeyPath = ("auth",)
+    reader.refuse_unknown(
+        table, path, {"psk_file", "tls_cert", "tls_key", "tls_ca", "tls_check_hostname"}
+    )
+    psk = None
+    if "psk_file" in table:
+        psk_path = base / reader.get(table, path, "psk_file", str)
+        key_path = (*path, "psk_file")
+        try:
+            mode = psk_path.stat().st_mode
+            psk = psk_path.read_bytes().strip()
+        except OSError as exc:
+            raise reader.error(key_path, f"cannot read {psk_path}: {exc.strerror}") from exc
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise reader.error(
+                key_path, f"{psk_path} is readable by others (mode {mode & 0o777:o}); chmod 600 it"
+            )
+        if len(psk) < MIN_PSK_BYTES:
+            raise reader.error(
+                key_path, f"{psk_path} holds {len(psk)} bytes; a key needs {MIN_PSK_BYTES} or more"
+            )
+    files: dict[str, Path | None] = {}
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        value = reader.get(table, path, key, str, None)
+        files[key] = None if value is None else base / value
+        if files[key] is not None and not files[key].is_file():  # type: ignore[union-attr]
+            raise reader.error((*path, key), f"{files[key]} is not a readable file")
+    if files["tls_cert"] is None and files["tls_key"] is not None:
+        raise reader.error((*path, "tls_key"), "tls_key without tls_cert")
+    if files["tls_cert"] is not None and files["tls_ca"] is None:
+        raise reader.error(
+            (*path, "tls_cert"), "TLS needs tls_ca too: the CA that signed the peers' certificates"
+        )
+    settings = AuthSettings(
+        psk=psk,
+        tls_cert=files["tls_cert"],
+        tls_key=files["tls_key"],
+        tls_ca=files["tls_ca"],
+        tls_check_hostname=reader.get(table, path, "tls_check_hostname", bool, True),
+    )
+    if settings.tls_cert is not None:
+        try:
+            settings.server()
+            settings.client()
+        except (OSError, ValueError) as exc:
+            raise reader.error((*path, "tls_cert"), f"cannot load the TLS files: {exc}") from exc
+    return settings
+
+
+_PARAMETER = re.compile(r"[a-z_]+")
+
+
+def _migration(reader: _Reader, table: Mapping[str, Any]) -> MigrationParams:
+    """MigrationParams' own validation, its complaint placed at the key it names."""
+    path: KeyPath = ("migration",)
+    known = set(MigrationParams().as_dict())
+    reader.refuse_unknown(table, path, known)
+    try:
+        return MigrationParams().updated(table)
+    except MigrationBlocked as exc:
+        named = [w for w in _PARAMETER.findall(str(exc)) if w in table]
+        raise reader.error((*path, named[0]) if named else path, str(exc)) from None
+
+
+# -- devices --------------------------------------------------------------------------------
+
+#: A device key: the constructor argument it sets and how to turn the TOML value into it.
+_Convert = Callable[[Any], Any]
+_Key = tuple[str, type | tuple[type, ...], _Convert]
+_NUMBER = (int, float)
+
+
+def _features(value: list[Any]) -> Feature:
+    flags = Feature(0)
+    for name in value:
+        try:
+            flags |= Feature[str(name).upper()]
+        except KeyError:
+            known = ", ".join(f.name for f in Feature if f.name)
+            raise ValueError(f"unknown feature {name!r} (known: {known})") from None
+    return flags
+
+
+def _faults(value: dict[str, Any]) -> Faults:
+    known = {f.name for f in dataclasses.fields(Faults)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    arcs = []
+    for text in value.get("fail_arcs", []):
+        start, _, end = str(text).partition("->")
+        try:
+            arcs.append((State[start.strip().upper()], State[end.strip().upper()]))
+        except KeyError:
+            raise ValueError(f"fail_arcs entry {text!r} is not STATE->STATE") from None
+    return Faults(**(dict(value) | {"fail_arcs": frozenset(arcs)}))
+
+
+def _mib(value: float) -> int:
+    return round(value * MIB)
+
+
+def _mbps(value: float) -> float:
+    return float(value) * MB
+
+
+_COMMON: dict[str, _Key] = {
+    "features": ("features", list, _features),
+    "seed": ("seed", int, int),
+    "dirty_rate": ("dirty_rate", _NUMBER, float),
+    "dirty_mbps": ("dirty_rate", _NUMBER, _mbps),
+    "chunk_size": ("chunk_size", int, int),
+    "chunk_kib": ("chunk_size", _NUMBER, lambda v: round(v * KIB)),
+    "faults": ("faults", dict, _faults),
+}
+
+_SIMULATED: dict[str, _Key] = _COMMON | {
+    "state_size": ("state_size", int, int),
+    "state_mib": ("state_size", _NUMBER, _mib),
+    "block_size": ("block_size", int, int),
+    "hot_set": ("hot_set", _NUMBER, float),
+}
+
+_RAM: dict[str, _Key] = _COMMON | {
+    "size": ("size", int, int),
+    "size_mib": ("size", _NUMBER, _mib),
+    "page_size": ("page_size", int, int),
+    "working_set": ("working_set", int, int),
+    "working_set_mib": ("working_set", _NUMBER, _mib),
+    "zero_outside": ("zero_outside", bool, bool),
+}
+
+
+def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key] | None]]:
+    """Kinds a config may name; the VFIO backend takes its keys as they are."""
+    from devices.ram import RamDevice
+    from devices.simulated import SimulatedDevice
+
+    kinds: dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key] | None]] = {
+        "simulated": (SimulatedDevice, _SIMULATED),
+        "ram": (RamDevice, _RAM),
+    }
+    try:
+        from devices.vfio import VfioDevice  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        pass
+    else:
+        kinds["vfio"] = (VfioDevice, None)
+    return kinds
+
+
+def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
+    path: KeyPath = ("device", index)
+    if not isinstance(entry, dict):
+        raise reader.error(path, "must be a table ([[device]])")
+    kind = reader.get(entry, path, "kind", str)
+    kinds = _device_kinds()
+    if kind not in kinds:
+        raise reader.error(
+            (*path, "kind"), f"unknown device kind {kind!r}; known: {', '.join(sorted(kinds))}"
+        )
+    name = reader.get(entry, path, "name", str)
+    if not name or len(name) > 64 or not name.isprintable():
+        raise reader.error((*path, "name"), "must be 1 to 64 printable characters")
+    factory, keys = kinds[kind]
+    rest = {k: v for k, v in entry.items() if k not in ("kind", "name")}
+    arguments: dict[str, Any] = {}
+    if keys is None:
+        arguments = rest
+    else:
+        reader.refuse_unknown(rest, path, set(keys) | {"kind", "name"})
+        given: dict[str, str] = {}
+        for key, value in rest.items():
+            argument, kinds_allowed, convert = keys[key]
+            if argument in given:
+                raise reader.error(
+                    (*path, key), f"sets {argument} like {given[argument]!r} does; keep one"
+                )
+            given[argument] = key
+            reader.get(rest, path, key, kinds_allowed)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+                raise reader.error((*path, key), f"must not be negative, got {value!r}")
+            try:
+                arguments[argument] = convert(value)
+            except (ValueError, TypeError) as exc:
+                raise reader.error((*path, key), str(exc)) from None
+    return DeviceConfig(kind, name, reader.where.line(path), factory, arguments, reader.file)
