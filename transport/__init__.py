@@ -5,6 +5,7 @@ The format is specified once, in :mod:`transport.frames`.
 
 from __future__ import annotations
 
+from devices.base import Chunk, DeviceDescriptor
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
 from transport.bandwidth import BandwidthEstimator, TokenBucket
 from transport.errors import (
@@ -37,7 +38,9 @@ __all__ = [
     "AuthConfig",
     "AuthenticationError",
     "BandwidthEstimator",
+    "Chunk",
     "ConnectionLost",
+    "DeviceDescriptor",
     "Frame",
     "FrameDecoder",
     "LimitExceeded",

@@ -23,11 +23,15 @@ class TransportError(Exception):
 
 
 class ProtocolError(TransportError):
-    """The peer sent something the protocol forbids; ``field`` names what was wrong."""
+    """The peer sent something the protocol forbids; ``field`` names what was wrong.
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
+    ``ProtocolError(field, message)`` reads "field: message"; the one-argument form
+    ``ProtocolError(message)`` is for callers whose message already names the field.
+    """
+
+    def __init__(self, field: str, message: str | None = None) -> None:
+        super().__init__(field if message is None else f"{field}: {message}")
+        self.field = None if message is None else field
 
 
 class LimitExceeded(ProtocolError):

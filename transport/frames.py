@@ -54,16 +54,19 @@ for them. Then, control frames travel on channel 0 and a device's frames on chan
     DEVICES            source: {devices: [{name, kind, format_version, features}, ...]}
     DEVICES_ACCEPTED   dest: {} or {error} when a device is incompatible
     SETUP / PRECOPY_DATA / STOPCOPY_DATA / DEVICE_CONFIG    source: raw device bytes
-    INITIAL_DATA_SENT  source: {} (a device's initial pre-copy data is all sent)
+    INITIAL_DATA_SENT  source: empty, on the device's channel after its initial data
     SWITCHOVER_ACK     dest: {} (ready for the source to stop the devices)
     END_OF_DEVICE      source: {} (on the device's channel, after all its data)
     END_OF_STREAM      source: {} sent on every channel; delivered once all arrived
-    VERDICT            dest: {resumed: bool, reason: str}
+    VERDICT            dest: {stage: "loaded"|"resumed"|"failed", reason, ...}
+    COMMIT             source: {} (the destination may run the devices)
     CANCEL             either: {reason, code}; the session is aborted
     PING / PONG        either: {id, t}: keep-alive and clock stamps (time.monotonic)
 
-Data for a device not announced by DEVICES, device frames after END_OF_STREAM, and a
-second HELLO or AUTH are refused.
+The fields named are the transport's; the orchestrator adds its own (see
+``orchestrator/wire.py``). Data for a device not announced by DEVICES, device frames
+after END_OF_STREAM or on the wrong channel, a frame the receiving side never
+receives (e.g. VERDICT at the destination), and a second HELLO or AUTH are refused.
 """
 
 from __future__ import annotations
@@ -113,12 +116,13 @@ class Tag(enum.IntEnum):
     CANCEL = 14
     PING = 15
     PONG = 16
+    COMMIT = 17
 
 
 #: Tags whose payload is raw device stream bytes.
 DATA_TAGS = frozenset({Tag.SETUP, Tag.PRECOPY_DATA, Tag.STOPCOPY_DATA, Tag.DEVICE_CONFIG})
-#: Tags addressed to a device (the others carry device 0).
-DEVICE_TAGS = DATA_TAGS | {Tag.END_OF_DEVICE}
+#: Tags addressed to a device, sent on its channel (the others carry device 0).
+DEVICE_TAGS = DATA_TAGS | {Tag.INITIAL_DATA_SENT, Tag.END_OF_DEVICE}
 #: Tags valid during the handshake.
 HANDSHAKE_TAGS = frozenset({Tag.HELLO, Tag.AUTH, Tag.CANCEL})
 #: Tags valid once the handshake is done.
@@ -208,24 +212,29 @@ def require(fields: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) 
     return value
 
 
-def encode_devices(descriptors: Iterable[DeviceDescriptor]) -> dict[str, Any]:
-    """The DEVICES fields announcing ``descriptors``, in device-index order."""
-    return {
-        "devices": [
-            {
-                "name": d.name,
-                "kind": d.kind,
-                "format_version": d.format_version,
-                "features": int(d.features),
-            }
-            for d in descriptors
-        ]
-    }
+def encode_devices(descriptors: Iterable[DeviceDescriptor]) -> list[dict[str, Any]]:
+    """The ``devices`` field of DEVICES announcing ``descriptors``, in index order."""
+    return [
+        {
+            "name": d.name,
+            "kind": d.kind,
+            "format_version": d.format_version,
+            "features": int(d.features),
+        }
+        for d in descriptors
+    ]
 
 
-def decode_devices(fields: Mapping[str, Any], limits: Limits) -> list[DeviceDescriptor]:
-    """Validate DEVICES fields into descriptors; ProtocolError naming the bad field."""
-    devices = require(fields, "devices", list)
+def decode_devices(
+    fields: Mapping[str, Any] | list[Any], limits: Limits | None = None
+) -> list[DeviceDescriptor]:
+    """Validate DEVICES fields (or their ``devices`` list) into descriptors.
+
+    ProtocolError names the bad field (``devices[3].name``); LimitExceeded the count or
+    a name's length.
+    """
+    limits = limits or Limits()
+    devices = fields if isinstance(fields, list) else require(fields, "devices", list)
     if len(devices) > limits.max_devices:
         raise LimitExceeded("devices", len(devices), limits.max_devices)
     known = 0

@@ -40,6 +40,7 @@ from transport.errors import (
 )
 from transport.frames import (
     DATA_TAGS,
+    DEVICE_TAGS,
     MAX_HEADER,
     PREFIX,
     PROTOCOL_VERSION,
@@ -357,7 +358,7 @@ class Session:
                 if self._chans[0].decoder.device_count is not None:
                     raise ProtocolError("tag", "second DEVICES frame")
                 self.set_device_count(len(decode_devices(frame.fields(), self.limits)))
-            elif tag in DATA_TAGS or tag is Tag.END_OF_DEVICE:
+            elif tag in DEVICE_TAGS:
                 expected = frame.device % self.channels
                 if channel.index != expected:
                     raise ProtocolError(
@@ -426,8 +427,8 @@ class Session:
     async def send_control(
         self, tag: Tag, fields: Mapping[str, Any] | None = None, *, device: int = 0
     ) -> None:
-        """Send a control frame: on channel 0, END_OF_DEVICE on the device's channel,
-        END_OF_STREAM on every channel (after everything sent on it before)."""
+        """Send a control frame on channel 0; INITIAL_DATA_SENT and END_OF_DEVICE go on
+        the device's channel, END_OF_STREAM on every channel (after all sent before)."""
         self._check()
         if tag in DATA_TAGS or tag in (Tag.HELLO, Tag.AUTH):
             raise ValueError(f"{tag.name} is not a control frame of a session")
@@ -441,7 +442,7 @@ class Session:
             for channel in targets:
                 channel.send(tag, 0, (payload,), len(payload))
         else:
-            if tag is Tag.END_OF_DEVICE:
+            if tag in DEVICE_TAGS:
                 targets = [self._chans[device % self.channels]]
             else:
                 targets, device = [self._chans[0]], 0
@@ -451,16 +452,17 @@ class Session:
         self._check()
 
     async def send_chunk(self, tag: Tag, device: int, chunk: Chunk) -> int:
-        """Send one chunk of ``device``'s stream as one data frame; returns its size.
+        """Send one chunk of ``device``'s stream as one frame; returns its payload size.
 
+        ``tag`` is a data tag, or INITIAL_DATA_SENT / END_OF_DEVICE with an empty chunk.
         The checksum covers the chunk's buffers, which go to the socket as they are
         (the chunk must not change afterwards, as the device contract promises). Waits
         while the channel's write buffer is past the high-water mark and while the
         max-bandwidth bucket is in debt.
         """
         self._check()
-        if tag not in DATA_TAGS:
-            raise ValueError(f"{tag.name} is not a data tag")
+        if tag not in DEVICE_TAGS:
+            raise ValueError(f"{tag.name} is not a device frame")
         if self._sent_devices is not None and not 0 <= device < self._sent_devices:
             raise ValueError(f"device {device} was not announced ({self._sent_devices} devices)")
         length = sum(memoryview(part).nbytes for part in chunk)

@@ -27,7 +27,7 @@ async def test_stream_reaches_destination_in_order(server: Server, recorder: Rec
     """Chunks, END_OF_DEVICE and END_OF_STREAM arrive intact and the verdict comes back."""
     session = await open_source(server)
     assert session.peer_name == "dest"
-    await session.send_control(Tag.DEVICES, encode_devices(descriptors(2)))
+    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
     sent = []
     for i in range(20):
         chunk = (f"chunk{i}:".encode(), os.urandom(i * 1000))
@@ -53,7 +53,7 @@ async def test_multi_channel_keeps_per_device_order(
     """Over several channels every device's chunks arrive in send order, and all arrive."""
     session = await open_source(server, channels)
     assert session.channels == channels
-    await session.send_control(Tag.DEVICES, encode_devices(descriptors(5)))
+    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(5))})
     for i in range(200):
         await session.send_chunk(Tag.PRECOPY_DATA, i % 5, (i.to_bytes(4, "big") * 300,))
     for device in range(5):
@@ -88,7 +88,7 @@ async def test_unix_socket_session(tmp_path: os.PathLike[str], recorder: Recorde
     async with await serve(path, recorder, name="dest", auth=AuthConfig()) as server:
         assert server.address == path
         session = await connect(path, name="source", auth=AuthConfig())
-        await session.send_control(Tag.DEVICES, encode_devices(descriptors(1)))
+        await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
         await session.send_chunk(Tag.STOPCOPY_DATA, 0, (b"x" * 10,))
         await session.send_control(Tag.END_OF_STREAM)
         assert (await session.recv()).tag is Tag.VERDICT
