@@ -1,0 +1,103 @@
+"""SimulatedDevice: seeded content, the clock-driven workload, and stable chunks."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from devices.errors import InvalidStateError
+from devices.fsm import State
+from devices.simulated import SimulatedDevice
+from devices.testing import ManualClock, opened, read_until_pause
+
+KIB = 1 << 10
+
+
+def small(**options: object) -> SimulatedDevice:
+    """A 64-block device with 4-block chunks."""
+    return SimulatedDevice("sim", state_size=256 * KIB, chunk_size=16 * KIB, **options)  # type: ignore[arg-type]
+
+
+async def test_content_follows_the_seed() -> None:
+    """Same seed, same state; another seed, another state; the digest is SHA-256 of it."""
+    one, same, other = small(seed=7), small(seed=7), small(seed=8)
+    assert await one.digest() == await same.digest() != await other.digest()
+    assert await one.digest() == hashlib.sha256(one.memory).digest()
+
+
+def test_workload_writes_only_the_hot_set() -> None:
+    """With hot_set 1/4 the workload never changes a block outside the first quarter."""
+    device = small(dirty_rate=1e6, hot_set=0.25)
+    before = bytes(device.memory)
+    device.run_workload(1.0)
+    assert device.writes == int(1e6 // (4 * KIB))
+    quarter = len(before) // 4
+    assert device.memory[quarter:] == before[quarter:]
+    assert device.memory[:quarter] != before[:quarter]
+
+
+async def test_workload_runs_on_the_clock_only_while_the_device_runs() -> None:
+    """Time spent in STOP writes nothing; time spent RUNNING writes at the dirty rate."""
+    clock = ManualClock()
+    device = small(dirty_rate=40 * KIB, clock=clock)
+    async with opened(device):
+        await device.set_state(State.STOP)
+        clock.advance(10.0)
+        await device.set_state(State.RUNNING)
+        assert device.writes == 0
+        clock.advance(1.0)
+        await device.set_state(State.PRE_COPY)
+        assert device.writes == 10
+        clock.advance(0.5)
+        assert device.precopy_info().initial_bytes == 64 * 4 * KIB  # catches up: 5 more
+        assert device.writes == 15
+
+
+async def test_precopy_chunks_are_copies_that_never_change() -> None:
+    """A PRE_COPY chunk keeps its bytes when the workload rewrites the blocks it carried."""
+    device = small()
+    await device.set_state(State.PRE_COPY)
+    channel = device.save_channel()
+    await channel.read()
+    chunk = await channel.read()
+    assert chunk is not None
+    snapshot = b"".join(chunk)
+    for block in range(device.n_blocks):
+        device.touch(block)
+    assert b"".join(chunk) == snapshot
+    assert len(snapshot) <= device.chunk_size + 64
+
+
+async def test_stop_copy_chunks_are_views_of_the_state() -> None:
+    """In STOP_COPY, where nothing writes, the data travels as views of the state itself."""
+    device = small()
+    await device.set_state(State.STOP_COPY)
+    chunks = await read_until_pause(device.save_channel())
+    views = [b for chunk in chunks for b in chunk if isinstance(b, memoryview)]
+    assert views
+    assert all(view.obj is device.memory for view in views)
+
+
+def test_cannot_throttle() -> None:
+    """A simulated device has no auto-converge: set_throttle is InvalidStateError."""
+    device = small()
+    assert not device.can_throttle()
+    with pytest.raises(InvalidStateError, match=r"sim: .*throttling"):
+        device.set_throttle(0.5)
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"state_size": 1000}, "not a positive multiple of 4096"),
+        ({"state_size": 4096, "block_size": 12}, "block size 12"),
+        ({"state_size": 4096, "chunk_size": 100}, "below the block size"),
+        ({"state_size": 4096, "hot_set": 0.0}, "hot set"),
+        ({"state_size": 4096, "dirty_rate": -1.0}, "negative dirty rate"),
+    ],
+)
+def test_bad_options_are_refused(options: dict[str, object], reason: str) -> None:
+    """Inconsistent sizes and rates fail at construction, naming the device and the option."""
+    with pytest.raises(ValueError, match=f"sim: .*{reason}"):
+        SimulatedDevice("sim", **options)  # type: ignore[arg-type]
