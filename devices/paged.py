@@ -292,7 +292,10 @@ class PagedDevice(ArcDevice):
         return self.state_size
 
     async def digest(self) -> bytes:
-        """SHA-256 of the whole state, hashed in a thread while the workload is paused."""
+        """SHA-256 of the whole state, hashed in a thread while the workload is paused.
+
+        Meaningful while nothing else writes the state (not while RESUMING is loading it).
+        """
         self._catch_up(self._state in RUNNING_STATES)
         self._paused += 1
         try:
