@@ -94,7 +94,6 @@ MAX_HEADER = 40
 #: A read into a receive buffer asks for at least this much room when it can.
 MIN_READ = 64 * 1024
 _U32 = 1 << 32
-_U64 = 1 << 64
 
 
 class Tag(enum.IntEnum):
@@ -237,9 +236,7 @@ def decode_devices(
     devices = fields if isinstance(fields, list) else require(fields, "devices", list)
     if len(devices) > limits.max_devices:
         raise LimitExceeded("devices", len(devices), limits.max_devices)
-    known = 0
-    for flag in Feature:
-        known |= flag
+    known = sum(int(flag) for flag in Feature)
     result: list[DeviceDescriptor] = []
     names: set[str] = set()
     for index, entry in enumerate(devices):
@@ -306,6 +303,11 @@ class FrameDecoder:
     def capacity(self) -> int:
         """Bytes currently allocated for receive buffers (for memory-bound checks)."""
         return self._seg.view.nbytes + sum(s.view.nbytes for s in self._free)
+
+    @property
+    def frames(self) -> int:
+        """Frames decoded so far (the next expected seq)."""
+        return self._seq
 
     @property
     def buffered(self) -> int:
@@ -445,8 +447,6 @@ class FrameDecoder:
             raise ProtocolError("tag", f"{tag.name} is not valid during the {phase}")
         if flags:
             raise ProtocolError("flags", f"{flags:#x}: no flags are defined")
-        if check >= _U64:
-            raise ProtocolError("checksum", "larger than 64 bits")
         if tag in DATA_TAGS:
             limit = self.limits.max_payload
         elif self._handshake:

@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -118,7 +118,8 @@ class _Channel(asyncio.BufferedProtocol):
         self._session: Session | None = None
         self._seq = 0
         self._waiter: asyncio.Future[None] | None = None
-        self._drain: asyncio.Future[None] | None = None
+        #: Senders waiting for the write buffer to drain (several devices share a channel).
+        self._drainers: list[asyncio.Future[None]] = []
         self._paused = False
         self._reading_paused = False
         self.closing = False
@@ -127,8 +128,8 @@ class _Channel(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without deriving from it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         if self._on_made is not None:
             self._on_made(self)
@@ -153,13 +154,11 @@ class _Channel(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
             self.closed.set_result(None)
+        unread = self.decoder.buffered
         cause = exc or EOFError(
-            "peer closed the connection"
-            + (
-                f" with {self.decoder.buffered} bytes of a frame unread"
-                if self.decoder.buffered
-                else ""
-            )
+            f"peer closed the connection mid-frame ({unread} bytes of it arrived)"
+            if unread
+            else "peer closed the connection"
         )
         if not self.closing:
             lost = ConnectionLost(f"channel {self.index}: {cause}")
@@ -172,8 +171,7 @@ class _Channel(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._release_drainers()
 
     # -- reading ---------------------------------------------------------------------
 
@@ -188,8 +186,14 @@ class _Channel(asyncio.BufferedProtocol):
         self._wake()
 
     def _wake(self) -> None:
-        for fut in (self._waiter, self._drain):
-            if fut is not None and not fut.done():
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+        self._release_drainers()
+
+    def _release_drainers(self) -> None:
+        drainers, self._drainers = self._drainers, []
+        for fut in drainers:
+            if not fut.done():
                 fut.set_result(None)
 
     def _pause_reading(self) -> None:
@@ -268,11 +272,9 @@ class _Channel(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above the high-water mark."""
         while self._paused and self.error is None and not self.closing:
-            self._drain = asyncio.get_running_loop().create_future()
-            try:
-                await self._drain
-            finally:
-                self._drain = None
+            waiter = asyncio.get_running_loop().create_future()
+            self._drainers.append(waiter)
+            await waiter
 
     def written(self) -> int:
         """Bytes that left the transport's buffer (handed to the kernel)."""
@@ -780,6 +782,12 @@ async def connect(
                 channel.transport.abort()
         if isinstance(exc, ConnectionLost) and isinstance(exc.__cause__, ssl.SSLError):
             raise AuthenticationError(f"TLS with {address} failed: {exc.__cause__}") from exc
+        if isinstance(exc, ConnectionLost) and auth.ssl_context and not opened[-1].decoder.frames:
+            # With TLS 1.3 a destination that rejects our certificate just hangs up.
+            raise AuthenticationError(
+                f"TLS with {address} failed: the destination hung up before HELLO "
+                "(is our certificate trusted there?)"
+            ) from exc
         if isinstance(exc, ssl.SSLError):
             raise AuthenticationError(f"TLS with {address} failed: {exc}") from exc
         if isinstance(exc, TimeoutError) and not isinstance(exc, TransportError):

@@ -94,3 +94,18 @@ async def test_unix_socket_session(tmp_path: os.PathLike[str], recorder: Recorde
         assert (await session.recv()).tag is Tag.VERDICT
         await session.close()
     assert recorder.frames[1] == (Tag.STOPCOPY_DATA, 0, b"x" * 10)
+
+
+async def test_max_bandwidth_and_estimate_follow_the_stream(server: Server) -> None:
+    """A session with a cap still delivers; the estimator counts every byte written."""
+    session = await open_source(server)
+    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+    session.set_max_bandwidth(50_000_000)
+    for _ in range(10):
+        await session.send_chunk(Tag.PRECOPY_DATA, 0, (bytes(100_000),))
+    session.set_max_bandwidth(None)
+    await session.send_control(Tag.END_OF_STREAM)
+    assert (await session.recv()).tag is Tag.VERDICT
+    assert session.bandwidth.total_bytes >= 1_000_000
+    assert session.bandwidth.rate() >= 0.0
+    await session.close()

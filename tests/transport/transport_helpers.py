@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from devices.base import DeviceDescriptor
 from devices.fsm import Feature
-from transport import Frame, Session, Tag, TransportError
+from transport import Frame, FrameDecoder, Session, Tag, TransportError, parse_address
+from transport.auth import proof
+from transport.frames import encode_fields, encode_frame
 
 PSK = b"test pre-shared key"
 
@@ -41,3 +46,83 @@ class Recorder:
             self.error = exc
         finally:
             self.done.set()
+
+
+class RawPeer:
+    """A hand-driven source on a plain socket: sends any frame, reads what comes back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.seq = 0
+        self.decoder = FrameDecoder(handshake=True)
+
+    @classmethod
+    async def open(cls, address: str) -> RawPeer:
+        """Connect to a tcp: address."""
+        _, host, port = parse_address(address)
+        return cls(*await asyncio.open_connection(host, port))
+
+    def encode(
+        self,
+        tag: Tag,
+        fields: dict[str, Any] | None = None,
+        *,
+        device: int = 0,
+        payload: bytes | None = None,
+    ) -> bytes:
+        """The bytes of the next frame (payload, or the fields as msgpack)."""
+        body = encode_fields(fields) if payload is None else payload
+        data = b"".join(encode_frame(tag, device, self.seq, (body,)))  # type: ignore[arg-type]
+        self.seq += 1
+        return data
+
+    async def send(self, tag: Tag, fields: dict[str, Any] | None = None, **kw: Any) -> None:
+        """Send the next frame."""
+        self.writer.write(self.encode(tag, fields, **kw))
+        await self.writer.drain()
+
+    async def read_frame(self) -> Frame | None:
+        """The next frame from the peer, or None once it closed (or reset) the connection."""
+        while (frame := self.decoder.next_frame()) is None:
+            try:
+                data = await self.reader.read(65536)
+            except ConnectionResetError:
+                return None
+            if not data:
+                return None
+            self.decoder.feed(data)
+        return frame
+
+    async def handshake(self, psk: bytes, *, nonce: bytes | None = None) -> Frame | None:
+        """Authenticate as a one-channel source; returns the destination's AUTH (or CANCEL)."""
+        session, nonce = os.urandom(16), nonce or os.urandom(32)
+        await self.send(Tag.HELLO, hello_fields(session, nonce))
+        hello = await self.read_frame()
+        assert hello is not None
+        assert hello.tag is Tag.HELLO
+        dest_nonce = hello.fields()["nonce"]
+        await self.send(Tag.AUTH, {"proof": proof(psk, "source", session, 0, nonce, dest_nonce)})
+        answer = await self.read_frame()
+        self.decoder.end_handshake()
+        return answer
+
+    async def close(self) -> None:
+        """Close the connection."""
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+def hello_fields(session: bytes, nonce: bytes) -> dict[str, Any]:
+    """A one-channel source's HELLO."""
+    return {
+        "version": 1,
+        "name": "raw",
+        "session": session,
+        "channel": 0,
+        "channels": 1,
+        "nonce": nonce,
+        "auth": "psk",
+        "max_payload": 1 << 20,
+    }

@@ -1,0 +1,243 @@
+"""Authentication: PSK challenge-response both ways, replay, refusals, and TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from transport_helpers import PSK, RawPeer, Recorder, hello_fields
+
+from transport import (
+    AuthConfig,
+    AuthenticationError,
+    Server,
+    Tag,
+    client_tls_context,
+    connect,
+    serve,
+    server_tls_context,
+)
+from transport.auth import proof
+
+
+async def test_matching_keys_authenticate(server: Server) -> None:
+    """Both sides holding the key get a session with each other's names."""
+    session = await connect(server.address, name="source", auth=AuthConfig(psk=PSK), channels=2)
+    assert (session.peer_name, session.channels) == ("dest", 2)
+    await session.close()
+
+
+@pytest.mark.parametrize("key", [b"wrong key", None], ids=["wrong-key", "no-key"])
+async def test_source_without_the_key_is_refused(
+    server: Server, recorder: Recorder, key: bytes | None
+) -> None:
+    """A source with a wrong key or none is refused and the handler never runs."""
+    with pytest.raises(AuthenticationError, match="refused"):
+        await connect(server.address, name="intruder", auth=AuthConfig(psk=key))
+    session = await connect(server.address, name="source", auth=AuthConfig(psk=PSK))
+    await session.close()
+    await recorder.done.wait()
+    assert recorder.frames == []
+
+
+async def test_source_with_a_key_refuses_a_destination_without_one(recorder: Recorder) -> None:
+    """A source holding a key will not talk to a destination that cannot prove it."""
+    async with await serve("127.0.0.1:0", recorder, name="open", auth=AuthConfig()) as server:
+        with pytest.raises(AuthenticationError, match="does not authenticate"):
+            await connect(server.address, name="source", auth=AuthConfig(psk=PSK))
+
+
+async def test_refused_peer_gets_nothing_but_the_refusal(server: Server) -> None:
+    """A wrong proof is answered by CANCEL with code "auth", then the connection closes."""
+    peer = await RawPeer.open(server.address)
+    answer = await peer.handshake(b"not the key")
+    assert answer is not None
+    assert answer.tag is Tag.CANCEL
+    assert answer.fields()["code"] == "auth"
+    assert await peer.read_frame() is None
+    await peer.close()
+
+
+async def test_replayed_proof_is_refused(server: Server) -> None:
+    """A proof recorded from a successful handshake fails against a fresh challenge."""
+    session, nonce = b"s" * 16, b"n" * 32
+    first = await RawPeer.open(server.address)
+    await first.send(Tag.HELLO, hello_fields(session, nonce))
+    hello = await first.read_frame()
+    assert hello is not None
+    recorded = proof(PSK, "source", session, 0, nonce, hello.fields()["nonce"])
+    await first.send(Tag.AUTH, {"proof": recorded})
+    accepted = await first.read_frame()
+    assert accepted is not None
+    assert accepted.tag is Tag.AUTH
+    await first.close()
+
+    replay = await RawPeer.open(server.address)
+    await replay.send(Tag.HELLO, hello_fields(session, nonce))
+    second = await replay.read_frame()
+    assert second is not None
+    assert second.fields()["nonce"] != hello.fields()["nonce"]
+    await replay.send(Tag.AUTH, {"proof": recorded})
+    refusal = await replay.read_frame()
+    assert refusal is not None
+    assert refusal.tag is Tag.CANCEL
+    assert await replay.read_frame() is None
+    await replay.close()
+
+
+async def test_destination_with_a_bad_proof_is_refused() -> None:
+    """A destination that answers with a proof not made with the key is refused."""
+    seen: asyncio.Queue[Tag] = asyncio.Queue()
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = RawPeer(reader, writer)
+        await peer.read_frame()
+        await peer.send(Tag.HELLO, {"version": 1, "nonce": b"x" * 32, "auth": "psk"})
+        await peer.read_frame()
+        await peer.send(Tag.AUTH, {"proof": b"y" * 32, "name": "fake", "max_payload": 1024})
+        refusal = await peer.read_frame()
+        await seen.put(refusal.tag if refusal else Tag.HELLO)
+        await peer.close()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    host, port = server.sockets[0].getsockname()[:2]
+    with pytest.raises(AuthenticationError, match="failed to prove"):
+        await connect(f"{host}:{port}", name="source", auth=AuthConfig(psk=PSK))
+    assert await seen.get() is Tag.CANCEL
+    server.close()
+    await server.wait_closed()
+
+
+# -- TLS --------------------------------------------------------------------------------
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    issuer_name, signing_key = issuer or (subject, key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
+        builder = builder.add_extension(usage, critical=True)
+    else:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
+        )
+    return builder.sign(signing_key, hashes.SHA256())
+
+
+def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+    path.with_suffix(".crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    path.with_suffix(".key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A test CA with a server and a client certificate, plus a foreign CA."""
+    root = tmp_path_factory.mktemp("pki")
+    for ca_name in ("ca", "other-ca"):
+        ca_key = _key()
+        _write(root / ca_name, _cert(ca_name, ca_key, None, ca=True), ca_key)
+        if ca_name == "ca":
+            for leaf in ("server", "client"):
+                key = _key()
+                _write(root / leaf, _cert(leaf, key, (ca_name, ca_key)), key)
+    return root
+
+
+def _server_auth(pki: Path, *, mutual: bool) -> AuthConfig:
+    context = server_tls_context(
+        pki / "server.crt", pki / "server.key", client_ca_file=pki / "ca.crt" if mutual else None
+    )
+    return AuthConfig(psk=PSK, ssl_context=context)
+
+
+async def test_mutual_tls_session_carries_data(pki: Path, recorder: Recorder) -> None:
+    """With mutual TLS and the key a session streams data and gets its verdict."""
+    auth = _server_auth(pki, mutual=True)
+    async with await serve("localhost:0", recorder, name="dest", auth=auth) as server:
+        port = server.address.rsplit(":", 1)[1]
+        context = client_tls_context(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        session = await connect(
+            f"localhost:{port}", name="source", auth=AuthConfig(psk=PSK, ssl_context=context)
+        )
+        await session.send_control(
+            Tag.DEVICES,
+            {"devices": [{"name": "d", "kind": "k", "format_version": 1, "features": 1}]},
+        )
+        await session.send_chunk(Tag.PRECOPY_DATA, 0, (b"secret" * 1000,))
+        await session.send_control(Tag.END_OF_STREAM)
+        assert (await session.recv()).tag is Tag.VERDICT
+        await session.close()
+    assert recorder.frames[1] == (Tag.PRECOPY_DATA, 0, b"secret" * 1000)
+
+
+async def test_tls_client_refuses_an_untrusted_server(pki: Path, recorder: Recorder) -> None:
+    """A source trusting another CA refuses the destination's certificate."""
+    async with await serve(
+        "localhost:0", recorder, name="dest", auth=_server_auth(pki, mutual=False)
+    ) as server:
+        port = server.address.rsplit(":", 1)[1]
+        context = client_tls_context(pki / "other-ca.crt")
+        with pytest.raises(AuthenticationError, match="TLS"):
+            await connect(
+                f"localhost:{port}", name="source", auth=AuthConfig(psk=PSK, ssl_context=context)
+            )
+
+
+async def test_mutual_tls_refuses_a_client_without_certificate(
+    pki: Path, recorder: Recorder
+) -> None:
+    """A destination requiring client certificates refuses a source without one."""
+    async with await serve(
+        "localhost:0", recorder, name="dest", auth=_server_auth(pki, mutual=True)
+    ) as server:
+        port = server.address.rsplit(":", 1)[1]
+        context = client_tls_context(pki / "ca.crt")
+        with pytest.raises(AuthenticationError, match="TLS"):
+            await connect(
+                f"localhost:{port}", name="source", auth=AuthConfig(psk=PSK, ssl_context=context)
+            )
+    assert recorder.frames == []
+
+
+def test_tls_helpers_build_verifying_contexts(pki: Path) -> None:
+    """The helpers verify peers: hostname on the client, certificates with mutual TLS."""
+    client = client_tls_context(pki / "ca.crt")
+    assert client.check_hostname
+    assert client.verify_mode is ssl.CERT_REQUIRED
+    server = server_tls_context(
+        pki / "server.crt", pki / "server.key", client_ca_file=pki / "ca.crt"
+    )
+    assert server.verify_mode is ssl.CERT_REQUIRED

@@ -1,0 +1,239 @@
+"""Hostile and failing peers: cancels, vanishing peers, limits over the wire, handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from transport_helpers import PSK, RawPeer, Recorder, descriptors
+
+from transport import (
+    AuthConfig,
+    ConnectionLost,
+    Frame,
+    LimitExceeded,
+    Limits,
+    PeerCancelled,
+    ProtocolError,
+    Server,
+    Session,
+    SessionClosed,
+    Tag,
+    connect,
+    encode_devices,
+    serve,
+)
+from transport.frames import encode_header
+
+
+async def source(server: Server, channels: int = 1) -> Session:
+    """An authenticated source session that has announced two devices."""
+    session = await connect(
+        server.address, name="source", auth=AuthConfig(psk=PSK), channels=channels
+    )
+    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+    return session
+
+
+async def test_destination_cancel_reaches_the_streaming_source(
+    server: Server, recorder: Recorder
+) -> None:
+    """A CANCEL from the destination mid-stream fails the source's recv and sends."""
+
+    async def cancel_on_third(session: Session, frame: Frame) -> None:
+        if frame.seq == 3:
+            await session.cancel("disk full")
+
+    recorder.on_frame = cancel_on_third
+    session = await source(server)
+    for i in range(5):
+        await session.send_chunk(Tag.PRECOPY_DATA, i % 2, (os.urandom(1000),))
+    with pytest.raises(PeerCancelled, match="disk full") as caught:
+        await session.recv()
+    assert caught.value.reason == "disk full"
+    with pytest.raises(PeerCancelled):
+        await session.send_chunk(Tag.PRECOPY_DATA, 0, (b"more",))
+    await session.close()
+
+
+async def test_source_cancel_reaches_the_receiving_destination(
+    server: Server, recorder: Recorder
+) -> None:
+    """A CANCEL from the source mid-stream ends the destination's recv with its reason."""
+    session = await source(server, channels=2)
+    for i in range(6):
+        await session.send_chunk(Tag.STOPCOPY_DATA, i % 2, (b"x" * 5000,))
+    await session.cancel("operator")
+    with pytest.raises(SessionClosed):
+        await session.send_chunk(Tag.STOPCOPY_DATA, 0, (b"x",))
+    await recorder.done.wait()
+    assert isinstance(recorder.error, PeerCancelled)
+    assert recorder.error.reason == "operator"
+
+
+async def test_source_vanishing_mid_frame_is_connection_lost(
+    server: Server, recorder: Recorder
+) -> None:
+    """Half a frame then a hang-up ends the destination's session with ConnectionLost."""
+    peer = await RawPeer.open(server.address)
+    assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
+    await peer.send(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+    frame = peer.encode(Tag.PRECOPY_DATA, device=0, payload=b"p" * 10000)
+    peer.writer.write(frame[: len(frame) // 2])
+    await peer.close()
+    await recorder.done.wait()
+    assert isinstance(recorder.error, ConnectionLost)
+    assert isinstance(recorder.error.__cause__, EOFError)
+    assert "mid-frame" in str(recorder.error.__cause__)
+    session = await source(server)
+    await session.close()
+
+
+async def test_destination_vanishing_is_connection_lost_at_the_source(
+    recorder: Recorder,
+) -> None:
+    """A destination that drops the connection fails the source's recv with ConnectionLost."""
+
+    async def drop(session: Session) -> None:
+        await session.recv()
+        session.abort()
+
+    async with await serve("127.0.0.1:0", drop, name="dest", auth=AuthConfig(psk=PSK)) as server:
+        session = await source(server)
+        with pytest.raises(ConnectionLost):
+            await session.recv()
+        with pytest.raises(ConnectionLost):
+            await session.send_chunk(Tag.PRECOPY_DATA, 0, (b"x",))
+
+
+async def test_frames_before_a_clean_hang_up_are_delivered(recorder: Recorder) -> None:
+    """The verdict sent just before the destination closes still reaches the source."""
+
+    async def verdict_then_close(session: Session) -> None:
+        await session.recv()
+        await session.send_control(Tag.VERDICT, {"stage": "failed", "reason": "refused"})
+
+    async with await serve(
+        "127.0.0.1:0", verdict_then_close, name="dest", auth=AuthConfig(psk=PSK)
+    ) as server:
+        session = await source(server)
+        verdict = await session.recv()
+        assert verdict.fields()["reason"] == "refused"
+        with pytest.raises(ConnectionLost):
+            await session.recv()
+
+
+async def test_failing_handler_aborts_only_its_session(recorder: Recorder) -> None:
+    """A handler that raises aborts its session; the server goes on serving others."""
+    calls = 0
+
+    async def flaky(session: Session) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("handler bug")
+        await recorder(session)
+
+    async with await serve("127.0.0.1:0", flaky, name="dest", auth=AuthConfig(psk=PSK)) as server:
+        first = await source(server)
+        with pytest.raises(ConnectionLost):
+            await first.recv()
+        second = await source(server)
+        await second.send_control(Tag.END_OF_STREAM)
+        assert (await second.recv()).tag is Tag.VERDICT
+        await second.close()
+
+
+BAD_FRAMES = [
+    ("unannounced device", lambda p: p.encode(Tag.PRECOPY_DATA, device=2, payload=b"x"), "device"),
+    ("wrong channel", None, "device"),
+    ("seq out of order", lambda p: encode_header(Tag.PING, 0, p.seq + 1, 0, 0), "seq"),
+    ("unknown tag", lambda p: b"LM\x07\x96\x63\x00" + bytes([p.seq]) + b"\x00\x00\x00", "tag"),
+    (
+        "oversized payload",
+        lambda p: encode_header(Tag.SETUP, 0, p.seq, 1 << 30, 0),
+        "payload_length",
+    ),
+    ("second HELLO", lambda p: p.encode(Tag.HELLO, {}), "tag"),
+    ("VERDICT to destination", lambda p: p.encode(Tag.VERDICT, {}), "tag"),
+    (
+        "data after END_OF_STREAM",
+        lambda p: p.encode(Tag.END_OF_STREAM) + p.encode(Tag.SETUP, device=0, payload=b"x"),
+        "tag",
+    ),
+    (
+        "too many devices",
+        lambda p: p.encode(Tag.DEVICES, {"devices": encode_devices(descriptors(9))}),
+        "devices",
+    ),
+    (
+        "name too long",
+        lambda p: p.encode(
+            Tag.DEVICES,
+            {"devices": [{"name": "n" * 99, "kind": "k", "format_version": 1, "features": 1}]},
+        ),
+        "devices[0].name",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "field"),
+    [(b[1], b[2]) for b in BAD_FRAMES if b[1] is not None],
+    ids=[b[0] for b in BAD_FRAMES if b[1] is not None],
+)
+async def test_bad_frames_abort_the_session_naming_the_field(make, field: str) -> None:  # type: ignore[no-untyped-def]
+    """Each violation ends the destination's session with a ProtocolError naming the field."""
+    recorder = Recorder()
+    limits = Limits(max_devices=4, max_name_length=32, max_payload=1 << 20)
+    async with await serve(
+        "127.0.0.1:0", recorder, name="dest", auth=AuthConfig(psk=PSK), limits=limits
+    ) as server:
+        peer = await RawPeer.open(server.address)
+        await peer.handshake(PSK)
+        if not field.startswith("devices"):
+            await peer.send(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+        peer.writer.write(make(peer))
+        await recorder.done.wait()
+        assert isinstance(recorder.error, ProtocolError)
+        assert recorder.error.field == field
+        assert await peer.read_frame() is None
+        await peer.close()
+    if field in ("payload_length", "devices"):
+        assert isinstance(recorder.error, LimitExceeded)
+
+
+async def test_handshake_that_never_finishes_is_dropped() -> None:
+    """A connection that sends nothing is closed after the handshake timeout."""
+    limits = Limits(handshake_timeout=0.2)
+    recorder = Recorder()
+    async with await serve(
+        "127.0.0.1:0", recorder, name="dest", auth=AuthConfig(psk=PSK), limits=limits
+    ) as server:
+        peer = await RawPeer.open(server.address)
+        assert await peer.read_frame() is None
+        await peer.close()
+    assert recorder.frames == []
+
+
+async def test_oversized_hello_is_refused_before_authentication() -> None:
+    """An unauthenticated peer cannot send more than max_handshake_payload in HELLO."""
+    recorder = Recorder()
+    async with await serve(
+        "127.0.0.1:0", recorder, name="dest", auth=AuthConfig(psk=PSK)
+    ) as server:
+        peer = await RawPeer.open(server.address)
+        peer.writer.write(encode_header(Tag.HELLO, 0, 0, 1 << 20, 0) + b"x" * 65536)
+        assert await peer.read_frame() is None
+        await peer.close()
+
+
+async def test_cancelled_recv_leaves_the_session_usable(server: Server) -> None:
+    """A recv() cancelled by a timeout does not break the next recv()."""
+    session = await source(server)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(session.recv(), 0.01)
+    await session.send_control(Tag.END_OF_STREAM)
+    assert (await session.recv()).tag is Tag.VERDICT
+    await session.close()
