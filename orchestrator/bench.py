@@ -1,0 +1,136 @@
+"""A whole migration in one process over loopback TCP: the quick benchmark.
+
+Both ends run on one event loop (uvloop when the caller installed it), so this measures
+the orchestrator and the wire format, not process scheduling. ``livemig bench`` runs
+the benchmark of record between two daemon processes; this one is for profiling and for
+the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import transport
+from devices.base import MigratableDevice
+from devices.ram import RamDevice
+from devices.simulated import SimulatedDevice
+from orchestrator.destination import DestinationMigration
+from orchestrator.params import MigrationParams
+from orchestrator.source import SourceMigration
+
+MIB = 1 << 20
+MB = 1_000_000
+
+
+@dataclasses.dataclass(slots=True)
+class BenchOptions:
+    """The shape of the migrated device set and the migration's knobs."""
+
+    devices: int = 4
+    state_mib: float = 64
+    dirty_mbps: float = 10
+    ram_mib: float = 0
+    ram_dirty_mbps: float = 0
+    ram_working_set_mib: float | None = None
+    downtime_limit_ms: float = 100
+    max_bandwidth_mbps: float | None = None
+    channels: int = 1
+    p2p: bool = True
+    seed: int = 1
+
+    def params(self) -> MigrationParams:
+        """Migration parameters from the options."""
+        return MigrationParams(
+            downtime_limit_ms=self.downtime_limit_ms,
+            max_bandwidth=None if self.max_bandwidth_mbps is None else self.max_bandwidth_mbps * MB,
+            channels=self.channels,
+            p2p=self.p2p,
+        )
+
+    def build(self, *, source: bool) -> list[MigratableDevice]:
+        """The device set of one end; only the source runs a workload."""
+        devices: list[MigratableDevice] = [
+            SimulatedDevice(
+                f"sim{i}",
+                state_size=int(self.state_mib * MIB),
+                dirty_rate=self.dirty_mbps * MB if source else 0,
+                seed=self.seed + i,
+            )
+            for i in range(self.devices)
+        ]
+        if self.ram_mib:
+            working = self.ram_working_set_mib
+            devices.append(
+                RamDevice(
+                    "ram0",
+                    size=int(self.ram_mib * MIB),
+                    dirty_rate=self.ram_dirty_mbps * MB if source else 0,
+                    working_set=int((working if working is not None else self.ram_mib / 2) * MIB),
+                    seed=self.seed,
+                )
+            )
+        return devices
+
+
+async def run_once(options: BenchOptions) -> dict[str, Any]:
+    """One migration between in-process ends; the stats dict plus ``verified``."""
+    sources = options.build(source=True)
+    targets = options.build(source=False)
+    for device in (*sources, *targets):
+        await device.open()
+    by_name = {d.name: d for d in targets}
+    outcome: list[bool] = []
+
+    async def accept(session: transport.Session) -> None:
+        outcome.append(await DestinationMigration(session, by_name).run())
+
+    auth = transport.AuthConfig()
+    server = await transport.serve("127.0.0.1:0", accept, name="bench-destination", auth=auth)
+    try:
+        migration = SourceMigration(
+            sources, server.address, options.params(), auth=auth, name="bench-source"
+        )
+        stats = await migration.run()
+        result = stats.as_dict(history=True)
+        source_digests = [await d.digest() for d in sources]
+        target_digests = [await d.digest() for d in targets]
+        result["verified"] = source_digests == target_digests
+    finally:
+        server.close()
+        await server.wait_closed()
+        for device in (*sources, *targets):
+            await device.close()
+    return result
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """min/median/max of the headline numbers over repeated runs."""
+    summary: dict[str, Any] = {"runs": len(runs)}
+    for key in ("downtime_ms", "total_ms", "iterations", "transferred_bytes"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            summary[key] = {
+                "min": min(values),
+                "median": statistics.median(values),
+                "max": max(values),
+            }
+    summary["verified"] = all(r.get("verified") for r in runs)
+    return summary
+
+
+async def run_repeated(options: BenchOptions, repeat: int) -> list[dict[str, Any]]:
+    """``repeat`` migrations one after the other, each with fresh devices."""
+    return [await run_once(options) for _ in range(repeat)]
+
+
+def run(options: BenchOptions, repeat: int = 1) -> list[dict[str, Any]]:
+    """Entry point for the CLI: runs on uvloop when it is available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
+        return asyncio.run(run_repeated(options, repeat))
+    return uvloop.run(run_repeated(options, repeat))

@@ -1,0 +1,728 @@
+"""The source side of a migration: pre-copy iteration, switchover, and rollback.
+
+Guarantee: when ``run`` raises anything but OutcomeUnknown, every source device is
+RUNNING again with the state its own workload gave it (a device that ended in ERROR on
+the way is reset and the reset is logged as an error). After success the source
+devices are in STOP: the workload runs on the destination.
+
+The switchover, in order: every device to its P2P state (PRE_COPY_P2P or RUNNING_P2P)
+before any leaves the quiesced group; every device to STOP_COPY in parallel; each data
+channel drained to its permanent end; END_OF_STREAM; the destination loads and
+validates everything and answers "loaded"; the source sends COMMIT, the point of no
+return, and the destination resumes. A failure before COMMIT rolls everything back; the
+hard downtime limit is enforced up to COMMIT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+import structlog
+
+import transport
+from devices.base import MigratableDevice
+from devices.errors import DeviceError
+from devices.fsm import Feature, State
+from orchestrator import convergence
+from orchestrator.convergence import Action, DeviceProgress
+from orchestrator.errors import (
+    ConvergenceFailed,
+    DestinationFailed,
+    DowntimeExceeded,
+    MigrationBlocked,
+    MigrationCancelled,
+    MigrationError,
+    OutcomeUnknown,
+)
+from orchestrator.params import LIVE_PARAMETERS, MigrationParams
+from orchestrator.stats import (
+    DeviceStats,
+    DowntimeClock,
+    IterationSample,
+    MigrationStats,
+    RateMeter,
+    Status,
+)
+from orchestrator.wire import Verdict, boot_id
+from transport import Tag
+
+log = structlog.get_logger(__name__)
+
+StatusListener = Callable[[MigrationStats], None]
+
+
+class _Stage(enum.Enum):
+    """How far the switchover got, which decides how a failure is handled."""
+
+    #: Nothing irreversible: roll back to RUNNING.
+    REVERSIBLE = enum.auto()
+    #: COMMIT was sent: the destination may run, the source must not.
+    COMMITTED = enum.auto()
+
+
+def check_blockers(devices: Sequence[MigratableDevice], params: MigrationParams) -> None:
+    """Raise MigrationBlocked, saying what to change, if these devices cannot migrate."""
+    if not devices:
+        raise MigrationBlocked("no devices to migrate")
+    names = [d.name for d in devices]
+    if len(set(names)) != len(names):
+        raise MigrationBlocked(f"device names must be unique, got {names}")
+    for device in devices:
+        if not device.features & Feature.STOP_COPY:
+            raise MigrationBlocked(f"device {device.name} does not support STOP_COPY")
+        if device.state != State.RUNNING:
+            raise MigrationBlocked(
+                f"device {device.name} is {device.state.name}, not RUNNING; "
+                "reset it or wait for the migration using it to end"
+            )
+    if params.p2p and len(devices) > 1:
+        lacking = [d.name for d in devices if not d.features & Feature.P2P]
+        if lacking:
+            raise MigrationBlocked(
+                f"devices {', '.join(lacking)} cannot quiesce P2P DMA, so {len(devices)} "
+                "devices cannot be stopped safely together; migrate them separately or set "
+                "p2p off to accept the risk of P2P DMA during the stop"
+            )
+
+
+class SourceMigration:
+    """One outgoing migration of a set of devices to a destination daemon."""
+
+    def __init__(
+        self,
+        devices: Sequence[MigratableDevice],
+        destination: str,
+        params: MigrationParams,
+        *,
+        auth: transport.AuthConfig,
+        name: str = "livemig-source",
+        migration_id: str | None = None,
+    ) -> None:
+        self.devices = list(devices)
+        self.destination = destination
+        self.params = params
+        self.auth = auth
+        self.name = name
+        self.stats = MigrationStats(
+            migration_id=migration_id or uuid.uuid4().hex[:12],
+            destination=destination,
+            devices=[DeviceStats(d.name, d.kind) for d in self.devices],
+        )
+        self.log = log.bind(migration_id=self.stats.migration_id)
+        self._listeners: list[StatusListener] = []
+        self._session: transport.Session | None = None
+        self._receiver: asyncio.Task[None] | None = None
+        self._readers: list[asyncio.Task[None]] = []
+        self._stop_readers = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._ack = asyncio.Event()
+        self._continue = asyncio.Event()
+        self._verdicts: asyncio.Queue[Verdict | BaseException] = asyncio.Queue()
+        self._link_error: BaseException | None = None
+        self._reader_error: BaseException | None = None
+        self._body: asyncio.Task[None] | None = None
+        self._cancel_reason: str | None = None
+        self._force = False
+        self._stage = _Stage.REVERSIBLE
+        self._inflight: asyncio.Future[Any] | None = None
+        self._meter = RateMeter()
+        self._clock_offset = 0.0
+        self._arc_overhead_s = 0.0
+        self._precopy_indices = [
+            i for i, d in enumerate(self.devices) if d.features & Feature.PRE_COPY
+        ]
+
+    # -- control (called by the daemon while ``run`` is going) --------------------------
+
+    def add_listener(self, listener: StatusListener) -> None:
+        """Call ``listener(stats)`` on every status change and iteration."""
+        self._listeners.append(listener)
+
+    def cancel(self, reason: str = "cancelled by the user") -> bool:
+        """Ask the migration to stop and roll back; False if it is past the point of no return."""
+        if self._stage is _Stage.COMMITTED or self.stats.status in (
+            Status.COMPLETED,
+            Status.FAILED,
+            Status.CANCELLED,
+        ):
+            return False
+        self._cancel_reason = reason
+        if self._body is not None:
+            self._body.cancel()
+        return True
+
+    def continue_switchover(self) -> bool:
+        """Release a migration paused before the switchover; False if it is not paused."""
+        if self.stats.status != Status.PRE_SWITCHOVER:
+            return False
+        self._continue.set()
+        return True
+
+    def force_switchover(self) -> None:
+        """Switch over at the next iteration whatever the estimate says."""
+        self._force = True
+        self._wakeup.set()
+
+    def set_parameters(self, changes: dict[str, Any]) -> MigrationParams:
+        """Change live parameters (downtime limit, bandwidth); others are refused."""
+        fixed = sorted(set(changes) - LIVE_PARAMETERS)
+        if fixed:
+            raise MigrationBlocked(
+                f"parameter(s) {', '.join(fixed)} cannot change during a migration; "
+                f"live ones: {', '.join(sorted(LIVE_PARAMETERS))}"
+            )
+        self.params = self.params.updated(changes)
+        if "max_bandwidth" in changes and self._session is not None:
+            self._session.set_max_bandwidth(self.params.max_bandwidth)
+        self.log.info("parameters_changed", **changes)
+        self._wakeup.set()
+        return self.params
+
+    # -- the migration -----------------------------------------------------------------
+
+    async def run(self) -> MigrationStats:
+        """Migrate; return the final stats or raise a MigrationError saying why not."""
+        self._body = asyncio.create_task(self._migrate(), name="migration")
+        try:
+            await asyncio.shield(self._body)
+        except asyncio.CancelledError:
+            if self._body.done() and self._cancel_reason is not None:
+                return await self._fail(MigrationCancelled(self._cancel_reason))
+            # Our caller is being cancelled (daemon shutdown): roll back, then propagate.
+            self._cancel_reason = self._cancel_reason or "daemon shutting down"
+            self._body.cancel()
+            with contextlib.suppress(BaseException):
+                await self._body
+            with contextlib.suppress(MigrationError):
+                await asyncio.shield(self._fail(MigrationCancelled(self._cancel_reason)))
+            raise
+        except MigrationError as exc:
+            return await self._fail(exc)
+        except (DeviceError, transport.TransportError, OSError, TimeoutError) as exc:
+            return await self._fail(MigrationError(_describe(exc)))
+        return self.stats
+
+    async def _migrate(self) -> None:
+        check_blockers(self.devices, self.params)
+        await self._setup()
+        await self._precopy()
+        await self._switchover()
+        await self._finish()
+
+    async def _setup(self) -> None:
+        self._set_status(Status.SETUP)
+        params = self.params
+        self.log.info(
+            "migration_started",
+            destination=self.destination,
+            devices=[d.name for d in self.devices],
+            **params.as_dict(),
+        )
+        try:
+            self._session = await asyncio.wait_for(
+                transport.connect(
+                    self.destination,
+                    name=self.name,
+                    auth=self.auth,
+                    channels=params.channels,
+                    timeout=params.connect_timeout_s,
+                ),
+                params.connect_timeout_s,
+            )
+        except (OSError, TimeoutError, transport.TransportError) as exc:
+            raise MigrationError(
+                f"cannot reach destination {self.destination}: {_describe(exc)}"
+            ) from exc
+        session = self._session
+        session.set_max_bandwidth(params.max_bandwidth)
+        await session.send_control(
+            Tag.DEVICES,
+            {
+                "devices": transport.encode_devices([d.descriptor() for d in self.devices]),
+                "p2p": params.p2p,
+                "switchover_ack": params.switchover_ack and bool(self._precopy_indices),
+                "precopy_devices": len(self._precopy_indices),
+                "boot_id": boot_id(),
+            },
+        )
+        answer = await asyncio.wait_for(session.recv(), params.connect_timeout_s)
+        if answer.tag == Tag.VERDICT:
+            verdict = Verdict.parse(answer.fields())
+            raise DestinationFailed(f"destination refused the devices: {verdict.reason}")
+        if answer.tag != Tag.DEVICES_ACCEPTED:
+            raise transport.ProtocolError(f"expected DEVICES_ACCEPTED, got {answer.tag.name}")
+        await self._measure_clock(answer.fields().get("boot_id") == boot_id())
+        self._receiver = asyncio.create_task(self._receive(), name="migration-receiver")
+
+        started = time.monotonic()
+        await self._transition(
+            [d for d in self.devices if d.features & Feature.PRE_COPY], State.PRE_COPY
+        )
+        self._arc_overhead_s = time.monotonic() - started
+        self._readers = [
+            asyncio.create_task(self._precopy_reader(i), name=f"precopy-{self.devices[i].name}")
+            for i in self._precopy_indices
+        ]
+        self.stats.setup_ms = self.stats.elapsed_s() * 1e3
+
+    async def _measure_clock(self, same_boot: bool) -> None:
+        """Place the destination's clock on ours: exact on one boot, else from round trips."""
+        assert self._session is not None
+        if same_boot:
+            self._clock_offset, self.stats.clock_offset_uncertainty_ms = 0.0, 0.0
+            return
+        best: tuple[float, float] | None = None
+        for _ in range(5):
+            sent, peer, received = await self._session.ping()
+            rtt = received - sent
+            if best is None or rtt < best[1]:
+                best = (peer - (sent + received) / 2, rtt)
+        assert best is not None
+        self._clock_offset = best[0]
+        self.stats.clock_offset_uncertainty_ms = best[1] / 2 * 1e3
+
+    async def _precopy(self) -> None:
+        self._set_status(Status.ACTIVE)
+        params_start = time.monotonic()
+        throttle = 0.0
+        need_ack = self.params.switchover_ack and bool(self._precopy_indices)
+        previous: list[DeviceProgress] | None = None
+        while True:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), self.params.iteration_s)
+            self._raise_background_errors()
+            self.stats.iterations += 1
+            progress = self._progress()
+            est = self._estimate(progress)
+            self._sample(progress, previous, est)
+            previous = progress
+            elapsed = time.monotonic() - params_start
+            action = convergence.decide(
+                est,
+                self.params,
+                iteration=self.stats.iterations,
+                elapsed_s=elapsed,
+                ack_pending=need_ack and not self._ack.is_set(),
+            )
+            if self._force:
+                action = Action.FORCE
+            self.log.info(
+                "iteration",
+                iteration=self.stats.iterations,
+                pending_bytes=est.remaining_bytes,
+                initial_done=est.initial_done,
+                bandwidth_bps=round(est.bandwidth),
+                expected_downtime_ms=round(est.expected_downtime_s * 1e3, 3),
+                ack=self._ack.is_set(),
+                action=action.value,
+            )
+            if action is Action.SWITCHOVER:
+                return
+            if action is Action.FORCE:
+                self.stats.forced = True
+                return
+            if action is Action.FAIL:
+                raise ConvergenceFailed(
+                    f"pre-copy did not converge in {self.params.timeout_s:g} s: "
+                    f"{est.remaining_bytes} bytes pending would take "
+                    f"{est.expected_downtime_s * 1e3:.0f} ms, over the "
+                    f"{self.params.downtime_limit_ms:g} ms limit; raise downtime_limit_ms, "
+                    "or choose the force or throttle policy"
+                )
+            if action is Action.THROTTLE:
+                throttle = convergence.next_throttle(throttle, self.params)
+                for device in self.devices:
+                    if device.can_throttle():
+                        device.set_throttle(throttle)
+                self.stats.throttle = throttle
+                self.log.info("throttled", throttle=throttle)
+
+    def _progress(self) -> list[DeviceProgress]:
+        """Each device's figures now; devices without PRE_COPY owe everything at stop-copy."""
+        progress = []
+        for device, dstats in zip(self.devices, self.stats.devices, strict=True):
+            if device.state in (State.PRE_COPY, State.PRE_COPY_P2P):
+                initial, dirty = device.precopy_info()
+            else:
+                initial, dirty = 0, 0
+            remaining = device.stop_copy_size()
+            dstats.initial_bytes, dstats.dirty_bytes = initial, dirty
+            dstats.remaining_bytes = max(remaining, dirty)
+            progress.append(DeviceProgress(device.name, initial, dirty, remaining))
+        return progress
+
+    def _estimate(self, progress: list[DeviceProgress]) -> convergence.Estimate:
+        rate = self._meter.sample(self.stats.transferred_bytes)
+        self.stats.bandwidth = rate
+        if self.params.switchover_bandwidth is not None:
+            assumed = self.params.switchover_bandwidth
+        else:
+            # The stream only carries what the devices yield, so the current rate
+            # understates the link once they idle; the peak seen is what it can carry.
+            assumed = max(rate, self._meter.peak)
+            if self.params.max_bandwidth is not None:
+                assumed = min(assumed, self.params.max_bandwidth)
+        self.stats.switchover_bandwidth = assumed
+        # Quiesce and stop on the source, load and resume on the destination: about
+        # four rounds of arcs, each costing what entering PRE_COPY cost.
+        est = convergence.estimate(progress, assumed, 4 * self._arc_overhead_s)
+        self.stats.expected_downtime_ms = est.expected_downtime_s * 1e3
+        return est
+
+    def _sample(
+        self,
+        progress: list[DeviceProgress],
+        previous: list[DeviceProgress] | None,
+        est: convergence.Estimate,
+    ) -> None:
+        if previous is not None:
+            # Dirty bytes produced = growth of the dirty figure + what was re-sent of it.
+            produced = 0
+            for now, before in zip(progress, previous, strict=True):
+                produced += max(0, now.dirty_bytes - before.dirty_bytes)
+            self.stats.dirty_rate = produced / self.params.iteration_s
+        self.stats.history.append(
+            IterationSample(
+                t_s=self.stats.elapsed_s(),
+                pending_bytes=est.remaining_bytes,
+                dirty_bytes=sum(p.dirty_bytes for p in progress),
+                bandwidth=est.bandwidth,
+                expected_downtime_ms=est.expected_downtime_s * 1e3,
+            )
+        )
+        self._notify()
+
+    async def _precopy_reader(self, index: int) -> None:
+        """Stream one device's pre-copy data until told to stop; never loses a read chunk."""
+        device = self.devices[index]
+        dstats = self.stats.devices[index]
+        channel = device.save_channel()
+        session = self._session
+        assert session is not None
+        announce = self.params.switchover_ack
+        try:
+            while not self._stop_readers.is_set():
+                chunk = await channel.read()
+                if chunk is None:
+                    if announce and device.precopy_info().initial_bytes == 0:
+                        await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
+                        announce = False
+                    await _first_of(channel.wait_readable(), self._stop_readers.wait())
+                    continue
+                dstats.precopy_bytes += await session.send_chunk(Tag.PRECOPY_DATA, index, chunk)
+                if announce and device.precopy_info().initial_bytes == 0:
+                    await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
+                    announce = False
+        except Exception as exc:
+            self._reader_error = self._reader_error or exc
+            self._wakeup.set()
+            raise
+
+    async def _receive(self) -> None:
+        """Dispatch what the destination sends; a link failure wakes whoever waits."""
+        assert self._session is not None
+        try:
+            while True:
+                frame = await self._session.recv()
+                if frame.tag == Tag.SWITCHOVER_ACK:
+                    self.log.info("switchover_ack_received")
+                    self._ack.set()
+                    self._wakeup.set()
+                elif frame.tag == Tag.VERDICT:
+                    self._verdicts.put_nowait(Verdict.parse(frame.fields()))
+                else:
+                    raise transport.ProtocolError(
+                        f"unexpected {frame.tag.name} from the destination"
+                    )
+        except Exception as exc:
+            self._link_error = exc
+            self._verdicts.put_nowait(exc)
+            self._wakeup.set()
+
+    def _raise_background_errors(self) -> None:
+        for error in (self._link_error, self._reader_error):
+            if error is not None:
+                raise MigrationError(_describe(error)) from error
+
+    async def _switchover(self) -> None:
+        if self.params.pause_before_switchover:
+            self._set_status(Status.PRE_SWITCHOVER)
+            self.log.info("paused_before_switchover")
+            await _first_of(self._continue.wait(), self._wakeup_on_error())
+            self._raise_background_errors()
+        limit_s = self.params.downtime_limit_ms / 1000
+        est = self._estimate(self._progress())
+        if self.params.hard_downtime_limit and est.expected_downtime_s > limit_s:
+            raise DowntimeExceeded(
+                f"switchover would take about {est.expected_downtime_s * 1e3:.0f} ms, over "
+                f"the hard limit of {self.params.downtime_limit_ms:g} ms; raise the limit "
+                "or the bandwidth and retry"
+            )
+        self._set_status(Status.DEVICE)
+        self.stats.switchover_at_s = self.stats.elapsed_s()
+        clock = DowntimeClock()
+        self._clock = clock
+        start = clock.begin()
+        deadline = start + limit_s if self.params.hard_downtime_limit else None
+        try:
+            async with asyncio.timeout_at(_loop_time_of(deadline)):
+                await self._stop_and_drain(clock)
+                loaded = await self._verdict("loaded")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError
+        except TimeoutError:
+            raise DowntimeExceeded(
+                f"switchover passed the hard downtime limit of "
+                f"{self.params.downtime_limit_ms:g} ms before the destination had loaded "
+                "the state; the source runs again. Raise the limit or the bandwidth and retry"
+            ) from None
+        assert self._session is not None
+        await self._session.send_control(Tag.COMMIT)
+        self._stage = _Stage.COMMITTED
+        try:
+            resumed = await self._verdict("resumed")
+        except DestinationFailed:
+            self._stage = _Stage.REVERSIBLE  # it said it is not running: ours may run again
+            raise
+        except MigrationError as exc:
+            raise OutcomeUnknown(
+                f"lost the destination after telling it to resume ({exc}); it may be running "
+                "the devices, so the source devices stay stopped; resume them only if the "
+                "destination did not take over"
+            ) from exc
+        self._account_downtime(clock, loaded, resumed)
+
+    async def _wakeup_on_error(self) -> None:
+        while self._link_error is None and self._reader_error is None:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+    async def _stop_and_drain(self, clock: DowntimeClock) -> None:
+        """Quiesce all, stop all, drain every channel, then mark the end of the stream."""
+        source_marks: dict[str, dict[str, float]] = {d.name: {} for d in self.devices}
+        self._source_marks = source_marks
+        if self.params.p2p:
+            quiescible = [d for d in self.devices if d.features & Feature.P2P]
+            await self._transition(
+                quiescible,
+                {
+                    d.name: State.PRE_COPY_P2P if d.state == State.PRE_COPY else State.RUNNING_P2P
+                    for d in quiescible
+                },
+                marks=source_marks,
+                mark="quiesce",
+            )
+        clock.mark("quiesce")
+        self._stop_readers.set()
+        results = await asyncio.gather(*self._readers, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise MigrationError(f"pre-copy stream failed: {_describe(errors[0])}")
+        await self._transition(self.devices, State.STOP_COPY, marks=source_marks, mark="stop")
+        clock.mark("stop")
+        await asyncio.gather(*(self._drain(i, source_marks) for i in range(len(self.devices))))
+        assert self._session is not None
+        await self._session.send_control(Tag.END_OF_STREAM)
+        clock.mark("drain")
+
+    async def _drain(self, index: int, marks: dict[str, dict[str, float]]) -> None:
+        device = self.devices[index]
+        dstats = self.stats.devices[index]
+        channel = device.save_channel()
+        session = self._session
+        assert session is not None
+        started = time.monotonic()
+        while True:
+            chunk = await channel.read()
+            if chunk is None:
+                # Only PRE_COPY states may say "nothing now"; a device doing so in
+                # STOP_COPY breaks the uAPI, so wait for it rather than lose data.
+                await channel.wait_readable()
+                continue
+            if not chunk:
+                break
+            dstats.stopcopy_bytes += await session.send_chunk(Tag.STOPCOPY_DATA, index, chunk)
+        await session.send_end_of_device(index)
+        marks[device.name]["drain"] = (time.monotonic() - started) * 1e3
+
+    async def _verdict(self, stage: str) -> Verdict:
+        timeout = self.params.verdict_timeout_s
+        try:
+            answer = await asyncio.wait_for(self._verdicts.get(), timeout)
+        except TimeoutError:
+            raise MigrationError(
+                f"destination gave no verdict within {timeout:g} s (verdict_timeout_s)"
+            ) from None
+        if isinstance(answer, BaseException):
+            raise MigrationError(f"lost the destination: {_describe(answer)}") from answer
+        if answer.stage == "failed":
+            where = f" (device {answer.device})" if answer.device else ""
+            raise DestinationFailed(f"destination failed{where}: {answer.reason}")
+        if answer.stage != stage:
+            raise transport.ProtocolError(f"expected verdict {stage!r}, got {answer.stage!r}")
+        return answer
+
+    def _account_downtime(self, clock: DowntimeClock, loaded: Verdict, resumed: Verdict) -> None:
+        """Put the destination's marks on our clock and fill in the downtime breakdown."""
+        offset = self._clock_offset
+        peer = loaded.marks | resumed.marks
+        for phase in ("wire", "load", "commit", "resume"):
+            if phase in peer:
+                clock.mark(phase, peer[phase] - offset)
+        self.stats.downtime_breakdown_ms = clock.breakdown_ms()
+        self.stats.downtime_ms = clock.total_ms()
+        for dstats in self.stats.devices:
+            source_side = self._source_marks.get(dstats.name, {})
+            dest_side = loaded.device_marks.get(dstats.name, {}) | resumed.device_marks.get(
+                dstats.name, {}
+            )
+            dstats.downtime_ms = source_side | dest_side
+
+    async def _finish(self) -> None:
+        """Release the source devices: STOP_COPY -> STOP, outside the downtime window."""
+        await self._transition(self.devices, State.STOP)
+        await self._close_session()
+        self.stats.total_ms = self.stats.elapsed_s() * 1e3
+        self._set_status(Status.COMPLETED)
+        self.log.info(
+            "migration_completed",
+            downtime_ms=self.stats.downtime_ms,
+            breakdown_ms=self.stats.downtime_breakdown_ms,
+            total_ms=round(self.stats.total_ms, 3),
+            iterations=self.stats.iterations,
+            transferred_bytes=self.stats.transferred_bytes,
+        )
+
+    # -- device transitions --------------------------------------------------------------
+
+    async def _transition(
+        self,
+        devices: Iterable[MigratableDevice],
+        target: State | dict[str, State],
+        *,
+        marks: dict[str, dict[str, float]] | None = None,
+        mark: str = "",
+    ) -> None:
+        """Move devices in parallel; shielded so a cancel never interrupts an arc midway."""
+        devices = list(devices)
+
+        async def move(device: MigratableDevice) -> None:
+            goal = target[device.name] if isinstance(target, dict) else target
+            started = time.monotonic()
+            await device.set_state(goal)
+            if marks is not None:
+                marks[device.name][mark] = (time.monotonic() - started) * 1e3
+
+        self._inflight = asyncio.gather(*(move(d) for d in devices), return_exceptions=True)
+        results = await asyncio.shield(self._inflight)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise MigrationError(_describe(failures[0])) from failures[0]
+
+    async def _fail(self, error: MigrationError) -> MigrationStats:
+        """Roll back (unless committed), record why, and raise ``error``."""
+        self.stats.error = str(error)
+        self.log.error("migration_failed", reason=str(error), error_type=type(error).__name__)
+        if not isinstance(error, OutcomeUnknown):
+            await self._rollback()
+        else:
+            await self._stop_background()
+            if self._session is not None:
+                self._session.abort()
+            # Keep them stopped but release the data sessions.
+            with contextlib.suppress(MigrationError):
+                await self._transition(self.devices, State.STOP)
+        self.stats.total_ms = self.stats.elapsed_s() * 1e3
+        cancelled = isinstance(error, MigrationCancelled)
+        self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
+        raise error
+
+    async def _stop_background(self) -> None:
+        self._stop_readers.set()
+        tasks = [*self._readers, *([self._receiver] if self._receiver else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _rollback(self) -> None:
+        """Every source device back to RUNNING; tell the destination to give up."""
+        if self._inflight is not None:
+            await asyncio.gather(self._inflight, return_exceptions=True)
+        await self._stop_background()
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._session.cancel(self.stats.error or "failed"), 2.0)
+            self._session.abort()
+        for device in self.devices:
+            if device.can_throttle():
+                device.set_throttle(0.0)
+        results = await asyncio.gather(
+            *(self._restore(d) for d in self.devices), return_exceptions=True
+        )
+        for device, result in zip(self.devices, results, strict=True):
+            if isinstance(result, BaseException):
+                self.log.critical(
+                    "source_device_not_restored", device=device.name, error=_describe(result)
+                )
+
+    async def _restore(self, device: MigratableDevice) -> None:
+        """Back to RUNNING by the FSM; a reset (loudly) if the device is or ends in ERROR."""
+        if device.state == State.RUNNING:
+            return
+        if device.state != State.ERROR:
+            try:
+                await device.set_state(State.RUNNING)
+            except DeviceError as exc:
+                self.log.error("rollback_arc_failed", device=device.name, error=str(exc))
+            else:
+                self.log.info("source_device_restored", device=device.name)
+                return
+        self.log.error("source_device_reset", device=device.name, state=device.state.name)
+        await device.reset()
+
+    async def _close_session(self) -> None:
+        await self._stop_background()
+        if self._session is not None:
+            await self._session.close()
+
+    def _set_status(self, status: Status) -> None:
+        self.stats.status = status
+        self.log.info("status_changed", status=status.value)
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener(self.stats)
+
+
+async def _first_of(*waits: Awaitable[Any]) -> None:
+    """Return when the first of ``waits`` finishes; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _loop_time_of(deadline: float | None) -> float | None:
+    """Convert a time.monotonic() deadline to the running loop's clock."""
+    if deadline is None:
+        return None
+    return asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line reason naming the error's kind when its text does not say enough."""
+    text = str(exc)
+    return text if text else type(exc).__name__
