@@ -30,10 +30,11 @@ from transport.frames import (
     require,
 )
 from transport.limits import Limits
-from transport.session import Server, Session, connect, parse_address, serve
+from transport.session import DEFAULT_CHANNELS, Server, Session, connect, parse_address, serve
 
 __all__ = [
     "DATA_TAGS",
+    "DEFAULT_CHANNELS",
     "PROTOCOL_VERSION",
     "AuthConfig",
     "AuthenticationError",

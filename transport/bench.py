@@ -7,7 +7,8 @@ sender and receiver each get a core, as on two hosts; ``--one-process`` runs bot
 one event loop instead. Throughput is in MB/s (10**6 bytes per second), measured from
 the first byte sent until the receiver confirmed the last one.
 
-    python -m transport.bench [--volume 2GiB] [--channels 1,2,4] [--chunk 1MiB] [--json]
+    python -m transport.bench [--volume 2GiB] [--channels 1,2,4] [--chunk 1MiB]
+                              [--repeat 3] [--one-process] [--json]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -59,7 +61,9 @@ async def _framed_receiver(ready: Callable[[str], None], done: asyncio.Event) ->
     async def handler(session: Session) -> None:
         while True:
             frame = await session.recv()
-            if frame.tag is Tag.END_OF_STREAM:
+            if frame.tag is Tag.DEVICES:
+                await session.send_control(Tag.DEVICES_ACCEPTED)
+            elif frame.tag is Tag.END_OF_STREAM:
                 await session.send_control(Tag.VERDICT, {"stage": "resumed", "reason": ""})
                 break
         await session.close()
@@ -131,6 +135,8 @@ def _receiver_process(kind: str, per_connection: int, connections: int, pipe: Co
 async def _send_framed(address: str, volume: int, channels: int, chunk: memoryview) -> float:
     session = await connect(address, name="bench-source", auth=AuthConfig(PSK), channels=channels)
     await session.send_control(Tag.DEVICES, {"devices": encode_devices(_devices(channels))})
+    accepted = await session.recv()
+    assert accepted.tag is Tag.DEVICES_ACCEPTED, accepted
     start = time.perf_counter()
 
     async def stream(device: int, nbytes: int) -> None:
@@ -254,17 +260,23 @@ async def run(
     chunk_size: int = MiB,
     *,
     one_process: bool = False,
+    repeat: int = 3,
 ) -> dict[str, Any]:
     """Measure framed and raw throughput for every channel count; the best count wins.
 
-    Returns ``framed_mbps``, ``raw_mbps``, ``ratio`` and ``channels`` for the channel
-    count with the highest framed throughput, and ``results`` with one entry per count.
+    Each figure is the median of ``repeat`` runs, framed and raw interleaved so that
+    drift in the machine's load hits both alike. Returns ``framed_mbps``, ``raw_mbps``,
+    ``ratio`` and ``channels`` for the channel count with the highest framed
+    throughput, and ``results`` with one entry per count.
     """
     chunk = memoryview(os.urandom(chunk_size))
     results = []
     for count in channels:
-        framed = await _measure("framed", volume_bytes, count, chunk, one_process)
-        raw = await _measure("raw", volume_bytes, count, chunk, one_process)
+        framed_runs, raw_runs = [], []
+        for _ in range(repeat):
+            framed_runs.append(await _measure("framed", volume_bytes, count, chunk, one_process))
+            raw_runs.append(await _measure("raw", volume_bytes, count, chunk, one_process))
+        framed, raw = statistics.median(framed_runs), statistics.median(raw_runs)
         results.append(
             {
                 "channels": count,
@@ -279,6 +291,7 @@ async def run(
         "volume_bytes": volume_bytes,
         "chunk_size": chunk_size,
         "processes": 1 if one_process else 2,
+        "repeat": repeat,
         "unit": "MB/s (10**6 bytes per second)",
         "results": results,
     }
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--one-process", action="store_true", help="sender and receiver in one loop"
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -314,7 +328,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark under uvloop and print the results."""
     args = build_parser().parse_args(argv)
     _setup_process()
-    result = asyncio.run(run(args.volume, args.channels, args.chunk, one_process=args.one_process))
+    result = asyncio.run(
+        run(
+            args.volume,
+            args.channels,
+            args.chunk,
+            one_process=args.one_process,
+            repeat=args.repeat,
+        )
+    )
     if args.json:
         print(json.dumps(result))
         return 0
