@@ -1,0 +1,186 @@
+"""VfioDevice on a real kernel: the lab guest runs tests/vm/guest against mtty (one boot).
+
+The lab is built (or found in its cache) first; a cold build installs Debian packages
+as root and takes minutes. One guest boot runs the whole in-guest pytest session
+(the device contract suite with the VFIO harness, and the mtty migration scenarios)
+and leaves a JUnit report in the results folder; the tests here read it.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from devices import vfio
+from devices.fsm import Feature, State
+from tests.vm import lab as lab_module
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(1800)]
+
+#: The only reason a guest test may skip: fault injection, which a kernel driver lacks.
+ALLOWED_SKIP = "cannot inject faults"
+
+GUEST_COMMAND = (
+    "python3 -m pytest -c /project/pyproject.toml --rootdir /project -p no:cacheprovider"
+    " -q -rs --junitxml=/results/junit.xml /project/tests/vm/guest"
+)
+
+
+@dataclass(frozen=True)
+class GuestSession:
+    """The in-guest pytest run: its outcome per test id, and its output."""
+
+    returncode: int
+    output: str
+    outcomes: dict[str, tuple[str, str]]  # test id -> (outcome, message)
+
+
+@pytest.fixture(scope="module")
+def guest(lab: lab_module.Lab, tmp_path_factory: pytest.TempPathFactory) -> GuestSession:
+    """Boot once and run every in-guest test; parse its JUnit report."""
+    result = lab_module.run(lab, GUEST_COMMAND, results=tmp_path_factory.mktemp("guest"))
+    report = result.results / "junit.xml"
+    if not report.is_file():
+        code = result.returncode
+        pytest.fail(f"the guest's pytest left no report (exit {code}):\n{result.output}")
+    outcomes: dict[str, tuple[str, str]] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        test_id = f"{case.get('classname')}::{case.get('name')}"
+        outcome, message = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            element = case.find(tag)
+            if element is not None:
+                outcome, message = tag, element.get("message") or ""
+                break
+        outcomes[test_id] = (outcome, message)
+    return GuestSession(result.returncode, result.output, outcomes)
+
+
+def test_guest_session_passes(guest: GuestSession) -> None:
+    """Every in-guest test passes; the only skips are the fault-injection tests."""
+    bad = {
+        test_id: f"{outcome}: {message}"
+        for test_id, (outcome, message) in guest.outcomes.items()
+        if outcome != "passed" and not (outcome == "skipped" and ALLOWED_SKIP in message)
+    }
+    assert not bad, f"guest tests did not pass: {bad}\n{guest.output[-6000:]}"
+    assert guest.returncode == 0, guest.output[-6000:]
+
+
+@pytest.mark.parametrize(
+    "test_name",
+    [
+        "test_migration_carries_the_uart_state",
+        "test_cancel_mid_precopy_returns_the_source_to_running",
+        "test_corrupted_stream_fails_the_destination_not_the_source",
+        "test_short_stream_fails_in_the_kernel_and_stays_resuming",
+        "test_stop_copy_to_precopy_is_refused_before_the_kernel",
+        "test_data_fd_waits_work_under_uvloop",
+    ],
+)
+def test_mtty_scenario_passed_in_guest(guest: GuestSession, test_name: str) -> None:
+    """Each mtty scenario ran in the guest and passed."""
+    matches = {k: v for k, v in guest.outcomes.items() if k.endswith(f"::{test_name}")}
+    assert matches, f"{test_name} did not run in the guest"
+    assert all(outcome == "passed" for outcome, _ in matches.values()), matches
+
+
+def test_contract_suite_ran_against_vfio(guest: GuestSession) -> None:
+    """The device contract suite ran against VfioDevice, most of it applicable to mtty."""
+    contract = {k: v for k, v in guest.outcomes.items() if "test_vfio_contract" in k}
+    passed = [k for k, (outcome, _) in contract.items() if outcome == "passed"]
+    assert len(passed) >= 15, contract
+
+
+# -- the uAPI constants against the guest kernel's own header ----------------------------
+
+
+def _defines(header: str) -> dict[str, int]:
+    """The integer #defines of vfio.h, _IO(VFIO_TYPE, VFIO_BASE + n) evaluated."""
+    values: dict[str, int] = {}
+    for name, body in re.findall(r"^#define\s+(\w+)\s+(.+?)\s*(?:/\*.*)?$", header, re.M):
+        io = re.fullmatch(r"_IO\(VFIO_TYPE,\s*VFIO_BASE\s*\+\s*(\d+)\)", body)
+        shift = re.fullmatch(r"\(\s*(\d+)\s*<<\s*(\d+)\s*\)", body)
+        plain = re.fullmatch(r"\(?\s*(0x[0-9a-fA-F]+|\d+)\s*\)?", body)
+        if io:
+            values[name] = (ord(";") << 8) | (100 + int(io.group(1)))
+        elif shift:
+            values[name] = int(shift.group(1)) << int(shift.group(2))
+        elif plain:
+            values[name] = int(plain.group(1), 0)
+        elif body == "(';')":
+            values[name] = ord(";")
+    return values
+
+
+def _struct_format(header: str, name: str) -> str:
+    """The struct module format of ``struct name`` in the header (fixed fields only)."""
+    match = re.search(rf"struct {name} \{{(.*?)\n\}};", header, re.S)
+    assert match, f"struct {name} not in vfio.h"
+    codes = {"__u32": "I", "__s32": "i", "__u64": "Q", "__aligned_u64": "Q"}
+    fields = re.findall(r"^\s*(__\w+)\s+(\w+)(\[\])?;", match.group(1), re.M)
+    return "=" + "".join(codes[t] for t, _, flexible in fields if not flexible)
+
+
+def test_constants_match_the_kernel_header(lab: lab_module.Lab) -> None:
+    """devices/vfio.py's ioctls, flags, states and layouts equal the 6.12 vfio.h."""
+    header = lab.vfio_header.read_text()
+    defines = _defines(header)
+    for name in [
+        "VFIO_TYPE",
+        "VFIO_BASE",
+        "VFIO_GET_API_VERSION",
+        "VFIO_CHECK_EXTENSION",
+        "VFIO_SET_IOMMU",
+        "VFIO_GROUP_GET_STATUS",
+        "VFIO_GROUP_SET_CONTAINER",
+        "VFIO_GROUP_GET_DEVICE_FD",
+        "VFIO_DEVICE_GET_INFO",
+        "VFIO_DEVICE_GET_REGION_INFO",
+        "VFIO_DEVICE_RESET",
+        "VFIO_DEVICE_FEATURE",
+        "VFIO_MIG_GET_PRECOPY_INFO",
+        "VFIO_API_VERSION",
+        "VFIO_TYPE1v2_IOMMU",
+        "VFIO_GROUP_FLAGS_VIABLE",
+        "VFIO_GROUP_FLAGS_CONTAINER_SET",
+        "VFIO_DEVICE_FEATURE_MASK",
+        "VFIO_DEVICE_FEATURE_GET",
+        "VFIO_DEVICE_FEATURE_SET",
+        "VFIO_DEVICE_FEATURE_PROBE",
+        "VFIO_DEVICE_FEATURE_MIGRATION",
+        "VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE",
+        "VFIO_DEVICE_FEATURE_MIG_DATA_SIZE",
+        "VFIO_REGION_INFO_FLAG_READ",
+        "VFIO_REGION_INFO_FLAG_WRITE",
+    ]:
+        assert getattr(vfio, name) == defines[name], name
+    for feature in Feature:
+        assert defines[f"VFIO_MIGRATION_{feature.name}"] == feature.value
+    enum = re.search(r"enum vfio_device_mig_state \{(.*?)\};", header, re.S)
+    assert enum
+    states = dict(re.findall(r"VFIO_DEVICE_STATE_(\w+)\s*=\s*(\d+)", enum.group(1)))
+    assert {name: int(value) for name, value in states.items()} == {s.name: s.value for s in State}
+    layouts: dict[str, struct.Struct] = {
+        "vfio_device_feature": vfio.FEATURE_HEADER,
+        "vfio_device_feature_migration": vfio.MIGRATION_PAYLOAD,
+        "vfio_device_feature_mig_state": vfio.MIG_STATE_PAYLOAD,
+        "vfio_device_feature_mig_data_size": vfio.MIG_DATA_SIZE_PAYLOAD,
+        "vfio_precopy_info": vfio.PRECOPY_INFO,
+        "vfio_group_status": vfio.GROUP_STATUS,
+        "vfio_region_info": vfio.REGION_INFO,
+    }
+    for name, layout in layouts.items():
+        assert _struct_format(header, name) == layout.format, name
+
+
+def test_lab_is_cached_by_package_versions(lab: lab_module.Lab) -> None:
+    """The lab folder is named by the kernel and the versions it was built from."""
+    assert lab.root.name.startswith(lab_module.KERNEL)
+    assert Path(lab.root, "manifest.json").is_file()
+    assert lab.manifest["kernel"] == lab_module.KERNEL
