@@ -43,6 +43,7 @@ from devices.paged import Faults
 from orchestrator.errors import MigrationBlocked
 from orchestrator.params import MigrationParams
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
+from transport.session import parse_address
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -323,14 +324,11 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
 
 
 def _check_address(reader: _Reader, path: KeyPath, address: str) -> None:
-    """``host:port`` with a port in 0..65535, or ``unix:PATH``."""
-    if address.startswith("unix:"):
-        if not address[5:]:
-            raise reader.error(path, f"{address!r} names no socket path")
-        return
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise reader.error(path, f"{address!r} is neither host:port nor unix:PATH")
+    """An address the transport accepts: ``HOST:PORT``, ``tcp:HOST:PORT`` or ``unix:PATH``."""
+    try:
+        parse_address(address)
+    except ValueError as exc:
+        raise reader.error(path, str(exc)) from None
 
 
 def _absolute(address: str, base: Path) -> str:
@@ -349,8 +347,8 @@ def _metrics(reader: _Reader, value: object) -> tuple[str, int] | None:
     _check_address(reader, ("metrics",), value)
     if value.startswith("unix:"):
         raise reader.error(("metrics",), "the metrics endpoint is HTTP over TCP: use host:port")
-    host, _, port = value.rpartition(":")
-    return host.strip("[]"), int(port)
+    _, host, port = parse_address(value)
+    return host, port
 
 
 def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings:
@@ -489,22 +487,29 @@ _RAM: dict[str, _Key] = _COMMON | {
 }
 
 
-def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key] | None]]:
-    """Kinds a config may name; the VFIO backend takes its keys as they are."""
+_VFIO: dict[str, _Key] = {
+    "device": ("spec", str, str),
+    "features": ("features", list, _features),
+}
+
+
+def _vfio(name: str, *, spec: str, features: Feature | None = None) -> MigratableDevice:
+    """Open a VFIO device (an mdev UUID, a PCI address or a sysfs path)."""
+    from devices.vfio import VfioDevice
+
+    return VfioDevice.from_config(spec, name=name, features=features)
+
+
+def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key]]]:
+    """The kinds a config may name: the constructor and the keys each takes."""
     from devices.ram import RamDevice
     from devices.simulated import SimulatedDevice
 
-    kinds: dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key] | None]] = {
+    return {
         "simulated": (SimulatedDevice, _SIMULATED),
         "ram": (RamDevice, _RAM),
+        "vfio": (_vfio, _VFIO),
     }
-    try:
-        from devices.vfio import VfioDevice  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        pass
-    else:
-        kinds["vfio"] = (VfioDevice, None)
-    return kinds
 
 
 def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
@@ -523,23 +528,22 @@ def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
     factory, keys = kinds[kind]
     rest = {k: v for k, v in entry.items() if k not in ("kind", "name")}
     arguments: dict[str, Any] = {}
-    if keys is None:
-        arguments = rest
-    else:
-        reader.refuse_unknown(rest, path, set(keys) | {"kind", "name"})
-        given: dict[str, str] = {}
-        for key, value in rest.items():
-            argument, kinds_allowed, convert = keys[key]
-            if argument in given:
-                raise reader.error(
-                    (*path, key), f"sets {argument} like {given[argument]!r} does; keep one"
-                )
-            given[argument] = key
-            reader.get(rest, path, key, kinds_allowed)
-            if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-                raise reader.error((*path, key), f"must not be negative, got {value!r}")
-            try:
-                arguments[argument] = convert(value)
-            except (ValueError, TypeError) as exc:
-                raise reader.error((*path, key), str(exc)) from None
+    reader.refuse_unknown(rest, path, set(keys) | {"kind", "name"})
+    given: dict[str, str] = {}
+    for key, value in rest.items():
+        argument, kinds_allowed, convert = keys[key]
+        if argument in given:
+            raise reader.error(
+                (*path, key), f"sets {argument} like {given[argument]!r} does; keep one"
+            )
+        given[argument] = key
+        reader.get(rest, path, key, kinds_allowed)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise reader.error((*path, key), f"must not be negative, got {value!r}")
+        try:
+            arguments[argument] = convert(value)
+        except (ValueError, TypeError) as exc:
+            raise reader.error((*path, key), str(exc)) from None
+    if kind == "vfio" and "spec" not in arguments:
+        raise reader.error(path, "missing required key 'device' (mdev UUID, PCI address or path)")
     return DeviceConfig(kind, name, reader.where.line(path), factory, arguments, reader.file)

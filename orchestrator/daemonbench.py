@@ -1,0 +1,346 @@
+"""The benchmark of record: two daemon processes on localhost, driven as a user would.
+
+Each run writes a pre-shared key and two configs into a temporary folder, starts a
+source and a destination daemon (``python -m orchestrator.cli daemon``), waits until
+each says READY (the sd_notify protocol, over a socket of our own), asks the source to
+migrate through its control socket, follows the events to the end, reads the stats
+with their per-iteration history, and proves the result byte-exact: the digests of the
+source devices (stopped at the switchover) equal those of the destination devices
+(resumed, with no workload of their own). Then both daemons get SIGTERM.
+
+Every run uses fresh daemons, so repeated runs are independent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import importlib
+import os
+import secrets
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from orchestrator.control import ControlClient, DaemonUnreachable
+from orchestrator.stats import FINAL_STATUSES
+
+#: Seconds a daemon has to say READY.
+START_TIMEOUT = 30.0
+#: Seconds a daemon has to exit after SIGTERM.
+STOP_TIMEOUT = 30.0
+
+
+class DaemonFailed(Exception):
+    """A daemon process did not start (its stderr says why) or did not stop."""
+
+
+class DaemonProcess:
+    """A ``livemig daemon`` child process, ready once it sent READY=1."""
+
+    def __init__(self, config: Path, *, name: str = "daemon", log_file: Path | None = None):
+        self.config = config
+        self.name = name
+        self.log_file = log_file or config.with_suffix(".log")
+        self.process: asyncio.subprocess.Process | None = None
+        self.control: Path | None = None
+
+    async def start(
+        self,
+        control: Path,
+        timeout: float = START_TIMEOUT,  # noqa: ASYNC109 - one budget for the whole start
+    ) -> None:
+        """Spawn and wait for READY; DaemonFailed with the daemon's own words if it exits."""
+        self.control = control
+        notify_path = self.config.with_suffix(".notify")
+        notify = _notify_socket(notify_path)
+        env = os.environ | {"NOTIFY_SOCKET": os.fspath(notify_path)}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
+        log = _open_log(self.log_file)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "orchestrator.cli",
+                "daemon",
+                "--config",
+                str(self.config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            log.close()
+        loop = asyncio.get_running_loop()
+        exited = asyncio.ensure_future(self.process.wait())
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = asyncio.ensure_future(loop.sock_recv(notify, 4096))
+                    await asyncio.wait({exited, message}, return_when=asyncio.FIRST_COMPLETED)
+                    if message.done():
+                        if b"READY=1" in message.result():
+                            return
+                        continue
+                    message.cancel()
+                    raise DaemonFailed(f"{self.name} daemon exited: {self.output().strip()}")
+        except TimeoutError:
+            await self.kill()
+            raise DaemonFailed(f"{self.name} daemon not ready in {timeout:g} s") from None
+        finally:
+            exited.cancel()
+            notify.close()
+            with contextlib.suppress(FileNotFoundError):
+                notify_path.unlink()
+
+    def output(self) -> str:
+        """What the daemon logged so far."""
+        try:
+            return self.log_file.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def client(self) -> ControlClient:
+        """A new control connection."""
+        assert self.control is not None
+        return await ControlClient.connect(self.control)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        """Send a signal, if the daemon still runs."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signum)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT) -> int:  # noqa: ASYNC109 - bounded wait
+        """SIGTERM, then the exit code; DaemonFailed (after SIGKILL) past ``timeout``."""
+        if self.process is None:
+            return 0
+        self.signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.process.wait(), timeout)
+        except TimeoutError:
+            await self.kill()
+            raise DaemonFailed(f"{self.name} daemon ignored SIGTERM for {timeout:g} s") from None
+
+    async def kill(self) -> None:
+        """SIGKILL, for a daemon that will not stop."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _notify_socket(path: Path) -> socket.socket:
+    """A datagram socket at ``path`` to receive sd_notify messages on."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.fspath(path))
+    notify.setblocking(False)
+    return notify
+
+
+def _open_log(path: Path) -> IO[bytes]:
+    return open(path, "wb")
+
+
+# -- configs ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class BenchOptions:
+    """What to migrate and how; the CLI's ``bench`` options."""
+
+    devices: int = 4
+    state_mib: float = 16
+    dirty_mbps: float = 10
+    ram_mib: float = 0
+    ram_dirty_mbps: float = 0
+    ram_working_set_mib: float | None = None
+    downtime_limit_ms: float = 100
+    max_bandwidth_mbps: float | None = None
+    channels: int = 1
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def migration_parameters(self) -> dict[str, Any]:
+        """The ``migrate`` command's parameters."""
+        parameters: dict[str, Any] = {
+            "downtime_limit_ms": self.downtime_limit_ms,
+            "channels": self.channels,
+        }
+        if self.max_bandwidth_mbps is not None:
+            parameters["max_bandwidth"] = self.max_bandwidth_mbps * 1e6
+        return parameters | self.parameters
+
+
+def device_tables(options: BenchOptions, *, workload: bool) -> str:
+    """The ``[[device]]`` tables; only the source runs a workload (see the module doc)."""
+    tables = [
+        "[[device]]\n"
+        'kind = "simulated"\n'
+        f'name = "sim{index}"\n'
+        f"state_mib = {options.state_mib}\n"
+        f"dirty_mbps = {options.dirty_mbps if workload else 0}\n"
+        f"seed = {index + 1}\n"
+        for index in range(options.devices)
+    ]
+    if options.ram_mib:
+        working = options.ram_working_set_mib
+        working = options.ram_mib / 2 if working is None else working
+        tables.append(
+            "[[device]]\n"
+            'kind = "ram"\n'
+            'name = "ram0"\n'
+            f"size_mib = {options.ram_mib}\n"
+            f"working_set_mib = {working}\n"
+            f"dirty_mbps = {options.ram_dirty_mbps if workload else 0}\n"
+        )
+    return "\n".join(tables)
+
+
+def write_configs(folder: Path, options: BenchOptions) -> tuple[Path, Path]:
+    """A PSK file and the two daemons' configs in ``folder``; their paths."""
+    psk = folder / "psk"
+    psk.write_text(secrets.token_hex(32) + "\n")
+    psk.chmod(0o600)
+    paths = []
+    for role in ("source", "destination"):
+        listen = '["127.0.0.1:0"]' if role == "destination" else "[]"
+        text = (
+            f'name = "bench-{role}"\n'
+            f'control_socket = "{role}.sock"\n'
+            f"listen = {listen}\n\n"
+            '[auth]\npsk_file = "psk"\n\n' + device_tables(options, workload=role == "source")
+        )
+        path = folder / f"{role}.toml"
+        path.write_text(text)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+@contextlib.asynccontextmanager
+async def daemon_pair(
+    folder: Path, source_config: Path, destination_config: Path
+) -> AsyncIterator[tuple[DaemonProcess, DaemonProcess]]:
+    """Both daemons started (and stopped with SIGTERM on the way out)."""
+    source = DaemonProcess(source_config, name="source")
+    destination = DaemonProcess(destination_config, name="destination")
+    try:
+        await asyncio.gather(
+            source.start(folder / "source.sock"), destination.start(folder / "destination.sock")
+        )
+        yield source, destination
+    finally:
+        await asyncio.gather(source.stop(), destination.stop(), return_exceptions=True)
+
+
+# -- one run ---------------------------------------------------------------------------------
+
+
+async def migrate(
+    client: ControlClient,
+    destination: str,
+    parameters: dict[str, Any],
+    *,
+    devices: Sequence[str] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - bounded wait for the whole migration
+) -> dict[str, Any]:
+    """Start a migration through the control API and follow it to its end; its final stats."""
+    await client.subscribe(["MIGRATION", "MIGRATION_PASS"])
+    arguments: dict[str, Any] = {"destination": destination, "parameters": parameters}
+    if devices is not None:
+        arguments["devices"] = list(devices)
+    started = await client.execute("migrate", **arguments)
+    migration_id = started["id"]
+    async with asyncio.timeout(timeout):
+        async for message in client.events():
+            data = message["data"]
+            if data.get("id") != migration_id:
+                continue
+            if on_event is not None:
+                on_event(message)
+            if message["event"] == "MIGRATION" and data["status"] in FINAL_STATUSES:
+                stats: dict[str, Any] = await client.execute(
+                    "query-migrate", id=migration_id, history=True
+                )
+                return stats
+    raise DaemonUnreachable("the source daemon closed the connection during the migration")
+
+
+async def run_once(options: BenchOptions) -> dict[str, Any]:
+    """One migration between two fresh daemons; the stats plus ``verified``."""
+    with tempfile.TemporaryDirectory(prefix="livemig-bench-") as tmp:
+        folder = Path(tmp)
+        source_config, destination_config = write_configs(folder, options)
+        async with (
+            daemon_pair(folder, source_config, destination_config) as (source, dest),
+            await source.client() as src,
+            await dest.client() as dst,
+        ):
+            address = (await dst.execute("query-daemon"))["listen"][0]
+            stats = await migrate(src, address, options.migration_parameters())
+            if stats["status"] == "completed":
+                before = await src.execute("query-digests")
+                after = await dst.execute("query-digests")
+                stats["verified"] = before == after
+            return stats
+
+
+async def run_repeated(options: BenchOptions, repeat: int) -> list[dict[str, Any]]:
+    """``repeat`` independent runs, one after the other."""
+    return [await run_once(options) for _ in range(repeat)]
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """min/median/max of the headline numbers over the runs."""
+    summary: dict[str, Any] = {"runs": len(runs)}
+    keys = ("downtime_ms", "total_ms", "iterations", "transferred_bytes", "bandwidth_bps")
+    for key in keys:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            summary[key] = {
+                "min": min(values),
+                "median": statistics.median(values),
+                "max": max(values),
+            }
+    summary["completed"] = sum(r["status"] == "completed" for r in runs)
+    summary["verified"] = all(r.get("verified") for r in runs)
+    return summary
+
+
+def plot(stats: dict[str, Any], path: Path) -> None:
+    """Per-iteration pending bytes and the switchover point, as a PNG (needs matplotlib)."""
+    try:  # an optional extra: imported by name so type checking does not need it installed
+        matplotlib = importlib.import_module("matplotlib")
+        matplotlib.use("Agg")
+        plt = importlib.import_module("matplotlib.pyplot")
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'livemig[plot]'") from None
+    history = stats.get("history") or []
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    times = [sample["t_s"] for sample in history]
+    axis.plot(times, [s["pending_bytes"] / 2**20 for s in history], marker=".", label="pending")
+    axis.plot(times, [s["dirty_bytes"] / 2**20 for s in history], linestyle="--", label="dirty")
+    if stats.get("switchover_at_s") is not None:
+        axis.axvline(stats["switchover_at_s"], color="red", label="switchover")
+    axis.set_xlabel("time since start (s)")
+    axis.set_ylabel("MiB")
+    downtime = stats.get("downtime_ms")
+    title = f"{stats.get('iterations')} iterations"
+    if downtime is not None:
+        title += f", downtime {downtime:.1f} ms"
+    axis.set_title(title)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
