@@ -38,7 +38,7 @@ import time
 import tomllib
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -119,6 +119,10 @@ for uuid in {uuids}; do
     echo $uuid > $types/create || {{ echo "livemig-lab: cannot create mdev $uuid"; \
         echo 98 > /results/.lab/exit_code; exit; }}
 done
+# Loopback up (there is no init system to do it), for daemons talking over 127.0.0.1.
+python3 -c 'import fcntl, socket, struct
+fcntl.ioctl(socket.socket(), 0x8914, struct.pack("16sH", b"lo", 0x41))' \
+    || echo "livemig-lab: cannot bring lo up"
 {exports}
 cd /tmp
 /bin/sh /results/.lab/command.sh > /results/.lab/output.log 2>&1
@@ -157,7 +161,6 @@ class RunResult:
     console: Path
     seconds: float
     guest_seconds: float | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 def cache_root() -> Path:
