@@ -601,13 +601,12 @@ class Runner:
         for device_config in config.devices:
             try:
                 device = device_config.build()
+                await device.open()
             except ConfigError as exc:
                 raise StartupError(str(exc)) from exc
-            try:
-                await device.open()
-            except Exception as exc:
+            except Exception as exc:  # whatever the backend raises, the daemon cannot start
                 raise StartupError(
-                    f"cannot open device {device.name!r} ({device.kind}): {exc}"
+                    f"cannot open device {device_config.name!r} ({device_config.kind}): {exc}"
                 ) from exc
             self.devices.append(device)
         metrics = Metrics() if config.metrics is not None else None
@@ -661,9 +660,10 @@ class Runner:
             log.info("daemon_stopping", reason=self._reason)
             _notify_systemd("STOPPING=1")
         finally:
+            # The handlers stay during cleanup: a second signal must not kill a rollback.
+            await self.cleanup()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
-            await self.cleanup()
 
     async def cleanup(self) -> None:
         """Cancel migrations, stop listeners in reverse order, close devices; log errors."""
@@ -703,7 +703,7 @@ def _notify_systemd(state: str) -> None:
         try:
             sock.sendto(state.encode(), address)
         except OSError as exc:
-            log.warning("notify_failed", error=str(exc))
+            log.debug("notify_failed", error=str(exc))
 
 
 async def serve(config_path: str) -> int:
