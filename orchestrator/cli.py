@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     cont.add_argument("--id", help="a migration id (default: the newest)")
 
     command("devices", "each device: name, kind, state, feature flags")
+    command("digests", "SHA-256 of each device's state (compare two hosts after a migration)")
 
     events = command("events", "print the daemon's events as they come")
     events.add_argument(
@@ -269,8 +270,8 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
                 return
             if message["event"] == "MIGRATION_PASS":
                 view.update(message["data"])
-            elif message["event"] == "MIGRATION":
-                view.status(message["data"]["status"])
+            elif message["event"] == "MIGRATION" and "stats" not in message["data"]:
+                view.status(message["data"]["status"])  # the summary tells the end
 
         try:
             stats = await daemonbench.migrate(
@@ -387,6 +388,19 @@ async def _cmd_devices(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
         devices = await client.execute("query-devices")
         _print_json(devices) if args.json else _print_devices(devices)
+        return EXIT_OK
+
+    return await _with_client(args, body)
+
+
+async def _cmd_digests(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        digests = await client.execute("query-digests")
+        if args.json:
+            _print_json(digests)
+        else:
+            for name, digest in digests.items():
+                print(f"{name:<16} {digest}")
         return EXIT_OK
 
     return await _with_client(args, body)
@@ -519,6 +533,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "set": _cmd_set,
     "continue": _cmd_continue,
     "devices": _cmd_devices,
+    "digests": _cmd_digests,
     "events": _cmd_events,
     "bench": _cmd_bench,
     "demo": _cmd_demo,
