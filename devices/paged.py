@@ -193,8 +193,17 @@ class PagedDevice(ArcDevice):
         if not count:
             return
         self._credit -= count * self.block_size
+        self.replay(count)
+
+    def replay(self, writes: int) -> None:
+        """Make the workload's next ``writes`` writes at once.
+
+        The workload's writes follow from the seed alone, so a fresh device of the same
+        configuration that replays another's ``writes`` holds exactly its content: how
+        tests prove a device kept what its own workload produced, nothing more or less.
+        """
         pick = self._rng.randrange
-        for _ in range(count):
+        for _ in range(writes):
             self._write(pick(self._hot_blocks))
         self._wakeup.set()
 

@@ -42,6 +42,7 @@ from orchestrator.errors import (
 )
 from orchestrator.params import LIVE_PARAMETERS, MigrationParams
 from orchestrator.stats import (
+    BusyMeter,
     DeviceStats,
     DowntimeClock,
     IterationSample,
@@ -132,6 +133,7 @@ class SourceMigration:
         self._stage = _Stage.REVERSIBLE
         self._inflight: asyncio.Future[Any] | None = None
         self._meter = RateMeter()
+        self._link = BusyMeter()
         self._clock_offset = 0.0
         self._arc_overhead_s = 0.0
         self._precopy_indices = [
@@ -188,6 +190,8 @@ class SourceMigration:
 
     async def run(self) -> MigrationStats:
         """Migrate; return the final stats or raise a MigrationError saying why not."""
+        if self._cancel_reason is not None:
+            return await self._fail(MigrationCancelled(self._cancel_reason))
         self._body = asyncio.create_task(self._migrate(), name="migration")
         try:
             await asyncio.shield(self._body)
@@ -289,6 +293,9 @@ class SourceMigration:
 
     async def _precopy(self) -> None:
         self._set_status(Status.ACTIVE)
+        if not self._precopy_indices:
+            self.log.info("no_precopy_devices", detail="nothing to iterate: switching over")
+            return
         params_start = time.monotonic()
         throttle = 0.0
         need_ack = self.params.switchover_ack and bool(self._precopy_indices)
@@ -364,9 +371,7 @@ class SourceMigration:
         if self.params.switchover_bandwidth is not None:
             assumed = self.params.switchover_bandwidth
         else:
-            # The stream only carries what the devices yield, so the current rate
-            # understates the link once they idle; the peak seen is what it can carry.
-            assumed = max(rate, self._meter.peak)
+            assumed = self._link.rate()
             if self.params.max_bandwidth is not None:
                 assumed = min(assumed, self.params.max_bandwidth)
         self.stats.switchover_bandwidth = assumed
@@ -407,16 +412,25 @@ class SourceMigration:
         session = self._session
         assert session is not None
         announce = self.params.switchover_ack
+        busy = False
         try:
             while not self._stop_readers.is_set():
                 chunk = await channel.read()
                 if chunk is None:
+                    if busy:
+                        self._link.stop()
+                        busy = False
                     if announce and device.precopy_info().initial_bytes == 0:
                         await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
                         announce = False
                     await _first_of(channel.wait_readable(), self._stop_readers.wait())
                     continue
-                dstats.precopy_bytes += await session.send_chunk(Tag.PRECOPY_DATA, index, chunk)
+                if not busy:
+                    self._link.start()
+                    busy = True
+                sent = await session.send_chunk(Tag.PRECOPY_DATA, index, chunk)
+                dstats.precopy_bytes += sent
+                self._link.add(sent)
                 if announce and device.precopy_info().initial_bytes == 0:
                     await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
                     announce = False
@@ -424,6 +438,9 @@ class SourceMigration:
             self._reader_error = self._reader_error or exc
             self._wakeup.set()
             raise
+        finally:
+            if busy:
+                self._link.stop()
 
     async def _receive(self) -> None:
         """Dispatch what the destination sends; a link failure wakes whoever waits."""

@@ -40,13 +40,12 @@ DOWNTIME_PHASES = ("quiesce", "stop", "drain", "wire", "load", "commit", "resume
 
 
 class RateMeter:
-    """Bytes per second over windows of at least ``window_s``, plus the peak seen."""
+    """Bytes per second over windows of at least ``window_s``."""
 
     def __init__(self, window_s: float = 0.1) -> None:
         self.window_s = window_s
         self._samples: deque[tuple[float, int]] = deque()
         self.rate = 0.0
-        self.peak = 0.0
 
     def sample(self, total_bytes: int, now: float | None = None) -> float:
         """Record the running total; return the rate over the newest full window."""
@@ -57,8 +56,44 @@ class RateMeter:
         start, first = self._samples[0]
         if now - start >= self.window_s:
             self.rate = (total_bytes - first) / (now - start)
-            self.peak = max(self.peak, self.rate)
         return self.rate
+
+
+class BusyMeter:
+    """Throughput while the stream had data to carry: bytes over busy time.
+
+    The stream only carries what the devices yield, so bytes per wall-clock second
+    measures the devices once they idle, not the link. QEMU's iterations keep its
+    sender busy; here the readers report when they start and stop having data, and the
+    link's rate is what moved while at least one of them had some.
+    """
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._since = 0.0
+        self._busy_s = 0.0
+        self._bytes = 0
+
+    def start(self) -> None:
+        """A reader has data to send."""
+        if self._active == 0:
+            self._since = time.monotonic()
+        self._active += 1
+
+    def stop(self) -> None:
+        """A reader has nothing more for now."""
+        self._active -= 1
+        if self._active == 0:
+            self._busy_s += time.monotonic() - self._since
+
+    def add(self, nbytes: int) -> None:
+        """Bytes sent while busy."""
+        self._bytes += nbytes
+
+    def rate(self) -> float:
+        """Bytes per busy second so far; 0.0 before anything was measured."""
+        busy = self._busy_s + (time.monotonic() - self._since if self._active else 0.0)
+        return self._bytes / busy if busy > 0 else 0.0
 
 
 @dataclasses.dataclass(slots=True)
