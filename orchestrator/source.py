@@ -196,8 +196,9 @@ class SourceMigration:
         try:
             await asyncio.shield(self._body)
         except asyncio.CancelledError:
-            if self._body.done() and self._cancel_reason is not None:
-                return await self._fail(MigrationCancelled(self._cancel_reason))
+            reason = self._requested_cancel()  # set by cancel() while we awaited
+            if self._body.done() and reason is not None:
+                return await self._fail(MigrationCancelled(reason))
             # Our caller is being cancelled (daemon shutdown): roll back, then propagate.
             self._cancel_reason = self._cancel_reason or "daemon shutting down"
             self._body.cancel()
@@ -211,6 +212,9 @@ class SourceMigration:
         except (DeviceError, transport.TransportError, OSError, TimeoutError) as exc:
             return await self._fail(MigrationError(_describe(exc)))
         return self.stats
+
+    def _requested_cancel(self) -> str | None:
+        return self._cancel_reason
 
     async def _migrate(self) -> None:
         check_blockers(self.devices, self.params)
