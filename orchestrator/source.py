@@ -610,7 +610,7 @@ class SourceMigration:
         """Release the source devices: STOP_COPY -> STOP, outside the downtime window."""
         await self._transition(self.devices, State.STOP)
         await self._close_session()
-        self.stats.total_ms = self.stats.elapsed_s() * 1e3
+        self._end_clock()
         self._set_status(Status.COMPLETED)
         self.log.info(
             "migration_completed",
@@ -660,7 +660,7 @@ class SourceMigration:
             # Keep them stopped but release the data sessions.
             with contextlib.suppress(MigrationError):
                 await self._transition(self.devices, State.STOP)
-        self.stats.total_ms = self.stats.elapsed_s() * 1e3
+        self._end_clock()
         cancelled = isinstance(error, MigrationCancelled)
         self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
         raise error
@@ -712,6 +712,12 @@ class SourceMigration:
         await self._stop_background()
         if self._session is not None:
             await self._session.close()
+
+    def _end_clock(self) -> None:
+        """Total time, and the bandwidth as the average over the whole migration."""
+        elapsed = self.stats.elapsed_s()
+        self.stats.total_ms = elapsed * 1e3
+        self.stats.bandwidth = self.stats.transferred_bytes / elapsed if elapsed > 0 else 0.0
 
     def _set_status(self, status: Status) -> None:
         self.stats.status = status
