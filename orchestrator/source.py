@@ -616,7 +616,7 @@ class SourceMigration:
             "migration_completed",
             downtime_ms=self.stats.downtime_ms,
             breakdown_ms=self.stats.downtime_breakdown_ms,
-            total_ms=round(self.stats.total_ms, 3),
+            total_ms=self.stats.total_ms,
             iterations=self.stats.iterations,
             transferred_bytes=self.stats.transferred_bytes,
         )
