@@ -38,7 +38,7 @@ class BenchOptions:
     ram_working_set_mib: float | None = None
     downtime_limit_ms: float = 100
     max_bandwidth_mbps: float | None = None
-    channels: int = 1
+    channels: int = 4
     p2p: bool = True
     seed: int = 1
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.errors import MigrationBlocked
+from transport.limits import Limits
 
 
 class Policy(enum.StrEnum):
@@ -33,8 +34,9 @@ class MigrationParams:
     max_bandwidth: float | None = None
     #: Bandwidth in bytes/s to assume at switchover instead of the measured one.
     switchover_bandwidth: float | None = None
-    #: Parallel connections; devices are spread over them.
-    channels: int = 1
+    #: Parallel connections; each device is pinned to one, so at most one per device is
+    #: opened. Four moved the most data in ``livemig bench transport`` on a 2-core host.
+    channels: int = 4
     #: Quiesce every device in a P2P state before any device stops.
     p2p: bool = True
     #: Wait for the destination to confirm it loaded the initial pre-copy data.
@@ -93,8 +95,9 @@ class MigrationParams:
         ):
             if not 0 < fraction < 1:
                 raise MigrationBlocked(f"parameter {name} must be in (0, 1), got {fraction!r}")
-        if self.channels > 64:
-            raise MigrationBlocked(f"parameter channels must be <= 64, got {self.channels}")
+        most = Limits().max_channels
+        if self.channels > most:
+            raise MigrationBlocked(f"parameter channels must be <= {most}, got {self.channels}")
         if self.policy == Policy.FORCE and (
             self.force_after_iterations is None and self.force_after_s is None
         ):

@@ -238,7 +238,7 @@ class SourceMigration:
                     self.destination,
                     name=self.name,
                     auth=self.auth,
-                    channels=params.channels,
+                    channels=min(params.channels, len(self.devices)),
                     timeout=params.connect_timeout_s,
                 ),
                 params.connect_timeout_s,

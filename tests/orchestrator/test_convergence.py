@@ -112,7 +112,7 @@ def test_throttle_policy_steps_up_to_cap() -> None:
     ("changes", "message"),
     [
         ({"downtime_limit_ms": 0}, "downtime_limit_ms must be > 0"),
-        ({"channels": 65}, "channels must be <= 64"),
+        ({"channels": 17}, "channels must be <= 16"),
         ({"max_bandwidth": -1}, "max_bandwidth must be > 0"),
         ({"p2p": "yes"}, "p2p must be bool"),
         ({"policy": "maybe"}, "policy must be one of wait, force, throttle"),
