@@ -309,3 +309,37 @@ async def test_two_processes(make_ends) -> None:
     assert result["ok"] is True
     for device in ends.sources:
         assert result["digests"][device.name] == (await device.digest()).hex()
+
+
+async def test_incompatible_destination_device_is_refused(make_ends) -> None:
+    """A destination device of another kind refuses the stream; nothing moved."""
+    ends = await make_ends([Spec("dev0", seed=1)])
+    ends.targets[0].kind = "ram"  # type: ignore[misc]  # this instance claims another kind
+    with pytest.raises(DestinationFailed, match="dev0: kind 'simulated' offered, 'ram' here"):
+        await ends.migration().run()
+    await ends.assert_source_intact()
+    assert ends.target_trace.entries == []
+
+
+async def test_pause_before_switchover_waits_for_continue(make_ends) -> None:
+    """Paused before the switchover, the devices keep running until continue is asked."""
+    ends = await make_ends(sims(2))
+    migration = ends.migration(pause_before_switchover=True)
+    run = asyncio.create_task(migration.run())
+    await wait_status(migration, Status.PRE_SWITCHOVER)
+    assert all(d.state == State.PRE_COPY for d in ends.sources)
+    assert migration.continue_switchover()
+    stats = await run
+    assert stats.status == Status.COMPLETED
+    await ends.assert_migrated()
+    assert not migration.continue_switchover()
+
+
+async def test_clock_offset_from_round_trips(make_ends, monkeypatch) -> None:
+    """Ends on different boots place the destination's marks by ping round trips."""
+    monkeypatch.setattr("orchestrator.destination.boot_id", lambda: "another-host")
+    ends = await make_ends(sims(1))
+    stats = await ends.migration().run()
+    assert stats.clock_offset_uncertainty_ms > 0
+    assert stats.downtime_ms is not None
+    assert stats.downtime_ms == pytest.approx(sum(stats.downtime_breakdown_ms.values()))
