@@ -457,7 +457,13 @@ class SourceMigration:
                     self._ack.set()
                     self._wakeup.set()
                 elif frame.tag == Tag.VERDICT:
-                    self._verdicts.put_nowait(Verdict.parse(frame.fields()))
+                    verdict = Verdict.parse(frame.fields())
+                    self._verdicts.put_nowait(verdict)
+                    if verdict.stage == "failed":
+                        # Keep the destination's reason, not the hang-up that follows it.
+                        self._link_error = _destination_failure(verdict)
+                        self._wakeup.set()
+                        return
                 else:
                     raise transport.ProtocolError(
                         f"unexpected {frame.tag.name} from the destination"
@@ -469,6 +475,8 @@ class SourceMigration:
 
     def _raise_background_errors(self) -> None:
         for error in (self._link_error, self._reader_error):
+            if isinstance(error, MigrationError):
+                raise error
             if error is not None:
                 raise MigrationError(_describe(error)) from error
 
@@ -584,8 +592,7 @@ class SourceMigration:
         if isinstance(answer, BaseException):
             raise MigrationError(f"lost the destination: {_describe(answer)}") from answer
         if answer.stage == "failed":
-            where = f" (device {answer.device})" if answer.device else ""
-            raise DestinationFailed(f"destination failed{where}: {answer.reason}")
+            raise _destination_failure(answer)
         if answer.stage != stage:
             raise transport.ProtocolError(f"expected verdict {stage!r}, got {answer.stage!r}")
         return answer
@@ -740,6 +747,11 @@ async def _first_of(*waits: Awaitable[Any]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _destination_failure(verdict: Verdict) -> DestinationFailed:
+    where = f" (device {verdict.device})" if verdict.device else ""
+    return DestinationFailed(f"destination failed{where}: {verdict.reason}")
 
 
 def _loop_time_of(deadline: float | None) -> float | None:

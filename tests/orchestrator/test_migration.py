@@ -343,3 +343,17 @@ async def test_clock_offset_from_round_trips(make_ends, monkeypatch) -> None:
     assert stats.clock_offset_uncertainty_ms > 0
     assert stats.downtime_ms is not None
     assert stats.downtime_ms == pytest.approx(sum(stats.downtime_breakdown_ms.values()))
+
+
+async def test_destination_failure_during_precopy_keeps_its_reason(make_ends) -> None:
+    """A destination that fails while pre-copy runs reports its own reason to the source."""
+    ends = await make_ends(sims(1, size=4 * MIB))
+    migration = ends.migration(pause_before_switchover=True)
+    run = asyncio.create_task(migration.run())
+    await wait_status(migration, Status.PRE_SWITCHOVER)
+    await ends.targets[0].close()
+    ends.targets[0].state = State.ERROR  # the destination device breaks under the stream
+    ends.sources[0].replay(1)  # a workload write: more data for the broken device
+    with pytest.raises(DestinationFailed, match="destination failed"):
+        await run
+    await ends.assert_source_intact()
