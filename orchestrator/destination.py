@@ -138,6 +138,8 @@ class DestinationMigration:
                     self.log.info("switchover_ack_sent")
             elif tag == Tag.END_OF_DEVICE:
                 ended.add(index)
+            elif tag == Tag.SYNC:
+                await session.send_control(Tag.SYNC_ACK)
             elif tag == Tag.END_OF_STREAM:
                 break
             else:

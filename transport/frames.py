@@ -60,6 +60,8 @@ for them. Then, control frames travel on channel 0 and a device's frames on chan
     END_OF_STREAM      source: {} sent on every channel; delivered once all arrived
     VERDICT            dest: {stage: "loaded"|"resumed"|"failed", reason, ...}
     COMMIT             source: {} (the destination may run the devices)
+    SYNC               source: {} sent on every channel; delivered once all arrived
+    SYNC_ACK           dest: {} once it has taken in everything sent before SYNC
     CANCEL             either: {reason, code}; the session is aborted
     PING / PONG        either: {id, t}: keep-alive and clock stamps (time.monotonic)
 
@@ -116,6 +118,8 @@ class Tag(enum.IntEnum):
     PING = 15
     PONG = 16
     COMMIT = 17
+    SYNC = 18
+    SYNC_ACK = 19
 
 
 #: Tags whose payload is raw device stream bytes.

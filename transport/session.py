@@ -65,12 +65,10 @@ WRITE_HIGH_WATER = 8 * MiB
 WRITE_LOW_WATER = 2 * MiB
 
 #: What each side may receive once the handshake is done.
+_SOURCE_RECEIVES = {Tag.DEVICES_ACCEPTED, Tag.SWITCHOVER_ACK, Tag.SYNC_ACK, Tag.VERDICT}
 _RECEIVES = {
-    "source": frozenset(
-        {Tag.DEVICES_ACCEPTED, Tag.SWITCHOVER_ACK, Tag.VERDICT, Tag.CANCEL, Tag.PING, Tag.PONG}
-    ),
-    "dest": frozenset(Tag)
-    - {Tag.HELLO, Tag.AUTH, Tag.DEVICES_ACCEPTED, Tag.SWITCHOVER_ACK, Tag.VERDICT},
+    "source": frozenset(_SOURCE_RECEIVES | {Tag.CANCEL, Tag.PING, Tag.PONG}),
+    "dest": frozenset(Tag) - _SOURCE_RECEIVES - {Tag.HELLO, Tag.AUTH},
 }
 
 Handler = Callable[["Session"], Awaitable[None]]
@@ -320,6 +318,9 @@ class Session:
         self._held: tuple[_Channel, Frame] | None = None
         self._ended: set[int] = set()
         self._end_frame: Frame | None = None
+        #: SYNC barriers seen per channel, and how many were delivered.
+        self._syncs = [0] * len(channels)
+        self._synced = 0
         self._sent_devices: int | None = None
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._ping_id = 0
@@ -358,6 +359,11 @@ class Session:
             if len(self._ended) == self.channels:
                 assert self._end_frame is not None
                 self._enqueue(self._chans[0], self._end_frame)
+        elif tag is Tag.SYNC:
+            self._syncs[channel.index] += 1
+            if min(self._syncs) > self._synced:
+                self._synced += 1
+                self._enqueue(self._chans[0], frame)
         else:
             if tag is Tag.DEVICES:
                 if self._chans[0].decoder.device_count is not None:
@@ -391,8 +397,8 @@ class Session:
         """The next frame from any channel, in arrival order (per device: send order).
 
         A data frame's payload is valid until the next ``recv()``. PING, PONG and
-        CANCEL never come out: the session answers them. END_OF_STREAM comes out once,
-        after it arrived on every channel. Raises PeerCancelled, ProtocolError,
+        CANCEL never come out: the session answers them. END_OF_STREAM and each SYNC
+        come out once, after they arrived on every channel. Raises PeerCancelled, ProtocolError,
         ConnectionLost (after the frames that came before it), or SessionClosed.
         """
         self._release_held()
@@ -433,7 +439,8 @@ class Session:
         self, tag: Tag, fields: Mapping[str, Any] | None = None, *, device: int = 0
     ) -> None:
         """Send a control frame on channel 0; INITIAL_DATA_SENT and END_OF_DEVICE go on
-        the device's channel, END_OF_STREAM on every channel (after all sent before)."""
+        the device's channel, END_OF_STREAM and SYNC on every channel (after all sent
+        before)."""
         self._check()
         if tag in DATA_TAGS or tag in (Tag.HELLO, Tag.AUTH):
             raise ValueError(f"{tag.name} is not a control frame of a session")
@@ -442,7 +449,7 @@ class Session:
             raise ValueError(f"{tag.name} fields take {len(payload)} bytes, over the limit")
         if tag is Tag.DEVICES:
             self._sent_devices = len(require(fields or {}, "devices", list))
-        if tag is Tag.END_OF_STREAM:
+        if tag in (Tag.END_OF_STREAM, Tag.SYNC):
             targets = [*self._chans[1:], self._chans[0]]
             for channel in targets:
                 channel.send(tag, 0, (payload,), len(payload))

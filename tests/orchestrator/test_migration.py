@@ -177,7 +177,7 @@ async def test_destination_that_never_answers_times_out(make_ends, proxy_to) -> 
     run = asyncio.create_task(migration.run())
     await wait_status(migration, Status.ACTIVE)
     proxy.freeze_return()
-    with pytest.raises(MigrationError, match=r"no verdict within 0.5 s"):
+    with pytest.raises(MigrationError, match=r"did not catch up within 0.5 s"):
         await run
     await ends.assert_source_intact()
 
@@ -357,3 +357,13 @@ async def test_destination_failure_during_precopy_keeps_its_reason(make_ends) ->
     with pytest.raises(DestinationFailed, match="destination failed"):
         await run
     await ends.assert_source_intact()
+
+
+async def test_verdict_timeout_rolls_back(make_ends) -> None:
+    """A destination that loads but never gives its verdict times out; the source runs."""
+    ends = await make_ends(sims(1), hold_verdicts=True)
+    with pytest.raises(MigrationError, match=r"no verdict within 0\.5 s"):
+        await ends.migration(verdict_timeout_s=0.5).run()
+    (await ends.held_verdict()).open.set()
+    await ends.assert_source_intact()
+    assert not ends.resumed_on_destination()
