@@ -19,7 +19,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
 import structlog
 
@@ -198,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
 # -- running ------------------------------------------------------------------------------------
 
 
+class _CurrentStderr:
+    """Whatever ``sys.stderr`` is at each write (tests swap it), not the one at configure."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _configure_logging(fmt: str = "auto", level: str = "warning") -> None:
     """structlog to stderr: console on a terminal, JSON lines otherwise."""
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
@@ -214,7 +224,7 @@ def _configure_logging(fmt: str = "auto", level: str = "warning") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _CurrentStderr())),
         cache_logger_on_first_use=False,
     )
 

@@ -285,10 +285,12 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
         for connection in self._connections:
-            connection.writer.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+            connection.writer.close()  # the reader sees EOF and the connection task ends
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=5)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*stuck, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
@@ -394,6 +396,19 @@ def _remove_stale_socket(path: Path) -> None:
         probe.close()
 
 
+def _unreachable(path: str, exc: Exception) -> DaemonUnreachable:
+    """Why a connection attempt failed, in the user's terms."""
+    if isinstance(exc, FileNotFoundError):
+        return DaemonUnreachable(f"no control socket at {path}: is the daemon running?")
+    if isinstance(exc, ConnectionRefusedError):
+        return DaemonUnreachable(
+            f"nothing listens on {path}: the daemon is not running (stale socket)"
+        )
+    if isinstance(exc, PermissionError):
+        return DaemonUnreachable(f"permission denied on {path}: only the daemon's user may use it")
+    return DaemonUnreachable(f"cannot talk to the daemon at {path}: {exc!r}")
+
+
 # -- the client -------------------------------------------------------------------------------
 
 
@@ -423,24 +438,15 @@ class ControlClient:
     ) -> ControlClient:
         """Connect and read the greeting; DaemonUnreachable saying why not."""
         path = os.fspath(path)
+        writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
                 greeting = json.loads(await reader.readuntil(b"\n"))
-        except FileNotFoundError:
-            raise DaemonUnreachable(
-                f"no control socket at {path}: is the daemon running?"
-            ) from None
-        except ConnectionRefusedError:
-            raise DaemonUnreachable(
-                f"nothing listens on {path}: the daemon is not running (stale socket)"
-            ) from None
-        except PermissionError:
-            raise DaemonUnreachable(
-                f"permission denied on {path}: only the daemon's user may use it"
-            ) from None
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
-            raise DaemonUnreachable(f"cannot talk to the daemon at {path}: {exc!r}") from None
+            if writer is not None:
+                writer.close()
+            raise _unreachable(path, exc) from None
         if not isinstance(greeting, dict) or "QMP" not in greeting:
             writer.close()
             raise DaemonUnreachable(f"{path} did not greet like a livemig daemon")

@@ -117,6 +117,11 @@ class DaemonProcess:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signum)
 
+    async def wait(self, timeout: float = STOP_TIMEOUT) -> int:  # noqa: ASYNC109 - bounded wait
+        """The exit code, once the daemon exits by itself."""
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
     async def stop(self, timeout: float = STOP_TIMEOUT) -> int:  # noqa: ASYNC109 - bounded wait
         """SIGTERM, then the exit code; DaemonFailed (after SIGKILL) past ``timeout``."""
         if self.process is None:

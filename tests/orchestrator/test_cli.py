@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from orchestrator import cli
 from orchestrator.params import MigrationParams
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``main`` configures structlog for the process; put the defaults back for other tests."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_every_migration_parameter_has_an_option() -> None:

@@ -199,7 +199,7 @@ async def test_sigterm_during_precopy_rolls_back_and_exits_zero(pair: Pair) -> N
     assert "SIGTERM" in cancelled["data"]["error"]
     shutdown = await pair.src.next_event(lambda m: m["event"] == "SHUTDOWN", DEADLINE)
     assert shutdown["data"]["devices"] == dict.fromkeys(("sim0", "idle0", "ram0"), "RUNNING")
-    assert await pair.source.stop() == 0
+    assert await pair.source.wait() == 0
     assert '"event": "daemon_stopped"' in pair.source.output()
 
 
