@@ -59,6 +59,7 @@ PACKAGES: tuple[str, ...] = (
     "linux-source-6.12",
     "debootstrap",
     "e2fsprogs",
+    "make",
 )
 #: Packages whose versions decide what the cached image contains.
 KEY_PACKAGES: tuple[str, ...] = (
@@ -231,9 +232,10 @@ def ensure_packages(timings: dict[str, float]) -> dict[str, str]:
         specs = [f"{p}={wanted[p]}" if wanted[p] else p for p in missing]
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         with _step(timings, "apt"):
-            _run(["apt-get", "update", "-q"], what="apt-get update", env=env)
+            wait_lock = ["-o", "DPkg::Lock::Timeout=300"]  # another apt may be running
+            _run(["apt-get", *wait_lock, "update", "-q"], what="apt-get update", env=env)
             _run(
-                ["apt-get", "install", "-y", "-q", "--no-install-recommends", *specs],
+                ["apt-get", *wait_lock, "install", "-y", "-q", "--no-install-recommends", *specs],
                 what="apt-get install",
                 env=env,
             )
