@@ -52,7 +52,8 @@ def match_devices(
             )
         elif p2p and len(offered) > 1 and not device.features & Feature.P2P:
             problems.append(f"{desc.name}: P2P requested but this device lacks it")
-        elif device.state != State.RUNNING:
+        elif device.state not in (State.RUNNING, State.STOP):
+            # RUNNING: idle and waiting; STOP: migrated away earlier, its state is stale.
             problems.append(f"{desc.name}: busy ({device.state.name})")
         matched.append(device)
     if problems:
@@ -79,13 +80,16 @@ class DestinationMigration:
         self.marks: dict[str, float] = {}
         self.device_marks: dict[str, dict[str, float]] = {}
         self.received_bytes = 0
+        #: Why the migration failed, once it did.
+        self.error: str | None = None
         self.log = log.bind(peer=session.peer_name)
 
     async def run(self) -> bool:
         """Receive, load and resume; True when the devices run here. Never raises on failure."""
         try:
             await self._receive()
-        except Refused:
+        except Refused as exc:
+            self.error = f"refused: {exc}"
             return False
         except asyncio.CancelledError:
             await asyncio.shield(self._give_up("destination daemon shutting down", None))
@@ -190,6 +194,7 @@ class DestinationMigration:
 
     async def _give_up(self, reason: str, device: Any) -> None:
         """Tell the source (if it still listens), reset our devices, drop the session."""
+        self.error = reason
         self.log.warning("migration_rejected", reason=reason, device=device)
         if not isinstance(device, str):
             device = None

@@ -210,7 +210,11 @@ class SourceMigration:
             raise
         except MigrationError as exc:
             return await self._fail(exc)
-        except (DeviceError, transport.TransportError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # a device, the link, or a bug here: the source must survive
+            if not isinstance(exc, DeviceError | transport.TransportError | OSError | TimeoutError):
+                self.log.exception("migration_internal_error")
+            if self._stage is _Stage.COMMITTED:
+                return await self._fail(OutcomeUnknown(f"failed after COMMIT: {_describe(exc)}"))
             return await self._fail(MigrationError(_describe(exc)))
         return self.stats
 
@@ -764,7 +768,10 @@ class SourceMigration:
 
     def _notify(self) -> None:
         for listener in self._listeners:
-            listener(self.stats)
+            try:
+                listener(self.stats)
+            except Exception:  # an observer's bug must not stop a migration halfway
+                self.log.exception("listener_failed", listener=repr(listener))
 
 
 async def _first_of(*waits: Awaitable[Any]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import time
 from collections import deque
 from typing import Any
@@ -188,7 +189,8 @@ class MigrationStats:
         """Plain values for JSON; the same fields for ``migrate --json`` and ``bench --json``."""
 
         def ms(value: float | None) -> float | None:
-            return None if value is None else round(value, 3)
+            """Rounded milliseconds; None when unknown (JSON has no infinity)."""
+            return None if value is None or not math.isfinite(value) else round(value, 3)
 
         answer: dict[str, Any] = {
             "migration_id": self.migration_id,
