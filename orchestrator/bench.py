@@ -28,28 +28,35 @@ MB = 1_000_000
 
 @dataclasses.dataclass(slots=True)
 class BenchOptions:
-    """The shape of the migrated device set and the migration's knobs."""
+    """What a benchmark migrates and how: the ``livemig bench`` options, for both modes."""
 
     devices: int = 4
-    state_mib: float = 64
+    state_mib: float = 16
     dirty_mbps: float = 10
     ram_mib: float = 0
     ram_dirty_mbps: float = 0
     ram_working_set_mib: float | None = None
     downtime_limit_ms: float = 100
     max_bandwidth_mbps: float | None = None
-    channels: int = 4
-    p2p: bool = True
-    seed: int = 1
+    #: None: the MigrationParams default.
+    channels: int | None = None
+    #: Any other MigrationParams field.
+    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
 
-    def params(self) -> MigrationParams:
-        """Migration parameters from the options."""
-        return MigrationParams(
-            downtime_limit_ms=self.downtime_limit_ms,
-            max_bandwidth=None if self.max_bandwidth_mbps is None else self.max_bandwidth_mbps * MB,
-            channels=self.channels,
-            p2p=self.p2p,
-        )
+    @property
+    def working_set_mib(self) -> float:
+        """The RAM device's working set: half of it unless set."""
+        working = self.ram_working_set_mib
+        return self.ram_mib / 2 if working is None else working
+
+    def migration_parameters(self) -> dict[str, Any]:
+        """The migration's parameters, as the ``migrate`` command takes them."""
+        parameters: dict[str, Any] = {"downtime_limit_ms": self.downtime_limit_ms}
+        if self.channels is not None:
+            parameters["channels"] = self.channels
+        if self.max_bandwidth_mbps is not None:
+            parameters["max_bandwidth"] = self.max_bandwidth_mbps * MB
+        return parameters | self.parameters
 
     def build(self, *, source: bool) -> list[MigratableDevice]:
         """The device set of one end; only the source runs a workload."""
@@ -58,19 +65,17 @@ class BenchOptions:
                 f"sim{i}",
                 state_size=int(self.state_mib * MIB),
                 dirty_rate=self.dirty_mbps * MB if source else 0,
-                seed=self.seed + i,
+                seed=i + 1,
             )
             for i in range(self.devices)
         ]
         if self.ram_mib:
-            working = self.ram_working_set_mib
             devices.append(
                 RamDevice(
                     "ram0",
                     size=int(self.ram_mib * MIB),
                     dirty_rate=self.ram_dirty_mbps * MB if source else 0,
-                    working_set=int((working if working is not None else self.ram_mib / 2) * MIB),
-                    seed=self.seed,
+                    working_set=int(self.working_set_mib * MIB),
                 )
             )
         return devices
@@ -91,9 +96,8 @@ async def run_once(options: BenchOptions) -> dict[str, Any]:
     auth = transport.AuthConfig()
     server = await transport.serve("127.0.0.1:0", accept, name="bench-destination", auth=auth)
     try:
-        migration = SourceMigration(
-            sources, server.address, options.params(), auth=auth, name="bench-source"
-        )
+        params = MigrationParams().updated(options.migration_parameters())
+        migration = SourceMigration(sources, server.address, params, auth=auth, name="bench-source")
         stats = await migration.run()
         result = stats.as_dict(history=True)
         source_digests = [await d.digest() for d in sources]
@@ -110,7 +114,8 @@ async def run_once(options: BenchOptions) -> dict[str, Any]:
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """min/median/max of the headline numbers over repeated runs."""
     summary: dict[str, Any] = {"runs": len(runs)}
-    for key in ("downtime_ms", "total_ms", "iterations", "transferred_bytes"):
+    keys = ("downtime_ms", "total_ms", "iterations", "transferred_bytes", "bandwidth_bps")
+    for key in keys:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             summary[key] = {
@@ -118,6 +123,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "median": statistics.median(values),
                 "max": max(values),
             }
+    summary["completed"] = sum(r["status"] == "completed" for r in runs)
     summary["verified"] = all(r.get("verified") for r in runs)
     return summary
 

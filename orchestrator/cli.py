@@ -19,12 +19,15 @@ import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
 
 import structlog
 
 from devices.fsm import Feature, describe
 from orchestrator.params import MigrationParams, Policy
+
+if TYPE_CHECKING:  # the bench modules load devices and transport: only when benchmarking
+    from orchestrator.bench import BenchOptions
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -184,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ram-working-set-mib", type=float, help="default: half the RAM")
     bench.add_argument("--downtime-limit-ms", type=float, default=100)
     bench.add_argument("--max-bandwidth-mbps", type=float, help="bandwidth cap (MB/s)")
-    bench.add_argument("--channels", type=int, default=1)
+    bench.add_argument("--channels", type=int, help="connections (default: 4, one per device)")
     bench.add_argument("--repeat", type=int, default=1, metavar="K", help="runs (min/median/max)")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the convergence")
     bench.add_argument(
@@ -434,14 +437,10 @@ async def _cmd_events(args: argparse.Namespace) -> int:
     return await _with_client(args, body)
 
 
-async def _cmd_bench(args: argparse.Namespace) -> int:
-    from orchestrator import daemonbench, progress
+def _bench_options(args: argparse.Namespace) -> BenchOptions:
+    from orchestrator.bench import BenchOptions
 
-    if args.repeat < 1:
-        return _fail(args, EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
-    if args.in_process:
-        return await _bench_in_process(args)
-    options = daemonbench.BenchOptions(
+    return BenchOptions(
         devices=args.devices,
         state_mib=args.state_mib,
         dirty_mbps=args.dirty_mbps,
@@ -452,6 +451,16 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
         max_bandwidth_mbps=args.max_bandwidth_mbps,
         channels=args.channels,
     )
+
+
+async def _cmd_bench(args: argparse.Namespace) -> int:
+    from orchestrator import bench, daemonbench, progress
+
+    if args.repeat < 1:
+        return _fail(args, EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
+    if args.in_process:
+        return await _bench_in_process(args)
+    options = _bench_options(args)
     try:
         runs = []
         for index in range(args.repeat):
@@ -465,7 +474,7 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
         return _fail(args, EXIT_UNREACHABLE, "DaemonFailed", str(exc))
     if args.plot is not None:
         daemonbench.plot(runs[-1], args.plot)
-    return _bench_report(args, runs, daemonbench.summarize(runs))
+    return _bench_report(args, runs, bench.summarize(runs))
 
 
 def _bench_report(
@@ -490,17 +499,7 @@ def _bench_report(
 async def _bench_in_process(args: argparse.Namespace) -> int:
     from orchestrator import bench, daemonbench, progress
 
-    options = bench.BenchOptions(
-        devices=args.devices,
-        state_mib=args.state_mib,
-        dirty_mbps=args.dirty_mbps,
-        ram_mib=args.ram_mib,
-        ram_dirty_mbps=args.ram_dirty_mbps,
-        ram_working_set_mib=args.ram_working_set_mib,
-        downtime_limit_ms=args.downtime_limit_ms,
-        max_bandwidth_mbps=args.max_bandwidth_mbps,
-        channels=args.channels,
-    )
+    options = _bench_options(args)
     runs = await bench.run_repeated(options, args.repeat)
     if args.plot is not None:
         daemonbench.plot(runs[-1], args.plot)
@@ -514,10 +513,9 @@ async def _bench_in_process(args: argparse.Namespace) -> int:
 
 async def _cmd_demo(args: argparse.Namespace) -> int:
     from orchestrator import daemonbench, progress
+    from orchestrator.bench import BenchOptions
 
-    options = daemonbench.BenchOptions(
-        devices=3, state_mib=16, dirty_mbps=20, ram_mib=64, ram_dirty_mbps=40
-    )
+    options = BenchOptions(devices=3, state_mib=16, dirty_mbps=20, ram_mib=64, ram_dirty_mbps=40)
     print(
         "livemig demo: two daemons on localhost; migrating 3 simulated devices (16 MiB, "
         "20 MB/s dirtied each) and a 64 MiB RAM device (40 MB/s dirtied) while they run..."

@@ -15,19 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib
 import os
 import secrets
 import signal
 import socket
-import statistics
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from orchestrator.bench import BenchOptions
 from orchestrator.control import ControlClient, DaemonUnreachable
 from orchestrator.stats import FINAL_STATUSES
 
@@ -160,32 +159,6 @@ def _open_log(path: Path) -> IO[bytes]:
 # -- configs ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(slots=True)
-class BenchOptions:
-    """What to migrate and how; the CLI's ``bench`` options."""
-
-    devices: int = 4
-    state_mib: float = 16
-    dirty_mbps: float = 10
-    ram_mib: float = 0
-    ram_dirty_mbps: float = 0
-    ram_working_set_mib: float | None = None
-    downtime_limit_ms: float = 100
-    max_bandwidth_mbps: float | None = None
-    channels: int = 1
-    parameters: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def migration_parameters(self) -> dict[str, Any]:
-        """The ``migrate`` command's parameters."""
-        parameters: dict[str, Any] = {
-            "downtime_limit_ms": self.downtime_limit_ms,
-            "channels": self.channels,
-        }
-        if self.max_bandwidth_mbps is not None:
-            parameters["max_bandwidth"] = self.max_bandwidth_mbps * 1e6
-        return parameters | self.parameters
-
-
 def device_tables(options: BenchOptions, *, workload: bool) -> str:
     """The ``[[device]]`` tables; only the source runs a workload (see the module doc)."""
     tables = [
@@ -198,14 +171,12 @@ def device_tables(options: BenchOptions, *, workload: bool) -> str:
         for index in range(options.devices)
     ]
     if options.ram_mib:
-        working = options.ram_working_set_mib
-        working = options.ram_mib / 2 if working is None else working
         tables.append(
             "[[device]]\n"
             'kind = "ram"\n'
             'name = "ram0"\n'
             f"size_mib = {options.ram_mib}\n"
-            f"working_set_mib = {working}\n"
+            f"working_set_mib = {options.working_set_mib}\n"
             f"dirty_mbps = {options.ram_dirty_mbps if workload else 0}\n"
         )
     return "\n".join(tables)
@@ -303,23 +274,6 @@ async def run_once(options: BenchOptions) -> dict[str, Any]:
 async def run_repeated(options: BenchOptions, repeat: int) -> list[dict[str, Any]]:
     """``repeat`` independent runs, one after the other."""
     return [await run_once(options) for _ in range(repeat)]
-
-
-def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """min/median/max of the headline numbers over the runs."""
-    summary: dict[str, Any] = {"runs": len(runs)}
-    keys = ("downtime_ms", "total_ms", "iterations", "transferred_bytes", "bandwidth_bps")
-    for key in keys:
-        values = [r[key] for r in runs if r.get(key) is not None]
-        if values:
-            summary[key] = {
-                "min": min(values),
-                "median": statistics.median(values),
-                "max": max(values),
-            }
-    summary["completed"] = sum(r["status"] == "completed" for r in runs)
-    summary["verified"] = all(r.get("verified") for r in runs)
-    return summary
 
 
 def plot(stats: dict[str, Any], path: Path) -> None:
