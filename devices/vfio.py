@@ -24,6 +24,10 @@ adds on top of the kernel:
 * Drivers may accept RESUMING -> STOP after a failed ``write()`` (mtty rejects a foreign
   header with EFAULT yet loads nothing and still says yes), so every failed write is
   remembered and RESUMING -> STOP is failed here with StateValidationError.
+* Fault injection, for tests only (:class:`VfioFaults`, the config's ``faults`` table):
+  a source whose saved stream is corrupt, so that a destination's driver has a foreign
+  stream to refuse. The transport's checksum catches corruption on the wire, before any
+  device sees it; this is the corruption it cannot catch.
 
 Every errno becomes a DeviceError naming the call, the device and its state; the
 OSError is its ``__cause__``. Device ioctls run inline on the loop: they are
@@ -163,6 +167,15 @@ def _ioctl(fd: int, request: int, arg: int | bytearray = 0) -> int:
     if isinstance(arg, bytearray):
         return int(fcntl.ioctl(fd, request, arg, True))
     return fcntl.ioctl(fd, request, arg)
+
+
+@dataclass(frozen=True)
+class VfioFaults:
+    """Faults to inject into a real device, for tests only; a default one injects none."""
+
+    #: Flip every bit of the first byte of each saving session's stream, as a device
+    #: that saved a corrupt state would (for mtty: a foreign magic, refused with EFAULT).
+    corrupt_stream: bool = False
 
 
 class RegionInfo(NamedTuple):
@@ -364,6 +377,10 @@ class VfioSaveChannel(SaveChannel):
         self._idle = False
         #: Whether the permanent end of stream was read (STOP_COPY).
         self.ended = False
+        #: Bytes of the stream returned so far.
+        self.offset = 0
+        #: Fault injection (VfioFaults.corrupt_stream): corrupt the stream's first byte.
+        self.corrupt = False
 
     @property
     def fd(self) -> int:
@@ -388,6 +405,10 @@ class VfioSaveChannel(SaveChannel):
                 ) from exc
             if data:
                 self._idle = False
+                if self.offset == 0 and self.corrupt:
+                    data = bytes([data[0] ^ 0xFF]) + data[1:]
+                    log.warning("vfio_fault_corrupt_stream", device=self.device.name)
+                self.offset += len(data)
                 return (data,)
             if state == State.STOP_COPY:
                 self.ended = True
@@ -468,10 +489,17 @@ class VfioDevice(MigratableDevice):
     format_version: ClassVar[int] = 1
 
     def __init__(
-        self, name: str, path: VfioPath, fds: VfioFds, features: Feature | None = None
+        self,
+        name: str,
+        path: VfioPath,
+        fds: VfioFds,
+        features: Feature | None = None,
+        faults: VfioFaults | None = None,
     ) -> None:
         self.path = path
         self.fds = fds
+        #: Faults injected for tests (none by default).
+        self.faults = faults or VfioFaults()
         self._channel: VfioSaveChannel | VfioResumeChannel | None = None
         #: (stream offset, OSError) of every failed write in the current RESUMING session.
         self._failed_writes: list[tuple[int, OSError]] = []
@@ -502,17 +530,23 @@ class VfioDevice(MigratableDevice):
 
     @classmethod
     def from_config(
-        cls, spec: str, *, name: str | None = None, features: Feature | None = None
+        cls,
+        spec: str,
+        *,
+        name: str | None = None,
+        features: Feature | None = None,
+        faults: VfioFaults | None = None,
     ) -> VfioDevice:
         """Open the device named by an mdev UUID, a PCI address or a sysfs path.
 
         ``features`` restricts the states used to a legal subset of what the driver
-        offers (say, STOP_COPY alone to migrate without pre-copy).
+        offers (say, STOP_COPY alone to migrate without pre-copy); ``faults`` injects
+        faults, for tests.
         """
         path = VfioPath.resolve(spec)
         fds = open_fds(path)
         try:
-            return cls(name or path.name, path, fds, features)
+            return cls(name or path.name, path, fds, features, faults)
         except BaseException:
             fds.close()
             raise
@@ -621,8 +655,11 @@ class VfioDevice(MigratableDevice):
         if opens and data_fd < 0:
             self._desync(start, target, "the kernel opened no data fd for a new session")
         if opens:
-            channel_type = VfioResumeChannel if target == State.RESUMING else VfioSaveChannel
-            self._channel = channel_type(self, data_fd)
+            if target == State.RESUMING:
+                self._channel = VfioResumeChannel(self, data_fd)
+            else:
+                self._channel = VfioSaveChannel(self, data_fd)
+                self._channel.corrupt = self.faults.corrupt_stream
             self._failed_writes.clear()
         # The kernel walked the same arcs fsm derives (the FSM tests pin that): show
         # each to the listeners, as a device whose arcs are walked here would.

@@ -19,6 +19,12 @@
     name = "sim0"
     state_mib = 16
 
+    [[device]]
+    kind = "vfio"
+    name = "tty0"
+    device = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"   # mdev UUID, PCI address or path
+    # faults = { corrupt_stream = true }     # fault injection, for tests only
+
 tomllib gives no positions, so :class:`_KeyLines` finds each key's line in the text:
 a small scan of table headers and ``key =`` lines, which is all a config of this shape
 uses. A key it cannot place (inside an inline table, say) is reported at its table.
@@ -487,17 +493,36 @@ _RAM: dict[str, _Key] = _COMMON | {
 }
 
 
+def _vfio_faults(value: dict[str, Any]) -> Any:
+    """A VFIO device's ``faults`` table (fault injection, for tests): VfioFaults."""
+    from devices.vfio import VfioFaults
+
+    known = {f.name for f in dataclasses.fields(VfioFaults)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    for key, flag in value.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"fault {key!r} must be true or false, got {flag!r}")
+    return VfioFaults(**value)
+
+
 _VFIO: dict[str, _Key] = {
     "device": ("spec", str, str),
     "features": ("features", list, _features),
+    "faults": ("faults", dict, _vfio_faults),  # fault injection, for tests
 }
 
 
-def _vfio(name: str, *, spec: str, features: Feature | None = None) -> MigratableDevice:
+def _vfio(
+    name: str, *, spec: str, features: Feature | None = None, faults: Any = None
+) -> MigratableDevice:
     """Open a VFIO device (an mdev UUID, a PCI address or a sysfs path)."""
     from devices.vfio import VfioDevice
 
-    return VfioDevice.from_config(spec, name=name, features=features)
+    return VfioDevice.from_config(spec, name=name, features=features, faults=faults)
 
 
 def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key]]]:
