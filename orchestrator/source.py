@@ -649,8 +649,15 @@ class SourceMigration:
             dstats.downtime_ms = source_side | dest_side
 
     async def _finish(self) -> None:
-        """Release the source devices: STOP_COPY -> STOP, outside the downtime window."""
-        await self._transition(self.devices, State.STOP)
+        """Release the source devices: STOP_COPY -> STOP, outside the downtime window.
+
+        The workload already runs on the destination, so a device that fails to leave
+        STOP_COPY is reported but changes nothing: the migration completed.
+        """
+        try:
+            await self._transition(self.devices, State.STOP)
+        except MigrationError as exc:
+            self.log.error("source_release_failed", error=str(exc))
         await self._close_session()
         self._end_clock()
         self._set_status(Status.COMPLETED)
@@ -693,7 +700,7 @@ class SourceMigration:
         """Roll back (unless committed), record why, and raise ``error``."""
         self.stats.error = str(error)
         self.log.error("migration_failed", reason=str(error), error_type=type(error).__name__)
-        if not isinstance(error, OutcomeUnknown):
+        if self._stage is _Stage.REVERSIBLE:
             await self._rollback()
         else:
             await self._stop_background()
