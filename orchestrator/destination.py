@@ -167,10 +167,14 @@ class DestinationMigration:
         self.marks["resume"] = time.monotonic()
         for marks in self.device_marks.values():
             marks["resume"] = (self.marks["resume"] - started) * 1e3
-        await self._send_verdict("resumed")
         self.log.info("migration_resumed", received_bytes=self.received_bytes)
-        with contextlib.suppress(transport.TransportError, OSError):
+        # The devices run the workload now: losing the source from here on is no reason
+        # to stop them (it keeps its devices stopped when it cannot hear this verdict).
+        try:
+            await self._send_verdict("resumed")
             await session.close()
+        except (transport.TransportError, OSError) as exc:
+            self.log.warning("resumed_verdict_not_delivered", error=str(exc))
 
     async def _transition(self, target: State, *, mark: str = "") -> None:
         """All devices to ``target`` in parallel; the first failure names its device."""

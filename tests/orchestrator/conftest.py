@@ -56,10 +56,11 @@ class Spec:
 
 
 class VerdictGate:
-    """Wraps a destination session so its verdicts wait until the test opens the gate."""
+    """Wraps a destination session so its verdicts (of one stage, or all) wait for the test."""
 
-    def __init__(self, session: transport.Session) -> None:
+    def __init__(self, session: transport.Session, stage: str | None) -> None:
         self._session = session
+        self._stage = stage
         self.blocked = asyncio.Event()
         self.open = asyncio.Event()
 
@@ -67,7 +68,8 @@ class VerdictGate:
         return getattr(self._session, name)
 
     async def send_control(self, tag: transport.Tag, fields: Any = None, **kw: Any) -> None:
-        if tag == transport.Tag.VERDICT and not self.open.is_set():
+        held = self._stage is None or (fields or {}).get("stage") == self._stage
+        if tag == transport.Tag.VERDICT and held and not self.open.is_set():
             self.blocked.set()
             await self.open.wait()
         await self._session.send_control(tag, fields, **kw)
@@ -128,7 +130,8 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
     servers: list[transport.Server] = []
     devices: list[PagedDevice] = []
 
-    async def make(specs: Sequence[Spec], *, hold_verdicts: bool = False) -> Ends:
+    async def make(specs: Sequence[Spec], *, hold_verdicts: bool | str = False) -> Ends:
+        """``hold_verdicts``: hold every verdict (True) or those of one stage."""
         sources = [s.build(source=True) for s in specs]
         targets = [s.build(source=False) for s in specs]
         trace, target_trace = ArcTrace(), ArcTrace()
@@ -144,7 +147,8 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
 
         async def accept(session: transport.Session) -> None:
             if hold_verdicts:
-                gate = VerdictGate(session)
+                stage = hold_verdicts if isinstance(hold_verdicts, str) else None
+                gate = VerdictGate(session, stage)
                 gates.append(gate)
                 gate_made.set()
                 session = gate

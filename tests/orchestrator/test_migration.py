@@ -20,6 +20,7 @@ from orchestrator.errors import (
     MigrationBlocked,
     MigrationCancelled,
     MigrationError,
+    OutcomeUnknown,
 )
 from orchestrator.params import Policy
 from orchestrator.stats import Status
@@ -367,3 +368,19 @@ async def test_verdict_timeout_rolls_back(make_ends) -> None:
     (await ends.held_verdict()).open.set()
     await ends.assert_source_intact()
     assert not ends.resumed_on_destination()
+
+
+async def test_link_lost_after_commit_keeps_both_sides_safe(make_ends) -> None:
+    """With the link gone after COMMIT the destination runs and the source stays stopped."""
+    ends = await make_ends(sims(2), hold_verdicts="resumed")
+    run = asyncio.create_task(ends.migration().run())
+    gate = await ends.held_verdict()  # the destination runs the devices and would say so
+    gate.abort()
+    gate.open.set()
+    with pytest.raises(OutcomeUnknown, match="may be running the devices"):
+        await run
+    assert ends.outcomes == [True]
+    for source, target in zip(ends.sources, ends.targets, strict=True):
+        assert source.state == State.STOP
+        assert target.state == State.RUNNING
+        assert await source.digest() == await target.digest()
