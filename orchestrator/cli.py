@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("devices", "each device: name, kind, state, feature flags")
     command("digests", "SHA-256 of each device's state (compare two hosts after a migration)")
+    resume = command(
+        "resume", "run stopped devices again (after a migration whose outcome is unknown)"
+    )
+    resume.add_argument("devices", nargs="+", metavar="DEVICE")
 
     events = command("events", "print the daemon's events as they come")
     events.add_argument(
@@ -419,6 +423,19 @@ async def _cmd_digests(args: argparse.Namespace) -> int:
     return await _with_client(args, body)
 
 
+async def _cmd_resume(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        states = await client.execute("device-resume", devices=args.devices)
+        if args.json:
+            _print_json(states)
+        else:
+            for name, state in states.items():
+                print(f"{name:<16} {state}")
+        return EXIT_OK
+
+    return await _with_client(args, body)
+
+
 async def _cmd_events(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
         await client.subscribe(args.events)
@@ -542,6 +559,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "continue": _cmd_continue,
     "devices": _cmd_devices,
     "digests": _cmd_digests,
+    "resume": _cmd_resume,
     "events": _cmd_events,
     "bench": _cmd_bench,
     "demo": _cmd_demo,

@@ -32,6 +32,7 @@ import structlog
 
 import transport
 from devices.base import MigratableDevice
+from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator import config as config_module
 from orchestrator.config import ConfigError, DaemonConfig
@@ -382,6 +383,12 @@ class Service:
             Command("migrate-switchover", self.migrate_switchover, {"id": mid}, "force it now"),
             Command("migrate-cancel", self.migrate_cancel, {"id": mid}, "cancel and roll back"),
             Command(
+                "device-resume",
+                self.device_resume,
+                {"devices": Arg(list, required=True, help="device names")},
+                "run idle devices again (after a migration whose outcome is unknown)",
+            ),
+            Command(
                 "subscribe", self.subscribe, {"events": Arg(list)}, "receive events (all or named)"
             ),
         ]
@@ -424,6 +431,30 @@ class Service:
         """SHA-256 of each device's whole state (to prove a migration byte-exact)."""
         chosen = [self._device(str(n)) for n in (devices or list(self.devices))]
         return {d.name: (await d.digest()).hex() for d in chosen}
+
+    async def device_resume(self, devices: list[Any]) -> dict[str, str]:
+        """Bring devices no migration holds back to RUNNING; their states, by name.
+
+        For the operator after OutcomeUnknown (the source devices stay stopped because
+        the destination may run them): resume them here only if it did not take over.
+        A device in ERROR is reset.
+        """
+        if not devices or not all(isinstance(n, str) for n in devices):
+            raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
+        chosen = [self._device(name) for name in devices]
+        busy = [f"{n} (migration {self.owners[n]})" for n in devices if n in self.owners]
+        if busy:
+            raise ControlError("DeviceBusy", f"devices in a migration: {', '.join(busy)}")
+        for device in chosen:
+            if device.state == State.ERROR:
+                await device.reset()
+            else:
+                try:
+                    await device.set_state(State.RUNNING)
+                except DeviceError as exc:
+                    raise ControlError("GenericError", str(exc)) from None
+            log.warning("device_resumed_by_operator", device=device.name)
+        return {d.name: d.state.name for d in chosen}
 
     async def migrate(
         self,

@@ -532,8 +532,8 @@ class SourceMigration:
         except MigrationError as exc:
             raise OutcomeUnknown(
                 f"lost the destination after telling it to resume ({exc}); it may be running "
-                "the devices, so the source devices stay stopped; resume them only if the "
-                "destination did not take over"
+                "the devices, so the source devices stay stopped; resume them (livemig resume) "
+                "only if the destination did not take over"
             ) from exc
         self._account_downtime(clock, loaded, resumed)
 

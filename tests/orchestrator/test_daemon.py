@@ -154,6 +154,19 @@ async def test_a_migration_through_the_cli_is_byte_exact(pair: Pair) -> None:
     assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
 
 
+async def test_resume_runs_stopped_source_devices_again(pair: Pair) -> None:
+    """``livemig resume`` brings devices left stopped back to RUNNING, and only idle ones."""
+    code, _, err = await pair.cli("migrate", "--to", pair.address, "--json")
+    assert code == 0, err
+    code, out, err = await pair.cli("resume", "sim0", "idle0", "--json")
+    assert code == 0, err
+    assert json.loads(out) == {"sim0": "RUNNING", "idle0": "RUNNING"}
+    assert (await pair.states(pair.src))["ram0"] == "STOP"
+    code, _, err = await pair.cli("resume", "nope")
+    assert code != 0
+    assert "no device 'nope'" in err
+
+
 async def test_status_shows_a_migration_paused_before_switchover(pair: Pair) -> None:
     """``status --json`` reports the running migration; ``continue`` lets it finish."""
     code, out, err = await pair.cli(
