@@ -43,12 +43,14 @@ def match_devices(
         if device is None:
             problems.append(f"no device named {desc.name!r} here")
             continue
-        if device.kind != desc.kind:
-            problems.append(f"{desc.name}: kind {desc.kind!r} offered, {device.kind!r} here")
-        elif device.format_version != desc.format_version:
+        # The descriptor, not the class: a VFIO device's kind names its model too.
+        here = device.descriptor()
+        if here.kind != desc.kind:
+            problems.append(f"{desc.name}: kind {desc.kind!r} offered, {here.kind!r} here")
+        elif here.format_version != desc.format_version:
             problems.append(
                 f"{desc.name}: state format v{desc.format_version} offered, "
-                f"v{device.format_version} here"
+                f"v{here.format_version} here"
             )
         elif p2p and len(offered) > 1 and not device.features & Feature.P2P:
             problems.append(f"{desc.name}: P2P requested but this device lacks it")
