@@ -61,7 +61,8 @@ def write_pem(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKe
 
 
 def make_pki(root: Path, leaves: tuple[str, ...]) -> Path:
-    """In ``root``: ``ca`` and each leaf it signed, plus an unrelated ``other-ca``."""
+    """In ``root`` (made if need be): ``ca``, each leaf it signed, and an unrelated ``other-ca``."""
+    root.mkdir(parents=True, exist_ok=True)
     for ca_name in ("ca", "other-ca"):
         ca_key = new_key()
         write_pem(root / ca_name, certificate(ca_name, ca_key, None, ca=True), ca_key)
