@@ -1,9 +1,14 @@
-"""The command line: parsing, parameter options, exit codes without a daemon."""
+"""The command line: parsing, parameter options, exit codes, and how ``migrate`` shows progress."""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
-from collections.abc import Iterator
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,7 @@ import structlog
 
 from orchestrator import cli
 from orchestrator.params import MigrationParams
+from tests.orchestrator.test_daemon import DEADLINE, ROOT, Pair, start_pair
 
 
 @pytest.fixture(autouse=True)
@@ -81,3 +87,111 @@ def test_fsm_table_still_prints_the_paths(capsys: pytest.CaptureFixture[str]) ->
     """The FSM table command is unchanged."""
     assert cli.main(["fsm-table", "--features", "STOP_COPY"]) == 0
     assert "STOP_COPY" in capsys.readouterr().out
+
+
+# -- the progress views of ``migrate``, against real daemons ------------------------------
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    """A source and a destination daemon sharing a pre-shared key."""
+    async for running in start_pair(tmp_path):
+        yield running
+
+
+ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
+def _read_until_hangup(master: int) -> bytes:
+    """Everything written to a pty until its last writer is gone; closes ``master``."""
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError as exc:  # EIO: no process holds the other end any more
+                if exc.errno != errno.EIO:
+                    raise
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+    return b"".join(chunks)
+
+
+async def migrate_on_a_terminal(pair: Pair) -> tuple[int, str, str]:
+    """``livemig migrate`` with a pseudo-terminal as stdout; (exit code, screen, stderr)."""
+    master, slave = os.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "migrate",
+            "--to",
+            pair.address,
+            "--control",
+            str(pair.folder / "source.sock"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=slave,
+            stderr=asyncio.subprocess.PIPE,
+            env=os.environ | {"PYTHONPATH": str(ROOT), "TERM": "xterm-256color", "COLUMNS": "100"},
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    screen = asyncio.ensure_future(asyncio.to_thread(_read_until_hangup, master))
+    try:
+        assert process.stderr is not None
+        err, code = await asyncio.wait_for(
+            asyncio.gather(process.stderr.read(), process.wait()), DEADLINE
+        )
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    output = await asyncio.wait_for(screen, DEADLINE)
+    text = ANSI.sub("", output.decode(errors="replace")).replace("\r", "")
+    return code, text, err.decode()
+
+
+#: How the views print a byte count (progress.human_bytes) and a rate (human_rate).
+BYTES = r"\d+ B|\d+\.\d (?:KiB|MiB|GiB)"
+RATE = r"\d+\.\d MB/s"
+DOWNTIME = r"\d+\.\d ms|-"
+
+
+async def test_migrate_on_a_terminal_shows_the_live_panel(pair: Pair) -> None:
+    """On a tty ``migrate`` draws the rich panel with every progress field, then the summary."""
+    code, screen, err = await migrate_on_a_terminal(pair)
+    assert code == 0, err
+    assert re.search(r"^\s*migration: [a-z-]+\s*$", screen, re.M), screen
+    for label, value in [
+        ("iteration", r"[1-9]\d*"),
+        ("sent", BYTES),
+        ("remaining", BYTES),
+        ("bandwidth", RATE),
+        ("expected downtime", DOWNTIME),
+    ]:
+        row = rf"^[│|] {label}\s+[│|]\s+(?:{value}) [│|]$"
+        assert re.search(row, screen, re.M), f"no {label!r} row in:\n{screen}"
+    assert "iteration 1: sent" not in screen, "plain lines instead of the panel"
+    assert "status: completed" in screen.splitlines()
+
+
+async def test_migrate_without_a_terminal_prints_plain_lines(pair: Pair) -> None:
+    """Without a tty ``migrate`` prints status and progress lines, no escape sequences."""
+    code, out, err = await pair.cli("migrate", "--to", pair.address)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[:2] == ["status: setup", "status: active"]
+    progress = rf"iteration [1-9]\d*: sent (?:{BYTES}), remaining (?:{BYTES}), "
+    progress += rf"bandwidth {RATE}, expected downtime (?:{DOWNTIME})"
+    assert re.fullmatch(progress, lines[2]), lines[2]
+    assert "status: completed" in lines
+    assert "\x1b" not in out
+    assert "│" not in out
