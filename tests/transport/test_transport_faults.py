@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 
 import pytest
-from transport_helpers import PSK, RawPeer, Recorder, descriptors
+from structlog.testing import capture_logs
+from transport_helpers import PSK, RawPeer, Recorder, descriptors, hello_fields
 
 from transport import (
     AuthConfig,
@@ -24,6 +26,7 @@ from transport import (
     encode_devices,
     serve,
 )
+from transport.auth import proof
 from transport.frames import encode_header
 
 
@@ -237,3 +240,51 @@ async def test_cancelled_recv_leaves_the_session_usable(server: Server) -> None:
     await session.send_control(Tag.END_OF_STREAM)
     assert (await session.recv()).tag is Tag.VERDICT
     await session.close()
+
+
+async def test_connections_past_the_pending_handshake_limit_are_refused(
+    recorder: Recorder,
+) -> None:
+    """Past max_pending_handshakes a new connection is closed unanswered; sessions go on."""
+    limits = Limits(max_pending_handshakes=3)
+    with capture_logs() as logs:
+        async with await serve(
+            "127.0.0.1:0", recorder, name="dest", auth=AuthConfig(psk=PSK), limits=limits
+        ) as server:
+            session = await source(server)
+            # Three peers stop halfway: HELLO answered, AUTH never sent. The answer
+            # proves the server holds a handshake open for each.
+            pending = []
+            for _ in range(limits.max_pending_handshakes):
+                peer = await RawPeer.open(server.address)
+                session_id, nonce = os.urandom(16), os.urandom(32)
+                await peer.send(Tag.HELLO, hello_fields(session_id, nonce))
+                hello = await peer.read_frame()
+                assert hello is not None
+                assert hello.tag is Tag.HELLO
+                pending.append((peer, session_id, nonce, hello.fields()["nonce"]))
+            for _ in range(2):
+                extra = await RawPeer.open(server.address)
+                with contextlib.suppress(ConnectionError):
+                    await extra.send(Tag.HELLO, hello_fields(os.urandom(16), os.urandom(32)))
+                assert await extra.read_frame() is None, "no HELLO for a connection over the limit"
+                await extra.close()
+            await session.send_chunk(Tag.PRECOPY_DATA, 1, (b"still here",))
+            await session.send_control(Tag.END_OF_STREAM)
+            assert (await session.recv()).tag is Tag.VERDICT
+            await session.close()
+            assert (Tag.PRECOPY_DATA, 1, b"still here") in recorder.frames
+            # Once the halfway peers authenticate they no longer hold a slot.
+            for peer, session_id, nonce, dest_nonce in pending:
+                await peer.send(
+                    Tag.AUTH, {"proof": proof(PSK, "source", session_id, 0, nonce, dest_nonce)}
+                )
+                accepted = await peer.read_frame()
+                assert accepted is not None
+                assert accepted.tag is Tag.AUTH
+            late = await connect(server.address, name="late", auth=AuthConfig(psk=PSK))
+            await late.close()
+            for peer, *_ in pending:
+                await peer.close()
+    refused = [e for e in logs if e["event"] == "connection_refused"]
+    assert [e["reason"] for e in refused] == ["too many pending handshakes"] * 2
