@@ -958,12 +958,17 @@ async def serve(
     server = Server(handler, name=name, auth=auth, limits=limits)
     kind, host, port = parse_address(address)
     loop = asyncio.get_running_loop()
+    # The TLS handshake comes before HELLO (the channel sees the connection only once
+    # it is done), so it gets the same budget rather than asyncio's 60 s default.
+    tls_timeout = limits.handshake_timeout if auth.ssl_context else None
     if kind == "unix":
-        server._server = await loop.create_unix_server(server._protocol, host, ssl=auth.ssl_context)
+        server._server = await loop.create_unix_server(
+            server._protocol, host, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
+        )
         server.address = format_address("unix", host, 0)
     else:
         server._server = await loop.create_server(
-            server._protocol, host, port, ssl=auth.ssl_context
+            server._protocol, host, port, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
         )
         bound = server._server.sockets[0].getsockname()
         server.address = format_address("tcp", bound[0], bound[1])

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 from transport_helpers import PSK, RawPeer, Recorder, descriptors, hello_fields
 
+from tests.pki import make_pki
 from transport import (
     AuthConfig,
     ConnectionLost,
@@ -25,6 +27,7 @@ from transport import (
     connect,
     encode_devices,
     serve,
+    server_tls_context,
 )
 from transport.auth import proof
 from transport.frames import encode_header
@@ -288,3 +291,21 @@ async def test_connections_past_the_pending_handshake_limit_are_refused(
                 await peer.close()
     refused = [e for e in logs if e["event"] == "connection_refused"]
     assert [e["reason"] for e in refused] == ["too many pending handshakes"] * 2
+
+
+async def test_a_tls_handshake_that_never_starts_is_dropped(tmp_path: Path) -> None:
+    """On a TLS listener too, a connection that sends nothing is closed (handshake_timeout)."""
+    pki = make_pki(tmp_path, ("server",))
+    context = server_tls_context(pki / "server.crt", pki / "server.key")
+    limits = Limits(handshake_timeout=0.2)
+    async with await serve(
+        "127.0.0.1:0",
+        Recorder(),
+        name="dest",
+        auth=AuthConfig(psk=PSK, ssl_context=context),
+        limits=limits,
+    ) as server:
+        peer = await RawPeer.open(server.address)
+        # Well under asyncio's own 60 s TLS default, which applied before.
+        assert await asyncio.wait_for(peer.read_frame(), 20) is None
+        await peer.close()
