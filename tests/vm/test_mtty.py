@@ -2,17 +2,21 @@
 
 The lab is built (or found in its cache) first; a cold build installs Debian packages
 as root and takes minutes. One guest boot runs the whole in-guest pytest session
-(the device contract suite with the VFIO harness, and the mtty migration scenarios)
-and leaves a JUnit report in the results folder; the tests here read it.
+(the device contract suite with the VFIO harness, the in-process mtty migration
+scenarios, and two livemig daemons migrating an mtty mdev through the CLI) and leaves
+a JUnit report in the results folder, plus ``two_daemons.json``, what the two-daemon
+scenarios saw; the tests here read both.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +42,7 @@ class GuestSession:
     returncode: int
     output: str
     outcomes: dict[str, tuple[str, str]]  # test id -> (outcome, message)
+    results: Path
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +63,7 @@ def guest(lab: lab_module.Lab, tmp_path_factory: pytest.TempPathFactory) -> Gues
                 outcome, message = tag, element.get("message") or ""
                 break
         outcomes[test_id] = (outcome, message)
-    return GuestSession(result.returncode, result.output, outcomes)
+    return GuestSession(result.returncode, result.output, outcomes, result.results)
 
 
 def test_guest_session_passes(guest: GuestSession) -> None:
@@ -81,6 +86,8 @@ def test_guest_session_passes(guest: GuestSession) -> None:
         "test_short_stream_fails_in_the_kernel_and_stays_resuming",
         "test_stop_copy_to_precopy_is_refused_before_the_kernel",
         "test_data_fd_waits_work_under_uvloop",
+        "test_two_daemons_cancel_then_migrate_the_uart_state",
+        "test_two_daemons_corrupted_stream",
     ],
 )
 def test_mtty_scenario_passed_in_guest(guest: GuestSession, test_name: str) -> None:
@@ -88,6 +95,68 @@ def test_mtty_scenario_passed_in_guest(guest: GuestSession, test_name: str) -> N
     matches = {k: v for k, v in guest.outcomes.items() if k.endswith(f"::{test_name}")}
     assert matches, f"{test_name} did not run in the guest"
     assert all(outcome == "passed" for outcome, _ in matches.values()), matches
+
+
+def scenario(guest: GuestSession, name: str) -> dict[str, Any]:
+    """What the guest's two-daemon test recorded for ``name``; fails if it recorded nothing."""
+    report = guest.results / "two_daemons.json"
+    logs = guest.results / "two-daemons"
+    where = f"(daemon logs under {logs})\n{guest.output[-4000:]}"
+    if not report.is_file():
+        pytest.fail(f"the guest's two-daemon tests left no {report.name} {where}")
+    facts = json.loads(report.read_text()).get(name)
+    if not facts:
+        pytest.fail(f"the guest's two-daemon tests recorded no {name!r} scenario {where}")
+    return dict(facts)
+
+
+def test_two_daemons_migrate_carries_the_uart_content(guest: GuestSession) -> None:
+    """`livemig migrate` between two daemons completed and the destination's FIFOs match."""
+    facts = scenario(guest, "migrate")
+    assert (facts.get("exit"), facts.get("status")) == (0, "completed"), (
+        f"migrate exited {facts.get('exit')} with status {facts.get('status')}: "
+        f"{facts.get('error')}"
+    )
+    before, after = facts["digests_before"], facts["digests_after"]
+    assert before["source"] != before["destination"], "the two mdevs started out equal"
+    assert after["destination"] == before["source"], f"digests: before {before}, after {after}"
+    assert facts["destination_uart"] == facts["written"], (
+        f"destination FIFOs {facts['destination_uart']}, written to the source {facts['written']}"
+    )
+
+
+def test_two_daemons_cancel_leaves_the_source_running(guest: GuestSession) -> None:
+    """`livemig cancel` at pre-switchover returned the source to RUNNING, its state unchanged."""
+    facts = scenario(guest, "cancel")
+    assert facts.get("paused_status") == "pre-switchover", facts
+    assert (facts.get("cancel_exit"), facts.get("cancel_status")) == (0, "cancelled"), facts
+    assert facts["source_device"]["state"] == "RUNNING", facts["source_device"]
+    assert facts["digest_after"] == facts["digests_before"]["source"], (
+        "the source's registers or FIFOs changed across the cancelled migration"
+    )
+    assert facts["destination_device"]["state"] == "RUNNING", facts["destination_device"]
+
+
+def test_two_daemons_corrupt_stream_fails_on_the_destination(guest: GuestSession) -> None:
+    """A corrupt stream failed the destination (EFAULT); the source stayed intact."""
+    facts = scenario(guest, "corrupt")
+    assert (facts.get("exit"), facts.get("status")) == (1, "failed"), (
+        f"migrate of a corrupt stream exited {facts.get('exit')} with {facts.get('status')}"
+    )
+    assert "tty0" in facts["error"], facts["error"]
+    assert "EFAULT" in facts["error"], facts["error"]
+    assert facts["source_device"]["state"] == "RUNNING", facts["source_device"]
+    assert facts["digest_after"] == facts["digest_before"], (
+        "the source's registers or FIFOs changed across the failed migration"
+    )
+    assert facts["destination_incoming"]["status"] == "failed", facts["destination_incoming"]
+    assert (facts.get("retry_exit"), facts.get("retry_status")) == (0, "completed"), (
+        f"the destination daemon did not take a good migration after the failure: "
+        f"{facts.get('retry_error')}"
+    )
+    assert facts["destination_uart"] == facts["written"], (
+        f"destination FIFOs {facts['destination_uart']}, written to the source {facts['written']}"
+    )
 
 
 def test_contract_suite_ran_against_vfio(guest: GuestSession) -> None:
