@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from devices.base import DeviceDescriptor
 from devices.fsm import Feature, State
 from devices.paged import Faults
+from devices.simulated import SimulatedDevice
+from orchestrator.destination import Refused, match_devices
 from orchestrator.errors import (
     ConvergenceFailed,
     DestinationFailed,
@@ -384,3 +388,18 @@ async def test_link_lost_after_commit_keeps_both_sides_safe(make_ends) -> None:
         assert source.state == State.STOP
         assert target.state == State.RUNNING
         assert await source.digest() == await target.digest()
+
+
+def test_devices_match_by_descriptor_not_class_kind() -> None:
+    """A device whose descriptor names its model (VFIO: vfio:mtty-2) matches the same model."""
+
+    class Model(SimulatedDevice):
+        def descriptor(self) -> DeviceDescriptor:
+            return dataclasses.replace(super().descriptor(), kind="vfio:mtty-2")
+
+    here = Model("tty0", state_size=4096)
+    offered = [dataclasses.replace(here.descriptor())]
+    assert match_devices(offered, {"tty0": here}, p2p=True) == [here]
+    other = [dataclasses.replace(here.descriptor(), kind="vfio:mtty-1")]
+    with pytest.raises(Refused, match="kind 'vfio:mtty-1' offered, 'vfio:mtty-2' here"):
+        match_devices(other, {"tty0": here}, p2p=True)
