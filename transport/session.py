@@ -508,14 +508,15 @@ class Session:
         """``(sent, peer, received)`` time.monotonic() stamps of one PING/PONG."""
         self._check()
         self._ping_id += 1
+        ping_id = self._ping_id  # another ping() may run meanwhile and bump _ping_id
         waiter: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._pings[self._ping_id] = waiter
+        self._pings[ping_id] = waiter
         sent = time.monotonic()
         try:
-            self._chans[0].send_control(Tag.PING, {"id": self._ping_id, "t": sent})
+            self._chans[0].send_control(Tag.PING, {"id": ping_id, "t": sent})
             peer = await waiter
         finally:
-            self._pings.pop(self._ping_id, None)
+            self._pings.pop(ping_id, None)
         return sent, peer, time.monotonic()
 
     # -- ending ----------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import pytest
@@ -108,4 +109,19 @@ async def test_max_bandwidth_and_estimate_follow_the_stream(server: Server) -> N
     assert (await session.recv()).tag is Tag.VERDICT
     assert session.bandwidth.total_bytes >= 1_000_000
     assert session.bandwidth.rate() >= 0.0
+    await session.close()
+
+
+async def test_a_cancelled_ping_does_not_orphan_a_concurrent_one(server: Server) -> None:
+    """Cancelling one ping() leaves another ping() in flight waiting for its own PONG."""
+    session = await open_source(server)
+    first = asyncio.create_task(session.ping())
+    second = asyncio.create_task(session.ping())
+    await asyncio.sleep(0)  # one loop step: both tasks send their PING, no PONG is read yet
+    assert len(session._pings) == 2
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    sent, _peer, received = await second
+    assert sent <= received
     await session.close()
