@@ -874,6 +874,11 @@ class Server:
             if channel.transport is not None and not channel.transport.is_closing():
                 channel.transport.abort()
             return
+        except asyncio.CancelledError:  # close(): the connection goes with its handshake
+            channel.closing = True
+            if channel.transport is not None:
+                channel.transport.abort()
+            raise
         self._join(channel, hello)
 
     def _join(self, channel: _Channel, hello: _Hello) -> None:

@@ -309,3 +309,17 @@ async def test_a_tls_handshake_that_never_starts_is_dropped(tmp_path: Path) -> N
         # Well under asyncio's own 60 s TLS default, which applied before.
         assert await asyncio.wait_for(peer.read_frame(), 20) is None
         await peer.close()
+
+
+async def test_closing_the_server_closes_connections_still_in_the_handshake() -> None:
+    """Server.close() hangs up on a peer whose handshake it cancelled, leaking no socket."""
+    server = await serve("127.0.0.1:0", Recorder(), name="dest", auth=AuthConfig(psk=PSK))
+    peer = await RawPeer.open(server.address)
+    await peer.send(Tag.HELLO, hello_fields(os.urandom(16), os.urandom(32)))
+    hello = await peer.read_frame()
+    assert hello is not None
+    assert hello.tag is Tag.HELLO  # the server now waits for our AUTH
+    server.close()
+    await server.wait_closed()
+    assert await peer.read_frame() is None
+    await peer.close()
