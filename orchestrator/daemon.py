@@ -107,9 +107,10 @@ class _Claims(Mapping[str, MigratableDevice]):
     """The devices an incoming migration may take: looking one up claims it.
 
     DestinationMigration looks up the offered names and refuses the lot when one is
-    missing or not RUNNING; a device claimed by another migration and still RUNNING
-    (that migration has not moved it yet) is hidden, so two migrations never both take
-    it. Claims are released when the incoming migration ends.
+    missing or neither RUNNING nor STOP; a device claimed by another migration in one of
+    those two states (that migration has not moved it yet, or has loaded it and waits
+    for COMMIT) is hidden, so two migrations never both take it. Claims are released
+    when the incoming migration ends.
     """
 
     def __init__(self, service: Service, migration_id: str) -> None:
@@ -119,7 +120,7 @@ class _Claims(Mapping[str, MigratableDevice]):
     def __getitem__(self, name: str) -> MigratableDevice:
         device = self._service.devices[name]
         owner = self._service.owners.setdefault(name, self._id)
-        if owner != self._id and device.state == State.RUNNING:
+        if owner != self._id and device.state in (State.RUNNING, State.STOP):
             raise KeyError(name)
         return device
 

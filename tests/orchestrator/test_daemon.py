@@ -19,7 +19,10 @@ from typing import Any
 
 import pytest
 
+from devices.fsm import State
+from orchestrator.config import parse
 from orchestrator.control import ControlClient
+from orchestrator.daemon import Service, _Claims
 from orchestrator.daemonbench import DaemonFailed, DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -349,3 +352,17 @@ async def test_the_daemon_refuses_to_start_with_a_clear_message(
     assert daemon.process is not None
     assert await daemon.process.wait() == 1
     assert message in str(failed.value)
+
+
+async def test_a_device_another_migration_loaded_is_not_offered_to_a_second_one() -> None:
+    """An incoming migration cannot claim a device that another one validated (STOP)."""
+    config = parse(
+        'control_socket = "c.sock"\n[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\n'
+    )
+    device = config.devices[0].build()
+    service = Service(config, [device])
+    first, second = _Claims(service, "first"), _Claims(service, "second")
+    assert first.get("sim0") is device
+    await device.set_state(State.STOP)  # loaded and validated; waiting for COMMIT
+    assert second.get("sim0") is None
+    assert service.owners == {"sim0": "first"}
