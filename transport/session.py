@@ -485,7 +485,7 @@ class Session:
         self._bucket.take(length)
         self.bandwidth.sample()
         await channel.drain()
-        while (delay := self._bucket.delay()) > 0:
+        while self.error is None and (delay := self._bucket.delay()) > 0:
             self._bucket_changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._bucket_changed.wait(), delay)

@@ -12,6 +12,7 @@ from transport import (
     AuthConfig,
     Server,
     Session,
+    SessionClosed,
     Tag,
     connect,
     encode_devices,
@@ -125,3 +126,18 @@ async def test_a_cancelled_ping_does_not_orphan_a_concurrent_one(server: Server)
     sent, _peer, received = await second
     assert sent <= received
     await session.close()
+
+
+async def test_an_aborted_session_ends_a_send_waiting_on_the_bandwidth_cap(
+    server: Server,
+) -> None:
+    """A send_chunk() waiting off the max-bandwidth debt raises as soon as the session aborts."""
+    session = await open_source(server)
+    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+    session.set_max_bandwidth(1.0)  # one byte per second: the chunk below owes days
+    sending = asyncio.create_task(session.send_chunk(Tag.PRECOPY_DATA, 0, (b"x" * 1_000_000,)))
+    await asyncio.sleep(0)  # one loop step: the chunk is written, the debt is being waited off
+    assert not sending.done()
+    session.abort()
+    with pytest.raises(SessionClosed):
+        await sending
