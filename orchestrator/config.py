@@ -455,6 +455,12 @@ def _faults(value: dict[str, Any]) -> Faults:
             arcs.append((State[start.strip().upper()], State[end.strip().upper()]))
         except KeyError:
             raise ValueError(f"fail_arcs entry {text!r} is not STATE->STATE") from None
+    for name in ("fail_read_after", "stall_read_after"):
+        count = value.get(name)
+        if count is not None and (type(count) is not int or count < 0):
+            raise ValueError(f"{name} must be a byte count (an integer >= 0), got {count!r}")
+    if not isinstance(value.get("corrupt_validation", False), bool):
+        raise ValueError("corrupt_validation must be true or false")
     return Faults(**(dict(value) | {"fail_arcs": frozenset(arcs)}))
 
 

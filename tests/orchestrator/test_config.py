@@ -100,6 +100,11 @@ def test_a_good_config_maps_onto_params_auth_and_devices(folder: Path) -> None:
         (("dirty_mbps = 2", "dirty_mbps = 2\ndirty_rate = 5"), 18, "sets dirty_rate like"),
         (("features = [", 'features = ["WARP", '), 18, "unknown feature 'WARP'"),
         (("{ corrupt_validation = true }", "{ explode = true }"), 25, "unknown fault(s) explode"),
+        (
+            ("{ corrupt_validation = true }", '{ fail_read_after = "x" }'),
+            25,
+            "fail_read_after must be a byte count",
+        ),
         (('control_socket = "ctl.sock"\n', ""), None, "missing required key 'control_socket'"),
     ],
 )
