@@ -63,6 +63,8 @@ DEFAULT_CHANNELS = 4
 #: Writing pauses past this many buffered bytes per channel and resumes below LOW.
 WRITE_HIGH_WATER = 8 * MiB
 WRITE_LOW_WATER = 2 * MiB
+#: A PING is refused, and the session aborted, while this much written data is unread.
+PONG_BACKLOG_LIMIT = 2 * WRITE_HIGH_WATER
 
 #: What each side may receive once the handshake is done.
 _SOURCE_RECEIVES = {Tag.DEVICES_ACCEPTED, Tag.SWITCHOVER_ACK, Tag.SYNC_ACK, Tag.VERDICT}
@@ -277,6 +279,10 @@ class _Channel(asyncio.BufferedProtocol):
             self._drainers.append(waiter)
             await waiter
 
+    def backlog(self) -> int:
+        """Bytes written but still in the transport's buffer (not taken by the kernel)."""
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
     def written(self) -> int:
         """Bytes that left the transport's buffer (handed to the kernel)."""
         if self.transport is None:
@@ -341,6 +347,11 @@ class Session:
             raise ProtocolError("tag", f"a {self.role} does not accept {tag.name}")
         if tag is Tag.PING:
             stamp = require(frame.fields(), "id", int)
+            if channel.backlog() > PONG_BACKLOG_LIMIT:
+                # A peer that pings but never reads would grow our write buffer forever.
+                raise ProtocolError(
+                    "tag", f"PING flood: {channel.backlog()} bytes unread by the peer"
+                )
             channel.send_control(Tag.PONG, {"id": stamp, "t": time.monotonic()})
         elif tag is Tag.PONG:
             fields = frame.fields()

@@ -323,3 +323,22 @@ async def test_closing_the_server_closes_connections_still_in_the_handshake() ->
     await server.wait_closed()
     assert await peer.read_frame() is None
     await peer.close()
+
+
+async def test_a_peer_flooding_pings_without_reading_is_cut_off(
+    server: Server, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PINGs from a peer that never reads its PONGs abort the session, bounding our buffer."""
+    monkeypatch.setattr("transport.session.PONG_BACKLOG_LIMIT", 64 * 1024)
+    peer = await RawPeer.open(server.address)
+    assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
+    await peer.send(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+    with contextlib.suppress(ConnectionError):
+        while not recorder.done.is_set():  # until the destination gives up on us
+            batch = b"".join(peer.encode(Tag.PING, {"id": i, "t": 0.0}) for i in range(5000))
+            peer.writer.write(batch)
+            await peer.writer.drain()
+    await recorder.done.wait()
+    assert isinstance(recorder.error, ProtocolError)
+    assert "PING flood" in str(recorder.error)
+    await peer.close()
