@@ -109,14 +109,13 @@ class Pair:
         )
 
 
-async def start_pair(folder: Path, *, destination_psk: str = "psk") -> AsyncIterator[Pair]:
-    write_psk(folder / "psk", "a" * 32)
-    write_psk(folder / "other-psk", "b" * 32)
-    source = DaemonProcess(write_config(folder, "source"), name="source")
-    destination = DaemonProcess(
-        write_config(folder, "destination", psk=destination_psk, listen='"127.0.0.1:0"'),
-        name="destination",
-    )
+@contextlib.asynccontextmanager
+async def running_pair(
+    folder: Path, source_config: Path, destination_config: Path
+) -> AsyncIterator[Pair]:
+    """Both daemons started, a control connection to each; both must exit 0 at the end."""
+    source = DaemonProcess(source_config, name="source")
+    destination = DaemonProcess(destination_config, name="destination")
     pair = Pair(folder, source, destination)
     try:
         await asyncio.gather(
@@ -134,6 +133,16 @@ async def start_pair(folder: Path, *, destination_psk: str = "psk") -> AsyncIter
     finally:
         await source.kill()
         await destination.kill()
+
+
+async def start_pair(folder: Path, *, destination_psk: str = "psk") -> AsyncIterator[Pair]:
+    """The standard pair: configs written, daemons running (see running_pair)."""
+    write_psk(folder / "psk", "a" * 32)
+    write_psk(folder / "other-psk", "b" * 32)
+    source = write_config(folder, "source")
+    destination = write_config(folder, "destination", psk=destination_psk, listen='"127.0.0.1:0"')
+    async with running_pair(folder, source, destination) as pair:
+        yield pair
 
 
 @pytest.fixture

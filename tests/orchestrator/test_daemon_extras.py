@@ -7,17 +7,14 @@ sleeps to let something happen, and nothing asserts on timing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.daemonbench import DaemonProcess
-from tests.orchestrator.test_daemon import DEADLINE, DEVICES, Pair, write_psk
+from tests.orchestrator.test_daemon import DEADLINE, DEVICES, running_pair, write_psk
 from tests.pki import make_pki
 
 NAMES = ("sim0", "idle0", "ram0")
@@ -32,32 +29,6 @@ def write_config(folder: Path, role: str, *, top: str = "", auth: str) -> Path:
         f"[auth]\n{auth}\n" + DEVICES.format(rate=4 if role == "source" else 0)
     )
     return path
-
-
-@contextlib.asynccontextmanager
-async def running_pair(
-    folder: Path, source_config: Path, destination_config: Path
-) -> AsyncIterator[Pair]:
-    """Both daemons started, a control connection to each; both must exit 0 at the end."""
-    source = DaemonProcess(source_config, name="source")
-    destination = DaemonProcess(destination_config, name="destination")
-    pair = Pair(folder, source, destination)
-    try:
-        await asyncio.gather(
-            source.start(folder / "source.sock"), destination.start(folder / "destination.sock")
-        )
-        pair.src = await source.client()
-        pair.dst = await destination.client()
-        await pair.src.subscribe()
-        pair.address = (await pair.dst.execute("query-daemon"))["listen"][0]
-        yield pair
-        await pair.src.close()
-        await pair.dst.close()
-        assert await source.stop() == 0, source.output()
-        assert await destination.stop() == 0, destination.output()
-    finally:
-        await source.kill()
-        await destination.kill()
 
 
 def scrape(url: str) -> dict[str, float]:
