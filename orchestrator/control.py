@@ -47,6 +47,9 @@ log = structlog.get_logger(__name__)
 VERSION = "0.1.0"
 #: Longest request line accepted, in bytes.
 MAX_LINE = 1 << 20
+#: Longest reply a client reads: replies come from our own daemon, and a migration's
+#: stats with their full history (10 000 iterations) run past MAX_LINE.
+MAX_REPLY = 64 << 20
 #: Output a slow client may leave unread before the daemon drops it.
 MAX_BACKLOG = 4 << 20
 
@@ -441,7 +444,7 @@ class ControlClient:
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
+                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_REPLY)
                 greeting = json.loads(await reader.readuntil(b"\n"))
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             if writer is not None:

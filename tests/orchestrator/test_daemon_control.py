@@ -63,3 +63,24 @@ def test_events_carry_a_qmp_timestamp() -> None:
     """Events are stamped in seconds and microseconds like QMP's."""
     message = event("MIGRATION", {"status": "active"}, now=12.25)
     assert message["timestamp"] == {"seconds": 12, "microseconds": 250000}
+
+
+async def test_a_reply_larger_than_a_request_line_reaches_the_client(tmp_path) -> None:
+    """A big answer (stats with a long history) is read whole, not taken for a lost daemon."""
+    from orchestrator.control import MAX_LINE, ControlClient, ControlServer
+
+    big = "x" * (2 * MAX_LINE)
+
+    async def history() -> str:
+        return big
+
+    server = ControlServer(
+        tmp_path / "ctl.sock", {"big": Command("big", history, {})}, greeting={"name": "t"}
+    )
+    await server.start()
+    try:
+        client = await ControlClient.connect(tmp_path / "ctl.sock")
+        assert await client.execute("big") == big
+        await client.close()
+    finally:
+        await server.stop()
