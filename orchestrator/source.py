@@ -141,6 +141,11 @@ class SourceMigration:
             i for i, d in enumerate(self.devices) if d.features & Feature.PRE_COPY
         ]
 
+    @property
+    def _want_ack(self) -> bool:
+        """Whether the switchover waits for the destination's switchover-ack."""
+        return self.params.switchover_ack and bool(self._precopy_indices)
+
     # -- control (called by the daemon while ``run`` is going) --------------------------
 
     def add_listener(self, listener: StatusListener) -> None:
@@ -259,7 +264,7 @@ class SourceMigration:
             {
                 "devices": transport.encode_devices([d.descriptor() for d in self.devices]),
                 "p2p": params.p2p,
-                "switchover_ack": params.switchover_ack and bool(self._precopy_indices),
+                "switchover_ack": self._want_ack,
                 "precopy_devices": len(self._precopy_indices),
                 "boot_id": boot_id(),
             },
@@ -307,7 +312,6 @@ class SourceMigration:
             return
         params_start = time.monotonic()
         throttle = 0.0
-        need_ack = self.params.switchover_ack and bool(self._precopy_indices)
         previous: list[DeviceProgress] | None = None
         while True:
             self._wakeup.clear()
@@ -325,7 +329,7 @@ class SourceMigration:
                 self.params,
                 iteration=self.stats.iterations,
                 elapsed_s=elapsed,
-                ack_pending=need_ack and not self._ack.is_set(),
+                ack_pending=self._want_ack and not self._ack.is_set(),
             )
             if self._force:
                 action = Action.FORCE
@@ -420,18 +424,18 @@ class SourceMigration:
         channel = device.save_channel()
         session = self._session
         assert session is not None
-        announce = self.params.switchover_ack
+        announce = self._want_ack
         busy = False
         try:
             while not self._stop_readers.is_set():
+                if announce and device.precopy_info().initial_bytes == 0:
+                    await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
+                    announce = False
                 chunk = await channel.read()
                 if chunk is None:
                     if busy:
                         self._link.stop()
                         busy = False
-                    if announce and device.precopy_info().initial_bytes == 0:
-                        await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
-                        announce = False
                     await _first_of(channel.wait_readable(), self._stop_readers.wait())
                     continue
                 if not busy:
@@ -440,9 +444,6 @@ class SourceMigration:
                 sent = await session.send_chunk(Tag.PRECOPY_DATA, index, chunk)
                 dstats.precopy_bytes += sent
                 self._link.add(sent)
-                if announce and device.precopy_info().initial_bytes == 0:
-                    await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
-                    announce = False
         except Exception as exc:
             self._reader_error = self._reader_error or exc
             self._wakeup.set()
