@@ -163,11 +163,19 @@ class MigratableDevice(abc.ABC):
 
     @abc.abstractmethod
     def precopy_info(self) -> PrecopyInfo:
-        """initial/dirty bytes; only in PRE_COPY and PRE_COPY_P2P (InvalidStateError else)."""
+        """initial/dirty bytes; only in PRE_COPY and PRE_COPY_P2P (InvalidStateError else).
+
+        Optional in the uAPI: a device without it raises :class:`devices.errors.Unsupported`
+        and the source falls back to what the stream shows (``orchestrator.convergence``).
+        """
 
     @abc.abstractmethod
     def stop_copy_size(self) -> int:
-        """Estimate of the bytes STOP_COPY would still have to move."""
+        """Estimate of the bytes STOP_COPY would still have to move.
+
+        Raises :class:`devices.errors.Unsupported` when the device cannot say; the source
+        then estimates from the bytes it has seen.
+        """
 
     @abc.abstractmethod
     async def digest(self) -> bytes:

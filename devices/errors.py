@@ -10,6 +10,7 @@ Every error a device raises is a :class:`DeviceError` and names the device::
      +-- ChannelClosedError     the data channel was used while it does not exist
      +-- ChannelIOError         reading or writing the data channel failed
      +-- StateValidationError   RESUMING -> STOP found the loaded state short, corrupt or foreign
+     +-- Unsupported            an optional query (precopy info, stop-copy size) is not offered
 """
 
 from __future__ import annotations
@@ -75,3 +76,11 @@ class ChannelIOError(DeviceError):
 
 class StateValidationError(DeviceError):
     """The state loaded in RESUMING is short, corrupt or from a foreign device."""
+
+
+class Unsupported(DeviceError):
+    """The device does not offer an optional query of the uAPI (like ENOTTY).
+
+    Precopy info and the stop-copy size are optional: the orchestrator falls back to
+    what the device's stream shows instead of failing the migration.
+    """
