@@ -9,6 +9,9 @@ livemig="${LIVEMIG:-$(command -v livemig || echo "$here/../.venv/bin/livemig")}"
 src="$here/run/source.sock"
 dst="$here/run/destination.sock"
 mkdir -p "$here/run"
+# A fresh demo: forget which host owned the devices last time (the daemons keep that
+# record in run/NAME.owners.json so that a restart never lifts the fence).
+rm -f "$here"/run/*.owners.json
 
 "$livemig" daemon --config "$here/source.toml" 2>"$here/run/source.log" &
 source_pid=$!
@@ -25,6 +28,8 @@ done
 
 echo "== devices on the source"
 "$livemig" devices --control "$src"
+echo "== arming the destination: it takes one migration, from the daemon named source"
+"$livemig" incoming --control "$dst" --devices nic0,gpu0,ram0 --from source
 echo "== migrating to 127.0.0.1:7072"
 "$livemig" migrate --control "$src" --to 127.0.0.1:7072 --downtime-limit-ms 50
 echo "== devices afterwards: stopped here, running there"

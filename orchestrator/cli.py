@@ -2,10 +2,13 @@
 
 Exit codes (every command):
 
-    0  done (for migrate: completed)     4  cannot reach the daemon
-    1  the migration failed              5  the daemon refused the command
-    2  usage error                       6  bench: a migration was not byte-exact
-    3  the migration was cancelled     130  interrupted (Ctrl-C)
+    0  done (for migrate: completed)     5  the daemon refused the command
+    1  the migration failed; the source  6  bench: a migration was not byte-exact
+       devices run again                 7  outcome unknown: the link died after
+    2  usage error                          COMMIT; the source devices stay stopped
+    3  the migration was cancelled       8  split outcome: after COMMIT some devices
+    4  cannot reach the daemon              did not resume on the destination
+                                       130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -36,11 +39,22 @@ EXIT_CANCELLED = 3
 EXIT_UNREACHABLE = 4
 EXIT_REFUSED = 5
 EXIT_UNVERIFIED = 6
+EXIT_OUTCOME_UNKNOWN = 7
+EXIT_SPLIT = 8
 EXIT_INTERRUPTED = 130
 
 _STATUS_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
+_OUTCOME_EXIT = {"unknown": EXIT_OUTCOME_UNKNOWN, "split": EXIT_SPLIT}
 
 T = TypeVar("T")
+
+
+def _names(text: str) -> list[str]:
+    """Parse ``A,B`` into device names, refusing an empty one."""
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty device name in {text!r}")
+    return names
 
 
 def _features(text: str) -> Feature:
@@ -171,10 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("devices", "each device: name, kind, state, feature flags")
     command("digests", "SHA-256 of each device's state (compare two hosts after a migration)")
-    resume = command(
-        "resume", "run stopped devices again (after a migration whose outcome is unknown)"
-    )
+    resume = command("resume", "run stopped devices again, in P2P order")
     resume.add_argument("devices", nargs="+", metavar="DEVICE")
+    resume.add_argument(
+        "--force",
+        action="store_true",
+        help="also devices that migrated away or whose outcome is unknown: only after "
+        "checking that the other host does not run them",
+    )
+
+    incoming = command("incoming", "arm devices to receive one migration each")
+    incoming.add_argument(
+        "--devices",
+        type=_names,
+        metavar="A,B",
+        help="devices to arm (default: every idle or migrated-away device)",
+    )
+    incoming.add_argument("--from", dest="peer", metavar="NAME", help="only this source daemon")
+    incoming.add_argument("--timeout-s", type=float, metavar="S", help="the arm lapses after S")
 
     events = command("events", "print the daemon's events as they come")
     events.add_argument(
@@ -305,6 +333,11 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
             print("\n".join(progress.summary_lines(stats)))
         if stats["status"] != "completed":
             print(f"livemig migrate: {stats['status']}: {stats['error']}", file=sys.stderr)
+            for name, where in (stats.get("placement") or {}).items():
+                print(f"  {name}: {where}", file=sys.stderr)
+        outcome_code = _OUTCOME_EXIT.get(stats.get("outcome") or "")
+        if outcome_code is not None:
+            return outcome_code
         return _STATUS_EXIT.get(stats["status"], EXIT_FAILED)
 
     return await _with_client(args, body)
@@ -334,6 +367,13 @@ async def _cmd_status(args: argparse.Namespace) -> int:
         _print_devices(devices)
         if migration is None:
             print("no migration yet")
+        elif migration.get("direction") == "incoming":
+            print(
+                f"incoming migration {migration['id']} from {migration['peer']}: "
+                f"{migration['status']}, {migration['received_bytes']} bytes received"
+            )
+            if migration.get("error"):
+                print(f"  {migration['error']}")
         else:
             print(f"migration {migration['migration_id']} to {migration['destination']}:")
             for line in progress.summary_lines(migration):
@@ -346,9 +386,13 @@ async def _cmd_status(args: argparse.Namespace) -> int:
 def _print_devices(devices: list[dict[str, Any]]) -> None:
     for device in devices:
         busy = f"  (migration {device['migration']})" if device["migration"] else ""
+        owner = device.get("owner", "")
+        if device.get("peer"):
+            owner += f" ({device['peer']}, {device.get('migration_id')}, {device.get('at')})"
+        armed = "  armed" if device.get("armed") else ""
         print(
             f"{device['name']:<16} {device['kind']:<10} {device['state']:<13} "
-            f"{','.join(device['features'])}{busy}"
+            f"{','.join(device['features']):<23} {owner}{armed}{busy}"
         )
 
 
@@ -425,12 +469,32 @@ async def _cmd_digests(args: argparse.Namespace) -> int:
 
 async def _cmd_resume(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
-        states = await client.execute("device-resume", devices=args.devices)
+        states = await client.execute("device-resume", devices=args.devices, force=args.force)
         if args.json:
             _print_json(states)
         else:
             for name, state in states.items():
                 print(f"{name:<16} {state}")
+        return EXIT_OK
+
+    return await _with_client(args, body)
+
+
+async def _cmd_incoming(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        arguments: dict[str, Any] = {}
+        if args.devices is not None:
+            arguments["devices"] = args.devices
+        if args.peer is not None:
+            arguments["from"] = args.peer
+        if args.timeout_s is not None:
+            arguments["timeout-s"] = args.timeout_s
+        result = await client.execute("migrate-incoming", **arguments)
+        if args.json:
+            _print_json(result)
+        else:
+            sender = f" from {result['from']}" if result["from"] else ""
+            print(f"armed {', '.join(result['armed'])} to receive one migration{sender}")
         return EXIT_OK
 
     return await _with_client(args, body)
@@ -560,6 +624,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "devices": _cmd_devices,
     "digests": _cmd_digests,
     "resume": _cmd_resume,
+    "incoming": _cmd_incoming,
     "events": _cmd_events,
     "bench": _cmd_bench,
     "demo": _cmd_demo,

@@ -4,12 +4,15 @@
 
     name = "source"                          # announced in handshakes (default: host name)
     control_socket = "/run/livemig/control.sock"
+    state_file = "/var/lib/livemig/owners.json"   # who owns each device (default: beside
+                                             # the control socket, as NAME.owners.json)
     listen = ["0.0.0.0:7070", "unix:/run/livemig/migration.sock"]   # or one string
     metrics = "127.0.0.1:9464"               # optional Prometheus endpoint (or a port)
 
-    [auth]                                   # optional: without it peers are not checked
+    [auth]                                   # required for a listen address off loopback
     psk_file = "/etc/livemig/psk"            # pre-shared key (mode 0600, >= 16 bytes)
     # tls_cert, tls_key, tls_ca              # TLS (mutual when all three are given)
+    # insecure = true                        # accept unauthenticated peers off loopback
 
     [migration]                              # defaults: any MigrationParams field
     downtime_limit_ms = 300
@@ -24,6 +27,8 @@
     name = "tty0"
     device = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"   # mdev UUID, PCI address or path
     # faults = { corrupt_stream = true }     # fault injection, for tests only
+    # accept_incoming = true                 # exists to receive: starts idle, and takes a
+                                             # migration whenever it holds no workload
 
 tomllib gives no positions, so :class:`_KeyLines` finds each key's line in the text:
 a small scan of table headers and ``key =`` lines, which is all a config of this shape
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -81,6 +87,8 @@ class AuthSettings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     tls_check_hostname: bool = True
+    #: Listening off loopback without authentication was asked for explicitly.
+    insecure: bool = False
 
     def server(self) -> AuthConfig:
         """What the migration listeners require of an incoming source."""
@@ -119,6 +127,8 @@ class DeviceConfig:
     arguments: Mapping[str, Any]
 
     file: str = "<config>"
+    #: The device exists to receive: it starts idle and is armed while it holds no workload.
+    accept_incoming: bool = False
 
     def build(self) -> MigratableDevice:
         """A new device object (not yet opened); ConfigError when its arguments clash."""
@@ -143,6 +153,8 @@ class DaemonConfig:
     auth: AuthSettings
     migration: MigrationParams
     devices: tuple[DeviceConfig, ...]
+    #: The ownership records (orchestrator.ownership); survives daemon restarts.
+    state_file: Path | None = None
 
 
 # -- where keys are ------------------------------------------------------------------------
@@ -265,7 +277,16 @@ _TYPE_NAMES: dict[type, str] = {
 
 # -- loading --------------------------------------------------------------------------------
 
-_TOP_KEYS = {"name", "control_socket", "listen", "metrics", "auth", "migration", "device"}
+_TOP_KEYS = {
+    "name",
+    "control_socket",
+    "state_file",
+    "listen",
+    "metrics",
+    "auth",
+    "migration",
+    "device",
+}
 
 
 def load(path: str | os.PathLike[str]) -> DaemonConfig:
@@ -306,6 +327,10 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     listen = [_absolute(address, base) for address in listen]
     metrics = _metrics(reader, document.get("metrics"))
     auth = _auth(reader, reader.get(document, (), "auth", dict, {}), base)
+    _refuse_open_listeners(reader, listen, auth)
+    state_file = base / reader.get(
+        document, (), "state_file", str, str(control.parent / f"{name}.owners.json")
+    )
     migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
     entries = reader.get(document, (), "device", list, [])
     devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
@@ -326,7 +351,33 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         auth=auth,
         migration=migration,
         devices=devices,
+        state_file=state_file,
     )
+
+
+def _refuse_open_listeners(reader: _Reader, listen: list[str], auth: AuthSettings) -> None:
+    """A listen address off loopback needs [auth]: else anyone there may send migrations."""
+    if auth.method != "none" or auth.insecure:
+        return
+    for address in listen:
+        kind, host, _ = parse_address(address)
+        if kind == "unix" or _is_loopback(host):
+            continue
+        raise reader.error(
+            ("listen",),
+            f"{address} is reachable from other hosts and [auth] is not configured, so any "
+            "peer could send migrations here; add psk_file or TLS under [auth], or set "
+            "[auth] insecure = true to accept that",
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_address(reader: _Reader, path: KeyPath, address: str) -> None:
@@ -360,7 +411,9 @@ def _metrics(reader: _Reader, value: object) -> tuple[str, int] | None:
 def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings:
     path: KeyPath = ("auth",)
     reader.refuse_unknown(
-        table, path, {"psk_file", "tls_cert", "tls_key", "tls_ca", "tls_check_hostname"}
+        table,
+        path,
+        {"psk_file", "tls_cert", "tls_key", "tls_ca", "tls_check_hostname", "insecure"},
     )
     psk = None
     if "psk_file" in table:
@@ -397,6 +450,7 @@ def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings
         tls_key=files["tls_key"],
         tls_ca=files["tls_ca"],
         tls_check_hostname=reader.get(table, path, "tls_check_hostname", bool, True),
+        insecure=reader.get(table, path, "insecure", bool, False),
     )
     if settings.tls_cert is not None:
         try:
@@ -557,7 +611,8 @@ def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
     if not name or len(name) > 64 or not name.isprintable():
         raise reader.error((*path, "name"), "must be 1 to 64 printable characters")
     factory, keys = kinds[kind]
-    rest = {k: v for k, v in entry.items() if k not in ("kind", "name")}
+    accept_incoming = reader.get(entry, path, "accept_incoming", bool, False)
+    rest = {k: v for k, v in entry.items() if k not in ("kind", "name", "accept_incoming")}
     arguments: dict[str, Any] = {}
     reader.refuse_unknown(rest, path, set(keys) | {"kind", "name"})
     given: dict[str, str] = {}
@@ -577,4 +632,6 @@ def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
             raise reader.error((*path, key), str(exc)) from None
     if kind == "vfio" and "spec" not in arguments:
         raise reader.error(path, "missing required key 'device' (mdev UUID, PCI address or path)")
-    return DeviceConfig(kind, name, reader.where.line(path), factory, arguments, reader.file)
+    return DeviceConfig(
+        kind, name, reader.where.line(path), factory, arguments, reader.file, accept_incoming
+    )

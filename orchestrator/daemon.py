@@ -4,7 +4,9 @@ Three objects, as in aiohttp's ``web_runner``:
 
 * :class:`Service` is what the daemon does: it holds the devices, runs outgoing
   migrations (SourceMigration) and incoming ones (DestinationMigration), answers the
-  control commands and emits events. One migration per device at a time.
+  control commands and emits events. One migration per device at a time. Its
+  :class:`orchestrator.ownership.OwnershipBook` says where each device's workload is
+  and which devices may receive one (arming), durably: the fence a restart keeps.
 * The listeners accept work: :class:`MigrationListener` (one per ``listen`` address),
   the control socket (:class:`orchestrator.control.ControlServer`) and the optional
   metrics endpoint. Each has ``start()`` and ``stop()``.
@@ -37,9 +39,11 @@ from devices.fsm import Feature, State
 from orchestrator import config as config_module
 from orchestrator.config import ConfigError, DaemonConfig
 from orchestrator.control import VERSION, Arg, Command, ControlError, ControlServer
-from orchestrator.destination import DestinationMigration
+from orchestrator.destination import DestinationMigration, Offer, Refused
 from orchestrator.errors import MigrationBlocked, MigrationError
 from orchestrator.metrics import Metrics, MetricsListener
+from orchestrator.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook
+from orchestrator.p2p import resume_in_order
 from orchestrator.params import LIVE_PARAMETERS
 from orchestrator.source import SourceMigration, check_blockers
 from orchestrator.stats import FINAL_STATUSES, MigrationStats, Status
@@ -90,6 +94,9 @@ class Incoming:
     status: str = "active"
     devices: list[str] = field(default_factory=list)
     received_bytes: int = 0
+    error: str | None = None
+    #: After COMMIT: device name -> "" when it runs here, else why it stayed stopped.
+    results: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON."""
@@ -100,6 +107,8 @@ class Incoming:
             "status": self.status,
             "devices": self.devices,
             "received_bytes": self.received_bytes,
+            "error": self.error,
+            "results": self.results,
         }
 
 
@@ -149,6 +158,12 @@ class Service:
         self.server_auth = config.auth.server()
         #: Device name -> the migration using it.
         self.owners: dict[str, str] = {}
+        #: Where each device's workload is, and the arms; durable in the state file.
+        self.book = OwnershipBook(
+            config.state_file,
+            self.devices,
+            accept_incoming=[d.name for d in config.devices if d.accept_incoming],
+        )
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
         self.control: ControlServer | None = None
@@ -178,22 +193,79 @@ class Service:
         if self.stopping:
             session.abort()
             return
-        record = Incoming(uuid.uuid4().hex[:12], session.peer_name, asyncio.current_task())
-        self.incoming[record.id] = record
-        migration = DestinationMigration(session, _Claims(self, record.id))
-        self.emit("INCOMING_MIGRATION", record.as_dict())
+        claim = uuid.uuid4().hex[:12]
+        record = Incoming(claim, session.peer_name, asyncio.current_task())
+        migration = DestinationMigration(
+            session, _Claims(self, claim), gate=_IncomingGate(self, record)
+        )
         try:
             resumed = await migration.run()
         finally:
             record.devices = [d.name for d in migration.devices]
             record.received_bytes = migration.received_bytes
+            self._release(claim)
             self._release(record.id)
             record.task = None
-        record.status = "completed" if resumed else "failed"
+        if record.id == claim:  # refused before its offer named it: no record kept
+            return
+        record.error = migration.error
+        record.results = migration.results
+        if resumed:
+            record.status = "completed"
+        else:
+            record.status = "split" if migration.committed else "failed"
         if self.metrics is not None:
             self.metrics.incoming.labels(status=record.status).inc()
         log.info("incoming_migration_ended", migration_id=record.id, status=record.status)
         self.emit("INCOMING_MIGRATION", record.as_dict())
+
+    def _admit(self, record: Incoming, offer: Offer) -> None:
+        """Consent (arming, ownership) to an offer, before any device changes state."""
+        if offer.migration_id in self.incoming or offer.migration_id in self.outgoing:
+            raise Refused(f"migration id {offer.migration_id} is already known here")
+        problems = [
+            p for p in (self.book.admission_problem(n, offer.peer) for n in offer.devices) if p
+        ]
+        if problems:
+            raise Refused("; ".join(problems))
+        for name in offer.devices:  # _Claims took them under the claim id: rename it
+            if self.owners.get(name) == record.id:
+                self.owners[name] = offer.migration_id
+        record.id = offer.migration_id
+        record.devices = list(offer.devices)
+        self.incoming[record.id] = record
+        self.emit("INCOMING_MIGRATION", record.as_dict())
+
+    def _incoming_committed(self, offer: Offer) -> None:
+        """COMMIT arrived: the workload is ours from now, durably, before anything runs."""
+        self.book.set(
+            offer.devices, Owner.RECEIVED, peer=offer.peer, migration_id=offer.migration_id
+        )
+        self.book.spend(offer.devices)
+
+    def _incoming_finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
+        """Record what an incoming migration left: failed devices stay stopped, named."""
+        if results is None:
+            # Loading had begun, so the devices' earlier state is gone: they hold nothing.
+            emptied = [n for n in offer.devices if self.book.get(n).owner != Owner.IDLE]
+            if emptied:
+                self.book.set(
+                    emptied,
+                    Owner.IDLE,
+                    peer=offer.peer,
+                    migration_id=offer.migration_id,
+                    reason="an incoming migration failed while loading",
+                )
+            return
+        for name, why in results.items():
+            if why:
+                self.book.set(
+                    [name],
+                    Owner.STOPPED,
+                    peer=offer.peer,
+                    migration_id=offer.migration_id,
+                    reason=why,
+                )
 
     def _release(self, migration_id: str) -> None:
         for name in [n for n, owner in self.owners.items() if owner == migration_id]:
@@ -218,13 +290,29 @@ class Service:
         busy = [f"{n} (migration {self.owners[n]})" for n in names if n in self.owners]
         if busy:
             raise ControlError("DeviceBusy", f"devices in another migration: {', '.join(busy)}")
+        idle = [
+            f"{n} ({self.book.get(n).owner.value})"
+            for n in names
+            if self.book.get(n).owner not in RUNNING_OWNERS
+        ]
+        if idle:
+            raise ControlError(
+                "WrongState",
+                f"no workload runs here on {', '.join(idle)}: nothing to migrate "
+                "(see livemig devices)",
+            )
         try:
             params = self.defaults.updated(changes)
             check_blockers(devices, params)
         except MigrationBlocked as exc:
             raise ControlError("MigrationBlocked", str(exc)) from None
         migration = SourceMigration(
-            devices, destination, params, auth=self.client_auth, name=self.config.name
+            devices,
+            destination,
+            params,
+            auth=self.client_auth,
+            name=self.config.name,
+            on_commit=lambda names: self._outgoing_committing(migration, names),
         )
         record = Outgoing(migration)
         migration_id = migration.stats.migration_id
@@ -236,6 +324,30 @@ class Service:
             self.metrics.migration_started(migration_id)
         record.task = asyncio.create_task(self._run(record), name=f"migration-{migration_id}")
         return record
+
+    def _outgoing_committing(self, migration: SourceMigration, names: list[str]) -> None:
+        """Before COMMIT leaves: fence the devices durably (the destination may run them)."""
+        self.book.set(
+            names,
+            Owner.OUTCOME_UNKNOWN,
+            peer=migration.destination,
+            migration_id=migration.stats.migration_id,
+            reason="COMMIT sent; no answer from the destination yet",
+        )
+
+    def _outgoing_ended(self, migration: SourceMigration) -> None:
+        """After the commit the destination owns the workload; record it durably."""
+        stats = migration.stats
+        names = [d.name for d in migration.devices]
+        if stats.outcome in ("destination", "split"):
+            reason = None if stats.outcome == "destination" else stats.error
+            self.book.set(
+                names,
+                Owner.MIGRATED_AWAY,
+                peer=migration.destination,
+                migration_id=stats.migration_id,
+                reason=reason,
+            )
 
     def _device(self, name: str) -> MigratableDevice:
         try:
@@ -276,6 +388,7 @@ class Service:
             stats.error = stats.error or f"internal error: {exc!r}"
             stats.status = Status.FAILED
         finally:
+            self._outgoing_ended(migration)
             self._release(stats.migration_id)
             if self.metrics is not None:
                 self.metrics.migration_finished(stats)
@@ -305,6 +418,17 @@ class Service:
                 f"{record.migration.stats.status.value}",
             )
         return record
+
+    async def fence(self) -> None:
+        """At start: a device whose workload is elsewhere (by the record) must not run here."""
+        for name, device in self.devices.items():
+            record = self.book.get(name)
+            if record.owner in FENCED_OWNERS and device.state in (State.RUNNING, State.RUNNING_P2P):
+                log.warning("device_fenced", device=name, record=record.as_dict())
+                try:
+                    await device.set_state(State.STOP)
+                except DeviceError as exc:
+                    raise StartupError(f"cannot stop fenced device {name!r}: {exc}") from exc
 
     # -- shutdown -----------------------------------------------------------------------------
 
@@ -386,8 +510,24 @@ class Service:
             Command(
                 "device-resume",
                 self.device_resume,
-                {"devices": Arg(list, required=True, help="device names")},
-                "run idle devices again (after a migration whose outcome is unknown)",
+                {
+                    "devices": Arg(list, required=True, help="device names"),
+                    "force": Arg(
+                        bool, help="also devices that migrated away or whose outcome is unknown"
+                    ),
+                },
+                "run stopped devices again, in P2P order",
+            ),
+            Command(
+                "migrate-incoming",
+                self.migrate_incoming,
+                {
+                    "uri": Arg(str, help="a listen address of this daemon (QMP's form)"),
+                    "devices": Arg(list, help="device names (default: idle or migrated away)"),
+                    "from": Arg(str, help="only this source daemon name"),
+                    "timeout-s": Arg((int, float), help="the arm lapses after this long"),
+                },
+                "arm devices to receive one migration each",
             ),
             Command(
                 "subscribe", self.subscribe, {"events": Arg(list)}, "receive events (all or named)"
@@ -416,7 +556,8 @@ class Service:
         }
 
     async def query_devices(self) -> list[dict[str, Any]]:
-        """Each device: name, kind, FSM state, feature flags and the migration using it."""
+        """Each device: name, kind, FSM state, features, owner record, arm, migration."""
+        armed = self.book.armed()
         return [
             {
                 "name": d.name,
@@ -424,6 +565,8 @@ class Service:
                 "state": d.state.name,
                 "features": [f.name for f in Feature if f in d.features],
                 "migration": self.owners.get(d.name),
+                **self.book.get(d.name).as_dict(),
+                "armed": armed.get(d.name),
             }
             for d in self.devices.values()
         ]
@@ -433,12 +576,13 @@ class Service:
         chosen = [self._device(str(n)) for n in (devices or list(self.devices))]
         return {d.name: (await d.digest()).hex() for d in chosen}
 
-    async def device_resume(self, devices: list[Any]) -> dict[str, str]:
-        """Bring devices no migration holds back to RUNNING; their states, by name.
+    async def device_resume(self, devices: list[Any], force: bool = False) -> dict[str, str]:
+        """Bring devices no migration holds back to RUNNING in P2P order; states by name.
 
-        For the operator after OutcomeUnknown (the source devices stay stopped because
-        the destination may run them): resume them here only if it did not take over.
-        A device in ERROR is reset.
+        A device whose workload migrated away, or whose outcome is unknown, may be
+        running on the other host: it is refused unless ``force`` (the operator checked
+        that the other host does not run it), and then logged loudly. A device that
+        cannot get back to RUNNING by the FSM is reset.
         """
         if not devices or not all(isinstance(n, str) for n in devices):
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
@@ -446,16 +590,82 @@ class Service:
         busy = [f"{n} (migration {self.owners[n]})" for n in devices if n in self.owners]
         if busy:
             raise ControlError("DeviceBusy", f"devices in a migration: {', '.join(busy)}")
+        fenced = [d.name for d in chosen if self.book.get(d.name).owner in FENCED_OWNERS]
+        if fenced and not force:
+            details = ", ".join(f"{n} ({self._owner_text(n)})" for n in fenced)
+            raise ControlError(
+                "WrongState",
+                f"refusing to resume {details}: the workload may be running on the other "
+                "host; check there, and resume here only if it does not run there "
+                "(livemig resume --force)",
+            )
+        for name in fenced:
+            log.critical("device_resume_forced", device=name, record=self.book.get(name).as_dict())
+        notes = await resume_in_order(chosen, log)
+        self.book.set(
+            [d.name for d in chosen],
+            Owner.RUNNING_HERE,
+            reason="resumed by the operator" + (" (forced)" if fenced else ""),
+        )
         for device in chosen:
-            if device.state == State.ERROR:
-                await device.reset()
-            else:
-                try:
-                    await device.set_state(State.RUNNING)
-                except DeviceError as exc:
-                    raise ControlError("GenericError", str(exc)) from None
-            log.warning("device_resumed_by_operator", device=device.name)
+            log.warning(
+                "device_resumed_by_operator", device=device.name, note=notes.get(device.name)
+            )
         return {d.name: d.state.name for d in chosen}
+
+    def _owner_text(self, name: str) -> str:
+        record = self.book.get(name)
+        parts = [record.owner.value]
+        if record.peer:
+            parts.append(f"peer {record.peer}")
+        if record.migration_id:
+            parts.append(f"migration {record.migration_id}")
+        return ", ".join(parts)
+
+    async def migrate_incoming(self, **arguments: Any) -> dict[str, Any]:
+        """Arm devices to receive one migration each (QMP's migrate-incoming).
+
+        ``devices`` names them; without it (``uri`` alone, QMP's form) every device with
+        no workload here (idle or migrated away) is armed. A device that runs a workload
+        here is armed only when named. ``from`` limits the sender to that daemon name,
+        ``timeout-s`` makes the arm lapse.
+        """
+        uri, names = arguments.get("uri"), arguments.get("devices")
+        peer, timeout_s = arguments.get("from"), arguments.get("timeout-s")
+        if uri is not None:
+            listening = [x.address for x in self.listeners if isinstance(x, MigrationListener)]
+            if not _listens_on(uri, listening):
+                raise ControlError(
+                    "InvalidParameter",
+                    f"uri: this daemon does not listen on {uri!r}; it listens on "
+                    f"{', '.join(listening) or 'nothing'} (set listen in its config)",
+                )
+        if names is None:
+            names = self.book.default_armable()
+            if not names:
+                raise ControlError(
+                    "WrongState",
+                    "no device is idle or migrated away; name the devices to arm "
+                    "(a device running a workload here is armed only by name)",
+                )
+        elif not names or not all(isinstance(n, str) for n in names):
+            raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
+        for name in names:
+            self._device(name)
+        busy = [f"{n} (migration {self.owners[n]})" for n in names if n in self.owners]
+        if busy:
+            raise ControlError("DeviceBusy", f"devices in a migration: {', '.join(busy)}")
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, int | float)
+            or not 0 < timeout_s < 1e9
+        ):
+            raise ControlError("InvalidParameter", "timeout-s: must be a positive number")
+        if peer is not None and (not isinstance(peer, str) or not peer):
+            raise ControlError("InvalidParameter", "from: must be a daemon name")
+        self.book.arm(names, peer, timeout_s)
+        log.info("devices_armed", devices=names, peer=peer, timeout_s=timeout_s)
+        return {"armed": names, "from": peer, "timeout-s": timeout_s}
 
     async def migrate(
         self,
@@ -470,7 +680,14 @@ class Service:
         return {"id": record.migration.stats.migration_id}
 
     async def query_migrate(self, id: str | None = None, history: bool = False) -> dict[str, Any]:
-        """The stats of a migration (query-migrate)."""
+        """The stats of a migration (query-migrate): outgoing, or incoming by its id.
+
+        Without an id: the newest outgoing one, else the newest incoming one.
+        """
+        if id is not None and id in self.incoming:
+            return self.incoming[id].as_dict()
+        if id is None and not self.outgoing and self.incoming:
+            return list(self.incoming.values())[-1].as_dict()
         return self._outgoing(id).migration.stats.as_dict(history=history)
 
     async def query_migrations(self) -> list[dict[str, Any]]:
@@ -548,6 +765,40 @@ class Service:
         connection = self.control.current
         connection.events = None if events is None else frozenset(str(e) for e in events)
         return {"events": list(EVENTS) if events is None else sorted(connection.events or ())}
+
+
+class _IncomingGate:
+    """The daemon's say over one incoming migration (destination.Gate)."""
+
+    def __init__(self, service: Service, record: Incoming) -> None:
+        self._service = service
+        self._record = record
+
+    def admit(self, offer: Offer) -> None:
+        self._service._admit(self._record, offer)
+
+    def committed(self, offer: Offer) -> None:
+        self._service._incoming_committed(offer)
+
+    def finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
+        self._service._incoming_finished(offer, results)
+
+
+def _listens_on(uri: str, listening: list[str]) -> bool:
+    """Whether ``uri`` names one of the bound addresses (a wildcard host matches any)."""
+    try:
+        kind, host, port = transport.parse_address(uri)
+    except ValueError:
+        return False
+    for address in listening:
+        there = transport.parse_address(address)
+        if kind != there[0] or port != there[2]:
+            continue
+        if kind == "unix" or host == there[1] or host in ("0.0.0.0", "::", ""):
+            return True
+        if there[1] in ("0.0.0.0", "::", ""):
+            return True
+    return False
 
 
 # -- listeners ---------------------------------------------------------------------------------
@@ -642,7 +893,11 @@ class Runner:
                 ) from exc
             self.devices.append(device)
         metrics = Metrics() if config.metrics is not None else None
-        service = self.service = Service(config, self.devices, metrics=metrics)
+        try:
+            service = self.service = Service(config, self.devices, metrics=metrics)
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"cannot use the ownership state: {exc}") from exc
+        await service.fence()
         listeners: list[Listener] = [MigrationListener(a, service) for a in config.listen]
         service.control = ControlServer(
             config.control_socket,

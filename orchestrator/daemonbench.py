@@ -252,6 +252,11 @@ async def migrate(
     raise DaemonUnreachable("the source daemon closed the connection during the migration")
 
 
+async def arm(client: ControlClient, devices: Sequence[str], source_name: str) -> None:
+    """Consent, on the destination, to one migration of ``devices`` from ``source_name``."""
+    await client.execute("migrate-incoming", devices=list(devices), **{"from": source_name})
+
+
 async def run_once(options: BenchOptions) -> dict[str, Any]:
     """One migration between two fresh daemons; the stats plus ``verified``."""
     with tempfile.TemporaryDirectory(prefix="livemig-bench-") as tmp:
@@ -263,6 +268,7 @@ async def run_once(options: BenchOptions) -> dict[str, Any]:
             await dest.client() as dst,
         ):
             address = (await dst.execute("query-daemon"))["listen"][0]
+            await arm(dst, [d["name"] for d in await src.execute("query-devices")], "bench-source")
             stats = await migrate(src, address, options.migration_parameters())
             if stats["status"] == "completed":
                 before = await src.execute("query-digests")

@@ -1,8 +1,17 @@
 """The destination side of a migration: load every device, then resume them together.
 
-Guarantee: no device runs the migrated state unless every device validated its state
-and the source sent COMMIT. Any failure sends a "failed" verdict naming the device and
-cause, resets the destination devices, and leaves the daemon listening.
+Guarantees:
+
+* Consent: the offer is checked (descriptors, then the daemon's :class:`Gate`: arming
+  and ownership) before any device changes state; a refusal names every problem.
+* No device runs the migrated state unless every device validated its state and the
+  source sent COMMIT. A failure before COMMIT sends a "failed" verdict naming the
+  device and cause, resets the devices this migration loaded, and leaves the daemon
+  listening.
+* After COMMIT nothing is reset or rolled back: every device that can run does, in P2P
+  order (each P2P-capable device reaches RUNNING_P2P before any reaches RUNNING), and a
+  device that cannot stays stopped with its state; the "resumed" verdict names each
+  device's result.
 """
 
 from __future__ import annotations
@@ -11,7 +20,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
@@ -19,6 +29,7 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
+from orchestrator import wire
 from orchestrator.wire import Verdict, boot_id
 from transport import Tag
 
@@ -27,6 +38,28 @@ log = structlog.get_logger(__name__)
 
 class Refused(Exception):
     """The destination will not take these devices; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What a source asks this host to take: its migration id, its name, the devices."""
+
+    migration_id: str
+    peer: str
+    devices: tuple[str, ...]
+
+
+class Gate(Protocol):
+    """The daemon's say over an incoming migration (arming and ownership records)."""
+
+    def admit(self, offer: Offer) -> None:
+        """Raise Refused unless this host consents to ``offer``; before any state change."""
+
+    def committed(self, offer: Offer) -> None:
+        """COMMIT arrived: make the new ownership durable before any device runs."""
+
+    def finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
+        """The migration ended: per-device results after COMMIT, None if it failed before."""
 
 
 def match_devices(
@@ -71,14 +104,22 @@ class DestinationMigration:
         session: transport.Session,
         devices: Mapping[str, MigratableDevice],
         *,
+        gate: Gate | None = None,
         handshake_timeout_s: float = 10.0,
         idle_timeout_s: float = 60.0,
     ) -> None:
         self.session = session
         self.local = devices
+        self.gate = gate
         self.handshake_timeout_s = handshake_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.offer: Offer | None = None
         self.devices: list[MigratableDevice] = []
+        #: Set once COMMIT arrived: from then on nothing is reset.
+        self.committed = False
+        #: After COMMIT: device name -> "" when it runs, else why it stayed stopped.
+        self.results: dict[str, str] = {}
+        self._loading = False
         self.marks: dict[str, float] = {}
         self.device_marks: dict[str, dict[str, float]] = {}
         self.received_bytes = 0
@@ -86,8 +127,16 @@ class DestinationMigration:
         self.error: str | None = None
         self.log = log.bind(peer=session.peer_name)
 
+    @property
+    def migration_id(self) -> str | None:
+        """The source's id of this migration, once its offer arrived."""
+        return None if self.offer is None else self.offer.migration_id
+
     async def run(self) -> bool:
-        """Receive, load and resume; True when the devices run here. Never raises on failure."""
+        """Receive, load and resume; True when every device runs here. Never raises on failure.
+
+        After COMMIT it returns False when some device stayed stopped (see ``results``).
+        """
         try:
             await self._receive()
         except Refused as exc:
@@ -100,7 +149,10 @@ class DestinationMigration:
             device = getattr(exc, "device", None)
             await self._give_up(str(exc) or type(exc).__name__, device)
             return False
-        return True
+        failed = {n: why for n, why in self.results.items() if why}
+        if failed:
+            self.error = "; ".join(f"{n}: {why}" for n, why in failed.items())
+        return not failed
 
     async def _receive(self) -> None:
         session = self.session
@@ -112,8 +164,13 @@ class DestinationMigration:
         p2p = bool(transport.require(fields, "p2p", bool))
         want_ack = bool(transport.require(fields, "switchover_ack", bool))
         precopy_devices = int(transport.require(fields, "precopy_devices", int))
+        offer = Offer(wire.migration_id(fields), session.peer_name, tuple(d.name for d in offered))
+        self.offer = offer
+        self.log = self.log.bind(migration_id=offer.migration_id)
         try:
             self.devices = match_devices(offered, self.local, p2p=p2p)
+            if self.gate is not None:
+                self.gate.admit(offer)
         except Refused as exc:
             self.log.warning("devices_refused", reason=str(exc))
             await self._send_verdict("failed", reason=f"refused: {exc}")
@@ -121,6 +178,7 @@ class DestinationMigration:
             raise
         self.device_marks = {d.name: {} for d in self.devices}
         self.log.info("migration_incoming", devices=[d.name for d in self.devices])
+        self._loading = True
         await self._transition(State.RESUMING)
         await session.send_control(Tag.DEVICES_ACCEPTED, {"boot_id": boot_id()})
 
@@ -162,13 +220,19 @@ class DestinationMigration:
         if commit.tag != Tag.COMMIT:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
         self.marks["commit"] = time.monotonic()
+        self.committed = True
+        if self.gate is not None:
+            self.gate.committed(offer)
         started = time.monotonic()
-        if p2p:
-            await self._transition(State.RUNNING_P2P)
-        await self._transition(State.RUNNING)
+        self.results = await self._resume(p2p)
         self.marks["resume"] = time.monotonic()
         for marks in self.device_marks.values():
             marks["resume"] = (self.marks["resume"] - started) * 1e3
+        if self.gate is not None:
+            self.gate.finished(offer, self.results)
+        failed = {n: why for n, why in self.results.items() if why}
+        if failed:
+            self.log.critical("devices_not_resumed", failed=failed)
         self.log.info("migration_resumed", received_bytes=self.received_bytes)
         # The devices run the workload now: losing the source from here on is no reason
         # to stop them (it keeps its devices stopped when it cannot hear this verdict).
@@ -177,6 +241,30 @@ class DestinationMigration:
             await session.close()
         except (transport.TransportError, OSError) as exc:
             self.log.warning("resumed_verdict_not_delivered", error=str(exc))
+
+    async def _resume(self, p2p: bool) -> dict[str, str]:
+        """Every loaded device to RUNNING, P2P-capable ones through RUNNING_P2P first.
+
+        Each P2P-capable device reaches RUNNING_P2P before any device reaches RUNNING, so
+        no device issues P2P DMA to a peer that is still stopped. A device that fails
+        stays stopped (STOP, or ERROR when its driver broke) with its state: never reset,
+        since after COMMIT it holds the only running copy's state. Returns each device's
+        result: "" when it runs, else the reason.
+        """
+        results = {d.name: "" for d in self.devices}
+        if p2p:
+            capable = [d for d in self.devices if d.features & Feature.P2P]
+            for device, error in await _move_all(capable, State.RUNNING_P2P):
+                results[device.name] = f"{State.RUNNING_P2P.name}: {error}"
+        ready = [d for d in self.devices if not results[d.name]]
+        for device, error in await _move_all(ready, State.RUNNING):
+            results[device.name] = f"{State.RUNNING.name}: {error}"
+        # A device left RUNNING_P2P by a failed last step goes back to STOP: it must not
+        # run half-resumed, and its state stays for the operator.
+        stranded = [d for d in self.devices if results[d.name] and d.state == State.RUNNING_P2P]
+        for device, error in await _move_all(stranded, State.STOP):
+            results[device.name] += f"; and STOP failed: {error}"
+        return results
 
     async def _transition(self, target: State, *, mark: str = "") -> None:
         """All devices to ``target`` in parallel; the first failure names its device."""
@@ -195,18 +283,27 @@ class DestinationMigration:
     async def _send_verdict(
         self, stage: str, *, reason: str = "", device: str | None = None
     ) -> None:
-        verdict = Verdict(stage, reason, device, self.marks, self.device_marks)
+        verdict = Verdict(stage, reason, device, self.marks, self.device_marks, self.results)
         await self.session.send_control(Tag.VERDICT, verdict.to_fields())
 
     async def _give_up(self, reason: str, device: Any) -> None:
-        """Tell the source (if it still listens), reset our devices, drop the session."""
+        """Before COMMIT: tell the source, reset the devices we loaded, drop the session.
+
+        After COMMIT nothing is reset: the devices hold the workload's only state.
+        """
         self.error = reason
+        if self.committed:
+            self.log.critical("failed_after_commit", reason=reason)
+            self.session.abort()
+            return
         self.log.warning("migration_rejected", reason=reason, device=device)
         if not isinstance(device, str):
             device = None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send_verdict("failed", reason=reason, device=device), 2.0)
         self.session.abort()
+        if not self._loading:
+            return
         for target in self.devices:
             if target.state == State.RUNNING:
                 continue
@@ -216,3 +313,19 @@ class DestinationMigration:
                 self.log.critical(
                     "destination_device_reset_failed", device=target.name, error=str(exc)
                 )
+        if self.gate is not None and self.offer is not None:
+            self.gate.finished(self.offer, None)
+
+
+async def _move_all(
+    devices: Sequence[MigratableDevice], target: State
+) -> list[tuple[MigratableDevice, str]]:
+    """Move ``devices`` to ``target`` in parallel; the ones that failed, with why."""
+    results = await asyncio.gather(*(d.set_state(target) for d in devices), return_exceptions=True)
+    failed = []
+    for device, result in zip(devices, results, strict=True):
+        if isinstance(result, BaseException):
+            if not isinstance(result, Exception):
+                raise result
+            failed.append((device, str(result) or type(result).__name__))
+    return failed

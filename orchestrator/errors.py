@@ -9,8 +9,11 @@
      +-- DowntimeExceeded          the hard downtime limit aborted the switchover
      +-- DestinationFailed         the destination refused or failed to load the state
      +-- OutcomeUnknown            the link died after the commit: the destination may run
+     +-- SplitOutcome              after the commit some destination devices did not resume
 
-Every error except OutcomeUnknown guarantees the source devices are RUNNING again.
+Every error except OutcomeUnknown and SplitOutcome guarantees the source devices are
+RUNNING again; after those two the source devices stay stopped (the commit gave the
+workload to the destination).
 """
 
 from __future__ import annotations
@@ -46,3 +49,16 @@ class OutcomeUnknown(MigrationError):
     The destination may be running the devices, so the source devices are left stopped
     rather than risk running the same workload twice.
     """
+
+
+class SplitOutcome(MigrationError):
+    """After the commit the destination resumed some devices and not others.
+
+    The destination owns the workload; the devices that did not resume stay stopped
+    there with their state, and the source devices stay stopped. ``failed`` maps each
+    device that did not resume to the reason.
+    """
+
+    def __init__(self, message: str, failed: dict[str, str]) -> None:
+        super().__init__(message)
+        self.failed = failed

@@ -30,6 +30,10 @@ class MigrationParams:
     downtime_limit_ms: float = 300.0
     #: Abort the switchover (source back to RUNNING) if it cannot fit the limit.
     hard_downtime_limit: bool = False
+    #: Longest the source devices may stay stopped before COMMIT (the switchover rolls
+    #: back past it, whatever the link does); None: max(10 x downtime_limit_ms, 1000),
+    #: or downtime_limit_ms itself under hard_downtime_limit.
+    max_stop_ms: float | None = None
     #: Bandwidth cap in bytes/s (token bucket); None is unlimited.
     max_bandwidth: float | None = None
     #: Bandwidth in bytes/s to assume at switchover instead of the measured one.
@@ -81,6 +85,7 @@ class MigrationParams:
             "switchover_bandwidth": self.switchover_bandwidth,
             "force_after_iterations": self.force_after_iterations,
             "force_after_s": self.force_after_s,
+            "max_stop_ms": self.max_stop_ms,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -102,6 +107,15 @@ class MigrationParams:
             self.force_after_iterations is None and self.force_after_s is None
         ):
             raise MigrationBlocked("policy 'force' needs force_after_iterations or force_after_s")
+
+    @property
+    def stop_bound_s(self) -> float:
+        """How long the switchover may hold the source devices stopped before COMMIT."""
+        if self.hard_downtime_limit:
+            return self.downtime_limit_ms / 1e3
+        if self.max_stop_ms is not None:
+            return self.max_stop_ms / 1e3
+        return max(10 * self.downtime_limit_ms, 1000.0) / 1e3
 
     def updated(self, changes: Mapping[str, Any]) -> MigrationParams:
         """A validated copy with ``changes`` applied; unknown names are refused."""
@@ -151,5 +165,11 @@ def _policy(value: object) -> Policy:
 
 #: Parameters a user may change while a migration runs.
 LIVE_PARAMETERS = frozenset(
-    {"downtime_limit_ms", "max_bandwidth", "switchover_bandwidth", "hard_downtime_limit"}
+    {
+        "downtime_limit_ms",
+        "max_bandwidth",
+        "switchover_bandwidth",
+        "hard_downtime_limit",
+        "max_stop_ms",
+    }
 )

@@ -1,16 +1,19 @@
 """The source side of a migration: pre-copy iteration, switchover, and rollback.
 
-Guarantee: when ``run`` raises anything but OutcomeUnknown, every source device is
-RUNNING again with the state its own workload gave it (a device that ended in ERROR on
-the way is reset and the reset is logged as an error). After success the source
-devices are in STOP: the workload runs on the destination.
+Guarantee: when ``run`` raises anything but OutcomeUnknown or SplitOutcome, every source
+device is RUNNING again with the state its own workload gave it, brought back in P2P
+order (a device that ended in ERROR on the way is reset and the reset is logged as an
+error). After COMMIT the source never runs its devices again on its own, whatever the
+destination says or does: after success, OutcomeUnknown or SplitOutcome they are in STOP.
+The stats' ``outcome`` and ``placement`` say where the workload runs.
 
 The switchover, in order: every device to its P2P state (PRE_COPY_P2P or RUNNING_P2P)
 before any leaves the quiesced group; every device to STOP_COPY in parallel; each data
 channel drained to its permanent end; END_OF_STREAM; the destination loads and
 validates everything and answers "loaded"; the source sends COMMIT, the point of no
 return, and the destination resumes. A failure before COMMIT rolls everything back; the
-hard downtime limit is enforced up to COMMIT.
+devices stay stopped before COMMIT for at most ``params.stop_bound_s``
+(max_stop_ms, or the hard downtime limit), whatever the link does.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from orchestrator.errors import (
     MigrationCancelled,
     MigrationError,
     OutcomeUnknown,
+    SplitOutcome,
 )
+from orchestrator.p2p import resume_in_order
 from orchestrator.params import LIVE_PARAMETERS, MigrationParams
 from orchestrator.stats import (
     BusyMeter,
@@ -56,6 +61,8 @@ from transport import Tag
 log = structlog.get_logger(__name__)
 
 StatusListener = Callable[[MigrationStats], None]
+#: Called with the device names right before COMMIT is sent; must make the fence durable.
+CommitHook = Callable[[list[str]], None]
 
 
 class _Stage(enum.Enum):
@@ -104,6 +111,7 @@ class SourceMigration:
         auth: transport.AuthConfig,
         name: str = "livemig-source",
         migration_id: str | None = None,
+        on_commit: CommitHook | None = None,
     ) -> None:
         self.devices = list(devices)
         self.destination = destination
@@ -116,6 +124,7 @@ class SourceMigration:
             devices=[DeviceStats(d.name, d.kind) for d in self.devices],
         )
         self.log = log.bind(migration_id=self.stats.migration_id)
+        self._on_commit = on_commit
         self._listeners: list[StatusListener] = []
         self._session: transport.Session | None = None
         self._receiver: asyncio.Task[None] | None = None
@@ -267,6 +276,7 @@ class SourceMigration:
                 "switchover_ack": self._want_ack,
                 "precopy_devices": len(self._precopy_indices),
                 "boot_id": boot_id(),
+                "migration_id": self.stats.migration_id,
             },
         )
         answer = await asyncio.wait_for(session.recv(), params.connect_timeout_s)
@@ -495,6 +505,7 @@ class SourceMigration:
             await _first_of(self._continue.wait(), self._wakeup_on_error())
             self._raise_background_errors()
         limit_s = self.params.downtime_limit_ms / 1000
+        bound_s = self.params.stop_bound_s
         est = self._estimate(self._progress())
         if self.params.hard_downtime_limit and est.expected_downtime_s > limit_s:
             raise DowntimeExceeded(
@@ -509,34 +520,56 @@ class SourceMigration:
         clock = DowntimeClock()
         self._clock = clock
         start = clock.begin()
-        deadline = start + limit_s if self.params.hard_downtime_limit else None
+        # The bound on the stop holds whatever the link does: past it, roll back.
+        deadline = start + bound_s
         try:
             async with asyncio.timeout_at(_loop_time_of(deadline)):
                 await self._stop_and_drain(clock)
                 loaded = await self._verdict("loaded")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError
+            if time.monotonic() > deadline:
+                raise TimeoutError
         except TimeoutError:
-            raise DowntimeExceeded(
-                f"switchover passed the hard downtime limit of "
-                f"{self.params.downtime_limit_ms:g} ms before the destination had loaded "
-                "the state; the source runs again. Raise the limit or the bandwidth and retry"
+            if self.params.hard_downtime_limit:
+                raise DowntimeExceeded(
+                    f"switchover passed the hard downtime limit of "
+                    f"{self.params.downtime_limit_ms:g} ms before the destination had loaded "
+                    "the state; the source runs again. Raise the limit or the bandwidth and "
+                    "retry"
+                ) from None
+            raise MigrationError(
+                f"the destination had not loaded the state {bound_s * 1e3:g} ms after the "
+                f"devices stopped (max_stop_ms): the link to {self.destination} or the "
+                "destination stalled; the source runs again"
             ) from None
         assert self._session is not None
-        await self._session.send_control(Tag.COMMIT)
+        if self._on_commit is not None:
+            self._on_commit([d.name for d in self.devices])
         self._stage = _Stage.COMMITTED
+        await self._session.send_control(Tag.COMMIT)
         try:
             resumed = await self._verdict("resumed")
-        except DestinationFailed:
-            self._stage = _Stage.REVERSIBLE  # it said it is not running: ours may run again
-            raise
         except MigrationError as exc:
             raise OutcomeUnknown(
-                f"lost the destination after telling it to resume ({exc}); it may be running "
-                "the devices, so the source devices stay stopped; resume them (livemig resume) "
-                "only if the destination did not take over"
+                f"no word from the destination after telling it to resume ({exc}); it may be "
+                "running the devices, so the source devices stay stopped; resume them "
+                "(livemig resume --force) only if the destination did not take over"
             ) from exc
         self._account_downtime(clock, loaded, resumed)
+        failed = resumed.failed_devices()
+        if failed:
+            self.stats.placement = {
+                d.name: f"stopped on the destination: {failed[d.name]}"
+                if d.name in failed
+                else "destination"
+                for d in self.devices
+            }
+            raise SplitOutcome(
+                "split outcome: after COMMIT the destination could not resume "
+                + "; ".join(f"{n} ({why})" for n, why in failed.items())
+                + "; they stay stopped there with their state, the other devices run on the "
+                "destination, and the source devices stay stopped",
+                failed,
+            )
 
     async def _stop_precopy_readers(self) -> None:
         """End pre-copy streaming; a reader never stops between reading and sending."""
@@ -661,6 +694,8 @@ class SourceMigration:
             self.log.error("source_release_failed", error=str(exc))
         await self._close_session()
         self._end_clock()
+        self.stats.outcome = "destination"
+        self.stats.placement = {d.name: "destination" for d in self.devices}
         self._set_status(Status.COMPLETED)
         self.log.info(
             "migration_completed",
@@ -702,7 +737,9 @@ class SourceMigration:
         self.stats.error = str(error)
         self.log.error("migration_failed", reason=str(error), error_type=type(error).__name__)
         if self._stage is _Stage.REVERSIBLE:
-            await self._rollback()
+            notes = await self._rollback()
+            self.stats.outcome = "source"
+            self.stats.placement = {d.name: notes.get(d.name, "source") for d in self.devices}
         else:
             await self._stop_background()
             if self._session is not None:
@@ -710,6 +747,14 @@ class SourceMigration:
             # Keep them stopped but release the data sessions.
             with contextlib.suppress(MigrationError):
                 await self._transition(self.devices, State.STOP)
+            if isinstance(error, SplitOutcome):
+                self.stats.outcome = "split"
+            else:
+                self.stats.outcome = "unknown"
+                self.stats.placement = {
+                    d.name: "unknown: stopped here, the destination may run it"
+                    for d in self.devices
+                }
         self._end_clock()
         cancelled = isinstance(error, MigrationCancelled)
         self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
@@ -722,8 +767,11 @@ class SourceMigration:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _rollback(self) -> None:
-        """Every source device back to RUNNING; tell the destination to give up."""
+    async def _rollback(self) -> dict[str, str]:
+        """Every source device back to RUNNING in P2P order; tell the destination to give up.
+
+        Returns the devices that had to be reset (their state is lost), with why.
+        """
         if self._inflight is not None:
             await asyncio.gather(self._inflight, return_exceptions=True)
         await self._stop_background()
@@ -734,29 +782,9 @@ class SourceMigration:
         for device in self.devices:
             if device.can_throttle():
                 device.set_throttle(0.0)
-        results = await asyncio.gather(
-            *(self._restore(d) for d in self.devices), return_exceptions=True
-        )
-        for device, result in zip(self.devices, results, strict=True):
-            if isinstance(result, BaseException):
-                self.log.critical(
-                    "source_device_not_restored", device=device.name, error=_describe(result)
-                )
-
-    async def _restore(self, device: MigratableDevice) -> None:
-        """Back to RUNNING by the FSM; a reset (loudly) if the device is or ends in ERROR."""
-        if device.state == State.RUNNING:
-            return
-        if device.state != State.ERROR:
-            try:
-                await device.set_state(State.RUNNING)
-            except DeviceError as exc:
-                self.log.error("rollback_arc_failed", device=device.name, error=str(exc))
-            else:
-                self.log.info("source_device_restored", device=device.name)
-                return
-        self.log.error("source_device_reset", device=device.name, state=device.state.name)
-        await device.reset()
+        notes = await resume_in_order(self.devices, self.log)
+        self.log.info("source_devices_restored", reset=notes)
+        return notes
 
     async def _close_session(self) -> None:
         await self._stop_background()

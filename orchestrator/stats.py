@@ -170,6 +170,11 @@ class MigrationStats:
         default_factory=lambda: deque(maxlen=10_000)
     )
     switchover_at_s: float | None = None
+    #: Where the workload runs once it ended: "source", "destination", "unknown" (the
+    #: link died after COMMIT) or "split" (some devices did not resume after COMMIT).
+    outcome: str | None = None
+    #: Device name -> where it runs ("source", "destination") or why it runs nowhere.
+    placement: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def transferred_bytes(self) -> int:
@@ -196,6 +201,8 @@ class MigrationStats:
             "migration_id": self.migration_id,
             "destination": self.destination,
             "status": self.status.value,
+            "outcome": self.outcome,
+            "placement": self.placement,
             "started_at": self.started_at,
             "setup_ms": ms(self.setup_ms),
             "total_ms": ms(self.total_ms if self.total_ms is not None else self.elapsed_s() * 1e3),

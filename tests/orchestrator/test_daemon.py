@@ -111,9 +111,13 @@ class Pair:
 
 @contextlib.asynccontextmanager
 async def running_pair(
-    folder: Path, source_config: Path, destination_config: Path
+    folder: Path, source_config: Path, destination_config: Path, *, arm: bool = True
 ) -> AsyncIterator[Pair]:
-    """Both daemons started, a control connection to each; both must exit 0 at the end."""
+    """Both daemons started, a control connection to each; both must exit 0 at the end.
+
+    ``arm``: the destination consents to one migration of each of its devices from the
+    daemon named "source" (``livemig incoming``), as an operator would.
+    """
     source = DaemonProcess(source_config, name="source")
     destination = DaemonProcess(destination_config, name="destination")
     pair = Pair(folder, source, destination)
@@ -125,6 +129,9 @@ async def running_pair(
         pair.dst = await destination.client()
         await pair.src.subscribe()
         pair.address = (await pair.dst.execute("query-daemon"))["listen"][0]
+        if arm:
+            names = [d["name"] for d in await pair.dst.execute("query-devices")]
+            await pair.dst.execute("migrate-incoming", devices=names, **{"from": "source"})
         yield pair
         await pair.src.close()
         await pair.dst.close()
@@ -166,14 +173,20 @@ async def test_a_migration_through_the_cli_is_byte_exact(pair: Pair) -> None:
     assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
 
 
-async def test_resume_runs_stopped_source_devices_again(pair: Pair) -> None:
-    """``livemig resume`` brings devices left stopped back to RUNNING, and only idle ones."""
+async def test_resume_refuses_devices_that_migrated_away_unless_forced(pair: Pair) -> None:
+    """After a completed migration ``resume`` refuses (no split brain); --force runs them."""
     code, _, err = await pair.cli("migrate", "--to", pair.address, "--json")
     assert code == 0, err
-    code, out, err = await pair.cli("resume", "sim0", "idle0", "--json")
+    code, _, err = await pair.cli("resume", "sim0", "idle0")
+    assert code == 5, err
+    assert "migrated away" in err
+    assert "--force" in err
+    assert await pair.states(pair.src) == dict.fromkeys(("sim0", "idle0", "ram0"), "STOP")
+    code, out, err = await pair.cli("resume", "sim0", "idle0", "--force", "--json")
     assert code == 0, err
     assert json.loads(out) == {"sim0": "RUNNING", "idle0": "RUNNING"}
     assert (await pair.states(pair.src))["ram0"] == "STOP"
+    assert "device_resume_forced" in pair.source.output()
     code, _, err = await pair.cli("resume", "nope")
     assert code != 0
     assert "no device 'nope'" in err
@@ -363,10 +376,13 @@ async def test_the_daemon_refuses_to_start_with_a_clear_message(
     assert message in str(failed.value)
 
 
-async def test_a_device_another_migration_loaded_is_not_offered_to_a_second_one() -> None:
+async def test_a_device_another_migration_loaded_is_not_offered_to_a_second_one(
+    tmp_path: Path,
+) -> None:
     """An incoming migration cannot claim a device that another one validated (STOP)."""
     config = parse(
-        'control_socket = "c.sock"\n[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\n'
+        f'control_socket = "{tmp_path}/c.sock"\n'
+        '[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\n'
     )
     device = config.devices[0].build()
     service = Service(config, [device])

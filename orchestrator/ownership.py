@@ -1,0 +1,255 @@
+"""Who owns each device's workload, as this daemon knows it, and who may send one here.
+
+The record is the fence that keeps a workload in one place. Each device has an
+:class:`Owner` value, kept in a small JSON state file written atomically (write a
+temporary file, fsync, rename, fsync the folder) *before* the act it guards: a source
+records "outcome unknown" before it sends COMMIT, a destination records "received"
+before it resumes. A daemon restarted on failure reads the file back, so a restart
+never lifts the fence.
+
+Arming is the destination's consent: an incoming migration may take only devices armed
+for it (``migrate-incoming``), or devices configured with ``accept_incoming = true``
+while they hold no workload here (idle or migrated away). An arm is spent when a
+migration into the device commits; a failed attempt before COMMIT leaves it armed, so
+the source may retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+STATE_FILE_VERSION = 1
+
+
+class Owner(enum.StrEnum):
+    """Where a device's workload is, from this host's point of view."""
+
+    #: The workload runs on this host (a configured device starts so).
+    RUNNING_HERE = "running here"
+    #: No workload here: the device waits to receive one (accept_incoming devices start so).
+    IDLE = "idle"
+    #: The workload moved to ``peer``; the device is stopped here and must not run.
+    MIGRATED_AWAY = "migrated away"
+    #: The workload came from ``peer`` and runs here.
+    RECEIVED = "received"
+    #: COMMIT was sent and no answer came: stopped here, the peer may be running it.
+    OUTCOME_UNKNOWN = "outcome unknown"
+    #: This host owns the workload but the device did not resume: stopped, state kept.
+    STOPPED = "stopped"
+
+
+#: Owners whose device runs a workload here.
+RUNNING_OWNERS = frozenset({Owner.RUNNING_HERE, Owner.RECEIVED})
+#: Owners whose device must not run here without an operator's --force.
+FENCED_OWNERS = frozenset({Owner.MIGRATED_AWAY, Owner.OUTCOME_UNKNOWN})
+#: Owners a bare ``migrate-incoming`` (no device names) arms.
+ARMABLE_BY_DEFAULT = frozenset({Owner.IDLE, Owner.MIGRATED_AWAY})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Record:
+    """One device's owner, and the migration that made it so."""
+
+    owner: Owner
+    peer: str | None = None
+    migration_id: str | None = None
+    #: Wall-clock time of the change, ISO 8601 UTC.
+    at: str | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON (the state file, query-devices)."""
+        return {
+            "owner": self.owner.value,
+            "peer": self.peer,
+            "migration_id": self.migration_id,
+            "at": self.at,
+            "reason": self.reason,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Record:
+        """Validate one entry of the state file; ValueError names the problem."""
+        try:
+            owner = Owner(raw["owner"])
+        except (KeyError, ValueError, TypeError):
+            raise ValueError(f"unknown owner {raw.get('owner')!r:.60}") from None
+        fields: dict[str, str | None] = {}
+        for key in ("peer", "migration_id", "at", "reason"):
+            value = raw.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{key} must be a string, got {value!r:.60}")
+            fields[key] = value
+        return cls(owner, **fields)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Arm:
+    """Consent to receive one migration into a device."""
+
+    #: Only a source announcing this name may send it (None: any authenticated peer).
+    peer: str | None
+    #: time.monotonic() after which the arm lapses (None: never).
+    expires: float | None
+    #: Armed by the config's accept_incoming rather than by an operator.
+    standing: bool = False
+
+    def admits(self, peer: str, now: float) -> str | None:
+        """None when ``peer`` may send now, else why not."""
+        if self.expires is not None and now > self.expires:
+            return "its arming expired"
+        if self.peer is not None and self.peer != peer:
+            return f"it is armed for {self.peer!r}, not {peer!r}"
+        return None
+
+
+def now_iso() -> str:
+    """The current wall-clock time, for records people read."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+class OwnershipBook:
+    """Every device's record and arm; records persist in ``path`` (None: memory only)."""
+
+    def __init__(
+        self,
+        path: Path | None,
+        devices: Iterable[str],
+        *,
+        accept_incoming: Iterable[str] = (),
+    ) -> None:
+        self.path = path
+        self.accept_incoming = frozenset(accept_incoming)
+        self.records: dict[str, Record] = {}
+        self.arms: dict[str, Arm] = {}
+        stored = self._load()
+        for name in devices:
+            default = Owner.IDLE if name in self.accept_incoming else Owner.RUNNING_HERE
+            self.records[name] = stored.get(name, Record(default))
+        self._save()
+
+    def _load(self) -> dict[str, Record]:
+        """The records of the state file; ValueError naming the file when it is damaged."""
+        if self.path is None or not self.path.exists():
+            return {}
+        try:
+            document = json.loads(self.path.read_text(encoding="utf-8"))
+            if not isinstance(document, dict) or document.get("version") != STATE_FILE_VERSION:
+                raise ValueError(f"not a version {STATE_FILE_VERSION} state file")
+            devices = document.get("devices")
+            if not isinstance(devices, dict):
+                raise ValueError("devices must be an object")
+            return {str(name): Record.from_dict(raw) for name, raw in devices.items()}
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ValueError(f"state file {self.path}: {exc}") from exc
+
+    def _save(self) -> None:
+        """Write every record atomically, durable before returning."""
+        if self.path is None:
+            return
+        document = {
+            "version": STATE_FILE_VERSION,
+            "devices": {name: record.as_dict() for name, record in self.records.items()},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(document, file, indent=1)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, self.path)
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    def get(self, name: str) -> Record:
+        """A device's record."""
+        return self.records[name]
+
+    def set(
+        self,
+        names: Iterable[str],
+        owner: Owner,
+        *,
+        peer: str | None = None,
+        migration_id: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Change the records of ``names`` and make the change durable."""
+        at = now_iso()
+        names = list(names)
+        for name in names:
+            self.records[name] = Record(owner, peer, migration_id, at, reason)
+        self._save()
+        log.info(
+            "owner_changed",
+            devices=names,
+            owner=owner.value,
+            peer=peer,
+            migration_id=migration_id,
+            reason=reason,
+        )
+
+    # -- arming -------------------------------------------------------------------------
+
+    def arm(self, names: Iterable[str], peer: str | None, timeout_s: float | None) -> None:
+        """Consent to one incoming migration into each of ``names``."""
+        expires = None if timeout_s is None else time.monotonic() + timeout_s
+        for name in names:
+            self.arms[name] = Arm(peer, expires)
+
+    def default_armable(self) -> list[str]:
+        """The devices a bare ``migrate-incoming`` arms: those with no workload here."""
+        return [n for n, r in self.records.items() if r.owner in ARMABLE_BY_DEFAULT]
+
+    def arm_of(self, name: str) -> Arm | None:
+        """The arm that admits a migration into ``name`` now, if any."""
+        arm = self.arms.get(name)
+        if arm is not None:
+            return arm
+        if name in self.accept_incoming and self.records[name].owner in ARMABLE_BY_DEFAULT:
+            return Arm(None, None, standing=True)
+        return None
+
+    def admission_problem(self, name: str, peer: str) -> str | None:
+        """None when ``peer`` may migrate into ``name`` now, else the reason for the source."""
+        arm = self.arm_of(name)
+        if arm is None:
+            record = self.records[name]
+            return (
+                f"{name} is not armed to receive (owner here: {record.owner.value}); "
+                f"run 'livemig incoming --devices {name}' on the destination first"
+            )
+        problem = arm.admits(peer, time.monotonic())
+        return None if problem is None else f"{name}: {problem}"
+
+    def spend(self, names: Iterable[str]) -> None:
+        """A migration into ``names`` committed: their arms are used up."""
+        for name in names:
+            self.arms.pop(name, None)
+
+    def armed(self) -> dict[str, dict[str, Any]]:
+        """The current arms, for query-devices."""
+        now = time.monotonic()
+        result = {}
+        for name in self.records:
+            arm = self.arm_of(name)
+            if arm is None:
+                continue
+            expires_in = None if arm.expires is None else round(arm.expires - now, 3)
+            result[name] = {"peer": arm.peer, "expires_in_s": expires_in, "standing": arm.standing}
+        return result
