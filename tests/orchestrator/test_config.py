@@ -171,3 +171,25 @@ def test_the_examples_are_valid() -> None:
     for name in ("source.toml", "destination.toml"):
         loaded = config.load(examples / name)
         assert loaded.devices
+
+
+def test_a_listener_off_loopback_needs_auth_or_insecure(folder: Path) -> None:
+    """Listening on a non-loopback address without [auth] is refused, naming the fix."""
+    text = 'control_socket = "c.sock"\nlisten = ["0.0.0.0:7070"]\n'
+    with pytest.raises(ConfigError, match=r"d.toml:2: listen: 0.0.0.0:7070 is reachable"):
+        config.parse(text, file=str(folder / "d.toml"))
+    loose = config.parse(text + "[auth]\ninsecure = true\n", file=str(folder / "d.toml"))
+    assert loose.auth.insecure
+    for local in ("127.0.0.1:7070", "localhost:7070", "[::1]:7070", "unix:m.sock"):
+        config.parse(f'control_socket = "c.sock"\nlisten = ["{local}"]\n', file="d.toml")
+
+
+def test_the_state_file_defaults_beside_the_control_socket(folder: Path) -> None:
+    """Without state_file the ownership records live next to the control socket."""
+    parsed = config.parse(
+        'name = "h1"\ncontrol_socket = "run/c.sock"\n[[device]]\nkind = "simulated"\n'
+        'name = "x"\nstate_mib = 1\naccept_incoming = true\n',
+        file=str(folder / "d.toml"),
+    )
+    assert parsed.state_file == folder / "run" / "h1.owners.json"
+    assert parsed.devices[0].accept_incoming
