@@ -10,7 +10,8 @@ class FaultProxy:
     """Forwards every connection to ``target`` and breaks them when told to.
 
     ``cut_after`` closes every connection once that many bytes went upstream (source
-    to destination); ``freeze_return`` holds everything the destination sends.
+    to destination); ``freeze_return`` holds everything the destination sends, and
+    ``freeze`` holds both directions (a link that stops forwarding but stays up).
     """
 
     def __init__(self, target: str) -> None:
@@ -21,6 +22,8 @@ class FaultProxy:
         self.cut = asyncio.Event()
         self._return_open = asyncio.Event()
         self._return_open.set()
+        self._upstream_open = asyncio.Event()
+        self._upstream_open.set()
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
         self._pumps: set[asyncio.Task[None]] = set()
@@ -33,6 +36,11 @@ class FaultProxy:
 
     def freeze_return(self) -> None:
         """Stop forwarding what the destination sends (it is held, not lost)."""
+        self._return_open.clear()
+
+    def freeze(self) -> None:
+        """Stop forwarding both ways; connections stay open, nothing is lost or delivered."""
+        self._upstream_open.clear()
         self._return_open.clear()
 
     def drop(self) -> None:
@@ -55,6 +63,7 @@ class FaultProxy:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(1 << 16):
                 if upstream:
+                    await self._upstream_open.wait()
                     if self.cut_after is not None:
                         room = self.cut_after - self.upstream_bytes
                         if room <= len(data):

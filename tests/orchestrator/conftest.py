@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -193,3 +194,12 @@ async def wait_status(migration: SourceMigration, *statuses: Status) -> None:
 
     migration.add_listener(check)
     await reached.wait()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the safety matrix when its cells ran (tests/orchestrator/test_safety_matrix.py)."""
+    # The test module is imported under its rootdir-relative name: find it, do not re-import.
+    module = sys.modules.get("test_safety_matrix")
+    if module is not None and module.MATRIX:
+        terminalreporter.section("safety matrix: where the workload ended (outcome: error)")
+        terminalreporter.write_line(module.matrix_table())
