@@ -473,7 +473,8 @@ async def test_real_daemons_kill_the_destination_in_precopy(tmp_path: Path) -> N
         )
         migration_id = started["id"]
         await pair.src.next_event(
-            lambda m: m["event"] == "MIGRATION_PASS" and m["data"]["id"] == migration_id, 30
+            lambda m, mid=migration_id: m["event"] == "MIGRATION_PASS" and m["data"]["id"] == mid,
+            30,
         )
         await pair.destination.kill()
         final = await pair.migration_event("failed")
