@@ -137,6 +137,10 @@ class Daemons:
             self.launch("destination", config, "destination.log"),
         )
         self.address = (await self.clients["destination"].execute("query-daemon"))["listen"][0]
+        # Consent: the destination takes one migration of tty0, from the daemon "source".
+        await self.clients["destination"].execute(
+            "migrate-incoming", devices=[DEVICE], **{"from": "source"}
+        )
 
     async def stop(self, *roles: str) -> None:
         """SIGTERM the daemons (default both); each must exit 0, its devices released."""
