@@ -602,11 +602,15 @@ class Service:
         for name in fenced:
             log.critical("device_resume_forced", device=name, record=self.book.get(name).as_dict())
         notes = await resume_in_order(chosen, log)
-        self.book.set(
-            [d.name for d in chosen],
-            Owner.RUNNING_HERE,
-            reason="resumed by the operator" + (" (forced)" if fenced else ""),
-        )
+        taken_back = [
+            d.name for d in chosen if self.book.get(d.name).owner in (*FENCED_OWNERS, Owner.STOPPED)
+        ]
+        if taken_back:
+            self.book.set(
+                taken_back,
+                Owner.RUNNING_HERE,
+                reason="resumed by the operator" + (" (forced)" if fenced else ""),
+            )
         for device in chosen:
             log.warning(
                 "device_resumed_by_operator", device=device.name, note=notes.get(device.name)

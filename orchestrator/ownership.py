@@ -22,7 +22,7 @@ import enum
 import json
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +101,7 @@ class Arm:
 
     #: Only a source announcing this name may send it (None: any authenticated peer).
     peer: str | None
-    #: time.monotonic() after which the arm lapses (None: never).
+    #: The book's clock reading after which the arm lapses (None: never).
     expires: float | None
     #: Armed by the config's accept_incoming rather than by an operator.
     standing: bool = False
@@ -129,8 +129,10 @@ class OwnershipBook:
         devices: Iterable[str],
         *,
         accept_incoming: Iterable[str] = (),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self._clock = clock
         self.accept_incoming = frozenset(accept_incoming)
         self.records: dict[str, Record] = {}
         self.arms: dict[str, Arm] = {}
@@ -208,7 +210,7 @@ class OwnershipBook:
 
     def arm(self, names: Iterable[str], peer: str | None, timeout_s: float | None) -> None:
         """Consent to one incoming migration into each of ``names``."""
-        expires = None if timeout_s is None else time.monotonic() + timeout_s
+        expires = None if timeout_s is None else self._clock() + timeout_s
         for name in names:
             self.arms[name] = Arm(peer, expires)
 
@@ -234,7 +236,7 @@ class OwnershipBook:
                 f"{name} is not armed to receive (owner here: {record.owner.value}); "
                 f"run 'livemig incoming --devices {name}' on the destination first"
             )
-        problem = arm.admits(peer, time.monotonic())
+        problem = arm.admits(peer, self._clock())
         return None if problem is None else f"{name}: {problem}"
 
     def spend(self, names: Iterable[str]) -> None:
@@ -244,7 +246,7 @@ class OwnershipBook:
 
     def armed(self) -> dict[str, dict[str, Any]]:
         """The current arms, for query-devices."""
-        now = time.monotonic()
+        now = self._clock()
         result = {}
         for name in self.records:
             arm = self.arm_of(name)
