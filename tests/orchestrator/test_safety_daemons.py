@@ -135,8 +135,13 @@ async def test_a_device_whose_outcome_is_unknown_is_never_overwritten_unarmed(
     write_psk(tmp_path / "psk", "a" * 32)
     source = write_config(tmp_path, "source")
     destination = write_config(tmp_path, "destination", listen='"127.0.0.1:0"')
-    unknown = {"owner": "outcome unknown", "peer": "127.0.0.1:9", "migration_id": "m1",
-               "at": "2026-12-05T00:00:00+00:00", "reason": "COMMIT sent"}  # fmt: skip
+    unknown = {
+        "owner": "outcome unknown",
+        "peer": "127.0.0.1:9",
+        "migration_id": "m1",
+        "at": "2026-12-05T00:00:00+00:00",
+        "reason": "COMMIT sent",
+    }
     (tmp_path / "destination.owners.json").write_text(
         json.dumps({"version": 1, "devices": dict.fromkeys(NAMES, unknown)})
     )
@@ -151,3 +156,26 @@ async def test_a_device_whose_outcome_is_unknown_is_never_overwritten_unarmed(
         # Armed without names, only idle or migrated-away devices would be armed: none here.
         code, _, _ = await pair.cli("devices")
         assert code == 0
+
+
+async def test_livemig_incoming_arms_from_the_command_line(tmp_path: Path) -> None:
+    """``livemig incoming`` arms the named devices (or the idle ones) and says so."""
+    source, destination = await unarmed_pair(tmp_path)
+    async with running_pair(tmp_path, source, destination, arm=False) as pair:
+        target = Pair(tmp_path, pair.destination, pair.destination)
+        target.folder = tmp_path / "as-destination"
+        target.folder.mkdir()
+        (target.folder / "source.sock").symlink_to(tmp_path / "destination.sock")
+        code, out, err = await target.cli(
+            "incoming", "--devices", "sim0,idle0,ram0", "--from", "source"
+        )
+        assert code == 0, err
+        assert out.strip() == "armed sim0, idle0, ram0 to receive one migration from source"
+        code, _, err = await target.cli("incoming")
+        assert code == 5
+        assert "no device is idle or migrated away" in err
+        code, out, err = await target.cli("devices")
+        assert code == 0, err
+        assert out.count("running here  armed") == 3, out
+        code, _, err = await pair.cli("migrate", "--to", pair.address)
+        assert code == 0, err
