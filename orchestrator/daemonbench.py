@@ -43,8 +43,17 @@ class DaemonFailed(Exception):
 class DaemonProcess:
     """A ``livemig daemon`` child process, ready once it sent READY=1."""
 
-    def __init__(self, config: Path, *, name: str = "daemon", log_file: Path | None = None):
+    def __init__(
+        self,
+        config: Path,
+        *,
+        name: str = "daemon",
+        log_file: Path | None = None,
+        prefix: Sequence[str] = (),
+    ):
         self.config = config
+        #: A command that runs the daemon elsewhere (``ip netns exec NS``: another host).
+        self.prefix = list(prefix)
         self.name = name
         self.log_file = log_file or config.with_suffix(".log")
         self.process: asyncio.subprocess.Process | None = None
@@ -64,6 +73,7 @@ class DaemonProcess:
         log = _open_log(self.log_file)
         try:
             self.process = await asyncio.create_subprocess_exec(
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "orchestrator.cli",
