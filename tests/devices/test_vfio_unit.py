@@ -22,6 +22,7 @@ from devices.errors import (
     Unsupported,
 )
 from devices.fsm import State
+from examples import bench_arcs
 from tests.devices.vfio_harness import FakeKernel
 
 S = State
@@ -300,9 +301,9 @@ def test_failed_resume_write_is_remembered_by_the_device(
 
 
 @pytest.fixture
-def kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
+def kernel(tmp_path: Path) -> Iterator[FakeKernel]:
     """A fake kernel answering devices.vfio's ioctls; its devices are closed afterwards."""
-    with FakeKernel(tmp_path).installed(monkeypatch) as fake:
+    with FakeKernel(tmp_path).installed() as fake:
         yield fake
 
 
@@ -417,3 +418,10 @@ async def test_cancel_during_an_arc_still_records_its_outcome(kernel: FakeKernel
     assert device.state == fake.state == S.PRE_COPY
     assert await device.save_channel().read() == (fake.header,)
     await device.set_state(S.RUNNING)
+
+
+async def test_switchover_arcs_of_eight_devices_overlap(kernel: FakeKernel) -> None:
+    """A whole migration of 8 devices whose SET blocks 50 ms: its arc phases < 3x one device's."""
+    one = await bench_arcs.migrate(kernel, 1, 0.05)
+    eight = await bench_arcs.migrate(kernel, 8, 0.05)
+    assert eight["arcs"] <= 3 * one["arcs"], f"8 devices: {eight}, 1 device: {one}"

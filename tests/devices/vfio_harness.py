@@ -31,8 +31,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from devices import fsm, vfio
 from devices.base import Chunk, MigratableDevice
 from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
@@ -91,14 +89,16 @@ class FakeKernel:
         self._made: list[VfioDevice] = []
 
     @contextmanager
-    def installed(self, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeKernel]:
+    def installed(self) -> Iterator[FakeKernel]:
         """Answer devices.vfio's ioctls for the block; close every device after it."""
-        monkeypatch.setattr(vfio, "_ioctl", self.ioctl)
+        real = vfio._ioctl
+        vfio._ioctl = self.ioctl
         try:
             yield self
         finally:
             for device in self._made:
                 device.abort()
+            vfio._ioctl = real
 
     def device(
         self,
