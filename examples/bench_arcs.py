@@ -36,10 +36,18 @@ from tests.devices.vfio_harness import FakeKernel
 ARC_PHASES = ("quiesce", "stop", "load", "resume")
 
 
-async def migrate(kernel: FakeKernel, count: int, delay_s: float) -> dict[str, float]:
-    """Migrate ``count`` fake VFIO devices once; the downtime breakdown in ms."""
-    sources = [kernel.device(f"vfio{i}", set_delay=delay_s)[0] for i in range(count)]
-    targets = {f"vfio{i}": kernel.device(f"vfio{i}", set_delay=delay_s)[0] for i in range(count)}
+async def migrate(
+    kernel: FakeKernel, count: int, delay_s: float, **faults: object
+) -> dict[str, float]:
+    """Migrate ``count`` fake VFIO devices once; the downtime breakdown in ms.
+
+    ``faults`` are FakeVfio fields for the source devices (tests use them).
+    """
+    sources = [kernel.device(f"vfio{i}", set_delay=delay_s, **faults)[0] for i in range(count)]
+    targets = {
+        f"vfio{i}": kernel.device(f"vfio{i}", set_delay=delay_s, content=b"idle")[0]
+        for i in range(count)
+    }
 
     async def accept(session: transport.Session) -> None:
         await DestinationMigration(session, targets).run()

@@ -425,3 +425,17 @@ async def test_switchover_arcs_of_eight_devices_overlap(kernel: FakeKernel) -> N
     one = await bench_arcs.migrate(kernel, 1, 0.05)
     eight = await bench_arcs.migrate(kernel, 8, 0.05)
     assert eight["arcs"] <= 3 * one["arcs"], f"8 devices: {eight}, 1 device: {one}"
+
+
+async def test_vfio_devices_without_optional_queries_migrate(kernel: FakeKernel) -> None:
+    """Drivers without precopy info and MIG_DATA_SIZE (ENOTTY) migrate; targets get the state."""
+    await bench_arcs.migrate(
+        kernel, 2, 0.0, precopy_info_errno=errno.ENOTTY, data_size_errno=errno.ENOTTY
+    )
+    fakes = list(kernel.devices.values())
+    sources = [f for f in fakes if f.precopy_info_errno == errno.ENOTTY]
+    targets = [f for f in fakes if f.precopy_info_errno is None]
+    assert (
+        [f.content for f in targets] == [f.content for f in sources] == [b"vfio0" * 8, b"vfio1" * 8]
+    )
+    assert ("vfio0", "PRECOPY_INFO") in kernel.calls
