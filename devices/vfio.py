@@ -13,10 +13,22 @@ adds on top of the kernel:
 
 * STOP_COPY -> PRE_COPY(_P2P), ERROR and states the device lacks are refused before the
   kernel is asked (older kernels loop forever on the first).
-* A failed SET is recovered like QEMU does: request the recover state (the starting
-  state, when reaching it does not reopen a data session the failed walk closed), and
-  if that fails or the device is in ERROR, VFIO_DEVICE_RESET. The TransitionError
+* A failed SET is recovered like QEMU does, with one difference: request the recover
+  state (the starting state, when reaching it does not reopen a data session the failed
+  walk closed), and when that fails too, read the state the device reports and, while
+  it is a valid state other than ERROR, retry the walk from there
+  (``RECOVERY_ATTEMPTS`` in all); only a device in ERROR, or one that still cannot get
+  back, is reset with VFIO_DEVICE_RESET (which loses its state). The TransitionError
   carries the state read back from the kernel afterwards.
+* The optional queries are optional: VFIO_MIG_GET_PRECOPY_INFO failing with ENOTTY (the
+  driver has no such ioctl) raises :class:`devices.errors.Unsupported` and is not asked
+  again; MIG_DATA_SIZE failing raises Unsupported (and is not asked again after
+  ENOTTY). The orchestrator then estimates from the stream (``orchestrator.convergence``).
+* Arcs run off the event loop: a SET can block in the driver for as long as the device
+  takes to save or load (tens of ms for NICs and GPUs in STOP_COPY), so the ioctls of a
+  state change or reset run in a thread pool with one worker per open device, and N
+  devices' arcs overlap. Only the ioctls run there: data sessions, the state and the
+  state listeners are updated back on the loop thread.
 * Data fds: non-blocking, watched with the loop's reader/writer callbacks. In PRE_COPY
   states both ENOMSG and ``read() == 0`` mean "nothing now" (mtty returns 0 where the
   uAPI says ENOMSG); 0 is the permanent end only in STOP_COPY. A new data fd while one
@@ -30,8 +42,8 @@ adds on top of the kernel:
   device sees it; this is the corruption it cannot catch.
 
 Every errno becomes a DeviceError naming the call, the device and its state; the
-OSError is its ``__cause__``. Device ioctls run inline on the loop: they are
-microseconds to milliseconds (43-650 us measured for mtty under TCG).
+OSError is its ``__cause__``. Queries and data-fd reads and writes run inline on the
+loop: they do not wait for the device (43-650 us measured for mtty under TCG).
 """
 
 from __future__ import annotations
@@ -43,10 +55,11 @@ import hashlib
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import structlog
 
@@ -67,6 +80,7 @@ from devices.errors import (
     StateValidationError,
     TransitionError,
     TransitionNotAllowed,
+    Unsupported,
 )
 from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
 
@@ -128,6 +142,12 @@ REGION_INFO = struct.Struct("=IIIIQQ")
 
 #: Largest piece read from a saving data fd at once.
 READ_SIZE = 1 << 20
+#: Walks back to the recover state after a failed SET (the first and the retries).
+RECOVERY_ATTEMPTS = 3
+#: errnos that say an optional query does not exist, not that it failed this time.
+ABSENT = frozenset({errno.ENOTTY, errno.EOPNOTSUPP})
+
+_T = TypeVar("_T")
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 _PCI = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$", re.I)
@@ -289,6 +309,70 @@ def _session_lost(start: State, now: State) -> bool:
     left_saving = start in SAVING_GROUP and now not in SAVING_GROUP
     left_resuming = start == State.RESUMING and now != State.RESUMING
     return left_saving or left_resuming
+
+
+class _ArcPool:
+    """Threads for blocking arcs: one worker per open device, so every arc can overlap.
+
+    The loop's default executor has ``cpu_count + 4`` workers (6 here), fewer than the
+    devices a switchover may move at once. Workers start lazily, so the pool holds only
+    as many threads as arcs ever ran at the same time.
+    """
+
+    def __init__(self) -> None:
+        self._executor: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._devices = 0
+
+    def attach(self) -> None:
+        """Count an opened device (the pool grows to it before its next arc)."""
+        self._devices += 1
+
+    def detach(self) -> None:
+        """Count a closed device."""
+        self._devices -= 1
+
+    async def run(self, call: Callable[..., _T], *args: Any) -> _T:
+        """Run ``call(*args)`` in a worker; the result comes back on the loop thread."""
+        if self._executor is None or self._size < self._devices:
+            previous = self._executor
+            self._size = max(self._devices, 1)
+            self._executor = ThreadPoolExecutor(self._size, thread_name_prefix="vfio-arc")
+            if previous is not None:
+                previous.shutdown(wait=False)  # its running arcs finish; nothing new goes there
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
+
+
+_ARC_POOL = _ArcPool()
+
+
+async def _to_completion(work: Coroutine[Any, Any, _T]) -> _T:
+    """Await ``work`` in a task that a cancel of the caller does not interrupt.
+
+    An ioctl started in a worker cannot be taken back; the task records its outcome
+    (the state, a new data fd) even when the caller is cancelled meanwhile, and the
+    cancel reaches the caller at once.
+    """
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
+    return await asyncio.shield(task)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a shielded task's error as seen: its caller was cancelled and will not look."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _Recovery(NamedTuple):
+    """What the recovery after a failed SET did, computed in a worker thread."""
+
+    #: Where the failed walk left the device.
+    walked_to: State
+    #: Where the device is now.
+    final: State
+    #: What was tried, for the log and the error.
+    recovery: str
 
 
 class _FdChannel:
@@ -503,6 +587,11 @@ class VfioDevice(MigratableDevice):
         self._channel: VfioSaveChannel | VfioResumeChannel | None = None
         #: (stream offset, OSError) of every failed write in the current RESUMING session.
         self._failed_writes: list[tuple[int, OSError]] = []
+        #: Why VFIO_MIG_GET_PRECOPY_INFO / MIG_DATA_SIZE are not offered, once known.
+        self._no_precopy_info: str | None = None
+        self._no_data_size: str | None = None
+        #: One state change or reset at a time (their ioctls run in a worker).
+        self._arc_lock = asyncio.Lock()
         self._model = path.model()
         #: What the driver implements; the kernel walks transitions over these arcs.
         self.kernel_features = self._query_features(name)
@@ -518,6 +607,7 @@ class VfioDevice(MigratableDevice):
             # A session whose fd we do not hold (a previous owner died): start clean.
             self._reset_device()
             self._state = self._get_state()
+        _ARC_POOL.attach()
         log.info(
             "vfio_device_opened",
             device=name,
@@ -607,41 +697,56 @@ class VfioDevice(MigratableDevice):
     # --- state changes ---
 
     async def set_state(self, target: State) -> None:
-        start = self.state
-        if start == target:
-            return
-        if fsm.next_state(start, target, self.features) == State.ERROR:
-            raise TransitionNotAllowed(
-                self.name,
-                f"transition {start.name} -> {target.name} is not allowed "
-                f"for features {self.features!r}",
-                start=start,
-                target=target,
-                state=start,
-            )
-        if start == State.RESUMING and self._failed_writes:
-            offset, first = self._failed_writes[0]
-            invalid = StateValidationError(
-                self.name,
-                f"{len(self._failed_writes)} write(s) of the stream failed, the first at "
-                f"offset {offset} with {errno_name(first.errno)}; refusing to load it",
-            )
-            raise TransitionError(
-                self.name,
-                f"RESUMING -> STOP refused on the way to {target.name}: {invalid}",
-                start=start,
-                target=target,
-                state=start,
-                failed_arc=(State.RESUMING, State.STOP),
-            ) from invalid
-        call = f"VFIO_DEVICE_FEATURE(SET|MIG_DEVICE_STATE={target.name})"
+        await _to_completion(self._set_state(target))
+
+    async def _set_state(self, target: State) -> None:
+        async with self._arc_lock:
+            start = self.state
+            if start == target:
+                return
+            if fsm.next_state(start, target, self.features) == State.ERROR:
+                raise TransitionNotAllowed(
+                    self.name,
+                    f"transition {start.name} -> {target.name} is not allowed "
+                    f"for features {self.features!r}",
+                    start=start,
+                    target=target,
+                    state=start,
+                )
+            if start == State.RESUMING and self._failed_writes:
+                offset, first = self._failed_writes[0]
+                invalid = StateValidationError(
+                    self.name,
+                    f"{len(self._failed_writes)} write(s) of the stream failed, the first at "
+                    f"offset {offset} with {errno_name(first.errno)}; refusing to load it",
+                )
+                raise TransitionError(
+                    self.name,
+                    f"RESUMING -> STOP refused on the way to {target.name}: {invalid}",
+                    start=start,
+                    target=target,
+                    state=start,
+                    failed_arc=(State.RESUMING, State.STOP),
+                ) from invalid
+            data_fd, failure, recovery = await _ARC_POOL.run(self._walk, start, target)
+            if failure is not None:
+                assert recovery is not None
+                call = f"VFIO_DEVICE_FEATURE(SET|MIG_DEVICE_STATE={target.name})"
+                cause = os_error(self.name, call, start, failure)
+                cause.__cause__ = failure
+                raise self._recovered(start, target, cause, recovery) from cause
+            self._adopt(start, target, data_fd)
+
+    def _walk(self, start: State, target: State) -> tuple[int, OSError | None, _Recovery | None]:
+        """In a worker: SET ``target``; after a failure, the recovery's ioctls as well.
+
+        Returns the new data fd (or -1), and on failure the error and the recovery.
+        Touches no channel, state or listener: the loop thread applies the outcome.
+        """
         try:
-            data_fd = self._set_state_ioctl(target)
+            return self._set_state_ioctl(target), None, None
         except OSError as exc:
-            cause = os_error(self.name, call, start, exc)
-            cause.__cause__ = exc
-            raise self._recover(start, target, cause) from cause
-        self._adopt(start, target, data_fd)
+            return -1, exc, self._recover(start)
 
     def _adopt(self, start: State, target: State, data_fd: int) -> None:
         """Track the session after a successful SET: keep, close or open the channel."""
@@ -681,38 +786,62 @@ class VfioDevice(MigratableDevice):
             state=self.state,
         )
 
-    def _recover(self, start: State, target: State, cause: DeviceError) -> TransitionError:
-        """After a failed SET: return to ``start`` if possible, else reset; the error to raise."""
+    def _read_state(self) -> State:
+        """The state the kernel reports, ERROR when even that fails."""
         try:
-            actual = self._get_state()
+            return self._get_state()
         except DeviceError:
-            actual = State.ERROR
-        recovery = "none needed"
-        if actual != start:
-            recover_ok = False
-            recovery = "device in ERROR"
-            if actual != State.ERROR and not _session_lost(start, actual):
-                try:
-                    stray = self._set_state_ioctl(start)
-                    if stray >= 0:
-                        os.close(stray)
-                    recover_ok = stray < 0
-                except OSError:
-                    pass
-                recovery = f"requested {start.name}"
-            elif actual != State.ERROR:
-                recover_ok = True  # a valid state, but the session is gone: stay there
-                recovery = f"stayed in {actual.name} (data session gone)"
-            if not recover_ok:
-                try:
-                    self._reset_device()
-                    recovery = f"{recovery}, then VFIO_DEVICE_RESET"
-                except DeviceError as exc:
-                    recovery = f"{recovery}, then {exc}"
-        try:
-            final = self._get_state()
-        except DeviceError:
-            final = State.ERROR
+            return State.ERROR
+
+    def _recover(self, start: State) -> _Recovery:
+        """In a worker, after a failed SET: walk back to ``start``, retrying, reset last.
+
+        A device the failed walk left in a valid state is walked back from there, and
+        after each failed attempt from whatever valid state the device then reports: a
+        reset loses the device's state, so it comes only when the device is in ERROR or
+        ``RECOVERY_ATTEMPTS`` walks did not get it back. A device whose data session the
+        walk closed cannot get it back and stays where it is.
+        """
+        walked_to = now = self._read_state()
+        steps: list[str] = []
+        attempts = 0
+        while now not in (start, State.ERROR) and not _session_lost(start, now):
+            if attempts == RECOVERY_ATTEMPTS:
+                break
+            attempts += 1
+            try:
+                stray = self._set_state_ioctl(start)
+            except OSError as exc:
+                steps.append(f"requested {start.name} from {now.name}: {errno_name(exc.errno)}")
+                now = self._read_state()
+                continue
+            if stray >= 0:  # start has no session to open: the kernel disagrees with us
+                os.close(stray)
+                steps.append(f"requested {start.name} from {now.name}: unexpected data fd")
+                now = State.ERROR
+                break
+            steps.append(f"requested {start.name} from {now.name}")
+            now = self._read_state()
+        if now == start:
+            recovery = "; ".join(steps) or "none needed"
+        elif now != State.ERROR and _session_lost(start, now):
+            recovery = "; ".join([*steps, f"stayed in {now.name} (data session gone)"])
+        else:
+            steps.append("device in ERROR" if now == State.ERROR else "gave up")
+            try:
+                self._reset_device()
+                steps.append("then VFIO_DEVICE_RESET")
+            except DeviceError as exc:
+                steps.append(f"then {exc}")
+            now = self._read_state()
+            recovery = "; ".join(steps)
+        return _Recovery(walked_to, now, recovery)
+
+    def _recovered(
+        self, start: State, target: State, cause: DeviceError, outcome: _Recovery
+    ) -> TransitionError:
+        """On the loop thread: apply a recovery's outcome; return the error to raise."""
+        final = outcome.final
         if _session_lost(start, final) or final == State.ERROR:
             self._drop_channel()
         log.warning(
@@ -720,27 +849,36 @@ class VfioDevice(MigratableDevice):
             device=self.name,
             start=start.name,
             target=target.name,
-            walked_to=actual.name,
-            recovery=recovery,
+            walked_to=outcome.walked_to.name,
+            recovery=outcome.recovery,
             state=final.name,
             error=str(cause),
         )
         self.state = final
         return TransitionError(
             self.name,
-            f"{start.name} -> {target.name} failed: {cause}; kernel walked to {actual.name}, "
-            f"recovery: {recovery}; device is now {final.name}",
+            f"{start.name} -> {target.name} failed: {cause}; kernel walked to "
+            f"{outcome.walked_to.name}, recovery: {outcome.recovery}; device is now {final.name}",
             start=start,
             target=target,
             state=final,
         )
 
     async def reset(self) -> None:
-        self._drop_channel()
+        await _to_completion(self._reset())
+
+    async def _reset(self) -> None:
+        async with self._arc_lock:
+            self._drop_channel()
+            state = await _ARC_POOL.run(self._reset_and_read)
+            self._failed_writes.clear()
+            self.state = state
+            log.info("vfio_device_reset", device=self.name, state=self.state.name)
+
+    def _reset_and_read(self) -> State:
+        """In a worker: VFIO_DEVICE_RESET, then the state the kernel reports."""
         self._reset_device()
-        self._failed_writes.clear()
-        self.state = self._get_state()
-        log.info("vfio_device_reset", device=self.name, state=self.state.name)
+        return self._get_state()
 
     def _drop_channel(self) -> None:
         if self._channel is not None:
@@ -770,13 +908,23 @@ class VfioDevice(MigratableDevice):
         return self._channel
 
     def precopy_info(self) -> PrecopyInfo:
+        """VFIO_MIG_GET_PRECOPY_INFO; Unsupported once the driver said it has none (ENOTTY)."""
         self.require(
             State.PRE_COPY, State.PRE_COPY_P2P, what="precopy_info (VFIO_MIG_GET_PRECOPY_INFO)"
         )
+        if self._no_precopy_info is not None:
+            raise Unsupported(self.name, self._no_precopy_info)
         request = bytearray(PRECOPY_INFO.pack(PRECOPY_INFO.size, 0, 0, 0))
         try:
             _ioctl(self.save_channel().fd, VFIO_MIG_GET_PRECOPY_INFO, request)
         except OSError as exc:
+            if exc.errno in ABSENT:
+                # The ioctl is optional in the uAPI: remember, the answer will not change.
+                self._no_precopy_info = (
+                    f"VFIO_MIG_GET_PRECOPY_INFO is not offered: {errno_name(exc.errno)}"
+                )
+                log.info("vfio_precopy_info_unsupported", device=self.name, errno=exc.errno)
+                raise Unsupported(self.name, self._no_precopy_info) from exc
             raise os_error(
                 self.name, "VFIO_MIG_GET_PRECOPY_INFO", self.state, exc, ChannelIOError
             ) from exc
@@ -784,18 +932,27 @@ class VfioDevice(MigratableDevice):
         return PrecopyInfo(initial, dirty)
 
     def stop_copy_size(self) -> int:
-        """The driver's MIG_DATA_SIZE estimate; 0 once STOP_COPY's stream was read to its end."""
+        """The driver's MIG_DATA_SIZE estimate; 0 once STOP_COPY's stream was read to its end.
+
+        Any failure raises Unsupported (the figure is an estimate, the migration can go on
+        without it); after ENOTTY the feature is not asked for again.
+        """
         if isinstance(self._channel, VfioSaveChannel) and self._channel.ended:
             return 0
+        if self._no_data_size is not None:
+            raise Unsupported(self.name, self._no_data_size)
         try:
             payload = self._feature(
                 VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
                 payload_size=MIG_DATA_SIZE_PAYLOAD.size,
             )
         except OSError as exc:
-            raise os_error(
-                self.name, "VFIO_DEVICE_FEATURE(GET|MIG_DATA_SIZE)", self.state, exc
-            ) from exc
+            call = "VFIO_DEVICE_FEATURE(GET|MIG_DATA_SIZE)"
+            message = f"{call} failed in state {self.state.name}: {errno_name(exc.errno)}"
+            if exc.errno in ABSENT:
+                self._no_data_size = f"{call} is not offered: {errno_name(exc.errno)}"
+                log.info("vfio_data_size_unsupported", device=self.name, errno=exc.errno)
+            raise Unsupported(self.name, message) from exc
         return int(MIG_DATA_SIZE_PAYLOAD.unpack(payload)[0])
 
     async def digest(self) -> bytes:
@@ -919,4 +1076,5 @@ class VfioDevice(MigratableDevice):
             except DeviceError as exc:
                 log.error("vfio_reset_on_close_failed", device=self.name, error=str(exc))
         self.fds.close()
+        _ARC_POOL.detach()
         log.info("vfio_device_closed", device=self.name, state=self._state.name)

@@ -6,6 +6,10 @@ migration, so a device set with slow transitions is not switched over on the pro
 a fast link. The switchover happens when every device has sent its initial data
 (initial_bytes == 0) and the remaining bytes plus that fixed cost fit the limit. The
 remaining bytes are each device's own stop-copy estimate, which counts its dirty bytes.
+
+Devices that cannot report their figures (precopy info and the stop-copy size are
+optional in the uAPI, and a vfio-user device may offer neither) are estimated from
+their pre-copy stream by one rule, :func:`device_progress`, whatever their backend.
 """
 
 from __future__ import annotations
@@ -56,6 +60,86 @@ def estimate(progress: Sequence[DeviceProgress], bandwidth: float, overhead_s: f
         overhead_s=overhead_s,
         initial_done=all(p.initial_bytes == 0 for p in progress),
     )
+
+
+# -- devices without precopy info or stop-copy size -------------------------------------
+#
+# The rule. A device in PRE_COPY that cannot report precopy info still streams, and
+# its save channel says "nothing now" whenever it has nothing pending. So:
+#
+# * Its initial data counts as sent when the channel first reports "nothing now" after
+#   the arc into PRE_COPY: at that moment everything it had, initial data included, was
+#   read. This is also the moment of its switchover-ack announcement.
+# * A pass is what was read between two "nothing now" answers. All of it was produced
+#   (dirtied) after the previous answer, so the last pass is what the device produces
+#   in one pass, and a stop now would carry about what it produced since the last
+#   answer: its dirty estimate is the last pass, or the pass in progress when that is
+#   already bigger (a device dirtying faster than it is read never pauses, and its
+#   figure must not stay at an old, small pass). What was read before the first answer
+#   is initial data, not dirty data, so the estimate starts from 0 there, as a device's
+#   own dirty_bytes does (and a device that dirties nothing, whose channel may never
+#   be readable again, is not held back by its initial size). QEMU, for such a device,
+#   counts 0/0 and leans on the stop-copy size alone; the stream says more than that.
+# * Without a stop-copy size the remaining estimate is that same figure. Not the
+#   largest pass seen: a maximum never falls, so a device whose dirty rate falls or is
+#   throttled, or that had one burst, would never converge. The last pass follows the
+#   dirty rate now, which is what the stop-copy will carry; the hard downtime limit
+#   stays the backstop for a device that saves more in STOP_COPY than its stream
+#   showed (nothing in the stream can tell).
+# * A device without PRE_COPY shows no stream before the stop: without a stop-copy size
+#   its estimate is 0, for the same reason.
+
+#: Initial bytes reported for a device without precopy info until its stream first
+#: pauses: how many are left is unknown, only that it is not none.
+UNKNOWN_INITIAL = 1
+
+
+@dataclass(slots=True)
+class StreamPasses:
+    """What a device's pre-copy stream has shown: the input of the fallback rule.
+
+    The source feeds it every chunk read (``read``) and every "nothing now" (``pause``).
+    """
+
+    #: Whether the channel said "nothing now" since the arc into PRE_COPY.
+    paused: bool = False
+    #: Bytes read between the last two "nothing now" answers (0 until there were two).
+    last_pass_bytes: int = 0
+    #: Bytes read since the last "nothing now" (or since the start).
+    pass_bytes: int = 0
+
+    def read(self, nbytes: int) -> None:
+        """Count bytes of a chunk read from the save channel."""
+        self.pass_bytes += nbytes
+
+    def pause(self) -> None:
+        """The channel said "nothing now": the pass in progress ends."""
+        # The pass before the first answer carried the initial data, not dirty data.
+        self.last_pass_bytes = self.pass_bytes if self.paused else 0
+        self.pass_bytes = 0
+        self.paused = True
+
+    @property
+    def pending_bytes(self) -> int:
+        """The dirty estimate: the last pass, or the pass in progress when bigger."""
+        return max(self.last_pass_bytes, self.pass_bytes)
+
+
+def initial_sent(passes: StreamPasses, info: tuple[int, int] | None) -> bool:
+    """Whether a device's initial data is sent; ``info`` is None without precopy info."""
+    return passes.paused if info is None else info[0] == 0
+
+
+def device_progress(
+    name: str, passes: StreamPasses, info: tuple[int, int] | None, stop_copy_bytes: int | None
+) -> DeviceProgress:
+    """A device's figures, the ones it cannot report (None) estimated from its stream."""
+    if info is None:
+        initial = 0 if initial_sent(passes, info) else UNKNOWN_INITIAL
+        info = (initial, passes.pending_bytes)
+    if stop_copy_bytes is None:
+        stop_copy_bytes = passes.pending_bytes
+    return DeviceProgress(name, info[0], info[1], stop_copy_bytes)
 
 
 class Action(enum.Enum):

@@ -30,7 +30,7 @@ import structlog
 
 import transport
 from devices.base import MigratableDevice
-from devices.errors import DeviceError
+from devices.errors import DeviceError, Unsupported
 from devices.fsm import Feature, State
 from orchestrator import convergence
 from orchestrator.convergence import Action, DeviceProgress
@@ -149,6 +149,7 @@ class SourceMigration:
         self._precopy_indices = [
             i for i, d in enumerate(self.devices) if d.features & Feature.PRE_COPY
         ]
+        self._passes = [convergence.StreamPasses() for _ in self.devices]
 
     @property
     def _want_ack(self) -> bool:
@@ -375,18 +376,37 @@ class SourceMigration:
                 self.log.info("throttled", throttle=throttle)
 
     def _progress(self) -> list[DeviceProgress]:
-        """Each device's figures now; devices without PRE_COPY owe everything at stop-copy."""
+        """Each device's figures now; devices without PRE_COPY owe everything at stop-copy.
+
+        What a device cannot report (Unsupported) comes from its stream, by the rule in
+        ``convergence.device_progress``.
+        """
         progress = []
-        for device, dstats in zip(self.devices, self.stats.devices, strict=True):
+        for index, device in enumerate(self.devices):
+            dstats = self.stats.devices[index]
+            info: tuple[int, int] | None = (0, 0)
             if device.state in (State.PRE_COPY, State.PRE_COPY_P2P):
-                initial, dirty = device.precopy_info()
-            else:
-                initial, dirty = 0, 0
-            remaining = device.stop_copy_size()
-            dstats.initial_bytes, dstats.dirty_bytes = initial, dirty
-            dstats.remaining_bytes = max(remaining, dirty)
-            progress.append(DeviceProgress(device.name, initial, dirty, remaining))
+                info = self._precopy_info(index)
+            try:
+                remaining: int | None = device.stop_copy_size()
+            except Unsupported:
+                remaining = None
+            figures = convergence.device_progress(device.name, self._passes[index], info, remaining)
+            dstats.initial_bytes, dstats.dirty_bytes = figures.initial_bytes, figures.dirty_bytes
+            dstats.remaining_bytes = max(figures.stop_copy_bytes, figures.dirty_bytes)
+            progress.append(figures)
         return progress
+
+    def _precopy_info(self, index: int) -> tuple[int, int] | None:
+        """The device's (initial, dirty) bytes; None when it does not offer them."""
+        try:
+            return self.devices[index].precopy_info()
+        except Unsupported:
+            return None
+
+    def _initial_sent(self, index: int) -> bool:
+        """Whether the device's initial data is sent (switchover-ack's announcement)."""
+        return convergence.initial_sent(self._passes[index], self._precopy_info(index))
 
     def _estimate(self, progress: list[DeviceProgress]) -> convergence.Estimate:
         rate = self._meter.sample(self.stats.transferred_bytes)
@@ -434,24 +454,29 @@ class SourceMigration:
         channel = device.save_channel()
         session = self._session
         assert session is not None
+        passes = self._passes[index]
         announce = self._want_ack
         busy = False
         try:
             while not self._stop_readers.is_set():
-                if announce and device.precopy_info().initial_bytes == 0:
+                if announce and self._initial_sent(index):
                     await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
                     announce = False
                 chunk = await channel.read()
                 if chunk is None:
+                    passes.pause()
                     if busy:
                         self._link.stop()
                         busy = False
+                    if announce and self._initial_sent(index):
+                        continue  # announce before a wait that may be long
                     await _first_of(channel.wait_readable(), self._stop_readers.wait())
                     continue
                 if not busy:
                     self._link.start()
                     busy = True
                 sent = await session.send_chunk(Tag.PRECOPY_DATA, index, chunk)
+                passes.read(sent)
                 dstats.precopy_bytes += sent
                 self._link.add(sent)
         except Exception as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -13,8 +14,16 @@ import pytest
 import uvloop
 
 from devices import vfio
-from devices.errors import ChannelClosedError, ChannelIOError, DeviceError
+from devices.errors import (
+    ChannelClosedError,
+    ChannelIOError,
+    DeviceError,
+    TransitionError,
+    Unsupported,
+)
 from devices.fsm import State
+from examples import bench_arcs
+from tests.devices.vfio_harness import FakeKernel
 
 S = State
 
@@ -286,3 +295,147 @@ def test_failed_resume_write_is_remembered_by_the_device(
         channel.close()
 
     run(check())
+
+
+# -- the backend against a fake kernel at the ioctl boundary ----------------------------------
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Iterator[FakeKernel]:
+    """A fake kernel answering devices.vfio's ioctls; its devices are closed afterwards."""
+    with FakeKernel(tmp_path).installed() as fake:
+        yield fake
+
+
+def _count(kernel: FakeKernel, what: str) -> int:
+    return sum(1 for _, call in kernel.calls if call == what)
+
+
+async def test_precopy_info_enotty_is_unsupported_and_not_asked_again(
+    kernel: FakeKernel,
+) -> None:
+    """A driver without VFIO_MIG_GET_PRECOPY_INFO: Unsupported, and the ioctl runs once."""
+    device, _ = kernel.device("dev", precopy_info_errno=errno.ENOTTY)
+    await device.set_state(S.PRE_COPY)
+    for _ in range(3):
+        with pytest.raises(Unsupported, match=r"dev: VFIO_MIG_GET_PRECOPY_INFO .*ENOTTY"):
+            device.precopy_info()
+    assert _count(kernel, "PRECOPY_INFO") == 1
+    await device.set_state(S.RUNNING)
+
+
+async def test_precopy_info_other_errors_stay_errors(kernel: FakeKernel) -> None:
+    """EIO from the precopy ioctl is a channel error, not a missing feature, and is re-asked."""
+    device, fake = kernel.device("dev", precopy_info_errno=errno.EIO)
+    await device.set_state(S.PRE_COPY)
+    with pytest.raises(ChannelIOError, match="EIO"):
+        device.precopy_info()
+    fake.precopy_info_errno = None
+    assert device.precopy_info() == (len(fake.header), 0)
+    await device.set_state(S.RUNNING)
+
+
+@pytest.mark.parametrize(("code", "asked"), [(errno.ENOTTY, 1), (errno.EIO, 3)])
+async def test_failing_data_size_is_unsupported(kernel: FakeKernel, code: int, asked: int) -> None:
+    """MIG_DATA_SIZE failing raises Unsupported naming the errno; ENOTTY is not asked again."""
+    device, _ = kernel.device("dev", data_size_errno=code)
+    for _ in range(3):
+        with pytest.raises(Unsupported, match=rf"dev: .*MIG_DATA_SIZE.*{errno.errorcode[code]}"):
+            device.stop_copy_size()
+    assert _count(kernel, "GET_DATA_SIZE") == asked
+
+
+async def test_failed_set_retries_from_the_reported_state_before_any_reset(
+    kernel: FakeKernel,
+) -> None:
+    """STOP -> STOP_COPY fails, the walk back from STOP fails once: retried, never reset."""
+    device, fake = kernel.device(
+        "dev", failing={(S.STOP, S.STOP_COPY): [errno.EIO], (S.STOP, S.RUNNING_P2P): [errno.EIO]}
+    )
+    content = fake.content
+    with pytest.raises(TransitionError, match="kernel walked to STOP") as info:
+        await device.set_state(S.STOP_COPY)
+    assert (info.value.state, device.state, fake.state) == (S.RUNNING, S.RUNNING, S.RUNNING)
+    assert _count(kernel, "RESET") == 0
+    assert fake.content == content
+    assert "requested RUNNING from STOP: EIO" in str(info.value)
+
+
+async def test_device_that_cannot_get_back_is_reset_after_the_retries(
+    kernel: FakeKernel,
+) -> None:
+    """A walk back that keeps failing is tried RECOVERY_ATTEMPTS times, then reset."""
+    stuck = [errno.EIO] * (vfio.RECOVERY_ATTEMPTS + 1)
+    device, _ = kernel.device(
+        "dev", failing={(S.STOP, S.STOP_COPY): [errno.EIO], (S.STOP, S.RUNNING_P2P): stuck}
+    )
+    with pytest.raises(TransitionError, match="VFIO_DEVICE_RESET") as info:
+        await device.set_state(S.STOP_COPY)
+    assert _count(kernel, "SET_RUNNING") == vfio.RECOVERY_ATTEMPTS
+    assert _count(kernel, "RESET") == 1
+    assert info.value.state == device.state == S.RUNNING
+
+
+async def test_arcs_of_many_devices_overlap_off_the_loop(kernel: FakeKernel) -> None:
+    """Eight devices whose SET blocks 50 ms move together in well under 8 x 50 ms."""
+    devices = [kernel.device(f"d{i}", set_delay=0.05)[0] for i in range(8)]
+    loop_thread = threading.get_ident()
+    listened: list[int] = []
+    for device in devices:
+        device.add_state_listener(lambda *_: listened.append(threading.get_ident()))
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    ticker = asyncio.create_task(tick())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await devices[0].set_state(S.PRE_COPY)
+    one = loop.time() - started
+    started = loop.time()
+    await asyncio.gather(*(d.set_state(S.STOP_COPY) for d in devices))
+    eight = loop.time() - started
+    ticker.cancel()
+    assert eight <= 3 * one, f"8 devices took {eight * 1e3:.0f} ms, one {one * 1e3:.0f} ms"
+    assert ticks >= 5  # the loop kept running while the ioctls blocked
+    assert set(listened) == {loop_thread}
+    assert all(d.state == S.STOP_COPY for d in devices)
+
+
+async def test_cancel_during_an_arc_still_records_its_outcome(kernel: FakeKernel) -> None:
+    """A caller cancelled while its SET blocks gets CancelledError; the arc still lands."""
+    device, fake = kernel.device("dev", set_delay=0.05)
+    move = asyncio.create_task(device.set_state(S.PRE_COPY))
+    await asyncio.sleep(0.01)
+    move.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await move
+    await device.set_state(S.PRE_COPY)  # waits for the arc in flight, then has nothing to do
+    assert device.state == fake.state == S.PRE_COPY
+    assert await device.save_channel().read() == (fake.header,)
+    await device.set_state(S.RUNNING)
+
+
+async def test_switchover_arcs_of_eight_devices_overlap(kernel: FakeKernel) -> None:
+    """A whole migration of 8 devices whose SET blocks 50 ms: its arc phases < 3x one device's."""
+    one = await bench_arcs.migrate(kernel, 1, 0.05)
+    eight = await bench_arcs.migrate(kernel, 8, 0.05)
+    assert eight["arcs"] <= 3 * one["arcs"], f"8 devices: {eight}, 1 device: {one}"
+
+
+async def test_vfio_devices_without_optional_queries_migrate(kernel: FakeKernel) -> None:
+    """Drivers without precopy info and MIG_DATA_SIZE (ENOTTY) migrate; targets get the state."""
+    await bench_arcs.migrate(
+        kernel, 2, 0.0, precopy_info_errno=errno.ENOTTY, data_size_errno=errno.ENOTTY
+    )
+    fakes = list(kernel.devices.values())
+    sources = [f for f in fakes if f.precopy_info_errno == errno.ENOTTY]
+    targets = [f for f in fakes if f.precopy_info_errno is None]
+    assert (
+        [f.content for f in targets] == [f.content for f in sources] == [b"vfio0" * 8, b"vfio1" * 8]
+    )
+    assert ("vfio0", "PRECOPY_INFO") in kernel.calls

@@ -1,4 +1,11 @@
-"""The contract suite's harness for VfioDevice on the kernel's mtty driver (lab guest only).
+"""Test doubles for VfioDevice: the mtty harness (lab guest) and a fake kernel (any host).
+
+:class:`FakeKernel` answers VfioDevice's ioctls in place of ``devices.vfio._ioctl``, with
+real files as data fds, so the backend's host-testable logic (optional queries,
+recovery after a failed SET, arcs off the event loop) runs without /dev/vfio.
+
+The rest is the contract suite's harness for VfioDevice on the kernel's mtty driver
+(lab guest only).
 
 mtty is a two-port 16550-like UART; its migration stream is a 24-byte header, sent in
 pre-copy, plus both ports' registers and FIFOs (2 x 36 bytes), sent in STOP_COPY. Its
@@ -13,13 +20,216 @@ only once, so making a device closes the one made before on the same mdev.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from devices import fsm, vfio
 from devices.base import Chunk, MigratableDevice
-from devices.fsm import Feature
-from devices.vfio import VfioDevice
+from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
+from devices.vfio import VfioDevice, VfioFds, VfioPath
 from tests.devices.contract import Harness
+
+ALL = Feature.STOP_COPY | Feature.P2P | Feature.PRE_COPY
+#: The feature request flags the fake kernel answers (GET/SET | feature number).
+_GET_MIGRATION = vfio.VFIO_DEVICE_FEATURE_GET | vfio.VFIO_DEVICE_FEATURE_MIGRATION
+_GET_STATE = vfio.VFIO_DEVICE_FEATURE_GET | vfio.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+_SET_STATE = vfio.VFIO_DEVICE_FEATURE_SET | vfio.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+_GET_DATA_SIZE = vfio.VFIO_DEVICE_FEATURE_GET | vfio.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE
+
+
+@dataclass
+class FakeVfio:
+    """One device of the fake kernel: its state, its saved content and its faults."""
+
+    name: str
+    #: The device fd VfioDevice holds (a /dev/null fd, so closing it is real).
+    fd: int
+    features: Feature
+    #: Carried in pre-copy (like mtty's header), then ``content`` in STOP_COPY.
+    header: bytes
+    content: bytes
+    state: State = State.RUNNING
+    #: errno of VFIO_MIG_GET_PRECOPY_INFO / MIG_DATA_SIZE, None when they answer.
+    precopy_info_errno: int | None = None
+    data_size_errno: int | None = None
+    #: Arcs that fail, with the errnos of their next failures (one used per crossing).
+    failing: dict[tuple[State, State], list[int]] = field(default_factory=dict)
+    #: Seconds every SET|MIG_DEVICE_STATE sleeps, as a device saving or loading would.
+    set_delay: float = 0.0
+    #: The file behind the current data fd, and that fd.
+    session: Path | None = None
+    data_fd: int = -1
+
+
+class FakeKernel:
+    """The kernel's side of VfioDevice's ioctls, for host tests (see the module docstring).
+
+    A saving session is a file the kernel appends to (the header on entering the saving
+    group, the content on reaching STOP_COPY); reading it to its end returns 0, which
+    VfioDevice reads as "nothing now" in PRE_COPY and as the end in STOP_COPY, like mtty.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.devices: dict[int, FakeVfio] = {}
+        #: (device name, request name) of every ioctl, in order (from any thread).
+        self.calls: list[tuple[str, str]] = []
+        #: (device, monotonic start, monotonic end) of every SET|MIG_DEVICE_STATE.
+        self.sets: list[tuple[str, float, float]] = []
+        self._lock = threading.Lock()
+        self._sessions = 0
+        self._made: list[VfioDevice] = []
+
+    @contextmanager
+    def installed(self) -> Iterator[FakeKernel]:
+        """Answer devices.vfio's ioctls for the block; close every device after it."""
+        real = vfio._ioctl
+        vfio._ioctl = self.ioctl
+        try:
+            yield self
+        finally:
+            for device in self._made:
+                device.abort()
+            vfio._ioctl = real
+
+    def device(
+        self,
+        name: str,
+        *,
+        features: Feature = ALL,
+        header: bytes = b"HEAD",
+        content: bytes = b"",
+        **faults: object,
+    ) -> tuple[VfioDevice, FakeVfio]:
+        """A VfioDevice on a new fake device (RUNNING); ``faults`` set FakeVfio fields."""
+        fd = os.open(os.devnull, os.O_RDONLY)
+        fake = FakeVfio(name, fd, features, header, content or name.encode() * 8)
+        for key, value in faults.items():
+            setattr(fake, key, value)
+        self.devices[fd] = fake
+        sysfs = self.folder / name
+        sysfs.mkdir(exist_ok=True)
+        device = VfioDevice(name, VfioPath(sysfs, name, len(self.devices)), VfioFds(-1, -1, fd))
+        self._made.append(device)
+        return device, fake
+
+    # -- the ioctl boundary ------------------------------------------------------------------
+
+    def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
+        """Stand-in for devices.vfio._ioctl."""
+        if request == vfio.VFIO_MIG_GET_PRECOPY_INFO:
+            fake = next(d for d in self.devices.values() if d.data_fd == fd)
+            self._record(fake, "PRECOPY_INFO")
+            return self._precopy_info(fake, fd, arg)
+        fake = self.devices[fd]
+        if request == vfio.VFIO_DEVICE_RESET:
+            self._record(fake, "RESET")
+            self._end_session(fake)
+            fake.state = State.RUNNING
+            return 0
+        assert request == vfio.VFIO_DEVICE_FEATURE
+        assert isinstance(arg, bytearray)
+        flags = vfio.FEATURE_HEADER.unpack_from(arg)[1]
+        at = vfio.FEATURE_HEADER.size
+        if flags == _GET_MIGRATION:
+            self._record(fake, "GET_MIGRATION")
+            vfio.MIGRATION_PAYLOAD.pack_into(arg, at, fake.features)
+        elif flags == _GET_STATE:
+            self._record(fake, "GET_STATE")
+            vfio.MIG_STATE_PAYLOAD.pack_into(arg, at, fake.state, -1)
+        elif flags == _GET_DATA_SIZE:
+            self._record(fake, "GET_DATA_SIZE")
+            if fake.data_size_errno is not None:
+                raise OSError(fake.data_size_errno, os.strerror(fake.data_size_errno))
+            vfio.MIG_DATA_SIZE_PAYLOAD.pack_into(arg, at, len(fake.header + fake.content))
+        elif flags == _SET_STATE:
+            target = State(vfio.MIG_STATE_PAYLOAD.unpack_from(arg, at)[0])
+            self._record(fake, f"SET_{target.name}")
+            started = time.monotonic()
+            if fake.set_delay:
+                time.sleep(fake.set_delay)
+            try:
+                data_fd = self._walk(fake, target)
+            finally:
+                with self._lock:
+                    self.sets.append((fake.name, started, time.monotonic()))
+            vfio.MIG_STATE_PAYLOAD.pack_into(arg, at, target, data_fd)
+        else:
+            raise OSError(errno.ENOTTY, f"fake kernel: feature flags {flags:#x}")
+        return 0
+
+    def _record(self, fake: FakeVfio, what: str) -> None:
+        with self._lock:
+            self.calls.append((fake.name, what))
+
+    def _precopy_info(self, fake: FakeVfio, fd: int, arg: int | bytearray) -> int:
+        if fake.precopy_info_errno is not None:
+            raise OSError(fake.precopy_info_errno, os.strerror(fake.precopy_info_errno))
+        if fake.state not in (State.PRE_COPY, State.PRE_COPY_P2P):
+            raise OSError(errno.EINVAL, "not in a PRE_COPY state")
+        assert isinstance(arg, bytearray)
+        initial = max(0, len(fake.header) - os.lseek(fd, 0, os.SEEK_CUR))
+        vfio.PRECOPY_INFO.pack_into(arg, 0, vfio.PRECOPY_INFO.size, 0, initial, 0)
+        return 0
+
+    def _walk(self, fake: FakeVfio, target: State) -> int:
+        """Walk the arcs to ``target``; a failing arc leaves the device at the arc's start."""
+        if fsm.next_state(fake.state, target, fake.features) == State.ERROR:
+            raise OSError(errno.EINVAL, f"{fake.state.name} -> {target.name}")
+        steps = fsm.path(fake.state, target, fake.features)
+        opened = -1
+        for arc in itertools.pairwise(steps):
+            errnos = fake.failing.get(arc)
+            if errnos:
+                if opened >= 0:  # the session this walk opened is not handed out
+                    os.close(opened)
+                code = errnos.pop(0)
+                raise OSError(code, f"arc {arc[0].name} -> {arc[1].name}: {os.strerror(code)}")
+            opened = self._step(fake, *arc, opened)
+        return opened
+
+    def _step(self, fake: FakeVfio, old: State, new: State, opened: int) -> int:
+        if old in CHANNEL_STATES and not (old in SAVING_GROUP and new in SAVING_GROUP):
+            if old == State.RESUMING:
+                self._load(fake)
+            self._end_session(fake)
+            opened = -1
+        if new in SAVING_GROUP and old not in SAVING_GROUP:
+            opened = self._open_session(fake, fake.header)
+        elif new == State.RESUMING:
+            opened = self._open_session(fake, b"", write=True)
+        if new == State.STOP_COPY:
+            assert fake.session is not None
+            with fake.session.open("ab") as stream:
+                stream.write(fake.content)
+        fake.state = new
+        return opened
+
+    def _open_session(self, fake: FakeVfio, data: bytes, *, write: bool = False) -> int:
+        self._sessions += 1
+        fake.session = self.folder / f"{fake.name}.session{self._sessions}"
+        fake.session.write_bytes(data)
+        fake.data_fd = os.open(fake.session, os.O_WRONLY if write else os.O_RDONLY)
+        return fake.data_fd
+
+    def _end_session(self, fake: FakeVfio) -> None:
+        fake.session, fake.data_fd = None, -1
+
+    def _load(self, fake: FakeVfio) -> None:
+        assert fake.session is not None
+        stream = fake.session.read_bytes()
+        if not stream.startswith(fake.header):
+            raise OSError(errno.EINVAL, "foreign stream")
+        fake.content = stream[len(fake.header) :]
+
 
 #: UART registers (offsets in a port's 8-byte I/O BAR) and bits mtty implements.
 UART_RX_TX = 0

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
+from devices.fsm import Feature, State
+from devices.simulated import SimulatedDevice
 from orchestrator import convergence
 from orchestrator.convergence import Action, DeviceProgress
 from orchestrator.errors import MigrationBlocked
 from orchestrator.params import MigrationParams, Policy
-from orchestrator.stats import DowntimeClock, RateMeter
+from orchestrator.stats import DowntimeClock, RateMeter, Status
+from tests.orchestrator.conftest import MIB, Spec
 
 MB = 1_000_000
 
@@ -149,3 +155,108 @@ def test_downtime_breakdown_sums_to_total() -> None:
     assert clock.total_ms() == pytest.approx(15.0)
     with pytest.raises(ValueError, match="unknown downtime phase"):
         clock.mark("nap")
+
+
+# -- the fallback rule for devices without precopy info or stop-copy size ---------------------
+
+
+def test_without_precopy_info_initial_data_is_sent_at_the_first_pause() -> None:
+    """Until the stream first says "nothing now" the initial data is outstanding, then sent."""
+    passes = convergence.StreamPasses()
+    passes.read(10 * MB)
+    before = convergence.device_progress("d", passes, None, 0)
+    assert not convergence.initial_sent(passes, None)
+    assert not convergence.estimate([before], 100 * MB, 0.0).initial_done
+    passes.pause()
+    after = convergence.device_progress("d", passes, None, 0)
+    assert convergence.initial_sent(passes, None)
+    assert (after.initial_bytes, after.dirty_bytes) == (0, 0)  # initial data is not dirty
+
+
+def test_without_precopy_info_dirty_bytes_are_the_last_pass() -> None:
+    """The dirty estimate is the last pass, or the pass in progress once it is bigger."""
+    passes = convergence.StreamPasses()
+    passes.read(10 * MB)
+    passes.pause()
+    passes.read(3 * MB)
+    passes.pause()
+    assert convergence.device_progress("d", passes, None, 0).dirty_bytes == 3 * MB
+    passes.read(1 * MB)
+    assert convergence.device_progress("d", passes, None, 0).dirty_bytes == 3 * MB
+    passes.read(4 * MB)
+    assert convergence.device_progress("d", passes, None, 0).dirty_bytes == 5 * MB
+    passes.pause()
+    passes.pause()  # an empty pass: nothing was pending
+    assert convergence.device_progress("d", passes, None, 0).dirty_bytes == 0
+
+
+def test_without_stop_copy_size_remaining_is_the_stream_estimate() -> None:
+    """No stop-copy size: the remaining estimate is the last pass, not the largest one."""
+    passes = convergence.StreamPasses()
+    for size in (50 * MB, 20 * MB, 2 * MB):
+        passes.read(size)
+        passes.pause()
+    blind = convergence.device_progress("d", passes, None, None)
+    assert blind.stop_copy_bytes == 2 * MB
+    assert convergence.estimate([blind], 100 * MB, 0.0).remaining_bytes == 2 * MB
+    reported = convergence.device_progress("d", passes, (0, 1 * MB), None)
+    assert (reported.dirty_bytes, reported.stop_copy_bytes) == (1 * MB, 2 * MB)
+
+
+def test_devices_that_report_keep_their_figures() -> None:
+    """A device with precopy info and a stop-copy size is taken at its word."""
+    passes = convergence.StreamPasses()
+    passes.read(7 * MB)
+    figures = convergence.device_progress("d", passes, (1 * MB, 2 * MB), 3 * MB)
+    assert figures == DeviceProgress("d", 1 * MB, 2 * MB, 3 * MB)
+    assert convergence.initial_sent(passes, (0, 2 * MB))
+    assert not convergence.initial_sent(passes, (1, 0))
+
+
+@pytest.mark.parametrize("stop_copy_size", [True, False], ids=["data-size", "no-data-size"])
+async def test_device_without_precopy_info_migrates_and_converges(
+    make_ends: Callable[..., Any], stop_copy_size: bool
+) -> None:
+    """A device whose optional queries raise Unsupported pre-copies, converges, arrives exact."""
+    ends = await make_ends(
+        [Spec("blind", size=4 * MIB, dirty_rate=1 * MB), Spec("sim", seed=3, dirty_rate=1 * MB)]
+    )
+    blind = ends.sources[0]
+    assert isinstance(blind, SimulatedDevice)
+    blind.offers_precopy_info = False
+    blind.offers_stop_copy_size = stop_copy_size
+    migration = ends.migration(downtime_limit_ms=200, switchover_ack=True, timeout_s=30)
+    stats = await migration.run()
+    assert stats.status == Status.COMPLETED
+    assert not stats.forced
+    await ends.assert_migrated()
+    assert stats.devices[0].precopy_bytes >= 4 * MIB  # its initial data went in pre-copy
+    assert stats.devices[0].stopcopy_bytes < 4 * MIB
+    assert ("blind", State.PRE_COPY) in ends.trace.steps()
+
+
+async def test_stop_copy_only_device_without_data_size_migrates(
+    make_ends: Callable[..., Any],
+) -> None:
+    """A STOP_COPY-only device without a stop-copy size still migrates byte-exact."""
+    ends = await make_ends([Spec("plain", features=Feature.STOP_COPY | Feature.P2P)])
+    plain = ends.sources[0]
+    assert isinstance(plain, SimulatedDevice)
+    plain.offers_stop_copy_size = False
+    stats = await ends.migration().run()
+    assert stats.status == Status.COMPLETED
+    await ends.assert_migrated()
+
+
+async def test_idle_device_without_precopy_info_announces_its_initial_data(
+    make_ends: Callable[..., Any],
+) -> None:
+    """A device that dirties nothing announces at its first pause, not at a next readable."""
+    ends = await make_ends([Spec("idle", dirty_rate=0.0)])
+    idle = ends.sources[0]
+    assert isinstance(idle, SimulatedDevice)
+    idle.offers_precopy_info = False
+    stats = await ends.migration(switchover_ack=True, timeout_s=5).run()
+    assert stats.status == Status.COMPLETED
+    assert stats.devices[0].stopcopy_bytes < stats.devices[0].precopy_bytes
+    await ends.assert_migrated()

@@ -12,7 +12,7 @@ packages into a cache directory keyed by their versions and re-used when present
   downloaded as cp311 wheels and unpacked into a folder shared with the guest.
 * ``run()`` boots the guest with the checkout (read-only), the dependencies
   (read-only) and a per-run results folder (read-write) shared over 9p. The guest
-  loads vfio, mdev and mtty, creates two ``mtty-2`` mdevs with known UUIDs, runs a
+  loads vfio, mdev and mtty, creates the mdevs of ``MDEVS`` with known UUIDs, runs a
   shell script and powers off; the exit code and output come back through the results
   folder, never scraped from the console.
 
@@ -74,12 +74,23 @@ RECIPE = 1
 DEPS_RECIPE = 2
 #: Test tools the in-guest pytest session needs besides the runtime dependencies.
 GUEST_TEST_DEPS: tuple[str, ...] = ("pytest", "pytest-asyncio", "pytest-timeout", "hypothesis")
-#: The two mdevs every guest gets, as (name, UUID): the source and the destination.
-MDEVS: tuple[tuple[str, str], ...] = (
-    ("src", "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"),
-    ("dst", "83b8f4f2-509f-382f-3c1e-e6bfe0fa1002"),
+#: UUIDs of the lab's mdevs: this prefix and four hex digits.
+_UUID_PREFIX = "83b8f4f2-509f-382f-3c1e-e6bfe0fa"
+#: How many single-port mdevs migrate at once in the arcs-overlap test (and as targets).
+PERF_DEVICES = 8
+#: The mdevs every guest gets, as (name, UUID, mdev type). ``src``/``dst`` and
+#: ``src2``/``dst2`` are dual-port (the two-device P2P tests); ``perf_srcN``/``perf_dstN``
+#: are single-port, for the eight-device test. mtty shares 24 ports among all its
+#: mdevs (MAX_MTTYS; ``available_instances`` is what is left divided by the type's
+#: ports), and these use all of them: 4 x 2 + 16 x 1.
+MDEVS: tuple[tuple[str, str, str], ...] = (
+    ("src", f"{_UUID_PREFIX}1001", "mtty-2"),
+    ("dst", f"{_UUID_PREFIX}1002", "mtty-2"),
+    ("src2", f"{_UUID_PREFIX}1003", "mtty-2"),
+    ("dst2", f"{_UUID_PREFIX}1004", "mtty-2"),
+    *((f"perf_src{i}", f"{_UUID_PREFIX}11{i:02x}", "mtty-1") for i in range(PERF_DEVICES)),
+    *((f"perf_dst{i}", f"{_UUID_PREFIX}12{i:02x}", "mtty-1") for i in range(PERF_DEVICES)),
 )
-MDEV_TYPE = "mtty-2"
 
 #: PID 1 of the guest: mount the shares, run the per-run script, power off whatever happens.
 GUEST_INIT = """\
@@ -115,9 +126,11 @@ for m in vfio vfio_iommu_type1 mdev mtty; do
     modprobe $m || {{ echo "livemig-lab: modprobe $m failed"; \
         echo 97 > /results/.lab/exit_code; exit; }}
 done
-types=/sys/devices/virtual/mtty/mtty/mdev_supported_types/{mdev_type}
-for uuid in {uuids}; do
-    echo $uuid > $types/create || {{ echo "livemig-lab: cannot create mdev $uuid"; \
+types=/sys/devices/virtual/mtty/mtty/mdev_supported_types
+for spec in {mdevs}; do
+    uuid=${{spec%:*}}; type=${{spec#*:}}
+    echo $uuid > $types/$type/create || {{ left=$(cat $types/$type/available_instances); \
+        echo "livemig-lab: cannot create $type mdev $uuid ($left available)"; \
         echo 98 > /results/.lab/exit_code; exit; }}
 done
 # Loopback up (there is no init system to do it), for daemons talking over 127.0.0.1.
@@ -443,7 +456,7 @@ def guest_env() -> dict[str, str]:
         "LIVEMIG_IN_GUEST": "1",
         "LIVEMIG_LAB_RESULTS": "/results",
     }
-    for name, uuid in MDEVS:
+    for name, uuid, _ in MDEVS:
         env[f"LIVEMIG_MDEV_{name.upper()}"] = uuid
     return env
 
@@ -461,8 +474,8 @@ def run(
 
     ``command`` is a /bin/sh script run in /tmp with the checkout at /project
     (read-only), the dependencies at /deps and ``results`` (a fresh folder by default)
-    at /results, where it may leave files for the host. The two mdevs of ``MDEVS``
-    exist and their UUIDs are in ``$LIVEMIG_MDEV_SRC`` / ``$LIVEMIG_MDEV_DST``. The
+    at /results, where it may leave files for the host. The mdevs of ``MDEVS``
+    exist and their UUIDs are in ``$LIVEMIG_MDEV_<NAME>`` (``$LIVEMIG_MDEV_SRC`` ...). The
     root disk is a snapshot: nothing the guest writes there survives the run. Raises
     LabError if the guest did not run the command to its end within ``timeout``.
     """
@@ -478,7 +491,7 @@ def run(
     )
     (control / "guest.sh").write_text(
         GUEST_SCRIPT.format(
-            mdev_type=MDEV_TYPE, uuids=" ".join(u for _, u in MDEVS), exports=exports
+            mdevs=" ".join(f"{uuid}:{kind}" for _, uuid, kind in MDEVS), exports=exports
         )
     )
     (control / "command.sh").write_text(command + "\n")

@@ -3,9 +3,10 @@
 The lab is built (or found in its cache) first; a cold build installs Debian packages
 as root and takes minutes. One guest boot runs the whole in-guest pytest session
 (the device contract suite with the VFIO harness, the in-process mtty migration
-scenarios, and two livemig daemons migrating an mtty mdev through the CLI) and leaves
-a JUnit report in the results folder, plus ``two_daemons.json``, what the two-daemon
-scenarios saw; the tests here read both.
+scenarios, P2P order as the kernel saw it, eight mdevs whose arcs overlap, and two
+livemig daemons migrating an mtty mdev through the CLI) and leaves a JUnit report in
+the results folder, plus ``two_daemons.json``, ``p2p_order.json`` and
+``arcs_overlap.json``, what those scenarios saw; the tests here read them.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ def test_guest_session_passes(guest: GuestSession) -> None:
         "test_data_fd_waits_work_under_uvloop",
         "test_two_daemons_cancel_then_migrate_the_uart_state",
         "test_two_daemons_corrupted_stream",
+        "test_p2p_order_forward_as_the_kernel_saw_it",
+        "test_p2p_order_on_rollback_after_an_arc_failure",
+        "test_p2p_order_on_rollback_after_a_cancel",
+        "test_eight_mdevs_migrate_with_their_arcs_overlapping",
     ],
 )
 def test_mtty_scenario_passed_in_guest(guest: GuestSession, test_name: str) -> None:
@@ -157,6 +162,29 @@ def test_two_daemons_corrupt_stream_fails_on_the_destination(guest: GuestSession
     assert facts["destination_uart"] == facts["written"], (
         f"destination FIFOs {facts['destination_uart']}, written to the source {facts['written']}"
     )
+
+
+def test_p2p_order_was_read_back_from_the_kernel(guest: GuestSession) -> None:
+    """The P2P scenarios recorded each device's states as mtty reported them."""
+    report = guest.results / "p2p_order.json"
+    assert report.is_file(), guest.output[-4000:]
+    facts = json.loads(report.read_text())
+    print(json.dumps(facts, indent=1))
+    assert set(facts) == {"forward", "rollback_arc_failure", "rollback_cancel"}, facts
+    forward = facts["forward"]["histories"]
+    for label in ("src:tty0", "src:tty1"):
+        assert forward[label][:4] == ["RUNNING", "PRE_COPY", "PRE_COPY_P2P", "STOP_COPY"], forward
+
+
+def test_eight_mdevs_arcs_overlapped(guest: GuestSession) -> None:
+    """Eight mdevs' switchover SETs were in the kernel at once; the figures are printed."""
+    report = guest.results / "arcs_overlap.json"
+    assert report.is_file(), guest.output[-4000:]
+    facts = json.loads(report.read_text())
+    print(json.dumps(facts, indent=1))
+    steps = facts["steps"]
+    assert all(step["sets"] == facts["devices"] == 8 for step in steps.values()), steps
+    assert max(step["concurrency"] for step in steps.values()) >= 2, steps
 
 
 def test_contract_suite_ran_against_vfio(guest: GuestSession) -> None:
