@@ -439,3 +439,21 @@ async def test_vfio_devices_without_optional_queries_migrate(kernel: FakeKernel)
         [f.content for f in targets] == [f.content for f in sources] == [b"vfio0" * 8, b"vfio1" * 8]
     )
     assert ("vfio0", "PRECOPY_INFO") in kernel.calls
+
+
+async def test_a_fast_state_change_runs_inline_next_time_a_slow_one_stays_off(
+    kernel: FakeKernel,
+) -> None:
+    """A change measured under INLINE_ARC_S runs on the loop thread the next time; one
+    measured slower keeps going to a worker (the loop never blocks on it)."""
+    loop_thread = threading.get_ident()
+    fast, _ = kernel.device("fast")
+    slow, _ = kernel.device("slow", set_delay=0.01)
+    for _ in range(2):
+        for device in (fast, slow):
+            await device.set_state(S.PRE_COPY)
+            await device.set_state(S.RUNNING)
+    threads = {name: [t for n, t in kernel.set_threads if n == name] for name in ("fast", "slow")}
+    assert threads["fast"][0] != loop_thread, "an unmeasured change goes to a worker"
+    assert threads["fast"][2:] == [loop_thread, loop_thread]
+    assert loop_thread not in threads["slow"]

@@ -84,6 +84,8 @@ class FakeKernel:
         self.calls: list[tuple[str, str]] = []
         #: (device, monotonic start, monotonic end) of every SET|MIG_DEVICE_STATE.
         self.sets: list[tuple[str, float, float]] = []
+        #: (device, thread id) of every SET|MIG_DEVICE_STATE, in order.
+        self.set_threads: list[tuple[str, int]] = []
         self._lock = threading.Lock()
         self._sessions = 0
         self._made: list[VfioDevice] = []
@@ -161,6 +163,7 @@ class FakeKernel:
             finally:
                 with self._lock:
                     self.sets.append((fake.name, started, time.monotonic()))
+                    self.set_threads.append((fake.name, threading.get_ident()))
             vfio.MIG_STATE_PAYLOAD.pack_into(arg, at, target, data_fd)
         else:
             raise OSError(errno.ENOTTY, f"fake kernel: feature flags {flags:#x}")
