@@ -368,8 +368,8 @@ class VfioUserDevice(MigratableDevice):
         )
         return TransitionError(
             self.name,
-            f"{start.name} -> {target.name} failed: {_reason(cause)}; server walked to {walked.name}, "
-            f"recovery: {recovery}; device is now {final.name}",
+            f"{start.name} -> {target.name} failed: {_reason(cause)}; "
+            f"server walked to {walked.name}, recovery: {recovery}; device is now {final.name}",
             start=start,
             target=target,
             state=final,
@@ -441,14 +441,19 @@ class VfioUserDevice(MigratableDevice):
         raise Unsupported(self.name, "vfio-user has no MIG_DATA_SIZE (stop-copy size)")
 
     async def digest(self) -> bytes:
-        """SHA-256 of a full STOP_COPY stream taken aside, in RUNNING or STOP.
+        """SHA-256 of a full STOP_COPY stream taken aside.
 
-        The server is walked to STOP_COPY, the stream read to its end and the server
-        walked back, without telling the state listeners. The device is paused
-        meanwhile: this is a verification tool.
+        Valid in RUNNING and STOP, and in STOP_COPY once its stream was read to the end.
+        The server is walked to STOP_COPY (through STOP), a fresh stream read to its
+        end and the server walked back, without telling the state listeners. The
+        device is paused meanwhile: this is a verification tool.
         """
-        self.require(State.RUNNING, State.STOP, what="digest()")
         start = self.state
+        channel = self._channel
+        if start == State.STOP_COPY and isinstance(channel, VfioUserSaveChannel) and channel.ended:
+            await self._set_mig_state(State.STOP)
+        else:
+            self.require(State.RUNNING, State.STOP, what="digest()")
         hasher = hashlib.sha256()
         await self._set_mig_state(State.STOP_COPY)
         try:

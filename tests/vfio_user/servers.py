@@ -1,13 +1,12 @@
 """Start and stop vfio-user server processes for tests (built by tests.vfio_user.build).
 
-:class:`Server` is one process serving one socket; :func:`testdev` and :func:`sample`
+:class:`Server` is one process serving one socket; :func:`start_testdev` and :func:`start_sample`
 start livemig's test device or the library's sample. The test device's control
 registers (BAR0, see testdev.c) are wrapped by :func:`control_read` and friends.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import struct
 import subprocess
@@ -83,16 +82,15 @@ def _start(argv: list[str], socket: Path) -> Server:
     return server
 
 
-def testdev(socket: Path, *, size: int = 1 << 20, rate: int = 0, seed: int = 0) -> Server:
+def start_testdev(socket: Path, *, size: int = 1 << 20, rate: int = 0, seed: int = 0) -> Server:
     """livemig's test device: ``size`` bytes of state, ``rate`` pages rewritten per second."""
     binary = build.servers().testdev
     return _start([str(binary), "-s", str(size), "-r", str(rate), "-S", str(seed)], socket)
 
 
-def sample(socket: Path) -> Server:
+def start_sample(socket: Path) -> Server:
     """The library's samples/server (BAR0 a time_t, BAR1 16 KiB)."""
-    binary = build.servers().sample
-    return _start([str(binary), "-v"] if os.environ.get("LIVEMIG_VFIO_USER_VERBOSE") else [str(binary)], socket)
+    return _start([str(build.servers().sample)], socket)
 
 
 async def control_read(device: VfioUserDevice, register: int) -> int:

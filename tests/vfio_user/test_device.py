@@ -8,6 +8,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,13 +42,15 @@ async def devices() -> AsyncIterator[list[VfioUserDevice]]:
 
 
 def start(sockets: list[Server], path: Path, **options: int) -> Server:
-    server = servers.testdev(path, **options)
+    server = servers.start_testdev(path, **options)
     sockets.append(server)
     return server
 
 
-def connect(devices: list[VfioUserDevice], name: str, server: Server, **kw: object) -> VfioUserDevice:
-    device = VfioUserDevice(name, socket=str(server.socket), **kw)  # type: ignore[arg-type]
+def connect(
+    devices: list[VfioUserDevice], name: str, server: Server, **options: Any
+) -> VfioUserDevice:
+    device = VfioUserDevice(name, socket=str(server.socket), **options)
     devices.append(device)
     return device
 
@@ -114,8 +117,11 @@ async def test_abort_from_precopy_keeps_the_device_running(
     assert await channel.read()
     await device.set_state(S.RUNNING)
     writes = await servers.control_read(device, REG_WRITES)
-    while await servers.control_read(device, REG_WRITES) == writes:
-        await asyncio.sleep(0.005)  # the writer runs again: its counter moves
+    for _ in range(1000):  # the writer runs again: its counter moves (within 5 s)
+        if await servers.control_read(device, REG_WRITES) > writes:
+            break
+        await asyncio.sleep(0.005)
+    assert await servers.control_read(device, REG_WRITES) > writes
     assert await servers.control_read(device, REG_BAD_PAGES) == 0
 
 
@@ -208,8 +214,8 @@ async def test_sample_server_migrates_stop_copy_only_byte_exact(
     tmp_path: Path, sockets: list[Server], devices: list[VfioUserDevice]
 ) -> None:
     """The library's sample migrates stop-copy only; its BAR1 reads back identical."""
-    source_server = servers.sample(tmp_path / "s.sock")
-    dest_server = servers.sample(tmp_path / "d.sock")
+    source_server = servers.start_sample(tmp_path / "s.sock")
+    dest_server = servers.start_sample(tmp_path / "d.sock")
     sockets.extend([source_server, dest_server])
     source = connect(devices, "src", source_server, features=Feature.STOP_COPY)
     dest = connect(devices, "dst", dest_server, features=Feature.STOP_COPY)
