@@ -15,7 +15,7 @@
     downtime_limit_ms = 300
 
     [[device]]                               # one per device this host owns
-    kind = "simulated"                       # simulated | ram | vfio
+    kind = "simulated"                       # simulated | ram | vfio | vfio-user
     name = "sim0"
     state_mib = 16
 
@@ -24,6 +24,12 @@
     name = "tty0"
     device = "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"   # mdev UUID, PCI address or path
     # faults = { corrupt_stream = true }     # fault injection, for tests only
+
+    [[device]]
+    kind = "vfio-user"                       # a device served by a vfio-user server
+    name = "nvme0"
+    socket = "/run/spdk/nvme0.sock"          # the server's UNIX socket (absolute)
+    # features = ["STOP_COPY"]               # mask: stop-copy only (default: what it offers)
 
 tomllib gives no positions, so :class:`_KeyLines` finds each key's line in the text:
 a small scan of table headers and ``key =`` lines, which is all a config of this shape
@@ -531,6 +537,43 @@ def _vfio(
     return VfioDevice.from_config(spec, name=name, features=features, faults=faults)
 
 
+def _vfio_user_faults(value: dict[str, Any]) -> Any:
+    """A vfio-user device's ``faults`` table (fault injection, for tests): VfioUserFaults."""
+    from devices.vfio_user import VfioUserFaults
+
+    known = {f.name for f in dataclasses.fields(VfioUserFaults)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    for key, flag in value.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"fault {key!r} must be true or false, got {flag!r}")
+    return VfioUserFaults(**value)
+
+
+def _socket_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path to the server's UNIX socket, got {value!r}")
+    return value
+
+
+_VFIO_USER: dict[str, _Key] = {
+    "socket": ("socket", str, _socket_path),
+    "features": ("features", list, _features),
+    "timeout_s": ("timeout_s", _NUMBER, float),
+    "faults": ("faults", dict, _vfio_user_faults),  # fault injection, for tests
+}
+
+
+def _vfio_user(name: str, **arguments: Any) -> MigratableDevice:
+    """A device served by a vfio-user server at a UNIX socket (connected by ``open``)."""
+    from devices.vfio_user import VfioUserDevice
+
+    return VfioUserDevice(name, **arguments)
+
+
 def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key]]]:
     """The kinds a config may name: the constructor and the keys each takes."""
     from devices.ram import RamDevice
@@ -540,6 +583,7 @@ def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str
         "simulated": (SimulatedDevice, _SIMULATED),
         "ram": (RamDevice, _RAM),
         "vfio": (_vfio, _VFIO),
+        "vfio-user": (_vfio_user, _VFIO_USER),
     }
 
 
@@ -577,4 +621,6 @@ def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
             raise reader.error((*path, key), str(exc)) from None
     if kind == "vfio" and "spec" not in arguments:
         raise reader.error(path, "missing required key 'device' (mdev UUID, PCI address or path)")
+    if kind == "vfio-user" and "socket" not in arguments:
+        raise reader.error(path, "missing required key 'socket' (the vfio-user server's socket)")
     return DeviceConfig(kind, name, reader.where.line(path), factory, arguments, reader.file)

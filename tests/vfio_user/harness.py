@@ -36,7 +36,7 @@ LACKS = {
     "test_permanent_end_of_stream_in_stop_copy": "no MIG_DATA_SIZE (stop_copy_size)",
     "test_channel_survives_moves_inside_the_saving_group": "no P2P states",
     "test_copy_of_a_running_device_ends_byte_identical": "its trace has P2P states "
-    "(tests/vfio_user/test_device.py copies a running device without them)",
+    "(tests/vfio_user/test_vfio_user_device.py copies a running device without them)",
     "test_copy_without_precopy[vfio-user-3]": "no P2P states",
 }
 
