@@ -163,8 +163,8 @@ class DestinationMigration:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
         self.marks["commit"] = time.monotonic()
         started = time.monotonic()
-        if p2p:
-            await self._transition(State.RUNNING_P2P)
+        if p2p:  # devices without P2P states have nothing to quiesce (the source's rule)
+            await self._transition(State.RUNNING_P2P, p2p_only=True)
         await self._transition(State.RUNNING)
         self.marks["resume"] = time.monotonic()
         for marks in self.device_marks.values():
@@ -178,8 +178,8 @@ class DestinationMigration:
         except (transport.TransportError, OSError) as exc:
             self.log.warning("resumed_verdict_not_delivered", error=str(exc))
 
-    async def _transition(self, target: State, *, mark: str = "") -> None:
-        """All devices to ``target`` in parallel; the first failure names its device."""
+    async def _transition(self, target: State, *, mark: str = "", p2p_only: bool = False) -> None:
+        """All devices (or those with P2P) to ``target`` in parallel; failures name the device."""
 
         async def move(device: MigratableDevice) -> None:
             started = time.monotonic()
@@ -187,7 +187,8 @@ class DestinationMigration:
             if mark:
                 self.device_marks[device.name][mark] = (time.monotonic() - started) * 1e3
 
-        results = await asyncio.gather(*(move(d) for d in self.devices), return_exceptions=True)
+        chosen = [d for d in self.devices if not p2p_only or d.features & Feature.P2P]
+        results = await asyncio.gather(*(move(d) for d in chosen), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result

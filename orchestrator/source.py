@@ -27,7 +27,7 @@ import structlog
 
 import transport
 from devices.base import MigratableDevice
-from devices.errors import DeviceError
+from devices.errors import DeviceError, Unsupported
 from devices.fsm import Feature, State
 from orchestrator import convergence
 from orchestrator.convergence import Action, DeviceProgress
@@ -137,6 +137,9 @@ class SourceMigration:
         self._link = BusyMeter()
         self._clock_offset = 0.0
         self._arc_overhead_s = 0.0
+        #: Devices without precopy info: bytes of their last complete pre-copy pass and
+        #: of the pass going on (local guard, to be replaced by h3's fallback rule).
+        self._stream_passes: dict[str, tuple[int, int]] = {}
         self._precopy_indices = [
             i for i, d in enumerate(self.devices) if d.features & Feature.PRE_COPY
         ]
@@ -369,14 +372,30 @@ class SourceMigration:
         progress = []
         for device, dstats in zip(self.devices, self.stats.devices, strict=True):
             if device.state in (State.PRE_COPY, State.PRE_COPY_P2P):
-                initial, dirty = device.precopy_info()
+                initial, dirty = self._precopy_figures(device)
             else:
                 initial, dirty = 0, 0
-            remaining = device.stop_copy_size()
+            try:
+                remaining = device.stop_copy_size()
+            except Unsupported:  # local guard (h2), to be replaced by h3's fallback rule
+                remaining = max(self._stream_passes.get(device.name, (0, 0)))
             dstats.initial_bytes, dstats.dirty_bytes = initial, dirty
             dstats.remaining_bytes = max(remaining, dirty)
             progress.append(DeviceProgress(device.name, initial, dirty, remaining))
         return progress
+
+    def _precopy_figures(self, device: MigratableDevice) -> tuple[int, int]:
+        """precopy_info, or for a device without it what its stream showed (local guard).
+
+        Without figures the initial data counts as sent once the stream first said
+        "nothing now"; the dirty bytes are those read in the last complete pass.
+        """
+        try:
+            return device.precopy_info()
+        except Unsupported:
+            if device.name not in self._stream_passes:
+                return 1, 0
+            return 0, self._stream_passes[device.name][0]
 
     def _estimate(self, progress: list[DeviceProgress]) -> convergence.Estimate:
         rate = self._meter.sample(self.stats.transferred_bytes)
@@ -426,13 +445,16 @@ class SourceMigration:
         assert session is not None
         announce = self._want_ack
         busy = False
+        in_pass = 0
         try:
             while not self._stop_readers.is_set():
-                if announce and device.precopy_info().initial_bytes == 0:
+                if announce and self._precopy_figures(device)[0] == 0:
                     await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
                     announce = False
                 chunk = await channel.read()
                 if chunk is None:
+                    self._stream_passes[device.name] = (in_pass, 0)
+                    in_pass = 0
                     if busy:
                         self._link.stop()
                         busy = False
@@ -443,6 +465,12 @@ class SourceMigration:
                     busy = True
                 sent = await session.send_chunk(Tag.PRECOPY_DATA, index, chunk)
                 dstats.precopy_bytes += sent
+                in_pass += sent
+                if device.name in self._stream_passes:
+                    self._stream_passes[device.name] = (
+                        self._stream_passes[device.name][0],
+                        in_pass,
+                    )
                 self._link.add(sent)
         except Exception as exc:
             self._reader_error = self._reader_error or exc
