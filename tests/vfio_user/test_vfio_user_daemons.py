@@ -90,6 +90,7 @@ async def test_a_dirtied_64_mib_device_migrates_byte_exact_with_precopy(pair64: 
 
 async def test_cancel_mid_precopy_leaves_the_source_running_and_intact(pair64: Pair) -> None:
     """A cancel during pre-copy leaves the vfio-user device RUNNING, its state its own."""
+    await pair64.dst.subscribe(["INCOMING_MIGRATION"])
     code, _, err = await pair64.cli("migrate", "--to", pair64.address, "--detach", *NEVER_CONVERGES)
     assert code == 0, err
     await pair64.src.next_event(lambda m: m["event"] == "MIGRATION_PASS", DEADLINE)
@@ -97,6 +98,9 @@ async def test_cancel_mid_precopy_leaves_the_source_running_and_intact(pair64: P
     assert code == 0, err
     assert json.loads(out)["status"] == "cancelled"
     assert await pair64.states(pair64.src) == {"vu0": "RUNNING"}
+    await pair64.dst.next_event(
+        lambda m: m["event"] == "INCOMING_MIGRATION" and m["data"]["status"] == "failed", DEADLINE
+    )
     assert await pair64.states(pair64.dst) == {"vu0": "RUNNING"}
     # Intact: the server still runs and a fresh migration carries it over whole.
     code, out, err = await pair64.cli("migrate", "--to", pair64.address, "--json")
@@ -117,6 +121,7 @@ async def test_a_corrupt_stream_is_refused_at_load_and_the_source_kept(
         vfio_user_entry("vu0", target.socket, DEST_DEVICE_KEYS),
     )
     async with running_pair(tmp_path, *configs) as pair:
+        await pair.dst.subscribe(["INCOMING_MIGRATION"])
         code, out, err = await pair.cli("migrate", "--to", pair.address, "--json")
         assert code == 1, out
         assert "vu0" in err
@@ -124,6 +129,10 @@ async def test_a_corrupt_stream_is_refused_at_load_and_the_source_kept(
         assert stats["status"] == "failed"
         assert "RESUMING -> STOP" in stats["error"]
         assert await pair.states(pair.src) == {"vu0": "RUNNING"}
+        await pair.dst.next_event(
+            lambda m: m["event"] == "INCOMING_MIGRATION" and m["data"]["status"] == "failed",
+            DEADLINE,
+        )
         assert await pair.states(pair.dst) == {"vu0": "RUNNING"}
     assert source.alive()
     assert target.alive()
