@@ -16,8 +16,9 @@
  * splits a record unless the request is smaller than one record.
  *
  * The destination takes PRE_COPY + STOP_COPY streams (pages are simply
- * overwritten) and validates on RESUMING -> STOP: a header for this geometry,
- * whole records, every page received, END seen, every page self-consistent.
+ * overwritten), checks each page as it arrives (so the check costs no downtime
+ * but for the pages of the stop-copy stream), and validates on RESUMING -> STOP: a
+ * header for this geometry, whole records, every page received and sound, END seen.
  * Otherwise the transition fails with EINVAL and the device stays RESUMING;
  * DEVICE_RESET drops the partial load (the state is regenerated from the seed).
  * PRE_COPY -> RUNNING (abort) is always allowed.
@@ -301,6 +302,9 @@ load_record(const struct rec *r, const uint8_t *payload)
             break;
         }
         memcpy(D.mem + r->arg * PAGE, payload, PAGE);
+        if (!page_ok(r->arg)) {
+            refuse("a page fails its self-check");
+        }
         if (!D.received[r->arg]) {
             D.received[r->arg] = 1;
             D.nreceived++;
@@ -366,11 +370,6 @@ validate(void)
     }
     if (!D.bad && D.nreceived != D.npages) {
         refuse("stream misses pages");
-    }
-    for (uint64_t i = 0; !D.bad && i < D.npages; i++) {
-        if (!page_ok(i)) {
-            refuse("a page fails its self-check");
-        }
     }
     if (D.bad) {
         fprintf(stderr, "testdev[%d]: refusing the loaded state: %s\n", getpid(), D.why);
