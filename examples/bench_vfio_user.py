@@ -116,7 +116,7 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
     size = args.size_mib * MIB
-    reads, writes, downtimes, totals, passes = [], [], [], [], []
+    reads, writes, downtimes, totals, passes, rates = [], [], [], [], [], []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="livemig-vu-bench-") as tmp:
             read_mbps, write_mbps = await socket_path(Path(tmp), size)
@@ -130,13 +130,15 @@ async def main(argv: list[str] | None = None) -> int:
         downtimes.append(stats["downtime_ms"])
         totals.append(stats["total_ms"])
         passes.append(stats["iterations"])
+        rates.append(stats["transferred_bytes"] / stats["total_ms"] / 1e3)
         breakdown = ", ".join(f"{k} {v:.1f}" for k, v in stats["downtime_breakdown_ms"].items())
         print(f"run: downtime {stats['downtime_ms']:.1f} ms ({breakdown})", flush=True)
     print(f"vfio-user device of {args.size_mib} MiB, {args.repeat} runs, median (min..max):")
     print(f"  socket path, STOP_COPY drain (MIG_DATA_READ):  {spread(reads)} MB/s")
     print(f"  socket path, load (MIG_DATA_WRITE, 24 KiB):    {spread(writes)} MB/s")
     print(f"  migration with {args.dirty_pages} pages/s dirtied: downtime {spread(downtimes)} ms,")
-    print(f"    total {spread(totals)} ms, iterations {spread([float(p) for p in passes])}")
+    print(f"    total {spread(totals)} ms, iterations {spread([float(p) for p in passes])},")
+    print(f"    moved/total time {spread(rates)} MB/s")
     return 0
 
 
