@@ -11,11 +11,13 @@ Arming: once destinations take in only devices they were armed for, add
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from orchestrator.daemonbench import DaemonProcess
 from tests.orchestrator.test_daemon import DEADLINE, NEVER_CONVERGES, Pair, running_pair, write_psk
 from tests.vfio_user import servers
 from tests.vfio_user.servers import Server
@@ -161,3 +163,42 @@ async def test_a_mixed_migration_meets_the_p2p_blocker(
         assert json.loads(out)["status"] == "completed"
         assert await pair.states(pair.dst) == {"vu0": "RUNNING", "sim0": "RUNNING"}
         assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
+
+
+async def test_a_daemon_killed_mid_precopy_finds_its_device_running_on_restart(
+    tmp_path: Path, started: list[Server]
+) -> None:
+    """SIGKILL in pre-copy: the server outlives the daemon; the next one ends the session."""
+    source = servers.start_testdev(tmp_path / "src-dev.sock", size=4 * MIB, rate=500, seed=1)
+    target = servers.start_testdev(tmp_path / "dst-dev.sock", size=4 * MIB, seed=2)
+    started.extend([source, target])
+    source_config, destination_config = write_configs(
+        tmp_path,
+        vfio_user_entry("vu0", source.socket),
+        vfio_user_entry("vu0", target.socket, DEST_DEVICE_KEYS),
+    )
+    first = DaemonProcess(source_config, name="source")
+    destination = DaemonProcess(destination_config, name="destination")
+    second = DaemonProcess(source_config, name="restarted", log_file=tmp_path / "second.log")
+    try:
+        await destination.start(tmp_path / "destination.sock")
+        await first.start(tmp_path / "source.sock")
+        async with await destination.client() as dst, await first.client() as src:
+            address = (await dst.execute("query-daemon"))["listen"][0]
+            await src.subscribe(["MIGRATION_PASS"])
+            parameters = {"downtime_limit_ms": 0.001, "timeout_s": 120}
+            await src.execute("migrate", destination=address, parameters=parameters)
+            await src.next_event(lambda m: m["event"] == "MIGRATION_PASS", DEADLINE)
+            first.signal(signal.SIGKILL)
+            assert await first.wait() == -signal.SIGKILL
+        assert source.alive()
+        await second.start(tmp_path / "source.sock")
+        async with await second.client() as src:
+            devices = await src.execute("query-devices")
+        assert [(d["name"], d["state"]) for d in devices] == [("vu0", "RUNNING")]
+        assert '"found": "PRE_COPY", "event": "vfio_user_session_abandoned"' in second.output()
+        assert await second.stop() == 0
+        assert await destination.stop() == 0
+    finally:
+        for daemon in (first, second, destination):
+            await daemon.kill()
