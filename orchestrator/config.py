@@ -559,10 +559,16 @@ def _socket_path(value: str) -> str:
     return value
 
 
+def _positive_seconds(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
 _VFIO_USER: dict[str, _Key] = {
     "socket": ("socket", str, _socket_path),
     "features": ("features", list, _features),
-    "timeout_s": ("timeout_s", _NUMBER, float),
+    "timeout_s": ("timeout_s", _NUMBER, _positive_seconds),
     "faults": ("faults", dict, _vfio_user_faults),  # fault injection, for tests
 }
 

@@ -152,6 +152,9 @@ class Connection:
         if self.broken is not None:
             raise ProtocolFailure(f"connection unusable: {self.broken}")
         exchange = asyncio.ensure_future(self._exchange(command, body))
+        # Retrieved here too, so an exchange whose caller was cancelled is not reported
+        # as never retrieved (its failure already broke the connection if it mattered).
+        exchange.add_done_callback(lambda done: done.cancelled() or done.exception())
         return await asyncio.shield(exchange)
 
     async def _exchange(self, command: int, body: Sequence[Buffer]) -> memoryview:

@@ -41,6 +41,7 @@ def test_a_vfio_user_entry_builds_its_device() -> None:
         ("corrupt_stream = true", "explode = true", 8, "unknown fault(s) explode"),
         ("corrupt_stream = true", 'corrupt_stream = "yes"', 8, "must be true or false"),
         ("faults = {", 'sockte = "x"\nfaults = {', 8, "did you mean 'socket'?"),
+        ("faults = {", "timeout_s = 0\nfaults = {", 8, "must be > 0 seconds"),
     ],
 )
 def test_each_vfio_user_mistake_is_named(old: str, new: str, line: int, message: str) -> None:
