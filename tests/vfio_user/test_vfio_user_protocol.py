@@ -176,3 +176,20 @@ async def test_a_silent_server_times_out(start: Start) -> None:
     ):
         await device.set_state(State.STOP)
     assert device.state == State.ERROR
+
+
+async def test_a_read_cancelled_midway_makes_the_stream_unusable(start: Start) -> None:
+    """The reply of a cancelled read is lost with its data: later reads fail, not skip it."""
+    server = ScriptedServer(max_xfer=None)
+    device = await start(server, timeout_s=5)
+    await device.set_state(State.PRE_COPY)
+    asked = asyncio.Event()
+    server.on[p.MIG_DATA_READ] = lambda command, body: asked.set()  # and no reply
+    channel = device.save_channel()
+    reader = asyncio.create_task(channel.read())
+    await asked.wait()
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    with pytest.raises(ChannelIOError, match="dev: a read was cancelled midway"):
+        await channel.read()
