@@ -32,6 +32,9 @@ What vfio-user lacks compared with the kernel uAPI, and what stands in:
   with one of these cannot be quiesced together: the orchestrator's P2P blocker.
 * DEVICE_RESET is refused in STOP and STOP_COPY and leaves the migration state as it
   is, so :meth:`reset` pairs it with SET RUNNING.
+* The handshake's kind is ``vfio-user:VENDOR:DEVICE`` from PCI config space (as
+  ``vfio:`` names the model for the kernel backend): only the same model loads the
+  stream. A server without config space is ``vfio-user:unknown``.
 * The server takes one client: while this device is open no VMM can attach to it.
   A server keeps its migration state when the client leaves (libvfio-user only calls
   the device's reset callback with LOST_CONN); :meth:`open` ends a session found in
@@ -44,13 +47,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
 import structlog
 
 from devices import fsm
-from devices.base import Buffer, Chunk, MigratableDevice, PrecopyInfo, ResumeChannel, SaveChannel
+from devices.base import (
+    Buffer,
+    Chunk,
+    DeviceDescriptor,
+    MigratableDevice,
+    PrecopyInfo,
+    ResumeChannel,
+    SaveChannel,
+)
 from devices.errors import (
     ChannelIOError,
     DeviceError,
@@ -63,6 +75,8 @@ from devices.vfio_user import protocol as p
 
 log = structlog.get_logger(__name__)
 
+#: libvfio-user's region index of PCI config space (VFU_PCI_DEV_CFG_REGION_IDX).
+PCI_CONFIG_REGION = 7
 #: What every libvfio-user server advertises.
 DEFAULT_FEATURES = Feature.STOP_COPY | Feature.PRE_COPY
 
@@ -194,6 +208,7 @@ class VfioUserDevice(MigratableDevice):
         self._conn: p.Connection | None = None
         self._connecting = asyncio.Lock()
         self._channel: VfioUserSaveChannel | VfioUserResumeChannel | None = None
+        self._model = "unknown"
 
     # --- the connection ---
 
@@ -246,6 +261,7 @@ class VfioUserDevice(MigratableDevice):
             await self._set_mig_state(goal)
             log.warning("vfio_user_session_abandoned", device=self.name, found=found.name)
         self._state = await self._get_state()
+        self._model = await self._pci_model()
         log.info(
             "vfio_user_device_opened",
             device=self.name,
@@ -253,6 +269,24 @@ class VfioUserDevice(MigratableDevice):
             features=repr(self.features),
             max_data_xfer=self._conn.max_data_xfer if self._conn else None,
             state=self._state.name,
+            model=self._model,
+        )
+
+    async def _pci_model(self) -> str:
+        """``vendor:device`` from PCI config space, or "unknown" for a server without one."""
+        try:
+            config = await self.region_read(PCI_CONFIG_REGION, 0, 4)
+        except DeviceError:
+            if self._conn is None or self._conn.broken is not None:
+                raise
+            return "unknown"
+        vendor, device = struct.unpack("<HH", config)
+        return f"{vendor:04x}:{device:04x}"
+
+    def descriptor(self) -> DeviceDescriptor:
+        """The handshake identity: the kind names the PCI model, as only it loads the stream."""
+        return DeviceDescriptor(
+            self.name, f"{self.kind}:{self._model}", self.format_version, self.features
         )
 
     async def _command(self, command: int, what: str, *body: Buffer) -> memoryview:

@@ -63,6 +63,7 @@ async def test_opens_with_the_servers_features_and_state(
     await device.open()
     assert device.server_features == Feature.STOP_COPY | Feature.PRE_COPY
     assert device.state == S.RUNNING
+    assert device.descriptor().kind == "vfio-user:1de5:011e"  # its PCI vendor:device
     assert await servers.control_read(device, REG_SIZE) == SIZE
 
 
@@ -219,6 +220,8 @@ async def test_sample_server_migrates_stop_copy_only_byte_exact(
     sockets.extend([source_server, dest_server])
     source = connect(devices, "src", source_server, features=Feature.STOP_COPY)
     dest = connect(devices, "dst", dest_server, features=Feature.STOP_COPY)
+    await source.open()
+    assert source.descriptor().kind == "vfio-user:dead:beef"
     pattern = os.urandom(0x4000)
     await source.region_write(BAR1, 0, pattern)
     # BAR0 is the time the sample's timer fires; RUNNING re-arms it and needs a future one.
