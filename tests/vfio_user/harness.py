@@ -12,6 +12,8 @@ parses a chunk on its own. :func:`cleanup` closes the devices and stops the serv
 from __future__ import annotations
 
 import asyncio
+import atexit
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -61,6 +63,7 @@ def make(
     global _folder
     if _folder is None:
         _folder = Path(tempfile.mkdtemp(prefix="livemig-vfio-user-"))
+        atexit.register(shutil.rmtree, _folder, True)
     previous = _servers.pop(name, None)
     if previous is not None:
         previous.stop()
