@@ -16,7 +16,7 @@ from devices.errors import ChannelIOError, DeviceError, TransitionError, Unsuppo
 from devices.fsm import Feature, State
 from devices.testing import ArcTrace, copy_device, read_until_pause
 from devices.vfio_user import VfioUserDevice, VfioUserFaults
-from tests.vfio_user import servers
+from tests.vfio_user import harness, servers
 from tests.vfio_user.servers import BAR0, BAR1, REG_BAD_PAGES, REG_SIZE, REG_WRITES, Server
 
 S = State
@@ -233,3 +233,32 @@ async def test_sample_server_migrates_stop_copy_only_byte_exact(
     await dest.set_state(S.RUNNING)
     # The sample's BAR1 read ignores the offset: read it whole, from 0.
     assert await dest.region_read(BAR1, 0, 0x4000) == pattern
+
+
+async def test_precopy_says_nothing_now_again_and_again(
+    tmp_path: Path, sockets: list[Server], devices: list[VfioUserDevice]
+) -> None:
+    """With every page read and none dirtied, each PRE_COPY read says "nothing now" (None)."""
+    device = connect(devices, "dev", start(sockets, tmp_path / "d.sock"))
+    await device.set_state(S.PRE_COPY)
+    channel = device.save_channel()
+    assert await read_until_pause(channel)
+    assert await channel.read() is None
+    assert await channel.read() is None
+    assert device.state == S.PRE_COPY
+
+
+async def test_a_new_session_sends_every_page_again(
+    tmp_path: Path, sockets: list[Server], devices: list[VfioUserDevice]
+) -> None:
+    """Re-entering PRE_COPY opens a new channel whose stream carries the whole state again."""
+    device = connect(devices, "dev", start(sockets, tmp_path / "d.sock"))
+    await device.set_state(S.PRE_COPY)
+    first = device.save_channel()
+    await read_until_pause(first)
+    await device.set_state(S.RUNNING)
+    await device.set_state(S.PRE_COPY)
+    assert device.save_channel() is not first
+    chunks = await read_until_pause(device.save_channel())
+    pages = [page for chunk in chunks for page in harness.blocks_of(chunk)]
+    assert sorted(pages) == list(range((1 << 20) // servers.PAGE))
