@@ -329,14 +329,17 @@ class VfioUserDevice(MigratableDevice):
         await self._command(
             p.DEVICE_FEATURE,
             f"DEVICE_FEATURE(SET|MIG_DEVICE_STATE={target.name})",
-            p.FEATURE.pack(p.FEATURE.size + p.MIG_STATE.size, p.FEATURE_SET | 2),
+            p.FEATURE.pack(
+                p.FEATURE.size + p.MIG_STATE.size, p.FEATURE_SET | p.FEATURE_MIG_DEVICE_STATE
+            ),
             p.MIG_STATE.pack(target, 0),
         )
 
     # --- state changes ---
 
     async def set_state(self, target: State) -> None:
-        await self._connected()
+        if self.state != State.ERROR:  # ERROR (server lost) is left by reset() alone
+            await self._connected()
         start = self.state
         if start == target:
             return

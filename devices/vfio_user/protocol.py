@@ -78,6 +78,9 @@ DEFAULT_MAX_DATA_XFER = 1 << 20
 SEND_LIMIT = 24 << 10
 #: Room for the header and a command's own fields in front of its data.
 SEND_OVERHEAD = 64
+#: Connection attempts while a server is between clients, and the pause between them.
+CONNECT_ATTEMPTS = 50
+CONNECT_RETRY_S = 0.02
 #: Largest reply accepted: the largest data payload plus the bookkeeping around it.
 REPLY_SLACK = 4096
 
@@ -116,7 +119,7 @@ class Connection:
         """Connect and negotiate the version; ProtocolFailure if either fails."""
         try:
             async with asyncio.timeout(request_timeout):
-                reader, writer = await asyncio.open_unix_connection(path, limit=1 << 16)
+                reader, writer = await cls._connect(path)
         except (OSError, TimeoutError) as exc:
             raise ProtocolFailure(f"cannot connect to {path}: {exc or 'timed out'}") from exc
         connection = cls(reader, writer, request_timeout)
@@ -126,6 +129,24 @@ class Connection:
             connection.close()
             raise
         return connection
+
+    @staticmethod
+    async def _connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect, retrying for a moment while the server is between two clients.
+
+        libvfio-user listens with a backlog of 0 and accepts the next client only once
+        it has noticed the previous one leave, so a connect right after a hang-up can be
+        refused although the server is alive.
+        """
+        attempt = 1
+        while True:
+            try:
+                return await asyncio.open_unix_connection(path, limit=1 << 16)
+            except (ConnectionRefusedError, BlockingIOError):
+                if attempt == CONNECT_ATTEMPTS:
+                    raise
+            attempt += 1
+            await asyncio.sleep(CONNECT_RETRY_S)
 
     async def _negotiate(self) -> None:
         caps = {"capabilities": {"max_msg_fds": 1, "max_data_xfer_size": DEFAULT_MAX_DATA_XFER}}

@@ -262,3 +262,21 @@ async def test_a_new_session_sends_every_page_again(
     chunks = await read_until_pause(device.save_channel())
     pages = [page for chunk in chunks for page in harness.blocks_of(chunk)]
     assert sorted(pages) == list(range((1 << 20) // servers.PAGE))
+
+
+async def test_only_reset_leaves_error_after_the_server_came_back(
+    tmp_path: Path, sockets: list[Server], devices: list[VfioUserDevice]
+) -> None:
+    """A device that lost its server stays in ERROR until reset() reconnects it."""
+    server = start(sockets, tmp_path / "d.sock")
+    device = connect(devices, "dev", server)
+    await device.set_state(S.STOP)
+    server.stop()
+    with pytest.raises(DeviceError, match=r"dev: STOP -> RUNNING failed: .* connection lost"):
+        await device.set_state(S.RUNNING)
+    assert device.state == S.ERROR
+    start(sockets, tmp_path / "d.sock")
+    with pytest.raises(TransitionError, match="ERROR -> RUNNING is not allowed"):
+        await device.set_state(S.RUNNING)
+    await device.reset()
+    assert device.state == S.RUNNING

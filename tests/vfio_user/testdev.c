@@ -518,6 +518,7 @@ main(int argc, char *argv[])
         .write_data = write_data,
     };
     struct sigaction act = { .sa_handler = on_term };
+    sigset_t blocked;
     bool verbose = false;
     pthread_t thread;
     vfu_ctx_t *ctx;
@@ -573,9 +574,15 @@ main(int argc, char *argv[])
     if (vfu_realize_ctx(ctx) < 0) {
         err(1, "vfu_realize_ctx");
     }
+    /* The writer must not take SIGTERM: the main thread's blocking calls must see EINTR. */
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGTERM);
+    sigaddset(&blocked, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &blocked, NULL);
     if (pthread_create(&thread, NULL, writer, NULL) != 0) {
         errx(1, "starting the writer thread");
     }
+    pthread_sigmask(SIG_UNBLOCK, &blocked, NULL);
     fprintf(stderr, "testdev[%d]: serving %s, %llu bytes\n", getpid(), argv[optind],
             (unsigned long long)D.size);
     while (!quit) {
