@@ -15,7 +15,8 @@ features). libvfio-user does not unwind: an arc that fails leaves the device whe
 the walk stopped. So after a failed SET the state is read back (GET); if that state
 still holds the data session of the start, the start is requested again, as QEMU
 does; otherwise the device stays where it is (a valid state without the session).
-The device is in ERROR only when the server cannot be asked: the connection is lost.
+The device is in ERROR when the server says so (the spec lets a server that could
+not restore any valid state report it) or cannot be asked (the connection is lost).
 
 What vfio-user lacks compared with the kernel uAPI, and what stands in:
 
@@ -25,9 +26,13 @@ What vfio-user lacks compared with the kernel uAPI, and what stands in:
 * No data fd: the saving stream is MIG_DATA_READ, the resuming one MIG_DATA_WRITE.
   The rule for "nothing now" versus "ended": a read of 0 bytes in STOP_COPY is the
   permanent end; in PRE_COPY(_P2P) it means nothing now (the server had nothing
-  dirty when asked), never the end. Nothing can signal readiness, so after such a
-  read :meth:`SaveChannel.wait_readable` waits ``idle_wait`` before the next poll,
-  and returns early when the session ends or the device enters STOP_COPY.
+  dirty when asked), never the end. The spec also calls a reply shorter than asked
+  "no more data"; livemig reads again anyway and stops only at 0 bytes, which is
+  the same for a server that follows the spec and safe for one that returns what its
+  device had at hand (libvfio-user passes the device's ``read_data`` through).
+  Nothing can signal readiness, so after a "nothing now" read
+  :meth:`SaveChannel.wait_readable` waits ``idle_wait`` before the next poll, and
+  returns early when the session ends or the device enters STOP_COPY.
 * No P2P states (libvfio-user advertises STOP_COPY|PRE_COPY), so several devices
   with one of these cannot be quiesced together: the orchestrator's P2P blocker.
 * DEVICE_RESET is refused in STOP and STOP_COPY and leaves the migration state as it

@@ -16,6 +16,10 @@ libvfio-user at efd091bc (include/vfio-user.h, lib/tran_sock.c):
   the next one starts in an empty socket).
 * Each exchange runs shielded from the caller's cancellation: abandoning it midway
   would leave its reply to be taken for the next command's.
+* The spec lets a server send its own commands (DMA_READ/WRITE) between a request and
+  its reply. livemig maps no DMA, so a server has none to send; a message that is
+  not the awaited reply breaks the connection rather than being guessed at.
+* A reply's ERROR flag may come with an errno of 0 (the spec allows it).
 """
 
 from __future__ import annotations
@@ -94,7 +98,9 @@ class ProtocolFailure(Exception):
 
 
 def errno_text(code: int) -> str:
-    """``EINVAL (Invalid argument)`` for an errno."""
+    """``EINVAL (Invalid argument)`` for an errno; 0 is an error without one."""
+    if code == 0:
+        return "error without an errno"
     return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
 
 
