@@ -202,3 +202,25 @@ async def test_a_daemon_killed_mid_precopy_finds_its_device_running_on_restart(
     finally:
         for daemon in (first, second, destination):
             await daemon.kill()
+
+
+async def test_a_features_mask_migrates_stop_copy_only(
+    tmp_path: Path, started: list[Server]
+) -> None:
+    """features = ["STOP_COPY"] in the config: no pre-copy, the state crosses stopped."""
+    source = servers.start_testdev(tmp_path / "src-dev.sock", size=4 * MIB, rate=500, seed=1)
+    target = servers.start_testdev(tmp_path / "dst-dev.sock", size=4 * MIB, seed=2)
+    started.extend([source, target])
+    mask = 'features = ["STOP_COPY"]\n'
+    configs = write_configs(
+        tmp_path,
+        vfio_user_entry("vu0", source.socket, mask),
+        vfio_user_entry("vu0", target.socket, mask + DEST_DEVICE_KEYS),
+    )
+    async with running_pair(tmp_path, *configs) as pair:
+        code, out, err = await pair.cli("migrate", "--to", pair.address, "--json")
+        assert code == 0, err
+        (device,) = json.loads(out)["devices"]
+        assert device["precopy_bytes"] == 0
+        assert device["stopcopy_bytes"] > 4 * MIB
+        assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
