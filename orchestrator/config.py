@@ -625,8 +625,8 @@ def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
             arguments[argument] = convert(value)
         except (ValueError, TypeError) as exc:
             raise reader.error((*path, key), str(exc)) from None
-    if kind == "vfio" and "spec" not in arguments:
-        raise reader.error(path, "missing required key 'device' (mdev UUID, PCI address or path)")
     if kind == "vfio-user" and "socket" not in arguments:
         raise reader.error(path, "missing required key 'socket' (the vfio-user server's socket)")
+    if kind == "vfio" and "spec" not in arguments:
+        raise reader.error(path, "missing required key 'device' (mdev UUID, PCI address or path)")
     return DeviceConfig(kind, name, reader.where.line(path), factory, arguments, reader.file)
