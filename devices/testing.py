@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from devices.base import Chunk, MigratableDevice, ResumeChannel, SaveChannel
+from devices.errors import Unsupported
 from devices.fsm import Feature, State
 
 
@@ -133,7 +134,8 @@ async def copy_device(
     least ``min_passes`` temporary ends of stream were reached, and the dirty bytes fit
     ``switchover_bytes``; after ``max_passes`` it switches over anyway. A pass that ends
     short of ``min_passes`` waits for the source to dirty something, so ``min_passes``
-    needs a source whose workload runs. ``dest`` validates the stream on RESUMING -> STOP;
+    needs a source whose workload runs. A source without precopy info counts as caught
+    up when its stream last said "nothing now". ``dest`` validates the stream on RESUMING -> STOP;
     its errors propagate as the device raised them.
     """
     report = CopyReport()
@@ -142,16 +144,18 @@ async def copy_device(
     if Feature.PRE_COPY in source.features:
         await source.set_state(State.PRE_COPY)
         channel = source.save_channel()
+        paused = False
         while report.passes < max_passes:
-            info = source.precopy_info()
-            if (
-                info.initial_bytes == 0
-                and info.dirty_bytes <= switchover_bytes
-                and report.passes >= min_passes
-            ):
+            try:
+                info = source.precopy_info()
+                caught_up = info.initial_bytes == 0 and info.dirty_bytes <= switchover_bytes
+            except Unsupported:
+                caught_up = paused  # no figures: the stream said "nothing now"
+            if caught_up and report.passes >= min_passes:
                 report.converged = True
                 break
             chunk = await channel.read()
+            paused = chunk is None
             if chunk is None:
                 report.passes += 1
                 if report.passes < min_passes:

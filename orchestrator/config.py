@@ -18,7 +18,7 @@
     downtime_limit_ms = 300
 
     [[device]]                               # one per device this host owns
-    kind = "simulated"                       # simulated | ram | vfio
+    kind = "simulated"                       # simulated | ram | vfio | vfio-user
     name = "sim0"
     state_mib = 16
 
@@ -29,6 +29,12 @@
     # faults = { corrupt_stream = true }     # fault injection, for tests only
     # accept_incoming = true                 # exists to receive: starts idle, and takes a
                                              # migration whenever it holds no workload
+
+    [[device]]
+    kind = "vfio-user"                       # a device served by a vfio-user server
+    name = "nvme0"
+    socket = "/run/spdk/nvme0.sock"          # the server's UNIX socket (absolute)
+    # features = ["STOP_COPY"]               # mask: stop-copy only (default: what it offers)
 
 tomllib gives no positions, so :class:`_KeyLines` finds each key's line in the text:
 a small scan of table headers and ``key =`` lines, which is all a config of this shape
@@ -585,6 +591,49 @@ def _vfio(
     return VfioDevice.from_config(spec, name=name, features=features, faults=faults)
 
 
+def _vfio_user_faults(value: dict[str, Any]) -> Any:
+    """A vfio-user device's ``faults`` table (fault injection, for tests): VfioUserFaults."""
+    from devices.vfio_user import VfioUserFaults
+
+    known = {f.name for f in dataclasses.fields(VfioUserFaults)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    for key, flag in value.items():
+        if not isinstance(flag, bool):
+            raise ValueError(f"fault {key!r} must be true or false, got {flag!r}")
+    return VfioUserFaults(**value)
+
+
+def _socket_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"must be an absolute path to the server's UNIX socket, got {value!r}")
+    return value
+
+
+def _positive_seconds(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"must be > 0 seconds, got {value!r}")
+    return float(value)
+
+
+_VFIO_USER: dict[str, _Key] = {
+    "socket": ("socket", str, _socket_path),
+    "features": ("features", list, _features),
+    "timeout_s": ("timeout_s", _NUMBER, _positive_seconds),
+    "faults": ("faults", dict, _vfio_user_faults),  # fault injection, for tests
+}
+
+
+def _vfio_user(name: str, **arguments: Any) -> MigratableDevice:
+    """A device served by a vfio-user server at a UNIX socket (connected by ``open``)."""
+    from devices.vfio_user import VfioUserDevice
+
+    return VfioUserDevice(name, **arguments)
+
+
 def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key]]]:
     """The kinds a config may name: the constructor and the keys each takes."""
     from devices.ram import RamDevice
@@ -594,6 +643,7 @@ def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str
         "simulated": (SimulatedDevice, _SIMULATED),
         "ram": (RamDevice, _RAM),
         "vfio": (_vfio, _VFIO),
+        "vfio-user": (_vfio_user, _VFIO_USER),
     }
 
 
@@ -630,6 +680,8 @@ def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
             arguments[argument] = convert(value)
         except (ValueError, TypeError) as exc:
             raise reader.error((*path, key), str(exc)) from None
+    if kind == "vfio-user" and "socket" not in arguments:
+        raise reader.error(path, "missing required key 'socket' (the vfio-user server's socket)")
     if kind == "vfio" and "spec" not in arguments:
         raise reader.error(path, "missing required key 'device' (mdev UUID, PCI address or path)")
     return DeviceConfig(

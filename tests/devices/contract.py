@@ -1,16 +1,17 @@
 """Harnesses that let the device contract suite drive each backend the same way.
 
-A backend joins the suite by adding a :class:`Harness` to ``HARNESSES`` (the VFIO
-backend will add its own): how to make a small source or destination device, how to
-make a running source change its state, and how to tell which blocks a chunk carried.
+A backend joins the suite by adding a :class:`Harness` to ``HARNESSES`` (the kernel
+VFIO backend's runs in the lab guest, tests/vm): how to make a small source or
+destination device, how to make a running source change its state, and how to tell
+which blocks a chunk carried.
 """
 
 from __future__ import annotations
 
 import struct
 from array import array
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from devices import stream
@@ -18,6 +19,7 @@ from devices.base import Chunk, MigratableDevice
 from devices.paged import PagedDevice
 from devices.ram import RamDevice
 from devices.simulated import SimulatedDevice
+from tests.vfio_user import harness as vfio_user
 
 STATE_SIZE = 256 << 10
 BLOCK_SIZE = 4 << 10
@@ -41,6 +43,11 @@ class Harness:
     blocks_of: Callable[[Chunk], list[int]]
     #: Whether ``make`` accepts ``faults`` (devices.paged.Faults).
     faults: bool = True
+    #: Contract tests the backend cannot pass by construction (test id -> reason);
+    #: tests/devices/conftest.py skips them with the reason.
+    lacks: Mapping[str, str] = field(default_factory=dict)
+    #: Called after each test (closes connections, stops server processes).
+    cleanup: Callable[[], Awaitable[None]] | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -89,4 +96,15 @@ def _ram(name: str, **options: Any) -> MigratableDevice:
 HARNESSES = [
     Harness("simulated", _simulated, BLOCK_SIZE, STATE_SIZE // BLOCK_SIZE, _touch, paged_blocks_of),
     Harness("ram", _ram, BLOCK_SIZE, STATE_SIZE // BLOCK_SIZE, _touch, paged_blocks_of),
+    Harness(
+        "vfio-user",
+        vfio_user.make,
+        vfio_user.BLOCK_SIZE,
+        vfio_user.STATE_SIZE // vfio_user.BLOCK_SIZE,
+        vfio_user.touch,
+        vfio_user.blocks_of,
+        faults=False,
+        lacks=vfio_user.LACKS,
+        cleanup=vfio_user.cleanup,
+    ),
 ]
