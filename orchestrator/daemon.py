@@ -36,11 +36,11 @@ from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator import config as config_module
 from orchestrator.config import ConfigError, DaemonConfig
-from orchestrator.control import VERSION, Arg, Command, ControlError, ControlServer
+from orchestrator.control import VERSION, Arg, Command, ControlError, ControlServer, greeting
 from orchestrator.destination import DestinationMigration
 from orchestrator.errors import MigrationBlocked, MigrationError
 from orchestrator.metrics import Metrics, MetricsListener
-from orchestrator.params import LIVE_PARAMETERS
+from orchestrator.params import LIVE_PARAMETERS, to_qemu_parameters
 from orchestrator.source import SourceMigration, check_blockers
 from orchestrator.stats import FINAL_STATUSES, MigrationStats, Status
 
@@ -505,10 +505,18 @@ class Service:
         return self.defaults.as_dict()
 
     async def query_migrate_parameters(self, id: str | None = None) -> dict[str, Any]:
-        """A migration's parameters, or the defaults when none was started."""
-        if id is None and not self.outgoing:
-            return self.defaults.as_dict() | {"live": sorted(LIVE_PARAMETERS)}
-        return self._outgoing(id).migration.params.as_dict() | {"live": sorted(LIVE_PARAMETERS)}
+        """A migration's parameters, or the defaults when none runs (what ``set`` changes).
+
+        QEMU's names for the parameters QEMU has come too, in QEMU's units.
+        """
+        running = [
+            r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES
+        ]
+        if id is None and not running:
+            params = self.defaults
+        else:
+            params = (self._outgoing(id) if id is not None else running[-1]).migration.params
+        return params.as_dict() | to_qemu_parameters(params) | {"live": sorted(LIVE_PARAMETERS)}
 
     async def migrate_continue(self, id: str | None = None) -> dict[str, Any]:
         """Release a migration paused before the switchover."""
@@ -647,11 +655,7 @@ class Runner:
         service.control = ControlServer(
             config.control_socket,
             service.commands(),
-            greeting={
-                "version": {"livemig": VERSION},
-                "name": config.name,
-                "capabilities": ["events"],
-            },
+            greeting=greeting(config.name),
         )
         listeners.append(service.control)
         if metrics is not None and config.metrics is not None:
