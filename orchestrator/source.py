@@ -283,6 +283,9 @@ class SourceMigration:
             [d for d in self.devices if d.features & Feature.PRE_COPY], State.PRE_COPY
         )
         self._arc_overhead_s = time.monotonic() - started
+        # Nothing flowed in the window before the readers start: saying so gives the first
+        # iteration a full window, so progress shows a rate as soon as bytes move.
+        self._meter.sample(self.stats.transferred_bytes, time.monotonic() - self._meter.window_s)
         self._readers = [
             asyncio.create_task(self._precopy_reader(i), name=f"precopy-{self.devices[i].name}")
             for i in self._precopy_indices
@@ -492,8 +495,7 @@ class SourceMigration:
         if self.params.pause_before_switchover:
             self._set_status(Status.PRE_SWITCHOVER)
             self.log.info("paused_before_switchover")
-            await _first_of(self._continue.wait(), self._wakeup_on_error())
-            self._raise_background_errors()
+            await self._wait_continue()
         limit_s = self.params.downtime_limit_ms / 1000
         est = self._estimate(self._progress())
         if self.params.hard_downtime_limit and est.expected_downtime_s > limit_s:
@@ -568,6 +570,27 @@ class SourceMigration:
             ) from None
         self._raise_background_errors()
         self.log.info("destination_synced", wait_ms=round((time.monotonic() - started) * 1e3, 3))
+
+    async def _wait_continue(self) -> None:
+        """Paused before the switchover: the devices run and stream on, so keep sampling.
+
+        Each iteration_s the figures are taken as in pre-copy (an iteration, a
+        MIGRATION_PASS) without a convergence decision, until ``continue`` or an error.
+        """
+        previous: list[DeviceProgress] | None = None
+        while not self._continue.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    _first_of(self._continue.wait(), self._wakeup_on_error()),
+                    self.params.iteration_s,
+                )
+            self._raise_background_errors()
+            if self._continue.is_set():
+                return
+            self.stats.iterations += 1
+            progress = self._progress()
+            self._sample(progress, previous, self._estimate(progress))
+            previous = progress
 
     async def _wakeup_on_error(self) -> None:
         while self._link_error is None and self._reader_error is None:

@@ -195,3 +195,45 @@ async def test_migrate_without_a_terminal_prints_plain_lines(pair: Pair) -> None
     assert "status: completed" in lines
     assert "\x1b" not in out
     assert "│" not in out
+
+
+async def test_progress_shows_the_bandwidth_while_data_flows(pair: Pair) -> None:
+    """Every MIGRATION_PASS after which bytes were sent reports a bandwidth above zero."""
+    code, _, err = await pair.cli("migrate", "--to", pair.address, "--json")
+    assert code == 0, err
+    passes = []
+    while True:
+        message = await pair.src.next_event(
+            lambda m: m["event"] in ("MIGRATION_PASS", "MIGRATION"), DEADLINE
+        )
+        if message["event"] == "MIGRATION" and "stats" in message["data"]:
+            break
+        if message["event"] == "MIGRATION_PASS":
+            passes.append(message["data"])
+    assert passes
+    sent_before = 0
+    for stats in passes:
+        if stats["transferred_bytes"] > sent_before:
+            assert stats["bandwidth_bps"] > 0, stats
+        sent_before = stats["transferred_bytes"]
+
+
+async def test_progress_goes_on_while_paused_before_switchover(pair: Pair) -> None:
+    """Paused, the devices keep running and streaming: passes keep coming, bytes keep moving."""
+    code, _, err = await pair.cli(
+        "migrate", "--to", pair.address, "--pause-before-switchover", "--detach", "--json"
+    )
+    assert code == 0, err
+    await pair.migration_event("pre-switchover")
+    paused = []
+    while len(paused) < 3:
+        message = await pair.src.next_event(lambda m: m["event"] == "MIGRATION_PASS", DEADLINE)
+        paused.append(message["data"])
+    assert {p["status"] for p in paused} == {"pre-switchover"}
+    assert [p["iterations"] for p in paused] == sorted({p["iterations"] for p in paused})
+    assert paused[-1]["transferred_bytes"] > paused[0]["transferred_bytes"], "dirty data streams"
+    assert set((await pair.states(pair.src)).values()) == {"PRE_COPY"}
+    code, _, err = await pair.cli("continue")
+    assert code == 0, err
+    await pair.migration_event("completed")
+    assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
