@@ -3,7 +3,7 @@
 ::
 
     name = "source"                          # announced in handshakes (default: host name)
-    control_socket = "/run/livemig/control.sock"
+    control_socket = "/run/livemig/control.sock"   # the default, where the CLI looks
     listen = ["0.0.0.0:7070", "unix:/run/livemig/migration.sock"]   # or one string
     metrics = "127.0.0.1:9464"               # optional Prometheus endpoint (or a port)
 
@@ -46,6 +46,7 @@ from typing import Any
 from devices.base import MigratableDevice
 from devices.fsm import Feature, State
 from devices.paged import Faults
+from orchestrator.control import DEFAULT_SOCKET
 from orchestrator.errors import MigrationBlocked
 from orchestrator.params import MigrationParams
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
@@ -296,7 +297,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     name = reader.get(document, (), "name", str, socket.gethostname())
     if not name or len(name) > 64:
         raise reader.error(("name",), "must be 1 to 64 characters")
-    control = base / reader.get(document, (), "control_socket", str)
+    control = base / reader.get(document, (), "control_socket", str, str(DEFAULT_SOCKET))
     listen_value = reader.get(document, (), "listen", (str, list), [])
     listen = [listen_value] if isinstance(listen_value, str) else listen_value
     for index, address in enumerate(listen):

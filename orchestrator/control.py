@@ -75,6 +75,9 @@ def _version() -> str:
 
 
 VERSION = _version()
+#: Where a daemon puts its control socket unless its config says otherwise, and where
+#: the CLI looks for it (systemd's RuntimeDirectory=livemig creates the folder).
+DEFAULT_SOCKET = Path("/run/livemig/control.sock")
 #: Longest request accepted, in bytes.
 MAX_REQUEST = 1 << 20
 #: Deepest nesting of arrays and objects accepted in a request (ours nest 3 deep).

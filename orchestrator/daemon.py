@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -211,6 +212,7 @@ class Service:
             transport.parse_address(destination)
         except ValueError as exc:
             raise ControlError("InvalidParameter", f"destination: {exc}") from None
+        self._refuse_self(destination)
         names = list(self.devices) if names is None else names
         if not names:
             raise ControlError("InvalidParameter", "devices: the list is empty")
@@ -236,6 +238,29 @@ class Service:
             self.metrics.migration_started(migration_id)
         record.task = asyncio.create_task(self._run(record), name=f"migration-{migration_id}")
         return record
+
+    def _refuse_self(self, destination: str) -> None:
+        """InvalidParameter when ``destination`` is one of this daemon's own listeners.
+
+        A TCP destination is ours when its port is one we listen on and its host is the
+        one we bound, or any local address when we bound a wildcard. Host names other
+        than ``localhost`` and our own are not resolved here.
+        """
+        kind, host, port = transport.parse_address(destination)
+        for listener in self.listeners:
+            if not isinstance(listener, MigrationListener):
+                continue
+            own = transport.parse_address(listener.address)
+            if (kind, host, port) == own or (
+                kind == own[0] == "tcp"
+                and port == own[2]
+                and (_same_host(host, own[1]) or (own[1] in _WILDCARDS and _is_local(host)))
+            ):
+                raise ControlError(
+                    "InvalidParameter",
+                    f"destination {destination} is this daemon ({self.config.name}) itself: "
+                    "migrate to the listen address of another daemon",
+                )
 
     def _device(self, name: str) -> MigratableDevice:
         try:
@@ -597,6 +622,30 @@ class MigrationListener:
         if kind == "unix":
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+_WILDCARDS = ("0.0.0.0", "::", "")
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _same_host(a: str, b: str) -> bool:
+    return a == b or (a in _LOOPBACK and b in _LOOPBACK)
+
+
+def _is_local(host: str) -> bool:
+    """Whether ``host`` names this machine: loopback, our host name, or a local address."""
+    if host in _LOOPBACK or host == socket.gethostname():
+        return True
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return False  # a name: not resolved here
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))  # only an address of this host can be bound
+        except OSError:
+            return False
+    return True
 
 
 def _remove_stale_migration_socket(path: str) -> None:
