@@ -8,6 +8,8 @@ import errno
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from importlib import metadata
@@ -150,6 +152,33 @@ def test_the_cli_and_the_config_default_to_one_control_socket(
     assert Path(args.control) == config.control_socket == Path("/run/livemig/control.sock")
     monkeypatch.setenv("LIVEMIG_CONTROL", "/elsewhere.sock")
     assert cli.build_parser().parse_args(["devices"]).control == "/elsewhere.sock"
+
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (apt install systemd)"
+)
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The shipped unit, pointed at this installation's ``livemig``, verifies clean."""
+    assert SYSTEMD_ANALYZE is not None
+    livemig = Path(sys.executable).with_name("livemig")
+    assert livemig.is_file(), "livemig is not installed next to this Python (pip install -e .)"
+    unit = (ROOT / "examples" / "livemig.service").read_text()
+    assert "ExecStart=/usr/local/bin/livemig daemon " in unit
+    copy = tmp_path / "livemig.service"
+    copy.write_text(unit.replace("/usr/local/bin/livemig", str(livemig)))
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    complaints = [line for line in result.stderr.splitlines() if "livemig.service" in line]
+    assert result.returncode == 0, result.stderr
+    assert complaints == []
 
 
 def test_options_not_given_are_left_to_the_daemon() -> None:
