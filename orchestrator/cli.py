@@ -678,6 +678,16 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``livemig`` console script."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``livemig devices | head -1``): stop quietly, and keep
+        # the interpreter's final flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "transport"]:
         from transport import bench as transport_bench

@@ -392,3 +392,23 @@ async def test_migrating_to_the_daemon_itself_is_refused_with_the_reason(pair: P
         assert caught.value.error_class == "InvalidParameter"
         assert "is this daemon (destination) itself" in caught.value.desc
     assert set((await pair.states(pair.dst)).values()) == {"RUNNING"}
+
+
+def test_a_closed_pipe_ends_the_cli_quietly() -> None:
+    """Output into a pipe nobody reads (``| head -1``) ends without a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", "fsm-table"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == cli.EXIT_OK
