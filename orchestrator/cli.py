@@ -210,9 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
                 "--control",
                 default=os.environ.get("LIVEMIG_CONTROL", str(DEFAULT_SOCKET)),
                 metavar="SOCKET",
-                help=f"the daemon's control socket (default: $LIVEMIG_CONTROL, else "
-                f"{DEFAULT_SOCKET}, where a daemon listens unless its config says otherwise)",
+                help=f"the daemon's control socket, or tcp:HOST:PORT for its TLS control "
+                f"listener (default: $LIVEMIG_CONTROL, else {DEFAULT_SOCKET}, where a daemon "
+                "listens unless its config says otherwise)",
             )
+            for option, what in (
+                ("cert", "this client's certificate"),
+                ("key", "its private key (default: in the certificate file)"),
+                ("ca", "the CA that signed the daemon's certificate"),
+            ):
+                variable = f"LIVEMIG_{option.upper()}"
+                sub.add_argument(
+                    f"--{option}",
+                    default=os.environ.get(variable),
+                    metavar="FILE",
+                    help=f"for tcp:HOST:PORT: {what} (default: ${variable})",
+                )
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         return sub
 
@@ -347,8 +360,24 @@ async def _with_client(args: argparse.Namespace, body: Callable[[Any], Awaitable
     """Connect to the daemon, run ``body``, map control errors onto exit codes."""
     from orchestrator.control import ControlClient, ControlError, DaemonUnreachable
 
+    context = None
+    if args.control.startswith("tcp:"):
+        from transport.auth import client_tls_context
+
+        if args.ca is None or args.cert is None:
+            return _fail(
+                args,
+                EXIT_USAGE,
+                "InvalidParameter",
+                "a tcp: control address needs --ca and --cert (and --key unless the "
+                "certificate file holds it): the daemon accepts only mutual TLS",
+            )
+        try:
+            context = client_tls_context(args.ca, args.cert, args.key)
+        except (OSError, ValueError) as exc:
+            return _fail(args, EXIT_USAGE, "InvalidParameter", f"cannot load the TLS files: {exc}")
     try:
-        async with await ControlClient.connect(args.control) as client:
+        async with await ControlClient.connect(args.control, ssl_context=context) as client:
             return await body(client)
     except DaemonUnreachable as exc:
         return _fail(args, EXIT_UNREACHABLE, "DaemonUnreachable", exc.desc)

@@ -11,6 +11,13 @@
     psk_file = "/etc/livemig/psk"            # pre-shared key (mode 0600, >= 16 bytes)
     # tls_cert, tls_key, tls_ca              # TLS (mutual when all three are given)
 
+    [control]                                # optional: the control API over TCP
+    tcp = "0.0.0.0:7079"                     # for management nodes; mutual TLS only
+    tls_cert = "/etc/livemig/control.pem"    # this daemon's certificate for it
+    tls_key = "/etc/livemig/control.key"
+    tls_ca = "/etc/livemig/operators-ca.pem" # the CA that signs the clients' certificates
+    allow = ["CN=fleet-controller"]          # client subjects that may drive this daemon
+
     [migration]                              # defaults: any MigrationParams field
     downtime_limit_ms = 300
 
@@ -37,6 +44,7 @@ import difflib
 import os
 import re
 import socket
+import ssl
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -46,7 +54,7 @@ from typing import Any
 from devices.base import MigratableDevice
 from devices.fsm import Feature, State
 from devices.paged import Faults
-from orchestrator.control import DEFAULT_SOCKET
+from orchestrator.control import DEFAULT_SOCKET, subject_pattern
 from orchestrator.errors import MigrationBlocked
 from orchestrator.params import MigrationParams
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
@@ -110,6 +118,22 @@ class AuthSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RemoteControl:
+    """The ``[control]`` TCP listener: mutual TLS and the client subjects allowed."""
+
+    address: str
+    tls_cert: Path
+    tls_key: Path | None
+    tls_ca: Path
+    #: Each entry a subject pattern (``CN=ops,O=example``) a client must match.
+    allow: tuple[str, ...]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context that requires a client certificate signed by ``tls_ca``."""
+        return server_tls_context(self.tls_cert, self.tls_key, client_ca_file=self.tls_ca)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class DeviceConfig:
     """One ``[[device]]`` entry: the constructor and its arguments, already validated."""
 
@@ -144,6 +168,8 @@ class DaemonConfig:
     auth: AuthSettings
     migration: MigrationParams
     devices: tuple[DeviceConfig, ...]
+    #: The optional TCP control listener (``[control]``).
+    remote_control: RemoteControl | None = None
 
 
 # -- where keys are ------------------------------------------------------------------------
@@ -266,7 +292,16 @@ _TYPE_NAMES: dict[type, str] = {
 
 # -- loading --------------------------------------------------------------------------------
 
-_TOP_KEYS = {"name", "control_socket", "listen", "metrics", "auth", "migration", "device"}
+_TOP_KEYS = {
+    "name",
+    "control_socket",
+    "control",
+    "listen",
+    "metrics",
+    "auth",
+    "migration",
+    "device",
+}
 
 
 def load(path: str | os.PathLike[str]) -> DaemonConfig:
@@ -307,6 +342,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     listen = [_absolute(address, base) for address in listen]
     metrics = _metrics(reader, document.get("metrics"))
     auth = _auth(reader, reader.get(document, (), "auth", dict, {}), base)
+    remote = _remote_control(reader, reader.get(document, (), "control", dict, None), base)
     migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
     entries = reader.get(document, (), "device", list, [])
     devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
@@ -327,6 +363,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         auth=auth,
         migration=migration,
         devices=devices,
+        remote_control=remote,
     )
 
 
@@ -405,6 +442,53 @@ def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings
             settings.client()
         except (OSError, ValueError) as exc:
             raise reader.error((*path, "tls_cert"), f"cannot load the TLS files: {exc}") from exc
+    return settings
+
+
+def _remote_control(
+    reader: _Reader, table: Mapping[str, Any] | None, base: Path
+) -> RemoteControl | None:
+    """``[control]``: a TCP address, never without mutual TLS and an allow-list."""
+    if table is None:
+        return None
+    path: KeyPath = ("control",)
+    reader.refuse_unknown(table, path, {"tcp", "tls_cert", "tls_key", "tls_ca", "allow"})
+    address = reader.get(table, path, "tcp", str)
+    _check_address(reader, (*path, "tcp"), address)
+    if address.startswith("unix:"):
+        raise reader.error((*path, "tcp"), "must be HOST:PORT (the Unix socket is control_socket)")
+    files: dict[str, Path] = {}
+    for key in ("tls_cert", "tls_ca"):
+        if key not in table:
+            raise reader.error(
+                path,
+                f"the TCP control listener needs mutual TLS: missing {key!r} "
+                "(tls_cert, tls_key and tls_ca: the CA that signs the clients' certificates)",
+            )
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        value = reader.get(table, path, key, str, None)
+        if value is not None:
+            files[key] = base / value
+            if not files[key].is_file():
+                raise reader.error((*path, key), f"{files[key]} is not a readable file")
+    allow = reader.get(table, path, "allow", list)
+    if not allow or not all(isinstance(a, str) and "=" in a for a in allow):
+        raise reader.error(
+            (*path, "allow"),
+            'must list the client certificate subjects allowed, as ["CN=name", ...]',
+        )
+    for entry in allow:
+        try:
+            subject_pattern(entry)
+        except ValueError as exc:
+            raise reader.error((*path, "allow"), str(exc)) from None
+    settings = RemoteControl(
+        address, files["tls_cert"], files.get("tls_key"), files["tls_ca"], tuple(allow)
+    )
+    try:
+        settings.ssl_context()
+    except (OSError, ValueError) as exc:
+        raise reader.error((*path, "tls_cert"), f"cannot load the TLS files: {exc}") from exc
     return settings
 
 

@@ -52,9 +52,10 @@ import math
 import os
 import re
 import socket
+import ssl
 import stat
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -661,6 +662,135 @@ class ControlServer:
         return {}
 
 
+# -- the TCP listener: mutual TLS and an allow-list -------------------------------------------
+
+#: X.509 attribute names as ``ssl.getpeercert()`` gives them, and as allow-lists write them.
+_ATTRIBUTES = {
+    "commonName": "CN",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "emailAddress": "emailAddress",
+    "domainComponent": "DC",
+}
+
+Subject = frozenset[tuple[str, str]]
+
+
+def subject_pattern(text: str) -> Subject:
+    """``CN=ops,O=example`` as attribute pairs; ValueError naming a malformed one."""
+    pairs = set()
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not value or name not in _ATTRIBUTES.values():
+            known = ", ".join(sorted(set(_ATTRIBUTES.values())))
+            raise ValueError(f"{part.strip()!r} in {text!r} is not NAME=value ({known})")
+        pairs.add((name, value))
+    return frozenset(pairs)
+
+
+def peer_subject(cert: Mapping[str, Any] | None) -> Subject:
+    """The subject of a peer certificate as ``ssl.getpeercert()`` returns it."""
+    pairs = set()
+    for rdn in (cert or {}).get("subject", ()):
+        for name, value in rdn:
+            pairs.add((_ATTRIBUTES.get(name, name), value))
+    return frozenset(pairs)
+
+
+def subject_text(subject: Subject) -> str:
+    """A subject for people and audit logs: ``CN=ops,O=example``."""
+    return ",".join(f"{name}={value}" for name, value in sorted(subject)) or "(no subject)"
+
+
+class RemoteControlListener:
+    """The control API over TCP, for management nodes: mutual TLS, then an allow-list.
+
+    The TLS context requires a client certificate signed by the configured CA; a
+    client whose subject matches no ``allow`` entry (a peer daemon's migration
+    certificate from the same CA, say) gets an error instead of the greeting and is
+    disconnected. Every command it runs is logged (``control_command``) with its
+    subject. Connections are served by the :class:`ControlServer` like local ones.
+    """
+
+    name = "remote-control"
+
+    def __init__(
+        self,
+        address: str,
+        context: ssl.SSLContext,
+        allow: Sequence[str],
+        control: ControlServer,
+    ) -> None:
+        if context.verify_mode != ssl.CERT_REQUIRED:
+            raise ValueError("the TCP control listener requires client certificates")
+        self.requested = address
+        self.context = context
+        self.allow = [subject_pattern(a) for a in allow]
+        self.control = control
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def address(self) -> str:
+        """The bound address (the real port when 0 was asked for)."""
+        if self._server is None or not self._server.sockets:
+            return self.requested
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"tcp:{host}:{port}"
+
+    async def start(self) -> None:
+        """Listen; OSError when the address is taken."""
+        _, host, port = _tcp(self.requested)
+        self._server = await asyncio.start_server(
+            self._serve, host, port, ssl=self.context, ssl_handshake_timeout=10
+        )
+        log.info("remote_control_listening", address=self.address, allow=len(self.allow))
+
+    async def stop(self) -> None:
+        """Stop accepting and end this listener's connections."""
+        if self._server is not None:
+            self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        subject = peer_subject(writer.get_extra_info("peercert"))
+        identity = subject_text(subject)
+        peer = writer.get_extra_info("peername")
+        if not any(pattern <= subject for pattern in self.allow):
+            log.warning("remote_control_refused", identity=identity, peer=str(peer))
+            refusal = ControlError(
+                "PermissionDenied",
+                f"certificate subject {identity} is not allowed to control this daemon "
+                "([control] allow)",
+            )
+            writer.write(encode(error_reply(refusal)))
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            writer.close()
+            return
+        log.info("remote_control_connected", identity=identity, peer=str(peer))
+        self._writers.add(writer)
+        try:
+            await self.control.serve_client(reader, writer, identity)
+        finally:
+            self._writers.discard(writer)
+
+
+def _tcp(address: str) -> tuple[str, str, int]:
+    """``tcp:HOST:PORT`` or ``HOST:PORT`` split; ValueError naming the expected form."""
+    rest = address.removeprefix("tcp:")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"{address!r} is not tcp:HOST:PORT")
+    return "tcp", host.strip("[]"), int(port)
+
+
 def _remove_stale_socket(path: Path) -> None:
     """Unlink a socket nobody listens on; OSError if a daemon is there or it is no socket."""
     try:
@@ -684,10 +814,11 @@ def _unreachable(path: str, exc: Exception) -> DaemonUnreachable:
     """Why a connection attempt failed, in the user's terms."""
     if isinstance(exc, FileNotFoundError):
         return DaemonUnreachable(f"no control socket at {path}: is the daemon running?")
+    if isinstance(exc, ssl.SSLError):
+        return DaemonUnreachable(f"TLS with {path} failed: {exc.reason or exc}")
     if isinstance(exc, ConnectionRefusedError):
-        return DaemonUnreachable(
-            f"nothing listens on {path}: the daemon is not running (stale socket)"
-        )
+        stale = "" if path.startswith("tcp:") else " (stale socket)"
+        return DaemonUnreachable(f"nothing listens on {path}: the daemon is not running{stale}")
     if isinstance(exc, PermissionError):
         return DaemonUnreachable(f"permission denied on {path}: only the daemon's user may use it")
     return DaemonUnreachable(f"cannot talk to the daemon at {path}: {exc!r}")
@@ -717,23 +848,47 @@ class ControlClient:
     @classmethod
     async def connect(
         cls,
-        path: str | os.PathLike[str],
+        address: str | os.PathLike[str],
         timeout: float = 5.0,  # noqa: ASYNC109 - one budget covers connect and greeting
+        *,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> ControlClient:
-        """Connect, read the greeting, negotiate; DaemonUnreachable saying why not."""
-        path = os.fspath(path)
+        """Connect, read the greeting, negotiate; DaemonUnreachable saying why not.
+
+        ``address`` is a socket path (or ``unix:PATH``), or ``tcp:HOST:PORT`` for a
+        daemon's TLS listener, which needs ``ssl_context`` (client_tls_context with this
+        client's certificate). A daemon that refuses this client raises ControlError.
+        """
+        where = os.fspath(address)
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_REPLY)
+                if where.startswith("tcp:"):
+                    if ssl_context is None:
+                        raise DaemonUnreachable(
+                            f"{where}: a TCP control listener needs TLS (a CA, a certificate "
+                            "and its key)"
+                        )
+                    _, host, port = _tcp(where)
+                    reader, writer = await asyncio.open_connection(
+                        host, port, ssl=ssl_context, limit=MAX_REPLY
+                    )
+                else:
+                    reader, writer = await asyncio.open_unix_connection(
+                        where.removeprefix("unix:"), limit=MAX_REPLY
+                    )
                 greeting = await cls._negotiate(reader, writer)
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             if writer is not None:
                 writer.close()
-            raise _unreachable(path, exc) from None
+            raise _unreachable(where, exc) from None
+        except ControlError:
+            if writer is not None:
+                writer.close()
+            raise
         if greeting is None:
             writer.close()
-            raise DaemonUnreachable(f"{path} did not greet like a livemig daemon")
+            raise DaemonUnreachable(f"{where} did not greet like a livemig daemon")
         client = cls(reader, writer)
         client.greeting = greeting
         client._task = asyncio.create_task(client._read(), name="control-client-reader")
@@ -743,8 +898,14 @@ class ControlClient:
     async def _negotiate(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> dict[str, JSON] | None:
-        """The greeting's body after ``qmp_capabilities`` succeeded; None if not QMP."""
+        """The greeting's body after ``qmp_capabilities`` succeeded; None if not QMP.
+
+        ControlError when the daemon answers the connection with an error (refused).
+        """
         greeting = json.loads(await reader.readuntil(b"\n"))
+        if isinstance(greeting, dict) and isinstance(greeting.get("error"), dict):
+            error = greeting["error"]
+            raise ControlError(str(error.get("class")), str(error.get("desc")))
         if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
             return None
         writer.write(encode({"execute": "qmp_capabilities"}))

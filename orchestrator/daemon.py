@@ -37,7 +37,15 @@ from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator import config as config_module
 from orchestrator.config import ConfigError, DaemonConfig
-from orchestrator.control import VERSION, Arg, Command, ControlError, ControlServer, greeting
+from orchestrator.control import (
+    VERSION,
+    Arg,
+    Command,
+    ControlError,
+    ControlServer,
+    RemoteControlListener,
+    greeting,
+)
 from orchestrator.destination import DestinationMigration
 from orchestrator.errors import MigrationBlocked, MigrationError
 from orchestrator.metrics import Metrics, MetricsListener
@@ -311,15 +319,31 @@ class Service:
         )
 
     def _outgoing(self, migration_id: str | None) -> Outgoing:
-        """The named migration, or the newest one."""
+        """The named migration; unnamed, the one running, else the newest that ran.
+
+        InvalidParameter, naming the candidates, when several run: a default would guess.
+        """
         if migration_id is None:
             if not self.outgoing:
                 raise ControlError("MigrationNotFound", "no migration has been started here")
-            return list(self.outgoing.values())[-1]
+            running = self._running()
+            if len(running) > 1:
+                candidates = ", ".join(
+                    f"{r.migration.stats.migration_id} (to {r.migration.destination})"
+                    for r in running
+                )
+                raise ControlError(
+                    "InvalidParameter",
+                    f"{len(running)} migrations run: {candidates}; give 'id' to choose one",
+                )
+            return running[0] if running else list(self.outgoing.values())[-1]
         try:
             return self.outgoing[migration_id]
         except KeyError:
             raise ControlError("MigrationNotFound", f"no migration {migration_id!r}") from None
+
+    def _running(self) -> list[Outgoing]:
+        return [r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES]
 
     def _active(self, migration_id: str | None) -> Outgoing:
         record = self._outgoing(migration_id)
@@ -435,6 +459,9 @@ class Service:
             "pid": os.getpid(),
             "listen": [x.address for x in self.listeners if isinstance(x, MigrationListener)],
             "control": str(self.config.control_socket),
+            "remote_control": [
+                x.address for x in self.listeners if isinstance(x, RemoteControlListener)
+            ],
             "metrics": [x.address for x in self.listeners if isinstance(x, MetricsListener)],
             "auth": self.config.auth.method,
             "events": list(EVENTS),
@@ -516,12 +543,9 @@ class Service:
         self, parameters: dict[str, Any], id: str | None = None
     ) -> dict[str, Any]:
         """Change a running migration's live parameters, or the defaults when none runs."""
-        running = [
-            r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES
-        ]
         try:
-            if id is not None or running:
-                record = self._active(id) if id is not None else running[-1]
+            if id is not None or self._running():
+                record = self._active(id)
                 return record.migration.set_parameters(parameters).as_dict()
             self.defaults = self.defaults.updated(parameters)
         except MigrationBlocked as exc:
@@ -534,13 +558,10 @@ class Service:
 
         QEMU's names for the parameters QEMU has come too, in QEMU's units.
         """
-        running = [
-            r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES
-        ]
-        if id is None and not running:
+        if id is None and not self._running():
             params = self.defaults
         else:
-            params = (self._outgoing(id) if id is not None else running[-1]).migration.params
+            params = self._outgoing(id).migration.params
         return params.as_dict() | to_qemu_parameters(params) | {"live": sorted(LIVE_PARAMETERS)}
 
     async def migrate_continue(self, id: str | None = None) -> dict[str, Any]:
@@ -707,6 +728,13 @@ class Runner:
             greeting=greeting(config.name),
         )
         listeners.append(service.control)
+        remote = config.remote_control
+        if remote is not None:
+            listeners.append(
+                RemoteControlListener(
+                    remote.address, remote.ssl_context(), remote.allow, service.control
+                )
+            )
         if metrics is not None and config.metrics is not None:
             listeners.append(MetricsListener(metrics, *config.metrics))
         service.listeners = listeners
