@@ -6,6 +6,7 @@
     control_socket = "/run/livemig/control.sock"   # the default, where the CLI looks
     listen = ["0.0.0.0:7070", "unix:/run/livemig/migration.sock"]   # or one string
     metrics = "127.0.0.1:9464"               # optional Prometheus endpoint (or a port)
+    max_total_bandwidth = 500e6              # optional: bytes/s all outgoing migrations share
 
     [auth]                                   # optional: without it peers are not checked
     psk_file = "/etc/livemig/psk"            # pre-shared key (mode 0600, >= 16 bytes)
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import socket
@@ -170,6 +172,8 @@ class DaemonConfig:
     devices: tuple[DeviceConfig, ...]
     #: The optional TCP control listener (``[control]``).
     remote_control: RemoteControl | None = None
+    #: Bytes/s all outgoing migrations together may send; None is no host-wide cap.
+    max_total_bandwidth: float | None = None
 
 
 # -- where keys are ------------------------------------------------------------------------
@@ -296,6 +300,7 @@ _TOP_KEYS = {
     "name",
     "control_socket",
     "control",
+    "max_total_bandwidth",
     "listen",
     "metrics",
     "auth",
@@ -364,6 +369,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         migration=migration,
         devices=devices,
         remote_control=remote,
+        max_total_bandwidth=_total_bandwidth(reader, document),
     )
 
 
@@ -443,6 +449,13 @@ def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings
         except (OSError, ValueError) as exc:
             raise reader.error((*path, "tls_cert"), f"cannot load the TLS files: {exc}") from exc
     return settings
+
+
+def _total_bandwidth(reader: _Reader, document: Mapping[str, Any]) -> float | None:
+    value = reader.positive(document, (), "max_total_bandwidth", None)
+    if value is not None and not math.isfinite(value):
+        raise reader.error(("max_total_bandwidth",), f"must be finite, got {value!r}")
+    return None if value is None else float(value)
 
 
 def _remote_control(

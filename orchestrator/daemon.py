@@ -245,7 +245,26 @@ class Service:
         if self.metrics is not None:
             self.metrics.migration_started(migration_id)
         record.task = asyncio.create_task(self._run(record), name=f"migration-{migration_id}")
+        self._share_bandwidth()
         return record
+
+    def _share_bandwidth(self) -> None:
+        """Split ``max_total_bandwidth`` between the running outgoing migrations, max-min fair.
+
+        Each gets an equal part of what is left; one whose own max_bandwidth is lower
+        takes only that and leaves the rest to the others. Rerun when a migration
+        starts, ends, or changes its max_bandwidth.
+        """
+        left = self.config.max_total_bandwidth
+        if left is None:
+            return
+        running = sorted(
+            self._running(), key=lambda r: r.migration.params.max_bandwidth or float("inf")
+        )
+        for index, record in enumerate(running):
+            share = left / (len(running) - index)
+            record.migration.set_bandwidth_share(share)
+            left -= min(share, record.migration.params.max_bandwidth or share)
 
     def _refuse_self(self, destination: str) -> None:
         """InvalidParameter when ``destination`` is one of this daemon's own listeners.
@@ -310,6 +329,7 @@ class Service:
             stats.status = Status.FAILED
         finally:
             self._release(stats.migration_id)
+            self._share_bandwidth()
             if self.metrics is not None:
                 self.metrics.migration_finished(stats)
         self.emit(
@@ -464,6 +484,7 @@ class Service:
             ],
             "metrics": [x.address for x in self.listeners if isinstance(x, MetricsListener)],
             "auth": self.config.auth.method,
+            "max_total_bandwidth": self.config.max_total_bandwidth,
             "events": list(EVENTS),
         }
 
@@ -546,7 +567,9 @@ class Service:
         try:
             if id is not None or self._running():
                 record = self._active(id)
-                return record.migration.set_parameters(parameters).as_dict()
+                changed = record.migration.set_parameters(parameters).as_dict()
+                self._share_bandwidth()
+                return changed
             self.defaults = self.defaults.updated(parameters)
         except MigrationBlocked as exc:
             raise ControlError("InvalidParameter", str(exc)) from None

@@ -134,6 +134,8 @@ class SourceMigration:
         self._stage = _Stage.REVERSIBLE
         self._inflight: asyncio.Future[Any] | None = None
         self._meter = RateMeter()
+        #: This migration's part of its daemon's host-wide budget (bytes/s), if it has one.
+        self.bandwidth_share: float | None = None
         self._link = BusyMeter()
         self._clock_offset = 0.0
         self._arc_overhead_s = 0.0
@@ -177,6 +179,17 @@ class SourceMigration:
         self._force = True
         self._wakeup.set()
 
+    def set_bandwidth_share(self, share: float | None) -> None:
+        """Cap the rate at ``share`` too (the daemon splits its total between migrations)."""
+        self.bandwidth_share = share
+        if self._session is not None:
+            self._session.set_max_bandwidth(self._cap())
+
+    def _cap(self) -> float | None:
+        """The rate cap in force: max_bandwidth or the share, the lower."""
+        caps = [c for c in (self.params.max_bandwidth, self.bandwidth_share) if c is not None]
+        return min(caps) if caps else None
+
     def set_parameters(self, changes: dict[str, Any]) -> MigrationParams:
         """Change live parameters (downtime limit, bandwidth); others are refused."""
         fixed = sorted(set(changes) - LIVE_PARAMETERS)
@@ -187,7 +200,7 @@ class SourceMigration:
             )
         self.params = self.params.updated(changes)
         if "max_bandwidth" in changes and self._session is not None:
-            self._session.set_max_bandwidth(self.params.max_bandwidth)
+            self._session.set_max_bandwidth(self._cap())
         self.log.info("parameters_changed", **changes)
         self._wakeup.set()
         return self.params
@@ -258,7 +271,7 @@ class SourceMigration:
                 f"cannot reach destination {self.destination}: {_describe(exc)}"
             ) from exc
         session = self._session
-        session.set_max_bandwidth(params.max_bandwidth)
+        session.set_max_bandwidth(self._cap())
         await session.send_control(
             Tag.DEVICES,
             {
@@ -388,8 +401,8 @@ class SourceMigration:
             assumed = self.params.switchover_bandwidth
         else:
             assumed = self._link.rate()
-            if self.params.max_bandwidth is not None:
-                assumed = min(assumed, self.params.max_bandwidth)
+            if (cap := self._cap()) is not None:
+                assumed = min(assumed, cap)
         self.stats.switchover_bandwidth = assumed
         # Quiesce and stop on the source, load and resume on the destination: about
         # four rounds of arcs, each costing what entering PRE_COPY cost.
