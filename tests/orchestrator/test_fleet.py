@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import pytest
 from orchestrator.config import ConfigError, parse
 from orchestrator.control import ControlClient
 from orchestrator.daemonbench import DaemonProcess
-from tests.orchestrator.test_daemon import DEADLINE, write_psk
+from tests.orchestrator.test_daemon import DEADLINE, ROOT, write_psk
 
 MB = 1_000_000
 #: The source's host-wide budget: slow enough that the cap, not the loopback, sets the pace.
@@ -118,3 +120,20 @@ def test_the_host_budget_must_be_a_positive_finite_rate() -> None:
     for value in ("0", "-1", "inf"):
         with pytest.raises(ConfigError, match="max_total_bandwidth"):
             parse(f"max_total_bandwidth = {value}\n")
+
+
+async def test_the_evacuation_example_empties_a_host_byte_exact() -> None:
+    """``examples/evacuate.py`` drives three daemons through an evacuation and exits 0."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(ROOT / "examples" / "evacuate.py"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 3 * DEADLINE)
+    assert process.returncode == 0, out.decode() + err.decode()
+    results = [line for line in out.decode().splitlines() if not line.startswith(" ")]
+    finals = [line for line in results if ": completed" in line]
+    assert len(finals) == 2, results
+    assert all(line.endswith("byte-exact") for line in finals)
