@@ -441,24 +441,36 @@ async def _cmd_status(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
         daemon = await client.execute("query-daemon")
         devices = await client.execute("query-devices")
-        try:
-            arguments = {} if args.id is None else {"id": args.id}
-            migration = await client.execute("query-migrate", **arguments)
-        except ControlError as exc:
-            if exc.error_class != "MigrationNotFound" or args.id is not None:
-                raise
-            migration = None
+        running = [
+            m["id"]
+            for m in await client.execute("query-migrations")
+            if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
+        ]
+        migrations: list[dict[str, Any]] = []
+        if args.id is None and len(running) > 1:  # each of them: no guessing
+            migrations = [await client.execute("query-migrate", id=i) for i in running]
+        else:
+            try:
+                arguments = {} if args.id is None else {"id": args.id}
+                migrations = [await client.execute("query-migrate", **arguments)]
+            except ControlError as exc:
+                if exc.error_class != "MigrationNotFound" or args.id is not None:
+                    raise
         if args.json:
-            _print_json({"daemon": daemon, "devices": devices, "migration": migration})
+            single = migrations[0] if len(migrations) == 1 else None
+            _print_json(
+                {"daemon": daemon, "devices": devices, "migration": single}
+                | ({"migrations": migrations} if len(migrations) > 1 else {})
+            )
             return EXIT_OK
         print(
             f"daemon {daemon['name']} (pid {daemon['pid']}), listening on "
             f"{', '.join(daemon['listen'])}"
         )
         _print_devices(devices)
-        if migration is None:
+        if not migrations:
             print("no migration yet")
-        else:
+        for migration in migrations:
             print(f"migration {migration['migration_id']} to {migration['destination']}:")
             for line in progress.summary_lines(migration):
                 print(f"  {line}")

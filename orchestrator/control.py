@@ -309,6 +309,26 @@ def from_qemu(request: Request) -> Request:
     return Request(execute, arguments, request.id)
 
 
+def qemu_migration_info(stats: Mapping[str, JSON]) -> dict[str, JSON]:
+    """QEMU's ``query-migrate`` fields (MigrationInfo) from livemig's stats, in ms.
+
+    ``vfio.transferred`` is where QEMU reports the bytes of VFIO device state; the
+    times are integers as QEMU gives them, and a figure livemig does not have yet
+    (``downtime`` before the switchover) is left out, as QEMU does.
+    """
+    info: dict[str, JSON] = {"vfio": {"transferred": stats.get("transferred_bytes", 0)}}
+    for ours, theirs in (
+        ("total_ms", "total-time"),
+        ("setup_ms", "setup-time"),
+        ("downtime_ms", "downtime"),
+        ("expected_downtime_ms", "expected-downtime"),
+    ):
+        value = stats.get(ours)
+        if isinstance(value, int | float) and math.isfinite(value):
+            info[theirs] = round(value)
+    return info
+
+
 def encode(message: Mapping[str, JSON]) -> bytes:
     """One message as a line; infinities and NaNs (an estimate with no bandwidth yet) are null."""
     return json.dumps(_finite(message), separators=(",", ":"), allow_nan=False).encode() + b"\n"

@@ -45,6 +45,7 @@ from orchestrator.control import (
     ControlServer,
     RemoteControlListener,
     greeting,
+    qemu_migration_info,
 )
 from orchestrator.destination import DestinationMigration
 from orchestrator.errors import MigrationBlocked, MigrationError
@@ -543,8 +544,9 @@ class Service:
         return {"id": record.migration.stats.migration_id}
 
     async def query_migrate(self, id: str | None = None, history: bool = False) -> dict[str, Any]:
-        """The stats of a migration (query-migrate)."""
-        return self._outgoing(id).migration.stats.as_dict(history=history)
+        """The stats of a migration (query-migrate), with QEMU's names for QEMU's fields."""
+        stats = self._outgoing(id).migration.stats.as_dict(history=history)
+        return stats | qemu_migration_info(stats)
 
     async def query_migrations(self) -> list[dict[str, Any]]:
         """Every migration this daemon ran or runs, outgoing then incoming."""

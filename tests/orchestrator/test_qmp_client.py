@@ -58,6 +58,9 @@ async def test_qemu_qmp_migrates_by_uri_and_receives_the_events(pair: Pair, qmp:
     info = await qmp.execute("query-migrate", {"id": started["id"]})
     assert isinstance(info, dict)
     assert info["status"] == "completed"
+    assert info["downtime"] == round(info["downtime_ms"]) >= 0
+    assert info["total-time"] == round(info["total_ms"]) > 0
+    assert info["vfio"]["transferred"] == info["transferred_bytes"] > 0
     assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
 
 

@@ -173,6 +173,13 @@ async def test_several_running_migrations_are_never_guessed(pair: Pair) -> None:
         assert second["id"] in caught.value.desc
     with pytest.raises(ControlError, match="give 'id'"):
         await pair.src.execute("migrate-set-parameters", parameters={"downtime_limit_ms": 5})
+    code, out, err = await pair.cli("status", "--json")
+    assert code == 0, err
+    assert {m["migration_id"] for m in json.loads(out)["migrations"]} == active
+    code, _, err = await pair.cli("cancel")
+    assert code == 5
+    assert first["id"] in err
+    assert second["id"] in err
     for started in (first, second):
         await pair.src.execute("migrate-cancel", id=started["id"])
         await pair.src.next_event(
