@@ -18,8 +18,13 @@ import pytest
 
 from orchestrator.config import ConfigError, parse
 from orchestrator.control import ControlClient
+from orchestrator.daemon import Outgoing, Service
 from orchestrator.daemonbench import DaemonProcess
+from orchestrator.params import MigrationParams
+from orchestrator.source import SourceMigration
+from orchestrator.stats import Status
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, write_psk
+from transport.auth import AuthConfig
 
 MB = 1_000_000
 #: The source's host-wide budget: slow enough that the cap, not the loopback, sets the pace.
@@ -137,3 +142,25 @@ async def test_the_evacuation_example_empties_a_host_byte_exact() -> None:
     finals = [line for line in results if ": completed" in line]
     assert len(finals) == 2, results
     assert all(line.endswith("byte-exact") for line in finals)
+
+
+def test_the_budget_is_split_max_min_fair() -> None:
+    """Equal parts, except that a migration capped lower leaves its unused part to the rest."""
+    config = parse(f"max_total_bandwidth = {30 * MB}\n")
+    service = Service(config, [])
+    caps = {"a": None, "b": 2 * MB, "c": None}
+    for name, cap in caps.items():
+        migration = SourceMigration(
+            [],
+            "127.0.0.1:1",
+            MigrationParams(max_bandwidth=cap),
+            auth=AuthConfig(),
+            migration_id=name,
+        )
+        service.outgoing[name] = Outgoing(migration)
+    service._share_bandwidth()
+    effective = {name: r.migration._cap() for name, r in service.outgoing.items()}
+    assert effective == {"a": 14 * MB, "b": 2 * MB, "c": 14 * MB}
+    service.outgoing["b"].migration.stats.status = Status.COMPLETED
+    service._share_bandwidth()
+    assert service.outgoing["a"].migration._cap() == 15 * MB
