@@ -298,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ram-dirty-mbps", type=float, default=0)
     bench.add_argument("--ram-working-set-mib", type=float, help="default: half the RAM")
     bench.add_argument("--downtime-limit-ms", type=float, default=100)
-    bench.add_argument("--max-bandwidth-mbps", type=float, help="bandwidth cap (MB/s)")
+    bench.add_argument(
+        "--max-bandwidth", type=_bandwidth, metavar="RATE", help="bandwidth cap (MB/s, or a unit)"
+    )
     bench.add_argument("--channels", type=int, help="connections (default: 4, one per device)")
     bench.add_argument("--repeat", type=int, default=1, metavar="K", help="runs (min/median/max)")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the convergence")
@@ -615,7 +617,9 @@ def _bench_options(args: argparse.Namespace) -> BenchOptions:
         ram_dirty_mbps=args.ram_dirty_mbps,
         ram_working_set_mib=args.ram_working_set_mib,
         downtime_limit_ms=args.downtime_limit_ms,
-        max_bandwidth_mbps=args.max_bandwidth_mbps,
+        max_bandwidth_mbps=(
+            None if args.max_bandwidth in (None, _Clear.NONE) else args.max_bandwidth / 1e6
+        ),
         channels=args.channels,
     )
 

@@ -87,6 +87,13 @@ def test_a_bare_bandwidth_is_mb_per_s_and_none_clears(
         assert parameters == {option[2:].replace("-", "_"): bytes_per_s}
 
 
+def test_the_bench_reads_bandwidth_like_every_other_command() -> None:
+    """``bench --max-bandwidth`` takes MB/s, units and none as migrate and set do."""
+    for text, mbps in (("50", 50.0), ("1GB/s", 1000.0), ("none", None)):
+        args = cli.build_parser().parse_args(["bench", "--max-bandwidth", text])
+        assert cli._bench_options(args).max_bandwidth_mbps == mbps
+
+
 @pytest.mark.parametrize("text", ["0", "-5", "fast", "10 furlongs/s", "inf"])
 def test_a_bandwidth_that_is_none_of_those_is_a_usage_error(
     text: str, capsys: pytest.CaptureFixture[str]
