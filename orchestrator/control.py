@@ -50,10 +50,12 @@ import dataclasses
 import json
 import math
 import os
+import pwd
 import re
 import socket
 import ssl
 import stat
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from importlib import metadata
@@ -477,7 +479,8 @@ class Connection:
     def __init__(self, writer: asyncio.StreamWriter, number: int, identity: str) -> None:
         self.writer = writer
         self.number = number
-        #: Who the client is, for the audit log: ``unix`` or its certificate's subject.
+        #: Who the client is, for the audit log: ``uid=N(name)`` on the Unix socket, the
+        #: certificate's subject over TLS.
         self.identity = identity
         #: Whether it sent ``qmp_capabilities``.
         self.negotiated = False
@@ -574,7 +577,7 @@ class ControlServer:
         return self._current
 
     async def _serve_unix(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.serve_client(reader, writer, "unix")
+        await self.serve_client(reader, writer, _unix_identity(writer.get_extra_info("socket")))
 
     async def serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: str
@@ -630,14 +633,13 @@ class ControlServer:
                     f"unknown command {request.execute!r}; query-commands lists them",
                 )
             arguments = command.check(request.arguments)
-            if connection.identity != "unix":
-                log.info(
-                    "control_command",
-                    client=connection.number,
-                    identity=connection.identity,
-                    command=request.execute,
-                    arguments=arguments,
-                )
+            log.info(  # the audit log: who ran what
+                "control_command",
+                client=connection.number,
+                identity=connection.identity,
+                command=request.execute,
+                arguments=arguments,
+            )
             self._current = connection
             try:
                 result = await command.handler(**arguments)
@@ -809,6 +811,21 @@ def _tcp(address: str) -> tuple[str, str, int]:
     if not sep or not port.isdigit() or not host:
         raise ValueError(f"{address!r} is not tcp:HOST:PORT")
     return "tcp", host.strip("[]"), int(port)
+
+
+def _unix_identity(sock: socket.socket | None) -> str:
+    """``uid=1000(alice)`` for a Unix-socket client, from the kernel's peer credentials."""
+    if sock is None:
+        return "unix"
+    try:
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        _, uid, _ = struct.unpack("3i", credentials)
+    except (OSError, struct.error):
+        return "unix"
+    try:
+        return f"uid={uid}({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid={uid}"
 
 
 def _remove_stale_socket(path: Path) -> None:

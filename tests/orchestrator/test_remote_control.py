@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -88,11 +89,13 @@ async def test_an_allowed_operator_drives_the_daemon_and_is_audited(pair: Pair) 
     assert code == 0, err
     assert {d["name"] for d in json.loads(out)} == {"sim0", "idle0", "ram0"}
     audit = [
-        json.loads(line)
-        for line in pair.destination.output().splitlines()
-        if '"control_command"' in line
+        (entry["identity"], entry["command"])
+        for entry in map(json.loads, pair.destination.output().splitlines())
+        if entry["event"] == "control_command"
     ]
-    assert [(a["identity"], a["command"]) for a in audit] == [("CN=fleet", "query-devices")]
+    assert [a for a in audit if not a[0].startswith("uid=")] == [("CN=fleet", "query-devices")]
+    local = f"uid={os.getuid()}({pwd.getpwuid(os.getuid()).pw_name})"
+    assert (local, "query-daemon") in audit, "the Unix socket's commands are audited too"
 
 
 async def test_a_peer_daemons_migration_certificate_cannot_drive_it(pair: Pair) -> None:
@@ -105,8 +108,9 @@ async def test_a_peer_daemons_migration_certificate_cannot_drive_it(pair: Pair) 
     assert code == 5, err
     assert json.loads(out)["error"]["class"] == "PermissionDenied"
     assert "CN=host is not allowed" in err
-    assert '"remote_control_refused"' in pair.destination.output()
-    assert '"control_command"' not in pair.destination.output()
+    logged = [json.loads(line) for line in pair.destination.output().splitlines()]
+    assert any(e["event"] == "remote_control_refused" for e in logged)
+    assert not [e for e in logged if e.get("identity") == "CN=host" and "command" in e]
 
 
 async def test_a_certificate_from_another_ca_fails_the_tls_handshake(pair: Pair) -> None:
