@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import enum
 import json
 import logging
+import math
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
 import structlog
 
 from devices.fsm import Feature, describe
+from orchestrator.control import DEFAULT_SOCKET, VERSION
 from orchestrator.params import MigrationParams, Policy
 
 if TYPE_CHECKING:  # the bench modules load devices and transport: only when benchmarking
@@ -72,15 +76,104 @@ def _features(text: str) -> Feature:
 # -- migration parameters as options ----------------------------------------------------------
 
 
+class _Clear(enum.Enum):
+    """``none`` on the command line: unset an optional parameter (send null)."""
+
+    NONE = "none"
+
+
+#: Bandwidth units the CLI reads; a bare number is MB/s, as the progress shows.
+_UNITS = {
+    "B/s": 1.0,
+    "kB/s": 1e3,
+    "KB/s": 1e3,
+    "MB/s": 1e6,
+    "GB/s": 1e9,
+    "KiB/s": float(1 << 10),
+    "MiB/s": float(1 << 20),
+    "GiB/s": float(1 << 30),
+}
+_BANDWIDTH = re.compile(r"(?P<number>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(?P<unit>\S+)?")
+
+
+def _bandwidth(text: str) -> float | _Clear:
+    """``100`` (MB/s), ``100MB/s``, ``1GiB/s`` or ``none`` (no value) -> bytes/s."""
+    if text.strip().lower() == "none":
+        return _Clear.NONE
+    match = _BANDWIDTH.fullmatch(text.strip())
+    unit = match.group("unit") or "MB/s" if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no bandwidth: give MB/s (100), a unit ({', '.join(_UNITS)}) or none"
+        )
+    value = float(match.group("number")) * _UNITS[unit]
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"bandwidth must be > 0, got {text!r} (none: no limit)")
+    return value
+
+
+def _number(kind: type[int] | type[float], optional: bool) -> Callable[[str], Any]:
+    """An argparse type: a finite int or float, or ``none`` when the parameter is optional."""
+
+    def parse(text: str) -> Any:
+        if optional and text.strip().lower() == "none":
+            return _Clear.NONE
+        try:
+            value = kind(text)
+        except ValueError:
+            name = "an integer" if kind is int else "a number"
+            extra = " or none" if optional else ""
+            raise argparse.ArgumentTypeError(f"{text!r} is not {name}{extra}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        return value
+
+    return parse
+
+
+def _unit(name: str) -> str:
+    if "bandwidth" in name:
+        return "MB/s, or 500MB/s, 1GiB/s, ...; "
+    if name.endswith("_ms"):
+        return "ms; "
+    if name.endswith("_s"):
+        return "seconds; "
+    return ""
+
+
+def _shown(name: str, value: Any) -> str:
+    """A built-in default as the option takes it."""
+    if value is None:
+        return "none"
+    if isinstance(value, Policy):
+        return value.value
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if "bandwidth" in name:
+        return f"{value / 1e6:g}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _param_line(name: str, value: Any) -> str:
+    """``max_bandwidth  100 MB/s``: a parameter for people, in the units the options take."""
+    unit = _unit(name).split(",")[0].removesuffix("; ") if value is not None else ""
+    return f"{name:<26} {_shown(name, value)} {unit}".rstrip()
+
+
 def _add_parameter_options(parser: argparse.ArgumentParser) -> None:
-    """One option per MigrationParams field (``--downtime-limit-ms``), plus MB/s helpers."""
-    group = parser.add_argument_group("migration parameters (default: the daemon's config)")
+    """One option per MigrationParams field (``--downtime-limit-ms``), defaults from it."""
+    group = parser.add_argument_group(
+        "migration parameters",
+        "Options not given take the daemon's [migration] config, which may differ from the "
+        "built-in defaults shown here (`livemig params` prints the daemon's). Optional ones "
+        "take `none` to unset a value.",
+    )
     defaults = MigrationParams()
     for field in dataclasses.fields(MigrationParams):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        help_text = f"(default {default.value if isinstance(default, Policy) else default})"
         kind = str(field.type)
+        help_text = f"({_unit(field.name)}built-in default {_shown(field.name, default)})"
         dest = f"param_{field.name}"
         if kind == "bool":
             group.add_argument(
@@ -88,28 +181,26 @@ def _add_parameter_options(parser: argparse.ArgumentParser) -> None:
             )
         elif kind == "Policy":
             group.add_argument(flag, dest=dest, choices=[p.value for p in Policy], help=help_text)
+        elif "bandwidth" in field.name:
+            group.add_argument(flag, dest=dest, type=_bandwidth, metavar="RATE", help=help_text)
         else:
             number = int if kind.startswith("int") else float
-            group.add_argument(flag, dest=dest, type=number, metavar="N", help=help_text)
-    group.add_argument(
-        "--max-bandwidth-mbps",
-        dest="max_bandwidth_mbps",
-        type=float,
-        metavar="MB/s",
-        help="bandwidth cap in MB/s (10^6 bytes/s); sets max_bandwidth",
-    )
+            group.add_argument(
+                flag,
+                dest=dest,
+                type=_number(number, kind.endswith("None")),
+                metavar="N",
+                help=help_text,
+            )
 
 
 def _parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The parameter options the user gave, by MigrationParams name."""
-    given = {
-        key.removeprefix("param_"): value
+    """The parameter options the user gave, by MigrationParams name (``none`` as None)."""
+    return {
+        key.removeprefix("param_"): None if value is _Clear.NONE else value
         for key, value in vars(args).items()
         if key.startswith("param_") and value is not None
     }
-    if getattr(args, "max_bandwidth_mbps", None) is not None:
-        given["max_bandwidth"] = args.max_bandwidth_mbps * 1e6
-    return given
 
 
 # -- the parser ------------------------------------------------------------------------------
@@ -123,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"livemig {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str, *, control: bool = True) -> argparse.ArgumentParser:
@@ -130,11 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
         if control:
             sub.add_argument(
                 "--control",
-                default=os.environ.get("LIVEMIG_CONTROL"),
-                required="LIVEMIG_CONTROL" not in os.environ,
+                default=os.environ.get("LIVEMIG_CONTROL", str(DEFAULT_SOCKET)),
                 metavar="SOCKET",
-                help="the daemon's control socket (default: $LIVEMIG_CONTROL)",
+                help=f"the daemon's control socket, or tcp:HOST:PORT for its TLS control "
+                f"listener (default: $LIVEMIG_CONTROL, else {DEFAULT_SOCKET}, where a daemon "
+                "listens unless its config says otherwise)",
             )
+            for option, what in (
+                ("cert", "this client's certificate"),
+                ("key", "its private key (default: in the certificate file)"),
+                ("ca", "the CA that signed the daemon's certificate"),
+            ):
+                variable = f"LIVEMIG_{option.upper()}"
+                sub.add_argument(
+                    f"--{option}",
+                    default=os.environ.get(variable),
+                    metavar="FILE",
+                    help=f"for tcp:HOST:PORT: {what} (default: ${variable})",
+                )
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
         return sub
 
@@ -183,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     cont = command("continue", "let a migration paused before the switchover go on")
     cont.add_argument("--id", help="a migration id (default: the newest)")
 
+    params = command("params", "the parameters in force: a migration's, else the daemon's defaults")
+    params.add_argument("--id", help="a migration id (default: the running one)")
+
     command("devices", "each device: name, kind, state, feature flags")
     command("digests", "SHA-256 of each device's state (compare two hosts after a migration)")
     resume = command("resume", "run stopped devices again, in P2P order")
@@ -218,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ram-dirty-mbps", type=float, default=0)
     bench.add_argument("--ram-working-set-mib", type=float, help="default: half the RAM")
     bench.add_argument("--downtime-limit-ms", type=float, default=100)
-    bench.add_argument("--max-bandwidth-mbps", type=float, help="bandwidth cap (MB/s)")
+    bench.add_argument(
+        "--max-bandwidth", type=_bandwidth, metavar="RATE", help="bandwidth cap (MB/s, or a unit)"
+    )
     bench.add_argument("--channels", type=int, help="connections (default: 4, one per device)")
     bench.add_argument("--repeat", type=int, default=1, metavar="K", help="runs (min/median/max)")
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the convergence")
@@ -280,8 +390,24 @@ async def _with_client(args: argparse.Namespace, body: Callable[[Any], Awaitable
     """Connect to the daemon, run ``body``, map control errors onto exit codes."""
     from orchestrator.control import ControlClient, ControlError, DaemonUnreachable
 
+    context = None
+    if args.control.startswith("tcp:"):
+        from transport.auth import client_tls_context
+
+        if args.ca is None or args.cert is None:
+            return _fail(
+                args,
+                EXIT_USAGE,
+                "InvalidParameter",
+                "a tcp: control address needs --ca and --cert (and --key unless the "
+                "certificate file holds it): the daemon accepts only mutual TLS",
+            )
+        try:
+            context = client_tls_context(args.ca, args.cert, args.key)
+        except (OSError, ValueError) as exc:
+            return _fail(args, EXIT_USAGE, "InvalidParameter", f"cannot load the TLS files: {exc}")
     try:
-        async with await ControlClient.connect(args.control) as client:
+        async with await ControlClient.connect(args.control, ssl_context=context) as client:
             return await body(client)
     except DaemonUnreachable as exc:
         return _fail(args, EXIT_UNREACHABLE, "DaemonUnreachable", exc.desc)
@@ -350,31 +476,44 @@ async def _cmd_status(args: argparse.Namespace) -> int:
     async def body(client: Any) -> int:
         daemon = await client.execute("query-daemon")
         devices = await client.execute("query-devices")
-        try:
-            arguments = {} if args.id is None else {"id": args.id}
-            migration = await client.execute("query-migrate", **arguments)
-        except ControlError as exc:
-            if exc.error_class != "MigrationNotFound" or args.id is not None:
-                raise
-            migration = None
+        running = [
+            m["id"]
+            for m in await client.execute("query-migrations")
+            if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
+        ]
+        migrations: list[dict[str, Any]] = []
+        if args.id is None and len(running) > 1:  # each of them: no guessing
+            migrations = [await client.execute("query-migrate", id=i) for i in running]
+        else:
+            try:
+                arguments = {} if args.id is None else {"id": args.id}
+                migrations = [await client.execute("query-migrate", **arguments)]
+            except ControlError as exc:
+                if exc.error_class != "MigrationNotFound" or args.id is not None:
+                    raise
         if args.json:
-            _print_json({"daemon": daemon, "devices": devices, "migration": migration})
+            single = migrations[0] if len(migrations) == 1 else None
+            _print_json(
+                {"daemon": daemon, "devices": devices, "migration": single}
+                | ({"migrations": migrations} if len(migrations) > 1 else {})
+            )
             return EXIT_OK
         print(
             f"daemon {daemon['name']} (pid {daemon['pid']}), listening on "
             f"{', '.join(daemon['listen'])}"
         )
         _print_devices(devices)
-        if migration is None:
+        if not migrations:
             print("no migration yet")
-        elif migration.get("direction") == "incoming":
-            print(
-                f"incoming migration {migration['id']} from {migration['peer']}: "
-                f"{migration['status']}, {migration['received_bytes']} bytes received"
-            )
-            if migration.get("error"):
-                print(f"  {migration['error']}")
-        else:
+        for migration in migrations:
+            if migration.get("direction") == "incoming":
+                print(
+                    f"incoming migration {migration['id']} from {migration['peer']}: "
+                    f"{migration['status']}, {migration['received_bytes']} bytes received"
+                )
+                if migration.get("error"):
+                    print(f"  {migration['error']}")
+                continue
             print(f"migration {migration['migration_id']} to {migration['destination']}:")
             for line in progress.summary_lines(migration):
                 print(f"  {line}")
@@ -429,7 +568,21 @@ async def _cmd_set(args: argparse.Namespace) -> int:
             _print_json(result)
         else:
             for key in parameters:
-                print(f"{key} = {result[key]}")
+                print(_param_line(key, result[key]))
+        return EXIT_OK
+
+    return await _with_client(args, body)
+
+
+async def _cmd_params(args: argparse.Namespace) -> int:
+    async def body(client: Any) -> int:
+        arguments = {} if args.id is None else {"id": args.id}
+        result = await client.execute("query-migrate-parameters", **arguments)
+        if args.json:
+            _print_json(result)
+        else:
+            for field in dataclasses.fields(MigrationParams):
+                print(_param_line(field.name, result[field.name]))
         return EXIT_OK
 
     return await _with_client(args, body)
@@ -529,7 +682,9 @@ def _bench_options(args: argparse.Namespace) -> BenchOptions:
         ram_dirty_mbps=args.ram_dirty_mbps,
         ram_working_set_mib=args.ram_working_set_mib,
         downtime_limit_ms=args.downtime_limit_ms,
-        max_bandwidth_mbps=args.max_bandwidth_mbps,
+        max_bandwidth_mbps=(
+            None if args.max_bandwidth in (None, _Clear.NONE) else args.max_bandwidth / 1e6
+        ),
         channels=args.channels,
     )
 
@@ -621,6 +776,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "cancel": _cmd_cancel,
     "set": _cmd_set,
     "continue": _cmd_continue,
+    "params": _cmd_params,
     "devices": _cmd_devices,
     "digests": _cmd_digests,
     "resume": _cmd_resume,
@@ -633,6 +789,16 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``livemig`` console script."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # The reader went away (``livemig devices | head -1``): stop quietly, and keep
+        # the interpreter's final flush of stdout from failing again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "transport"]:
         from transport import bench as transport_bench

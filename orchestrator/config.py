@@ -3,16 +3,24 @@
 ::
 
     name = "source"                          # announced in handshakes (default: host name)
-    control_socket = "/run/livemig/control.sock"
+    control_socket = "/run/livemig/control.sock"   # the default, where the CLI looks
     state_file = "/var/lib/livemig/owners.json"   # who owns each device (default: beside
                                              # the control socket, as NAME.owners.json)
     listen = ["0.0.0.0:7070", "unix:/run/livemig/migration.sock"]   # or one string
     metrics = "127.0.0.1:9464"               # optional Prometheus endpoint (or a port)
+    max_total_bandwidth = 500e6              # optional: bytes/s all outgoing migrations share
 
     [auth]                                   # required for a listen address off loopback
     psk_file = "/etc/livemig/psk"            # pre-shared key (mode 0600, >= 16 bytes)
     # tls_cert, tls_key, tls_ca              # TLS (mutual when all three are given)
     # insecure = true                        # accept unauthenticated peers off loopback
+
+    [control]                                # optional: the control API over TCP
+    tcp = "0.0.0.0:7079"                     # for management nodes; mutual TLS only
+    tls_cert = "/etc/livemig/control.pem"    # this daemon's certificate for it
+    tls_key = "/etc/livemig/control.key"
+    tls_ca = "/etc/livemig/operators-ca.pem" # the CA that signs the clients' certificates
+    allow = ["CN=fleet-controller"]          # client subjects that may drive this daemon
 
     [migration]                              # defaults: any MigrationParams field
     downtime_limit_ms = 300
@@ -46,9 +54,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
 import socket
+import ssl
 import stat
 import tomllib
 from collections.abc import Callable, Mapping
@@ -58,6 +68,7 @@ from typing import Any
 from devices.base import MigratableDevice
 from devices.fsm import Feature, State
 from devices.paged import Faults
+from orchestrator.control import DEFAULT_SOCKET, subject_pattern
 from orchestrator.errors import MigrationBlocked
 from orchestrator.params import MigrationParams
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
@@ -123,6 +134,22 @@ class AuthSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RemoteControl:
+    """The ``[control]`` TCP listener: mutual TLS and the client subjects allowed."""
+
+    address: str
+    tls_cert: Path
+    tls_key: Path | None
+    tls_ca: Path
+    #: Each entry a subject pattern (``CN=ops,O=example``) a client must match.
+    allow: tuple[str, ...]
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server context that requires a client certificate signed by ``tls_ca``."""
+        return server_tls_context(self.tls_cert, self.tls_key, client_ca_file=self.tls_ca)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class DeviceConfig:
     """One ``[[device]]`` entry: the constructor and its arguments, already validated."""
 
@@ -161,6 +188,10 @@ class DaemonConfig:
     devices: tuple[DeviceConfig, ...]
     #: The ownership records (orchestrator.ownership); survives daemon restarts.
     state_file: Path | None = None
+    #: The optional TCP control listener (``[control]``).
+    remote_control: RemoteControl | None = None
+    #: Bytes/s all outgoing migrations together may send; None is no host-wide cap.
+    max_total_bandwidth: float | None = None
 
 
 # -- where keys are ------------------------------------------------------------------------
@@ -287,6 +318,8 @@ _TOP_KEYS = {
     "name",
     "control_socket",
     "state_file",
+    "control",
+    "max_total_bandwidth",
     "listen",
     "metrics",
     "auth",
@@ -323,7 +356,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     name = reader.get(document, (), "name", str, socket.gethostname())
     if not name or len(name) > 64:
         raise reader.error(("name",), "must be 1 to 64 characters")
-    control = base / reader.get(document, (), "control_socket", str)
+    control = base / reader.get(document, (), "control_socket", str, str(DEFAULT_SOCKET))
     listen_value = reader.get(document, (), "listen", (str, list), [])
     listen = [listen_value] if isinstance(listen_value, str) else listen_value
     for index, address in enumerate(listen):
@@ -337,6 +370,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     state_file = base / reader.get(
         document, (), "state_file", str, str(control.parent / f"{name}.owners.json")
     )
+    remote = _remote_control(reader, reader.get(document, (), "control", dict, None), base)
     migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
     entries = reader.get(document, (), "device", list, [])
     devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
@@ -358,6 +392,8 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         migration=migration,
         devices=devices,
         state_file=state_file,
+        remote_control=remote,
+        max_total_bandwidth=_total_bandwidth(reader, document),
     )
 
 
@@ -464,6 +500,60 @@ def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings
             settings.client()
         except (OSError, ValueError) as exc:
             raise reader.error((*path, "tls_cert"), f"cannot load the TLS files: {exc}") from exc
+    return settings
+
+
+def _total_bandwidth(reader: _Reader, document: Mapping[str, Any]) -> float | None:
+    value = reader.positive(document, (), "max_total_bandwidth", None)
+    if value is not None and not math.isfinite(value):
+        raise reader.error(("max_total_bandwidth",), f"must be finite, got {value!r}")
+    return None if value is None else float(value)
+
+
+def _remote_control(
+    reader: _Reader, table: Mapping[str, Any] | None, base: Path
+) -> RemoteControl | None:
+    """``[control]``: a TCP address, never without mutual TLS and an allow-list."""
+    if table is None:
+        return None
+    path: KeyPath = ("control",)
+    reader.refuse_unknown(table, path, {"tcp", "tls_cert", "tls_key", "tls_ca", "allow"})
+    address = reader.get(table, path, "tcp", str)
+    _check_address(reader, (*path, "tcp"), address)
+    if address.startswith("unix:"):
+        raise reader.error((*path, "tcp"), "must be HOST:PORT (the Unix socket is control_socket)")
+    files: dict[str, Path] = {}
+    for key in ("tls_cert", "tls_ca"):
+        if key not in table:
+            raise reader.error(
+                path,
+                f"the TCP control listener needs mutual TLS: missing {key!r} "
+                "(tls_cert, tls_key and tls_ca: the CA that signs the clients' certificates)",
+            )
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        value = reader.get(table, path, key, str, None)
+        if value is not None:
+            files[key] = base / value
+            if not files[key].is_file():
+                raise reader.error((*path, key), f"{files[key]} is not a readable file")
+    allow = reader.get(table, path, "allow", list)
+    if not allow or not all(isinstance(a, str) and "=" in a for a in allow):
+        raise reader.error(
+            (*path, "allow"),
+            'must list the client certificate subjects allowed, as ["CN=name", ...]',
+        )
+    for entry in allow:
+        try:
+            subject_pattern(entry)
+        except ValueError as exc:
+            raise reader.error((*path, "allow"), str(exc)) from None
+    settings = RemoteControl(
+        address, files["tls_cert"], files.get("tls_key"), files["tls_ca"], tuple(allow)
+    )
+    try:
+        settings.ssl_context()
+    except (OSError, ValueError) as exc:
+        raise reader.error((*path, "tls_cert"), f"cannot load the TLS files: {exc}") from exc
     return settings
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 import socket
@@ -38,13 +39,22 @@ from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator import config as config_module
 from orchestrator.config import ConfigError, DaemonConfig
-from orchestrator.control import VERSION, Arg, Command, ControlError, ControlServer
+from orchestrator.control import (
+    VERSION,
+    Arg,
+    Command,
+    ControlError,
+    ControlServer,
+    RemoteControlListener,
+    greeting,
+    qemu_migration_info,
+)
 from orchestrator.destination import DestinationMigration, Offer, Refused
 from orchestrator.errors import MigrationBlocked, MigrationError
 from orchestrator.metrics import Metrics, MetricsListener
 from orchestrator.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook
 from orchestrator.p2p import resume_in_order
-from orchestrator.params import LIVE_PARAMETERS
+from orchestrator.params import LIVE_PARAMETERS, to_qemu_parameters
 from orchestrator.source import SourceMigration, check_blockers
 from orchestrator.stats import FINAL_STATUSES, MigrationStats, Status
 
@@ -283,6 +293,7 @@ class Service:
             transport.parse_address(destination)
         except ValueError as exc:
             raise ControlError("InvalidParameter", f"destination: {exc}") from None
+        self._refuse_self(destination)
         names = list(self.devices) if names is None else names
         if not names:
             raise ControlError("InvalidParameter", "devices: the list is empty")
@@ -323,6 +334,7 @@ class Service:
         if self.metrics is not None:
             self.metrics.migration_started(migration_id)
         record.task = asyncio.create_task(self._run(record), name=f"migration-{migration_id}")
+        self._share_bandwidth()
         return record
 
     def _outgoing_committing(self, migration: SourceMigration, names: list[str]) -> None:
@@ -348,6 +360,47 @@ class Service:
                 migration_id=stats.migration_id,
                 reason=reason,
             )
+
+    def _share_bandwidth(self) -> None:
+        """Split ``max_total_bandwidth`` between the running outgoing migrations, max-min fair.
+
+        Each gets an equal part of what is left; one whose own max_bandwidth is lower
+        takes only that and leaves the rest to the others. Rerun when a migration
+        starts, ends, or changes its max_bandwidth.
+        """
+        left = self.config.max_total_bandwidth
+        if left is None:
+            return
+        running = sorted(
+            self._running(), key=lambda r: r.migration.params.max_bandwidth or float("inf")
+        )
+        for index, record in enumerate(running):
+            share = left / (len(running) - index)
+            record.migration.set_bandwidth_share(share)
+            left -= min(share, record.migration.params.max_bandwidth or share)
+
+    def _refuse_self(self, destination: str) -> None:
+        """InvalidParameter when ``destination`` is one of this daemon's own listeners.
+
+        A TCP destination is ours when its port is one we listen on and its host is the
+        one we bound, or any local address when we bound a wildcard. Host names other
+        than ``localhost`` and our own are not resolved here.
+        """
+        kind, host, port = transport.parse_address(destination)
+        for listener in self.listeners:
+            if not isinstance(listener, MigrationListener):
+                continue
+            own = transport.parse_address(listener.address)
+            if (kind, host, port) == own or (
+                kind == own[0] == "tcp"
+                and port == own[2]
+                and (_same_host(host, own[1]) or (own[1] in _WILDCARDS and _is_local(host)))
+            ):
+                raise ControlError(
+                    "InvalidParameter",
+                    f"destination {destination} is this daemon ({self.config.name}) itself: "
+                    "migrate to the listen address of another daemon",
+                )
 
     def _device(self, name: str) -> MigratableDevice:
         try:
@@ -390,6 +443,7 @@ class Service:
         finally:
             self._outgoing_ended(migration)
             self._release(stats.migration_id)
+            self._share_bandwidth()
             if self.metrics is not None:
                 self.metrics.migration_finished(stats)
         self.emit(
@@ -399,15 +453,31 @@ class Service:
         )
 
     def _outgoing(self, migration_id: str | None) -> Outgoing:
-        """The named migration, or the newest one."""
+        """The named migration; unnamed, the one running, else the newest that ran.
+
+        InvalidParameter, naming the candidates, when several run: a default would guess.
+        """
         if migration_id is None:
             if not self.outgoing:
                 raise ControlError("MigrationNotFound", "no migration has been started here")
-            return list(self.outgoing.values())[-1]
+            running = self._running()
+            if len(running) > 1:
+                candidates = ", ".join(
+                    f"{r.migration.stats.migration_id} (to {r.migration.destination})"
+                    for r in running
+                )
+                raise ControlError(
+                    "InvalidParameter",
+                    f"{len(running)} migrations run: {candidates}; give 'id' to choose one",
+                )
+            return running[0] if running else list(self.outgoing.values())[-1]
         try:
             return self.outgoing[migration_id]
         except KeyError:
             raise ControlError("MigrationNotFound", f"no migration {migration_id!r}") from None
+
+    def _running(self) -> list[Outgoing]:
+        return [r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES]
 
     def _active(self, migration_id: str | None) -> Outgoing:
         record = self._outgoing(migration_id)
@@ -550,8 +620,12 @@ class Service:
             "pid": os.getpid(),
             "listen": [x.address for x in self.listeners if isinstance(x, MigrationListener)],
             "control": str(self.config.control_socket),
+            "remote_control": [
+                x.address for x in self.listeners if isinstance(x, RemoteControlListener)
+            ],
             "metrics": [x.address for x in self.listeners if isinstance(x, MetricsListener)],
             "auth": self.config.auth.method,
+            "max_total_bandwidth": self.config.max_total_bandwidth,
             "events": list(EVENTS),
         }
 
@@ -684,15 +758,17 @@ class Service:
         return {"id": record.migration.stats.migration_id}
 
     async def query_migrate(self, id: str | None = None, history: bool = False) -> dict[str, Any]:
-        """The stats of a migration (query-migrate): outgoing, or incoming by its id.
+        """The stats of a migration (query-migrate), with QEMU's names for QEMU's fields.
 
-        Without an id: the newest outgoing one, else the newest incoming one.
+        An incoming migration's record by its id; without an id, the newest outgoing one,
+        else the newest incoming one.
         """
         if id is not None and id in self.incoming:
             return self.incoming[id].as_dict()
         if id is None and not self.outgoing and self.incoming:
             return list(self.incoming.values())[-1].as_dict()
-        return self._outgoing(id).migration.stats.as_dict(history=history)
+        stats = self._outgoing(id).migration.stats.as_dict(history=history)
+        return stats | qemu_migration_info(stats)
 
     async def query_migrations(self) -> list[dict[str, Any]]:
         """Every migration this daemon ran or runs, outgoing then incoming."""
@@ -712,13 +788,12 @@ class Service:
         self, parameters: dict[str, Any], id: str | None = None
     ) -> dict[str, Any]:
         """Change a running migration's live parameters, or the defaults when none runs."""
-        running = [
-            r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES
-        ]
         try:
-            if id is not None or running:
-                record = self._active(id) if id is not None else running[-1]
-                return record.migration.set_parameters(parameters).as_dict()
+            if id is not None or self._running():
+                record = self._active(id)
+                changed = record.migration.set_parameters(parameters).as_dict()
+                self._share_bandwidth()
+                return changed
             self.defaults = self.defaults.updated(parameters)
         except MigrationBlocked as exc:
             raise ControlError("InvalidParameter", str(exc)) from None
@@ -726,10 +801,15 @@ class Service:
         return self.defaults.as_dict()
 
     async def query_migrate_parameters(self, id: str | None = None) -> dict[str, Any]:
-        """A migration's parameters, or the defaults when none was started."""
-        if id is None and not self.outgoing:
-            return self.defaults.as_dict() | {"live": sorted(LIVE_PARAMETERS)}
-        return self._outgoing(id).migration.params.as_dict() | {"live": sorted(LIVE_PARAMETERS)}
+        """A migration's parameters, or the defaults when none runs (what ``set`` changes).
+
+        QEMU's names for the parameters QEMU has come too, in QEMU's units.
+        """
+        if id is None and not self._running():
+            params = self.defaults
+        else:
+            params = self._outgoing(id).migration.params
+        return params.as_dict() | to_qemu_parameters(params) | {"live": sorted(LIVE_PARAMETERS)}
 
     async def migrate_continue(self, id: str | None = None) -> dict[str, Any]:
         """Release a migration paused before the switchover."""
@@ -846,6 +926,30 @@ class MigrationListener:
                 os.unlink(path)
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")
+_LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def _same_host(a: str, b: str) -> bool:
+    return a == b or (a in _LOOPBACK and b in _LOOPBACK)
+
+
+def _is_local(host: str) -> bool:
+    """Whether ``host`` names this machine: loopback, our host name, or a local address."""
+    if host in _LOOPBACK or host == socket.gethostname():
+        return True
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return False  # a name: not resolved here
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))  # only an address of this host can be bound
+        except OSError:
+            return False
+    return True
+
+
 def _remove_stale_migration_socket(path: str) -> None:
     """Unlink a leftover socket file; OSError when something still listens on it."""
     if not os.path.lexists(path):
@@ -906,13 +1010,16 @@ class Runner:
         service.control = ControlServer(
             config.control_socket,
             service.commands(),
-            greeting={
-                "version": {"livemig": VERSION},
-                "name": config.name,
-                "capabilities": ["events"],
-            },
+            greeting=greeting(config.name),
         )
         listeners.append(service.control)
+        remote = config.remote_control
+        if remote is not None:
+            listeners.append(
+                RemoteControlListener(
+                    remote.address, remote.ssl_context(), remote.allow, service.control
+                )
+            )
         if metrics is not None and config.metrics is not None:
             listeners.append(MetricsListener(metrics, *config.metrics))
         service.listeners = listeners

@@ -1,10 +1,16 @@
-"""Migration parameters: what a user may set, with defaults and validation."""
+"""Migration parameters: what a user may set, with defaults and validation.
+
+Units: bytes/s for bandwidths, ms for the downtime limit, seconds elsewhere, fractions
+for throttles. QEMU's names and units for the parameters QEMU also has are mapped in
+:data:`QEMU_PARAMETERS` (``downtime-limit`` in ms, ``max-bandwidth`` in bytes/s, ...).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator.errors import MigrationBlocked
@@ -71,7 +77,10 @@ class MigrationParams:
     def validate(self) -> None:
         """Raise MigrationBlocked naming the first parameter that makes no sense."""
         for field in dataclasses.fields(self):
-            _check_type(field.name, field.type, getattr(self, field.name))
+            value = getattr(self, field.name)
+            _check_type(field.name, field.type, value)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise MigrationBlocked(f"parameter {field.name} must be finite, got {value!r}")
         positive = {
             "downtime_limit_ms": self.downtime_limit_ms,
             "timeout_s": self.timeout_s,
@@ -173,3 +182,82 @@ LIVE_PARAMETERS = frozenset(
         "max_stop_ms",
     }
 )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QemuParameter:
+    """A QEMU migration parameter with a livemig equivalent, and its unit conversion."""
+
+    name: str
+    #: Its value in livemig's unit, from QEMU's (and back).
+    to_ours: Callable[[float], Any]
+    to_qemu: Callable[[Any], float]
+
+
+def _whole(value: float) -> float:
+    """An integral float as an int: QEMU's parameters are integers, ours may be fractions."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _zero_is_none(value: float) -> float | None:
+    return None if value == 0 else float(value)
+
+
+def _unset_is_zero(value: float | None) -> float:
+    return _whole(value or 0)
+
+
+def _fraction(percent: float) -> float:
+    return percent / 100
+
+
+def _percent(fraction: float) -> float:
+    return _whole(round(fraction * 100, 6))
+
+
+#: QEMU's migration parameters that livemig has, by QEMU name. For ``max-bandwidth`` and
+#: ``avail-switchover-bandwidth`` 0 means "no value" in QEMU (unlimited; use the
+#: measured bandwidth), as None does here; throttles are percentages there.
+QEMU_PARAMETERS: dict[str, QemuParameter] = {
+    "downtime-limit": QemuParameter("downtime_limit_ms", float, _whole),
+    "max-bandwidth": QemuParameter("max_bandwidth", _zero_is_none, _unset_is_zero),
+    "avail-switchover-bandwidth": QemuParameter(
+        "switchover_bandwidth", _zero_is_none, _unset_is_zero
+    ),
+    "multifd-channels": QemuParameter("channels", int, int),
+    "cpu-throttle-initial": QemuParameter("throttle_initial", _fraction, _percent),
+    "cpu-throttle-increment": QemuParameter("throttle_increment", _fraction, _percent),
+    "max-cpu-throttle": QemuParameter("throttle_max", _fraction, _percent),
+}
+
+
+def from_qemu_parameters(given: Mapping[str, Any]) -> dict[str, Any]:
+    """QEMU-named parameters (``migrate-set-parameters``) as MigrationParams changes.
+
+    MigrationBlocked names a parameter QEMU has but livemig does not, or a bad value.
+    """
+    changes: dict[str, Any] = {}
+    for name, value in given.items():
+        parameter = QEMU_PARAMETERS.get(name)
+        if parameter is None:
+            mapped = ", ".join(sorted(QEMU_PARAMETERS))
+            raise MigrationBlocked(
+                f"unknown argument {name!r}: livemig maps these QEMU parameters: {mapped} "
+                "(and takes its own in 'parameters')"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MigrationBlocked(f"parameter {name} must be a number, got {value!r}")
+        if not math.isfinite(value) or value < 0:
+            raise MigrationBlocked(f"parameter {name} must be a finite number >= 0, got {value!r}")
+        if parameter.to_ours is int and not float(value).is_integer():
+            raise MigrationBlocked(f"parameter {name} must be an integer, got {value!r}")
+        changes[parameter.name] = parameter.to_ours(value)
+    return changes
+
+
+def to_qemu_parameters(params: MigrationParams) -> dict[str, Any]:
+    """The parameters QEMU also has, under QEMU's names and in its units."""
+    return {
+        name: parameter.to_qemu(getattr(params, parameter.name))
+        for name, parameter in QEMU_PARAMETERS.items()
+    }

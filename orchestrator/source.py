@@ -143,6 +143,8 @@ class SourceMigration:
         self._stage = _Stage.REVERSIBLE
         self._inflight: asyncio.Future[Any] | None = None
         self._meter = RateMeter()
+        #: This migration's part of its daemon's host-wide budget (bytes/s), if it has one.
+        self.bandwidth_share: float | None = None
         self._link = BusyMeter()
         self._clock_offset = 0.0
         self._arc_overhead_s = 0.0
@@ -187,6 +189,17 @@ class SourceMigration:
         self._force = True
         self._wakeup.set()
 
+    def set_bandwidth_share(self, share: float | None) -> None:
+        """Cap the rate at ``share`` too (the daemon splits its total between migrations)."""
+        self.bandwidth_share = share
+        if self._session is not None:
+            self._session.set_max_bandwidth(self._cap())
+
+    def _cap(self) -> float | None:
+        """The rate cap in force: max_bandwidth or the share, the lower."""
+        caps = [c for c in (self.params.max_bandwidth, self.bandwidth_share) if c is not None]
+        return min(caps) if caps else None
+
     def set_parameters(self, changes: dict[str, Any]) -> MigrationParams:
         """Change live parameters (downtime limit, bandwidth); others are refused."""
         fixed = sorted(set(changes) - LIVE_PARAMETERS)
@@ -197,7 +210,7 @@ class SourceMigration:
             )
         self.params = self.params.updated(changes)
         if "max_bandwidth" in changes and self._session is not None:
-            self._session.set_max_bandwidth(self.params.max_bandwidth)
+            self._session.set_max_bandwidth(self._cap())
         self.log.info("parameters_changed", **changes)
         self._wakeup.set()
         return self.params
@@ -268,7 +281,7 @@ class SourceMigration:
                 f"cannot reach destination {self.destination}: {_describe(exc)}"
             ) from exc
         session = self._session
-        session.set_max_bandwidth(params.max_bandwidth)
+        session.set_max_bandwidth(self._cap())
         await session.send_control(
             Tag.DEVICES,
             {
@@ -294,6 +307,9 @@ class SourceMigration:
             [d for d in self.devices if d.features & Feature.PRE_COPY], State.PRE_COPY
         )
         self._arc_overhead_s = time.monotonic() - started
+        # Nothing flowed in the window before the readers start: saying so gives the first
+        # iteration a full window, so progress shows a rate as soon as bytes move.
+        self._meter.sample(self.stats.transferred_bytes, time.monotonic() - self._meter.window_s)
         self._readers = [
             asyncio.create_task(self._precopy_reader(i), name=f"precopy-{self.devices[i].name}")
             for i in self._precopy_indices
@@ -415,8 +431,8 @@ class SourceMigration:
             assumed = self.params.switchover_bandwidth
         else:
             assumed = self._link.rate()
-            if self.params.max_bandwidth is not None:
-                assumed = min(assumed, self.params.max_bandwidth)
+            if (cap := self._cap()) is not None:
+                assumed = min(assumed, cap)
         self.stats.switchover_bandwidth = assumed
         # Quiesce and stop on the source, load and resume on the destination: about
         # four rounds of arcs, each costing what entering PRE_COPY cost.
@@ -527,8 +543,7 @@ class SourceMigration:
         if self.params.pause_before_switchover:
             self._set_status(Status.PRE_SWITCHOVER)
             self.log.info("paused_before_switchover")
-            await _first_of(self._continue.wait(), self._wakeup_on_error())
-            self._raise_background_errors()
+            await self._wait_continue()
         limit_s = self.params.downtime_limit_ms / 1000
         bound_s = self.params.stop_bound_s
         est = self._estimate(self._progress())
@@ -626,6 +641,27 @@ class SourceMigration:
             ) from None
         self._raise_background_errors()
         self.log.info("destination_synced", wait_ms=round((time.monotonic() - started) * 1e3, 3))
+
+    async def _wait_continue(self) -> None:
+        """Paused before the switchover: the devices run and stream on, so keep sampling.
+
+        Each iteration_s the figures are taken as in pre-copy (an iteration, a
+        MIGRATION_PASS) without a convergence decision, until ``continue`` or an error.
+        """
+        previous: list[DeviceProgress] | None = None
+        while not self._continue.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    _first_of(self._continue.wait(), self._wakeup_on_error()),
+                    self.params.iteration_s,
+                )
+            self._raise_background_errors()
+            if self._continue.is_set():
+                return
+            self.stats.iterations += 1
+            progress = self._progress()
+            self._sample(progress, previous, self._estimate(progress))
+            previous = progress
 
     async def _wakeup_on_error(self) -> None:
         while self._link_error is None and self._reader_error is None:

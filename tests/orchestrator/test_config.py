@@ -105,7 +105,6 @@ def test_a_good_config_maps_onto_params_auth_and_devices(folder: Path) -> None:
             25,
             "fail_read_after must be a byte count",
         ),
-        (('control_socket = "ctl.sock"\n', ""), None, "missing required key 'control_socket'"),
     ],
 )
 def test_each_mistake_is_named_with_its_key_and_line(

@@ -281,6 +281,8 @@ async def test_garbage_on_the_control_socket_gets_errors_not_a_crash(pair: Pair)
     reader, writer = await asyncio.open_unix_connection(str(pair.folder / "source.sock"))
     greeting = json.loads(await reader.readline())
     assert greeting["QMP"]["name"] == "source"
+    writer.write(b'{"execute": "qmp_capabilities"}')
+    assert json.loads(await asyncio.wait_for(reader.readline(), DEADLINE)) == {"return": {}}
     cases = [
         (b"hello\n", "InvalidRequest", "not JSON"),
         (b"\xff\xfe\n", "InvalidRequest", "not UTF-8"),

@@ -67,9 +67,9 @@ def test_events_carry_a_qmp_timestamp() -> None:
 
 async def test_a_reply_larger_than_a_request_line_reaches_the_client(tmp_path) -> None:
     """A big answer (stats with a long history) is read whole, not taken for a lost daemon."""
-    from orchestrator.control import MAX_LINE, ControlClient, ControlServer
+    from orchestrator.control import MAX_REQUEST, ControlClient, ControlServer
 
-    big = "x" * (2 * MAX_LINE)
+    big = "x" * (2 * MAX_REQUEST)
 
     async def history() -> str:
         return big

@@ -24,7 +24,7 @@ from tests.vfio_user.servers import Server
 
 MIB = 1 << 20
 #: Extra keys of every destination device entry (arming goes here, see the docstring).
-DEST_DEVICE_KEYS = ""
+DEST_DEVICE_KEYS = "accept_incoming = true\n"
 
 
 @pytest.fixture
