@@ -533,6 +533,13 @@ class SourceMigration:
             self._wakeup.set()
 
     def _raise_background_errors(self) -> None:
+        """Raise what a background task or a cancel asked for, after every wait.
+
+        The cancel check matters: Python 3.11's ``wait_for`` swallows a cancellation
+        that arrives as its inner wait completes, so ``cancel()`` alone can be lost.
+        """
+        if self._cancel_reason is not None and self._stage is _Stage.REVERSIBLE:
+            raise MigrationCancelled(self._cancel_reason)
         for error in (self._link_error, self._reader_error):
             if isinstance(error, MigrationError):
                 raise error
@@ -566,6 +573,7 @@ class SourceMigration:
             async with asyncio.timeout_at(_loop_time_of(deadline)):
                 await self._stop_and_drain(clock)
                 loaded = await self._verdict("loaded")
+                self._raise_background_errors()  # a cancel that raced the verdict wins
             if time.monotonic() > deadline:
                 raise TimeoutError
         except TimeoutError:

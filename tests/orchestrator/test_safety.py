@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -11,7 +12,7 @@ from devices.fsm import Feature, State
 from devices.paged import Faults
 from devices.simulated import SimulatedDevice
 from devices.testing import ArcTrace, TraceEntry
-from orchestrator.errors import DestinationFailed, SplitOutcome
+from orchestrator.errors import DestinationFailed, MigrationCancelled, SplitOutcome
 from orchestrator.p2p import resume_in_order
 from tests.orchestrator.conftest import MIB, Spec
 
@@ -134,3 +135,27 @@ async def test_a_failed_rollback_arc_is_retried_before_any_reset() -> None:
     assert_p2p_resume_order(trace.entries[start:], {"flaky", "steady"})
     for device in (flaky, steady):
         await device.close()
+
+
+async def test_a_cancel_racing_an_iteration_wakeup_is_not_lost(make_ends) -> None:
+    """A cancel that lands as the pre-copy loop wakes up still cancels (Python 3.11's
+    wait_for can swallow it): the migration ends cancelled, the source intact."""
+    ends = await make_ends([Spec("a", seed=1, dirty_rate=4_000_000)])
+    migration = ends.migration(downtime_limit_ms=0.001, timeout_s=30, iteration_s=0.05)
+    run = asyncio.create_task(migration.run())
+    for _ in range(3):
+        await wait_iteration(migration)
+    migration._wakeup.set()  # the loop's wait completes in this same step...
+    assert migration.cancel("raced")  # ...as the cancel arrives
+    async with asyncio.timeout(5):
+        with pytest.raises(MigrationCancelled, match="raced"):
+            await run
+    await ends.assert_source_intact()
+
+
+async def wait_iteration(migration) -> None:  # type: ignore[no-untyped-def]
+    """Return after the migration's next pre-copy iteration."""
+    done = asyncio.Event()
+    seen = migration.stats.iterations
+    migration.add_listener(lambda stats: done.set() if stats.iterations > seen else None)
+    await done.wait()
