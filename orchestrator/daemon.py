@@ -578,6 +578,7 @@ class MigrationListener:
             self.service.accept,
             name=self.service.config.name,
             auth=self.service.server_auth,
+            link_timeout_s=self.service.config.migration.link_timeout_s,
         )
 
     async def stop(self) -> None:

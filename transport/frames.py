@@ -416,7 +416,9 @@ class FrameDecoder:
         payload = seg.view[start + self._need - length : start + self._need]
         actual = xxhash.xxh3_64_intdigest(payload)
         if actual != check:
-            raise ProtocolError("checksum", f"{tag.name} frame {seq}: payload corrupt")
+            raise ProtocolError(
+                "checksum", f"mismatch on {tag.name} frame {seq} of device {device}"
+            )
         self._start += self._need
         self._need = PREFIX.size
         self._header = None
