@@ -12,7 +12,10 @@
     # tls_cert, tls_key, tls_ca              # TLS (mutual when all three are given)
 
     [migration]                              # defaults: any MigrationParams field
-    downtime_limit_ms = 300
+    downtime_limit_ms = 300                  # (link_timeout_s also applies to incoming)
+
+    [daemon]
+    max_records = 100                        # finished migrations kept for queries
 
     [[device]]                               # one per device this host owns
     kind = "simulated"                       # simulated | ram | vfio
@@ -143,6 +146,8 @@ class DaemonConfig:
     auth: AuthSettings
     migration: MigrationParams
     devices: tuple[DeviceConfig, ...]
+    #: Finished migrations remembered per direction (running ones are always kept).
+    max_records: int = 100
 
 
 # -- where keys are ------------------------------------------------------------------------
@@ -265,7 +270,9 @@ _TYPE_NAMES: dict[type, str] = {
 
 # -- loading --------------------------------------------------------------------------------
 
-_TOP_KEYS = {"name", "control_socket", "listen", "metrics", "auth", "migration", "device"}
+_TOP_KEYS = {
+    "name", "control_socket", "listen", "metrics", "auth", "migration", "device", "daemon"
+}  # fmt: skip
 
 
 def load(path: str | os.PathLike[str]) -> DaemonConfig:
@@ -307,6 +314,11 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     metrics = _metrics(reader, document.get("metrics"))
     auth = _auth(reader, reader.get(document, (), "auth", dict, {}), base)
     migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
+    daemon = reader.get(document, (), "daemon", dict, {})
+    reader.refuse_unknown(daemon, ("daemon",), {"max_records"})
+    max_records = reader.get(daemon, ("daemon",), "max_records", int, 100)
+    if max_records < 1:
+        raise reader.error(("daemon", "max_records"), f"must be >= 1, got {max_records}")
     entries = reader.get(document, (), "device", list, [])
     devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
     seen: dict[str, int] = {}
@@ -326,6 +338,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         auth=auth,
         migration=migration,
         devices=devices,
+        max_records=max_records,
     )
 
 

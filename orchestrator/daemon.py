@@ -189,11 +189,37 @@ class Service:
             record.received_bytes = migration.received_bytes
             self._release(record.id)
             record.task = None
+        if self._forget_rejected(record, migration.error):
+            return
         record.status = "completed" if resumed else "failed"
         if self.metrics is not None:
             self.metrics.incoming.labels(status=record.status).inc()
         log.info("incoming_migration_ended", migration_id=record.id, status=record.status)
         self.emit("INCOMING_MIGRATION", record.as_dict())
+        self._forget_finished()
+
+    def _forget_rejected(self, record: Incoming, error: str | None) -> bool:
+        """Drop the record of a session refused before it took a device; True if so.
+
+        Hostile or mistaken peers must not grow the daemon's memory, one record each.
+        """
+        if record.devices:
+            return False
+        del self.incoming[record.id]
+        log.info("incoming_session_rejected", peer=record.peer, reason=error)
+        return True
+
+    def _forget_finished(self) -> None:
+        """Keep the newest ``max_records`` finished migrations each way; running ones stay."""
+        limit = self.config.max_records
+        outgoing = [
+            k for k, r in self.outgoing.items() if r.migration.stats.status in FINAL_STATUSES
+        ]
+        incoming = [k for k, r in self.incoming.items() if r.status != "active"]
+        for key in outgoing[: max(0, len(outgoing) - limit)]:
+            del self.outgoing[key]
+        for key in incoming[: max(0, len(incoming) - limit)]:
+            del self.incoming[key]
 
     def _release(self, migration_id: str) -> None:
         for name in [n for n, owner in self.owners.items() if owner == migration_id]:
@@ -284,6 +310,7 @@ class Service:
             {"id": stats.migration_id, "status": stats.status.value, "error": stats.error}
             | {"stats": stats.as_dict()},
         )
+        self._forget_finished()
 
     def _outgoing(self, migration_id: str | None) -> Outgoing:
         """The named migration, or the newest one."""

@@ -1052,7 +1052,7 @@ class _RefusalLog:
 class Server:
     """A listening socket that runs ``handler(session)`` once per incoming session.
 
-    Admission: a connection is *pending* from accept (TLS handshake included) until its
+    Admission: a connection is *pending* from accept (after TLS, with TLS) until its
     session has every channel. At most ``max_pending_per_peer`` are pending per peer
     address and ``max_pending_handshakes`` in all; past either, the oldest connection
     still in the handshake from that address (or from the address holding the most) is
@@ -1096,9 +1096,6 @@ class Server:
 
     def _accepted(self, channel: _Channel) -> None:
         assert channel.transport is not None
-        if self._auth.ssl_context is not None:
-            # Nothing may reach the frame decoder before TLS is layered on top.
-            channel.transport.pause_reading()
         if not self._make_room(channel.peer_host):
             self.refusals.note("full of authenticated channels", channel.peer_host)
             channel.closing = True
@@ -1154,8 +1151,6 @@ class Server:
     async def _handshake(self, channel: _Channel) -> None:
         try:
             async with asyncio.timeout(self._limits.handshake_timeout):
-                if self._auth.ssl_context is not None:
-                    await self._start_tls(channel, self._auth.ssl_context)
                 hello = await _server_handshake(
                     channel, name=self._name, auth=self._auth, limits=self._limits
                 )
@@ -1170,19 +1165,6 @@ class Server:
         channel.admitted = True
         channel.task = None
         self._join(channel, hello)
-
-    async def _start_tls(self, channel: _Channel, context: ssl.SSLContext) -> None:
-        """Layer TLS on an accepted connection (inside the handshake's budget)."""
-        assert channel.transport is not None
-        tls = await asyncio.get_running_loop().start_tls(
-            channel.transport,
-            channel,
-            context,
-            server_side=True,
-            ssl_handshake_timeout=self._limits.handshake_timeout,
-        )
-        assert tls is not None
-        channel.use_transport(tls)
 
     def _join(self, channel: _Channel, hello: _Hello) -> None:
         group = self._groups.get(hello.session)
@@ -1273,9 +1255,10 @@ async def serve(
 ) -> Server:
     """Listen on ``address`` (port 0 picks one: see ``Server.address``).
 
-    TLS, when configured, is layered on each accepted connection inside its handshake
-    budget, so a connection stalled in the TLS handshake counts against the admission
-    limits like any other.
+    With TLS, a connection reaches the admission limits once its TLS handshake is
+    done; until then only ``handshake_timeout`` bounds it (layering TLS ourselves with
+    ``loop.start_tls`` would count it earlier, but server-side start_tls stalls under
+    uvloop 0.23).
     """
     limits = limits or Limits()
     if not link_timeout_s > 0:
@@ -1283,11 +1266,18 @@ async def serve(
     server = Server(handler, name=name, auth=auth, limits=limits, link_timeout_s=link_timeout_s)
     kind, host, port = parse_address(address)
     loop = asyncio.get_running_loop()
+    # The TLS handshake comes before HELLO (the channel sees the connection only once
+    # it is done), so it gets the same budget rather than asyncio's 60 s default.
+    tls_timeout = limits.handshake_timeout if auth.ssl_context else None
     if kind == "unix":
-        server._server = await loop.create_unix_server(server._protocol, host)
+        server._server = await loop.create_unix_server(
+            server._protocol, host, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
+        )
         server.address = format_address("unix", host, 0)
     else:
-        server._server = await loop.create_server(server._protocol, host, port)
+        server._server = await loop.create_server(
+            server._protocol, host, port, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
+        )
         bound = server._server.sockets[0].getsockname()
         server.address = format_address("tcp", bound[0], bound[1])
     server._log.info("server_listening", address=server.address)
