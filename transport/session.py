@@ -205,6 +205,10 @@ class _Channel(asyncio.BufferedProtocol):
             self.fail(lost)
         if self._session is None and self.on_lost is not None:
             self.on_lost(self)
+        elif self._session is not None:
+            # A finished session may be kept (in a daemon's records): not its buffers.
+            self.decoder.discard()
+        self._discard = None
         self._wake()
 
     def pause_writing(self) -> None:
@@ -312,6 +316,8 @@ class _Channel(asyncio.BufferedProtocol):
 
     def update_reading(self) -> None:
         """Pause while the queue or the receive buffers are full, resume otherwise."""
+        if self.closing:
+            return
         if self.queued >= self.limits.max_queued_frames or self.decoder.get_buffer() is None:
             self._pause_reading()
         else:
