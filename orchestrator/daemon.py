@@ -208,6 +208,8 @@ class Service:
             return False
         del self.incoming[record.id]
         log.info("incoming_session_rejected", peer=record.peer, reason=error)
+        record.status = "rejected"
+        self.emit("INCOMING_MIGRATION", record.as_dict())
         return True
 
     def _forget_finished(self) -> None:

@@ -65,8 +65,11 @@ async def hostile_pair(
         yield pair, back
 
 
-async def migrate(client: ControlClient, address: str, **parameters: Any) -> dict[str, Any]:
-    """Start a migration and return its final MIGRATION event's data."""
+async def migrate(
+    client: ControlClient, peer: ControlClient, address: str, **parameters: Any
+) -> dict[str, Any]:
+    """Start a migration and return its final MIGRATION event's data, once the peer's
+    side has ended too (until then the peer still holds the devices)."""
     started = await client.execute("migrate", destination=address, parameters=parameters)
     event = await client.next_event(
         lambda m: (
@@ -77,6 +80,11 @@ async def migrate(client: ControlClient, address: str, **parameters: Any) -> dic
         DEADLINE * 2,
     )
     data: dict[str, Any] = event["data"]
+    if data["status"] == "completed":
+        await peer.next_event(
+            lambda m: m["event"] == "INCOMING_MIGRATION" and m["data"]["status"] != "active",
+            DEADLINE,
+        )
     return data
 
 
@@ -149,8 +157,12 @@ async def test_the_port_stays_usable_under_slowloris_and_half_open_flood(tmp_pat
     async with hostile_pair(tmp_path) as (pair, back):
         async with squatters([pair.address, back], HOSTILE) as counts:
             for index in range(MIGRATIONS):
-                client, target = (pair.src, pair.address) if index % 2 == 0 else (pair.dst, back)
-                result = await migrate(client, target)
+                client, peer, target = (
+                    (pair.src, pair.dst, pair.address)
+                    if index % 2 == 0
+                    else (pair.dst, pair.src, back)
+                )
+                result = await migrate(client, peer, target)
                 assert result["status"] == "completed", result
             assert counts["opened"] >= HOSTILE
         assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
@@ -167,7 +179,7 @@ async def test_stalled_tls_handshakes_do_not_keep_migrations_out(tmp_path: Path)
         hostile_pair(tmp_path, auth=auth) as (pair, _),
         squatters([pair.address], HOSTILE // 2, openings=(b"",)),
     ):
-        result = await migrate(pair.src, pair.address)
+        result = await migrate(pair.src, pair.dst, pair.address)
         assert result["status"] == "completed", result
 
 
@@ -208,7 +220,7 @@ async def test_a_stall_in_precopy_is_a_lost_link_between_daemons(tmp_path: Path)
         assert "no frame from destination for 1.0 s (link_timeout_s)" in failed["data"]["error"]
         assert await pair.states(pair.src) == dict.fromkeys(NAMES, "RUNNING")
         await wait_states(pair.dst, pair, "RUNNING")
-        result = await migrate(pair.src, pair.address)
+        result = await migrate(pair.src, pair.dst, pair.address)
         assert result["status"] == "completed", result
         assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
 
@@ -242,12 +254,15 @@ async def test_records_are_bounded_and_rejected_sessions_leave_none(tmp_path: Pa
         verdict = await session.recv()
         assert verdict.fields()["stage"] == "failed"
         await session.close()
-        await pair.dst.next_event(lambda m: m["event"] == "INCOMING_MIGRATION", DEADLINE)
+        await pair.dst.next_event(
+            lambda m: m["event"] == "INCOMING_MIGRATION" and m["data"]["status"] == "rejected",
+            DEADLINE,
+        )
         assert await pair.dst.execute("query-migrations") == []
         ids = []
         for _ in range(3):
-            ids.append((await migrate(pair.src, pair.address))["id"])
-            assert (await migrate(pair.dst, back))["status"] == "completed"
+            ids.append((await migrate(pair.src, pair.dst, pair.address))["id"])
+            assert (await migrate(pair.dst, pair.src, back))["status"] == "completed"
         records = await pair.src.execute("query-migrations")
         outgoing = [r["id"] for r in records if r["direction"] == "outgoing"]
         assert outgoing == ids[1:]
