@@ -154,18 +154,20 @@ async def squatters(
 async def test_the_port_stays_usable_under_slowloris_and_half_open_flood(tmp_path: Path) -> None:
     """With hostile connections held and reopened on both migration ports (from the
     source's own address too), every legitimate migration completes, byte-exact."""
-    async with hostile_pair(tmp_path) as (pair, back):
-        async with squatters([pair.address, back], HOSTILE) as counts:
-            for index in range(MIGRATIONS):
-                client, peer, target = (
-                    (pair.src, pair.dst, pair.address)
-                    if index % 2 == 0
-                    else (pair.dst, pair.src, back)
-                )
-                result = await migrate(client, peer, target)
-                assert result["status"] == "completed", result
-            assert counts["opened"] >= HOSTILE
-        assert await pair.src.execute("query-digests") == await pair.dst.execute("query-digests")
+    async with (
+        hostile_pair(tmp_path) as (pair, back),
+        squatters([pair.address, back], HOSTILE) as counts,
+    ):
+        for index in range(MIGRATIONS):
+            client, peer, target = (
+                (pair.src, pair.dst, pair.address) if index % 2 == 0 else (pair.dst, pair.src, back)
+            )
+            result = await migrate(client, peer, target)
+            assert result["status"] == "completed", result
+            if client is pair.src:  # the devices run there without a workload: both frozen
+                src_digests = await pair.src.execute("query-digests")
+                assert src_digests == await pair.dst.execute("query-digests")
+        assert counts["opened"] >= HOSTILE
 
 
 async def test_stalled_tls_handshakes_do_not_keep_migrations_out(tmp_path: Path) -> None:
