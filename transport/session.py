@@ -252,6 +252,11 @@ class _Channel(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     @property
+    def lingering(self) -> bool:
+        """Whether CANCEL went out and the connection waits for the peer to hang up."""
+        return self._discard is not None
+
+    @property
     def reading_paused(self) -> bool:
         """Whether this side stopped reading (backpressure): silence is then ours."""
         return self._reading_paused
@@ -706,7 +711,7 @@ class Session:
             self._keepalive = None
         for channel in self._chans:
             channel.closing = True
-            if channel.transport is not None:
+            if channel.transport is not None and not channel.lingering:
                 channel.transport.close()
         try:
             async with asyncio.timeout(timeout):
@@ -726,7 +731,8 @@ class Session:
         self._fail(SessionClosed(text), tell=tell)
         if tell is None:
             for channel in self._chans:
-                if channel.transport is not None:
+                # A lingering channel is delivering a CANCEL; its own timer ends it.
+                if channel.transport is not None and not channel.lingering:
                     channel.transport.abort()
 
 
