@@ -97,6 +97,10 @@ def hello_frame() -> bytes:
     return b"".join(encode_frame(Tag.HELLO, 0, 0, (encode_fields(fields),)))  # type: ignore[arg-type]
 
 
+#: The start of a TLS ClientHello (record header and a few handshake bytes): the
+#: server's TLS layer waits for the rest.
+CLIENT_HELLO = bytes.fromhex("160301020001000200030309")
+
 #: What a squatter sends after connecting: nothing (slowloris), the start of a HELLO
 #: (half-open: a partial prefix, or a header with half its payload), or a whole valid
 #: HELLO and then nothing (it stalls at AUTH).
@@ -171,18 +175,23 @@ async def test_the_port_stays_usable_under_slowloris_and_half_open_flood(tmp_pat
 
 
 async def test_stalled_tls_handshakes_do_not_keep_migrations_out(tmp_path: Path) -> None:
-    """Connections that never start TLS, held and reopened, leave the port usable."""
+    """Connections that never start TLS or stop halfway through it, held and reopened on
+    both ports, leave them usable: every migration completes."""
     pki = make_pki(tmp_path / "pki", ("host",))
     auth = (
         f'tls_cert = "{pki / "host.crt"}"\ntls_key = "{pki / "host.key"}"\n'
         f'tls_ca = "{pki / "ca.crt"}"\n'
     )
     async with (
-        hostile_pair(tmp_path, auth=auth) as (pair, _),
-        squatters([pair.address], HOSTILE // 2, openings=(b"",)),
+        hostile_pair(tmp_path, auth=auth) as (pair, back),
+        squatters([pair.address, back], HOSTILE // 2, openings=(b"", CLIENT_HELLO)),
     ):
-        result = await migrate(pair.src, pair.dst, pair.address)
-        assert result["status"] == "completed", result
+        for index in range(MIGRATIONS):
+            client, peer, target = (
+                (pair.src, pair.dst, pair.address) if index % 2 == 0 else (pair.dst, pair.src, back)
+            )
+            result = await migrate(client, peer, target)
+            assert result["status"] == "completed", result
 
 
 async def wait_states(client: ControlClient, pair: Pair, state: str) -> None:
