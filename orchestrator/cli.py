@@ -815,7 +815,13 @@ def _main(argv: Sequence[str] | None) -> int:
             _configure_logging(args.log_format, args.log_level)
             return _run(daemon.serve(args.config))
         _configure_logging()
-        return _run(_COMMANDS[args.command](args))
+        code = _run(_COMMANDS[args.command](args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (livemig devices | head -1): nothing more to say to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         if args.command == "migrate":
             print(

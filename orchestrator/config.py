@@ -23,7 +23,10 @@
     allow = ["CN=fleet-controller"]          # client subjects that may drive this daemon
 
     [migration]                              # defaults: any MigrationParams field
-    downtime_limit_ms = 300
+    downtime_limit_ms = 300                  # (link_timeout_s also applies to incoming)
+
+    [daemon]
+    max_records = 100                        # finished migrations kept for queries
 
     [[device]]                               # one per device this host owns
     kind = "simulated"                       # simulated | ram | vfio | vfio-user
@@ -192,6 +195,8 @@ class DaemonConfig:
     remote_control: RemoteControl | None = None
     #: Bytes/s all outgoing migrations together may send; None is no host-wide cap.
     max_total_bandwidth: float | None = None
+    #: Finished migrations remembered per direction (running ones are always kept).
+    max_records: int = 100
 
 
 # -- where keys are ------------------------------------------------------------------------
@@ -325,6 +330,7 @@ _TOP_KEYS = {
     "auth",
     "migration",
     "device",
+    "daemon",
 }
 
 
@@ -372,6 +378,11 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     )
     remote = _remote_control(reader, reader.get(document, (), "control", dict, None), base)
     migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
+    daemon = reader.get(document, (), "daemon", dict, {})
+    reader.refuse_unknown(daemon, ("daemon",), {"max_records"})
+    max_records = reader.get(daemon, ("daemon",), "max_records", int, 100)
+    if max_records < 1:
+        raise reader.error(("daemon", "max_records"), f"must be >= 1, got {max_records}")
     entries = reader.get(document, (), "device", list, [])
     devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
     seen: dict[str, int] = {}
@@ -394,6 +405,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         state_file=state_file,
         remote_control=remote,
         max_total_bandwidth=_total_bandwidth(reader, document),
+        max_records=max_records,
     )
 
 

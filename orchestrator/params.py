@@ -68,8 +68,12 @@ class MigrationParams:
     iteration_s: float = 0.1
     #: How long to wait for the destination's verdict after the end of the stream.
     verdict_timeout_s: float = 30.0
-    #: How long to wait for a connection and the handshake.
+    #: How long to wait for a connection and the handshake, retries included (a busy
+    #: destination may drop a pending handshake; the source retries with backoff).
     connect_timeout_s: float = 10.0
+    #: Silence on the link (no byte from the peer, keep-alives included) after which
+    #: the migration counts the link as lost and fails; both ends send keep-alives.
+    link_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -87,6 +91,7 @@ class MigrationParams:
             "iteration_s": self.iteration_s,
             "verdict_timeout_s": self.verdict_timeout_s,
             "connect_timeout_s": self.connect_timeout_s,
+            "link_timeout_s": self.link_timeout_s,
             "channels": self.channels,
         }
         optional_positive = {

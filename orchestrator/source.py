@@ -273,6 +273,7 @@ class SourceMigration:
                     auth=self.auth,
                     channels=min(params.channels, len(self.devices)),
                     timeout=params.connect_timeout_s,
+                    link_timeout_s=params.link_timeout_s,
                 ),
                 params.connect_timeout_s,
             )

@@ -52,11 +52,19 @@ class ConnectionLost(TransportError):
 
 
 class PeerCancelled(TransportError):
-    """The peer cancelled the session; ``reason`` is the text it gave."""
+    """The peer cancelled the session; ``reason`` is the text it gave, ``code`` its kind.
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"peer cancelled: {reason}")
+    A peer that was asked to stop (code "cancelled" or none) "cancelled"; one that hit
+    its own bug ("internal") "failed"; one that gave up on what we sent ("protocol",
+    "limit", ...) "refused".
+    """
+
+    def __init__(self, reason: str, *, code: str | None = None, peer: str = "peer") -> None:
+        verbs = {None: "cancelled", "cancelled": "cancelled", "internal": "failed"}
+        verb = verbs.get(code, "refused")
+        super().__init__(f"{peer} {verb}: {reason}")
         self.reason = reason
+        self.code = code
 
 
 class SessionClosed(TransportError):

@@ -298,6 +298,7 @@ class FrameDecoder:
         self._header: tuple[Tag, int, int, int, int, int] | None = None
         self._seq = 0
         self._error: ProtocolError | None = None
+        self._discarded = False
 
     def end_handshake(self) -> None:
         """Accept session frames (up to the full limits) from now on."""
@@ -365,6 +366,19 @@ class FrameDecoder:
         floor = MIN_READ if self._handshake else self.limits.receive_segment_size
         return _Segment(max(size, floor))
 
+    def discard(self) -> None:
+        """Let go of every receive buffer: the connection is over.
+
+        Frames already handed out stay valid (their views keep their buffer alive);
+        releasing them later no longer makes a buffer reusable.
+        """
+        self._discarded = True
+        self._free.clear()
+        self._seg = _Segment(0)
+        self._start = self._end = 0
+        self._need = PREFIX.size
+        self._header = None
+
     def advance(self, n: int) -> None:
         """Record that ``n`` bytes were written into the last ``get_buffer()`` view."""
         self._end += n
@@ -380,7 +394,7 @@ class FrameDecoder:
         with contextlib.suppress(BufferError):
             frame.payload.release()
         seg.held -= 1
-        if seg.held == 0 and seg is not self._seg:
+        if seg.held == 0 and seg is not self._seg and not self._discarded:
             self._free.append(seg)
 
     def next_frame(self) -> Frame | None:
@@ -416,7 +430,9 @@ class FrameDecoder:
         payload = seg.view[start + self._need - length : start + self._need]
         actual = xxhash.xxh3_64_intdigest(payload)
         if actual != check:
-            raise ProtocolError("checksum", f"{tag.name} frame {seq}: payload corrupt")
+            raise ProtocolError(
+                "checksum", f"mismatch on {tag.name} frame {seq} of device {device}"
+            )
         self._start += self._need
         self._need = PREFIX.size
         self._header = None

@@ -30,10 +30,14 @@ class Limits:
     max_channels: int = 16
     #: Most received frames waiting for ``recv()`` before reading pauses.
     max_queued_frames: int = 1024
-    #: Most connections a server lets sit in the handshake at once.
+    #: Most connections a server holds without a session (in the TLS or livemig
+    #: handshake, or waiting for the session's other channels); past it the oldest
+    #: unauthenticated one is dropped.
     max_pending_handshakes: int = 64
+    #: The same, per peer address (a session needs at most ``max_channels``).
+    max_pending_per_peer: int = 16
     #: Seconds a connection (or a session's set of channels) has to finish the handshake.
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0
     #: Size of one receive buffer; larger frames get a buffer of their own size.
     receive_segment_size: int = 4 * MiB
     #: Receive buffers per channel; reading pauses while all hold unread frames.
@@ -45,3 +49,7 @@ class Limits:
                 raise ValueError(f"{name} must not be negative")
         if self.max_channels < 1 or self.receive_segments < 2 or self.max_queued_frames < 1:
             raise ValueError("max_channels, max_queued_frames >= 1 and receive_segments >= 2")
+        if self.max_pending_per_peer < 1 or self.max_pending_handshakes < 1:
+            raise ValueError("max_pending_per_peer and max_pending_handshakes must be >= 1")
+        if not self.handshake_timeout > 0:
+            raise ValueError("handshake_timeout must be > 0")

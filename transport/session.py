@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -65,6 +66,17 @@ WRITE_HIGH_WATER = 8 * MiB
 WRITE_LOW_WATER = 2 * MiB
 #: A PING is refused, and the session aborted, while this much written data is unread.
 PONG_BACKLOG_LIMIT = 2 * WRITE_HIGH_WATER
+#: Silence (no byte received) after which a session counts its link as lost.
+DEFAULT_LINK_TIMEOUT_S = 5.0
+#: Keep-alives go out this many times per ``link_timeout_s``, so one lost or late
+#: keep-alive never looks like a dead link.
+KEEPALIVES_PER_TIMEOUT = 4
+#: After sending CANCEL, how long a side keeps reading (and discarding) so the CANCEL is
+#: not lost to a reset, before it drops the connection.
+CANCEL_LINGER_S = 2.0
+#: First delay between connection attempts; doubles up to RETRY_MAX_S (full jitter).
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
 
 #: What each side may receive once the handshake is done.
 _SOURCE_RECEIVES = {Tag.DEVICES_ACCEPTED, Tag.SWITCHOVER_ACK, Tag.SYNC_ACK, Tag.VERDICT}
@@ -127,22 +139,46 @@ class _Channel(asyncio.BufferedProtocol):
         self._reading_paused = False
         self.closing = False
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: When the last byte arrived (time.monotonic()): any byte is a sign of life.
+        self.heard = time.monotonic()
+        #: The peer's address ("unix" for a Unix socket): admission counts per address.
+        self.peer_host = "unix"
+        #: Past the handshake (the server's admission no longer evicts it).
+        self.admitted = False
+        #: The server's handshake task for this connection.
+        self.task: asyncio.Task[None] | None = None
+        #: Called when the connection ends before a session adopted it.
+        self.on_lost: Callable[[_Channel], None] | None = None
+        #: Set after this side sent CANCEL: what still arrives is read and dropped.
+        self._discard: memoryview | None = None
 
     # -- asyncio.BufferedProtocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without deriving from it.
-        self.transport = transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.use_transport(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer_host = str(peer[0])
         if self._on_made is not None:
             self._on_made(self)
 
+    def use_transport(self, transport: asyncio.BaseTransport) -> None:
+        """Write and read through ``transport`` (the TCP one, or TLS on top of it)."""
+        # uvloop's transports implement asyncio.Transport without deriving from it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._discard is not None:
+            return self._discard
         view = self.decoder.get_buffer(force=True)
         assert view is not None
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.heard = time.monotonic()
+        if self._discard is not None:
+            return
         self.decoder.advance(nbytes)
         if self._session is not None:
             self.process()
@@ -167,6 +203,12 @@ class _Channel(asyncio.BufferedProtocol):
             lost = ConnectionLost(f"channel {self.index}: {cause}")
             lost.__cause__ = cause
             self.fail(lost)
+        if self._session is None and self.on_lost is not None:
+            self.on_lost(self)
+        elif self._session is not None:
+            # A finished session may be kept (in a daemon's records): not its buffers.
+            self.decoder.discard()
+        self._discard = None
         self._wake()
 
     def pause_writing(self) -> None:
@@ -208,6 +250,34 @@ class _Channel(asyncio.BufferedProtocol):
         if self._reading_paused and self.transport and not self.transport.is_closing():
             self._reading_paused = False
             self.transport.resume_reading()
+
+    @property
+    def lingering(self) -> bool:
+        """Whether CANCEL went out and the connection waits for the peer to hang up."""
+        return self._discard is not None
+
+    @property
+    def reading_paused(self) -> bool:
+        """Whether this side stopped reading (backpressure): silence is then ours."""
+        return self._reading_paused
+
+    def cancel_and_linger(self, fields: Mapping[str, Any], linger_s: float) -> None:
+        """Send CANCEL, then read and drop what arrives until the peer hangs up.
+
+        Closing at once with unread input makes the kernel send a reset, which can
+        destroy the CANCEL before the peer reads it; after ``linger_s`` the
+        connection is dropped anyway.
+        """
+        self.closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(TransportError, OSError, RuntimeError):
+            self.send_control(Tag.CANCEL, fields)
+        self._discard = memoryview(bytearray(64 * 1024))
+        self._reading_paused = True  # resume even if backpressure had paused reading
+        self._resume_reading()
+        asyncio.get_running_loop().call_later(linger_s, transport.abort)
 
     async def next_frame(self) -> Frame:
         """The next handshake frame (lazy decoding, before a session adopts the channel)."""
@@ -251,6 +321,8 @@ class _Channel(asyncio.BufferedProtocol):
 
     def update_reading(self) -> None:
         """Pause while the queue or the receive buffers are full, resume otherwise."""
+        if self.closing:
+            return
         if self.queued >= self.limits.max_queued_frames or self.decoder.get_buffer() is None:
             self._pause_reading()
         else:
@@ -309,8 +381,12 @@ class Session:
         peer_max_payload: int,
         limits: Limits,
         session_id: bytes,
+        link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S,
     ) -> None:
+        if not link_timeout_s > 0:
+            raise ValueError(f"link_timeout_s must be > 0, got {link_timeout_s!r}")
         self.role = role
+        self.link_timeout_s = link_timeout_s
         self.peer_name = peer_name
         self.peer_max_payload = peer_max_payload
         self.limits = limits
@@ -334,9 +410,13 @@ class Session:
         self._bucket_changed = asyncio.Event()
         self._log = log.bind(session=session_id.hex()[:12], role=role, peer=peer_name)
         self.bandwidth = BandwidthEstimator(self._written)
+        self._keepalive: asyncio.TimerHandle | None = None
         for index, channel in enumerate(self._chans):
+            channel.heard = time.monotonic()
             channel.adopt(self, index)
         self._log.info("session_opened", channels=self.channels)
+        if self.error is None:
+            self._schedule_keepalive()
 
     # -- receiving -------------------------------------------------------------------
 
@@ -346,7 +426,10 @@ class Session:
         if tag not in self._receives:
             raise ProtocolError("tag", f"a {self.role} does not accept {tag.name}")
         if tag is Tag.PING:
-            stamp = require(frame.fields(), "id", int)
+            fields = frame.fields()
+            stamp = require(fields, "id", int)
+            if fields.get("reply") is False:
+                return  # a keep-alive: its arrival was the point
             if channel.backlog() > PONG_BACKLOG_LIMIT:
                 # A peer that pings but never reads would grow our write buffer forever.
                 raise ProtocolError(
@@ -359,8 +442,7 @@ class Session:
             if waiter is not None and not waiter.done():
                 waiter.set_result(float(require(fields, "t", (int, float))))
         elif tag is Tag.CANCEL:
-            reason = frame.fields().get("reason")
-            raise PeerCancelled(reason if isinstance(reason, str) else "no reason given")
+            raise _cancelled(frame, "destination" if self.role == "source" else "source")
         elif tag is Tag.END_OF_STREAM:
             if channel.index in self._ended:
                 raise ProtocolError("tag", f"second END_OF_STREAM on channel {channel.index}")
@@ -530,21 +612,64 @@ class Session:
             self._pings.pop(ping_id, None)
         return sent, peer, time.monotonic()
 
+    # -- liveness --------------------------------------------------------------------
+
+    def _schedule_keepalive(self) -> None:
+        interval = self.link_timeout_s / KEEPALIVES_PER_TIMEOUT
+        self._keepalive = asyncio.get_running_loop().call_later(interval, self._check_link)
+
+    def _check_link(self) -> None:
+        """Fail the session on a silent channel; send a keep-alive where we are quiet."""
+        self._keepalive = None
+        if self.error is not None:
+            return
+        now = time.monotonic()
+        for channel in self._chans:
+            if channel.reading_paused:
+                channel.heard = now  # we stopped listening; the silence is ours
+                continue
+            if now - channel.heard > self.link_timeout_s:
+                self._fail(
+                    ConnectionLost(
+                        f"no frame from {self.peer_name} for {self.link_timeout_s:.1f} s "
+                        "(link_timeout_s)"
+                    )
+                )
+                return
+            if channel.backlog() == 0:  # bytes still queued to go out say enough
+                with contextlib.suppress(TransportError, OSError, RuntimeError):
+                    channel.send_control(Tag.PING, {"id": 0, "t": now, "reply": False})
+        self._schedule_keepalive()
+
     # -- ending ----------------------------------------------------------------------
 
-    def _fail(self, exc: TransportError) -> None:
-        """Abort the session because of ``exc`` (the first error wins)."""
+    def _fail(self, exc: TransportError, *, tell: Mapping[str, str] | None = None) -> None:
+        """Abort the session because of ``exc`` (the first error wins).
+
+        When ``exc`` is the peer's fault (a protocol error or a limit), or ``tell`` is
+        given, the peer gets a CANCEL with the reason and a code before the connections
+        go, so its error says why rather than "peer closed the connection".
+        """
         if self.error is not None:
             return
         self.error = exc
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         if not isinstance(exc, ConnectionLost):
             self._drop_queue()
         level = "info" if isinstance(exc, SessionClosed) else "warning"
         getattr(self._log, level)("session_aborted", error=str(exc), kind=type(exc).__name__)
+        if tell is None and isinstance(exc, ProtocolError):
+            code = "limit" if isinstance(exc, LimitExceeded) else "protocol"
+            tell = {"reason": str(exc), "code": code}
         for channel in self._chans:
-            channel.closing = True
-            if channel.transport is not None:
-                channel.transport.abort()
+            if tell is not None:
+                channel.cancel_and_linger(tell, min(CANCEL_LINGER_S, self.link_timeout_s))
+            else:
+                channel.closing = True
+                if channel.transport is not None:
+                    channel.transport.abort()
         self._wake_all()
 
     def _drop_queue(self) -> None:
@@ -581,9 +706,12 @@ class Session:
             self.error = reason
             self._drop_queue()
             self._wake_all()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            self._keepalive = None
         for channel in self._chans:
             channel.closing = True
-            if channel.transport is not None:
+            if channel.transport is not None and not channel.lingering:
                 channel.transport.close()
         try:
             async with asyncio.timeout(timeout):
@@ -592,12 +720,20 @@ class Session:
             self.abort()
         self._release_held()
 
-    def abort(self) -> None:
-        """Drop every connection now; idempotent."""
-        self._fail(SessionClosed("session aborted"))
-        for channel in self._chans:
-            if channel.transport is not None:
-                channel.transport.abort()
+    def abort(self, reason: str | None = None, code: str = "aborted") -> None:
+        """Drop every connection now; idempotent.
+
+        With a ``reason``, the peer first gets CANCEL {reason, code} (and the
+        connections linger briefly so it arrives); the peer's error then carries it.
+        """
+        tell = None if reason is None else {"reason": reason, "code": code}
+        text = "session aborted" if reason is None else f"session aborted: {reason}"
+        self._fail(SessionClosed(text), tell=tell)
+        if tell is None:
+            for channel in self._chans:
+                # A lingering channel is delivering a CANCEL; its own timer ends it.
+                if channel.transport is not None and not channel.lingering:
+                    channel.transport.abort()
 
 
 # -- handshake -------------------------------------------------------------------------
@@ -612,13 +748,24 @@ def _refuse(channel: _Channel, code: str, reason: str) -> None:
         channel.transport.close()
 
 
+def _cancelled(frame: Frame, peer: str) -> PeerCancelled:
+    """The error a received CANCEL stands for, with the peer's reason and code."""
+    fields = frame.fields()
+    reason, code = fields.get("reason"), fields.get("code")
+    return PeerCancelled(
+        reason[:500] if isinstance(reason, str) else "no reason given",
+        code=code[:40] if isinstance(code, str) else None,
+        peer=peer,
+    )
+
+
 def _raise_if_cancel(frame: Frame, expected: Tag) -> None:
     if frame.tag is Tag.CANCEL:
         fields = frame.fields()
         reason = str(fields.get("reason", "no reason given"))[:200]
         if fields.get("code") == "auth":
             raise AuthenticationError(f"peer refused us: {reason}")
-        raise PeerCancelled(reason)
+        raise _cancelled(frame, "peer")
     if frame.tag is not expected:
         raise ProtocolError("tag", f"expected {expected.name}, got {frame.tag.name}")
 
@@ -769,34 +916,78 @@ async def connect(
     auth: AuthConfig,
     channels: int = DEFAULT_CHANNELS,
     limits: Limits | None = None,
-    timeout: float = 10.0,  # noqa: ASYNC109 - one budget for every channel's handshake
+    timeout: float = 10.0,  # noqa: ASYNC109 - one budget for every attempt and handshake
+    link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S,
 ) -> Session:
     """Open a session to the destination at ``address`` over ``channels`` connections.
 
-    Raises AuthenticationError (refused, or the destination failed to prove the key or
-    its certificate), ConnectionLost (cannot connect, or dropped), ProtocolError, or
-    TransportTimeout after ``timeout`` seconds for the whole set.
+    A connection refused, reset or dropped before the handshake ends (a busy
+    destination evicts pending handshakes) is retried with exponential backoff and
+    jitter until ``timeout``; an authentication failure never is. Raises
+    AuthenticationError (refused, or the destination failed to prove the key or its
+    certificate), ConnectionLost (the last attempt's loss), ProtocolError, PeerCancelled,
+    or TransportTimeout after ``timeout`` seconds for the whole set.
     """
     limits = limits or Limits()
     if not 1 <= channels <= limits.max_channels:
         raise ValueError(f"channels must be in 1..{limits.max_channels}, got {channels}")
+    parse_address(address)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = RETRY_FIRST_S
+    attempt = 1
+    while True:
+        try:
+            async with asyncio.timeout_at(deadline):
+                opened, peer, peer_max, session = await _connect_once(
+                    address, name=name, auth=auth, channels=channels, limits=limits
+                )
+            break
+        except TimeoutError as exc:
+            if isinstance(exc, TransportError):
+                raise
+            raise TransportTimeout(
+                f"no session with {address} within {timeout} s ({attempt} attempts)"
+            ) from exc
+        except ConnectionLost as exc:
+            pause = random.uniform(0, delay)
+            if loop.time() + pause >= deadline:
+                raise
+            log.info("connect_retry", address=address, attempt=attempt, error=str(exc))
+            await asyncio.sleep(pause)
+            delay = min(delay * 2, RETRY_MAX_S)
+            attempt += 1
+    return Session(
+        opened,
+        role="source",
+        peer_name=peer,
+        peer_max_payload=peer_max,
+        limits=limits,
+        session_id=session,
+        link_timeout_s=link_timeout_s,
+    )
+
+
+async def _connect_once(
+    address: str, *, name: str, auth: AuthConfig, channels: int, limits: Limits
+) -> tuple[list[_Channel], str, int, bytes]:
+    """One attempt: every channel opened and through the handshake, or none."""
     kind, host, port = parse_address(address)
     session = os.urandom(SESSION_ID_SIZE)
     opened: list[_Channel] = []
     try:
-        async with asyncio.timeout(timeout):
-            for index in range(channels):
-                channel = await _open_channel(kind, host, port, auth, limits)
-                opened.append(channel)
-                peer, peer_max = await _client_handshake(
-                    channel,
-                    name=name,
-                    auth=auth,
-                    session=session,
-                    index=index,
-                    channels=channels,
-                    limits=limits,
-                )
+        for index in range(channels):
+            channel = await _open_channel(kind, host, port, auth, limits)
+            opened.append(channel)
+            peer, peer_max = await _client_handshake(
+                channel,
+                name=name,
+                auth=auth,
+                session=session,
+                index=index,
+                channels=channels,
+                limits=limits,
+            )
     except BaseException as exc:
         for channel in opened:
             channel.closing = True
@@ -812,19 +1003,10 @@ async def connect(
             ) from exc
         if isinstance(exc, ssl.SSLError):
             raise AuthenticationError(f"TLS with {address} failed: {exc}") from exc
-        if isinstance(exc, TimeoutError) and not isinstance(exc, TransportError):
-            raise TransportTimeout(f"no session with {address} within {timeout} s") from exc
         if isinstance(exc, OSError):
             raise ConnectionLost(f"cannot connect to {address}: {exc}") from exc
         raise
-    return Session(
-        opened,
-        role="source",
-        peer_name=peer,
-        peer_max_payload=peer_max,
-        limits=limits,
-        session_id=session,
-    )
+    return opened, peer, peer_max, session
 
 
 # -- serve -------------------------------------------------------------------------------
@@ -839,39 +1021,144 @@ class _Group:
         self.channels: dict[int, _Channel] = {}
 
 
+class _RefusalLog:
+    """Counts refused, evicted and failed connections; logs one summary per interval.
+
+    A flood of hostile connections must not become a flood of log lines.
+    """
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, bound: Any) -> None:
+        self._log = bound
+        self._reasons: Counter[str] = Counter()
+        self._peers: Counter[str] = Counter()
+        self._example = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, reason: str, peer: str, example: str = "") -> None:
+        """Count one connection that was turned away or failed its handshake."""
+        self._reasons[reason] += 1
+        self._peers[peer] += 1
+        self._example = example or self._example
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.INTERVAL_S, self.flush)
+
+    def flush(self) -> None:
+        """Log what was counted since the last summary."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._reasons:
+            self._log.warning(
+                "connections_refused",
+                reasons=dict(self._reasons),
+                peers=dict(self._peers.most_common(5)),
+                example=self._example[:200],
+            )
+        self._reasons.clear()
+        self._peers.clear()
+        self._example = ""
+
+
 class Server:
     """A listening socket that runs ``handler(session)`` once per incoming session.
 
-    A failing handler aborts its own session only; the server keeps listening.
-    ``close()`` stops listening and cancels handshakes and running handlers;
-    ``wait_closed()`` waits until they are gone.
+    Admission: a connection is *pending* from accept (after TLS, with TLS) until its
+    session has every channel. At most ``max_pending_per_peer`` are pending per peer
+    address and ``max_pending_handshakes`` in all; past either, the oldest connection
+    still in the handshake from that address (or from the address holding the most) is
+    dropped to make room, so a peer that completes the handshake promptly gets in
+    whatever a keyless peer keeps opening. A failing handler aborts its own session
+    only; the server keeps listening. ``close()`` stops listening and cancels
+    handshakes and running handlers; ``wait_closed()`` waits until they are gone.
     """
 
-    def __init__(self, handler: Handler, *, name: str, auth: AuthConfig, limits: Limits) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        name: str,
+        auth: AuthConfig,
+        limits: Limits,
+        link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S,
+    ) -> None:
         self.address = ""
+        self.link_timeout_s = link_timeout_s
         self._handler = handler
         self._name = name
         self._auth = auth
         self._limits = limits
         self._server: asyncio.AbstractServer | None = None
         self._groups: dict[bytes, _Group] = {}
+        #: Connections without a session yet, oldest first.
+        self._pending: dict[_Channel, None] = {}
         self._handshakes: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._log = log.bind(server=name)
+        self.refusals = _RefusalLog(self._log)
+
+    @property
+    def pending(self) -> int:
+        """Connections in the handshake or waiting for the rest of their session."""
+        return len(self._pending)
 
     def _protocol(self) -> _Channel:
         return _Channel(self._limits, on_made=self._accepted)
 
     def _accepted(self, channel: _Channel) -> None:
-        if len(self._handshakes) >= self._limits.max_pending_handshakes:
-            self._log.warning("connection_refused", reason="too many pending handshakes")
+        assert channel.transport is not None
+        if not self._make_room(channel.peer_host):
+            self.refusals.note("full of authenticated channels", channel.peer_host)
             channel.closing = True
-            assert channel.transport is not None
             channel.transport.abort()
             return
+        self._pending[channel] = None
+        channel.on_lost = self._lost
         task = asyncio.get_running_loop().create_task(self._handshake(channel))
+        channel.task = task
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
+
+    def _make_room(self, host: str) -> bool:
+        """Evict one pending unauthenticated connection if a limit is reached."""
+        limits = self._limits
+        mine = [c for c in self._pending if c.peer_host == host]
+        if len(mine) >= limits.max_pending_per_peer:
+            candidates = mine
+        elif len(self._pending) >= limits.max_pending_handshakes:
+            counts = Counter(c.peer_host for c in self._pending if not c.admitted)
+            if not counts:
+                return False
+            heaviest = max(counts.values())
+            candidates = [c for c in self._pending if counts[c.peer_host] == heaviest]
+        else:
+            return True
+        victim = next((c for c in candidates if not c.admitted), None)
+        if victim is None:
+            return False
+        self._drop(victim)
+        self.refusals.note("evicted: handshake pending while full", victim.peer_host)
+        return True
+
+    def _lost(self, channel: _Channel) -> None:
+        """A pending connection ended: free its slot, and its session's if it had one."""
+        self._pending.pop(channel, None)
+        for session_id, group in list(self._groups.items()):
+            if channel in group.channels.values():
+                group.timer.cancel()
+                del self._groups[session_id]
+                for member in group.channels.values():
+                    self._drop(member)
+
+    def _drop(self, channel: _Channel) -> None:
+        """Hang up on a pending connection and forget it."""
+        self._pending.pop(channel, None)
+        channel.closing = True
+        if channel.transport is not None:
+            channel.transport.abort()
+        if channel.task is not None:
+            channel.task.cancel()
 
     async def _handshake(self, channel: _Channel) -> None:
         try:
@@ -879,17 +1166,16 @@ class Server:
                 hello = await _server_handshake(
                     channel, name=self._name, auth=self._auth, limits=self._limits
                 )
-        except (TransportError, TimeoutError) as exc:
-            self._log.warning("handshake_failed", error=str(exc), kind=type(exc).__name__)
-            channel.closing = True
-            if channel.transport is not None and not channel.transport.is_closing():
-                channel.transport.abort()
+        except (TransportError, TimeoutError, OSError) as exc:
+            kind = "handshake timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            self.refusals.note(f"handshake failed: {kind}", channel.peer_host, str(exc))
+            self._drop(channel)
             return
-        except asyncio.CancelledError:  # close(): the connection goes with its handshake
-            channel.closing = True
-            if channel.transport is not None:
-                channel.transport.abort()
+        except asyncio.CancelledError:  # close() or eviction: the connection goes too
+            self._drop(channel)
             raise
+        channel.admitted = True
+        channel.task = None
         self._join(channel, hello)
 
     def _join(self, channel: _Channel, hello: _Hello) -> None:
@@ -900,7 +1186,8 @@ class Server:
             )
             group = self._groups[hello.session] = _Group(hello, timer)
         elif group.hello.channels != hello.channels or hello.channel in group.channels:
-            self._log.warning("channel_refused", reason="inconsistent channel", peer=hello.name)
+            self.refusals.note("inconsistent channel", channel.peer_host, hello.name)
+            self._pending.pop(channel, None)
             _refuse(channel, "protocol", f"channel {hello.channel} does not fit the session")
             return
         group.channels[hello.channel] = channel
@@ -908,6 +1195,8 @@ class Server:
             return
         group.timer.cancel()
         del self._groups[hello.session]
+        for member in group.channels.values():
+            self._pending.pop(member, None)
         session = Session(
             [group.channels[i] for i in range(hello.channels)],
             role="dest",
@@ -915,6 +1204,7 @@ class Server:
             peer_max_payload=group.hello.max_payload,
             limits=self._limits,
             session_id=hello.session,
+            link_timeout_s=self.link_timeout_s,
         )
         task = asyncio.get_running_loop().create_task(self._run(session))
         self._handlers.add(task)
@@ -925,6 +1215,7 @@ class Server:
         if group is not None:
             self._log.warning("session_incomplete", peer=group.hello.name)
             for channel in group.channels.values():
+                self._pending.pop(channel, None)
                 _refuse(channel, "protocol", "not all channels of the session arrived")
 
     async def _run(self, session: Session) -> None:
@@ -935,7 +1226,7 @@ class Server:
             raise
         except Exception as exc:  # a failing handler ends its session, not the server
             self._log.warning("handler_failed", error=str(exc), kind=type(exc).__name__)
-            session.abort()
+            session.abort(str(exc) or type(exc).__name__, code="internal")
         else:
             await session.close()
 
@@ -947,6 +1238,9 @@ class Server:
             task.cancel()
         for session in list(self._groups):
             self._expire(session)
+        for channel in list(self._pending):
+            self._drop(channel)
+        self.refusals.flush()
 
     async def wait_closed(self) -> None:
         """Wait until the listener and every handler have finished."""
@@ -969,10 +1263,19 @@ async def serve(
     name: str,
     auth: AuthConfig,
     limits: Limits | None = None,
+    link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S,
 ) -> Server:
-    """Listen on ``address`` (port 0 picks one: see ``Server.address``)."""
+    """Listen on ``address`` (port 0 picks one: see ``Server.address``).
+
+    With TLS, a connection reaches the admission limits once its TLS handshake is
+    done; until then only ``handshake_timeout`` bounds it (layering TLS ourselves with
+    ``loop.start_tls`` would count it earlier, but server-side start_tls stalls under
+    uvloop 0.23).
+    """
     limits = limits or Limits()
-    server = Server(handler, name=name, auth=auth, limits=limits)
+    if not link_timeout_s > 0:
+        raise ValueError(f"link_timeout_s must be > 0, got {link_timeout_s!r}")
+    server = Server(handler, name=name, auth=auth, limits=limits, link_timeout_s=link_timeout_s)
     kind, host, port = parse_address(address)
     loop = asyncio.get_running_loop()
     # The TLS handshake comes before HELLO (the channel sees the connection only once

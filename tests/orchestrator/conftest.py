@@ -131,7 +131,9 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
     servers: list[transport.Server] = []
     devices: list[PagedDevice] = []
 
-    async def make(specs: Sequence[Spec], *, hold_verdicts: bool | str = False) -> Ends:
+    async def make(
+        specs: Sequence[Spec], *, hold_verdicts: bool | str = False, link_timeout_s: float = 5.0
+    ) -> Ends:
         """``hold_verdicts``: hold every verdict (True) or those of one stage."""
         sources = [s.build(source=True) for s in specs]
         targets = [s.build(source=False) for s in specs]
@@ -156,7 +158,9 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
             outcomes.append(await DestinationMigration(session, by_name).run())
 
         auth = transport.AuthConfig()
-        server = await transport.serve("127.0.0.1:0", accept, name="test-dst", auth=auth)
+        server = await transport.serve(
+            "127.0.0.1:0", accept, name="test-dst", auth=auth, link_timeout_s=link_timeout_s
+        )
         servers.append(server)
         return Ends(list(specs), sources, targets, trace, target_trace, server.address,
                     outcomes, gates, gate_made, auth)  # fmt: skip

@@ -283,7 +283,7 @@ def build(fault: str, phase: str) -> tuple[Cell, Trigger | None]:
             if phase != "setup":
                 await at_phase(h, m)
             assert h.proxy is not None
-            h.proxy.freeze()
+            h.proxy.stall()
             await release(h)
 
         return cell, stall

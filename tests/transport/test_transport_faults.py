@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-from structlog.testing import capture_logs
 from transport_helpers import PSK, RawPeer, Recorder, descriptors, hello_fields
 
 from tests.pki import make_pki
@@ -29,7 +28,6 @@ from transport import (
     serve,
     server_tls_context,
 )
-from transport.auth import proof
 from transport.frames import encode_header
 
 
@@ -131,7 +129,7 @@ async def test_frames_before_a_clean_hang_up_are_delivered(recorder: Recorder) -
 
 
 async def test_failing_handler_aborts_only_its_session(recorder: Recorder) -> None:
-    """A handler that raises aborts its session; the server goes on serving others."""
+    """A handler that raises aborts its session, telling the source why; others go on."""
     calls = 0
 
     async def flaky(session: Session) -> None:
@@ -142,8 +140,8 @@ async def test_failing_handler_aborts_only_its_session(recorder: Recorder) -> No
         await recorder(session)
 
     async with await serve("127.0.0.1:0", flaky, name="dest", auth=AuthConfig(psk=PSK)) as server:
-        first = await source(server)
-        with pytest.raises(ConnectionLost):
+        first = await connect(server.address, name="source", auth=AuthConfig(psk=PSK))
+        with pytest.raises(PeerCancelled, match="destination failed: handler bug"):
             await first.recv()
         second = await source(server)
         await second.send_control(Tag.END_OF_STREAM)
@@ -190,7 +188,8 @@ BAD_FRAMES = [
     ids=[b[0] for b in BAD_FRAMES if b[1] is not None],
 )
 async def test_bad_frames_abort_the_session_naming_the_field(make, field: str) -> None:  # type: ignore[no-untyped-def]
-    """Each violation ends the destination's session with a ProtocolError naming the field."""
+    """Each violation ends the destination's session with a ProtocolError naming the field,
+    and the peer is told so in a CANCEL before the connection goes."""
     recorder = Recorder()
     limits = Limits(max_devices=4, max_name_length=32, max_payload=1 << 20)
     async with await serve(
@@ -204,7 +203,11 @@ async def test_bad_frames_abort_the_session_naming_the_field(make, field: str) -
         await recorder.done.wait()
         assert isinstance(recorder.error, ProtocolError)
         assert recorder.error.field == field
-        assert await peer.read_frame() is None
+        cancel = await peer.read_frame()
+        assert cancel is not None
+        assert cancel.tag is Tag.CANCEL
+        expected = "limit" if isinstance(recorder.error, LimitExceeded) else "protocol"
+        assert cancel.fields() == {"reason": str(recorder.error), "code": expected}
         await peer.close()
     if field in ("payload_length", "devices"):
         assert isinstance(recorder.error, LimitExceeded)
@@ -243,54 +246,6 @@ async def test_cancelled_recv_leaves_the_session_usable(server: Server) -> None:
     await session.send_control(Tag.END_OF_STREAM)
     assert (await session.recv()).tag is Tag.VERDICT
     await session.close()
-
-
-async def test_connections_past_the_pending_handshake_limit_are_refused(
-    recorder: Recorder,
-) -> None:
-    """Past max_pending_handshakes a new connection is closed unanswered; sessions go on."""
-    limits = Limits(max_pending_handshakes=3)
-    with capture_logs() as logs:
-        async with await serve(
-            "127.0.0.1:0", recorder, name="dest", auth=AuthConfig(psk=PSK), limits=limits
-        ) as server:
-            session = await source(server)
-            # Three peers stop halfway: HELLO answered, AUTH never sent. The answer
-            # proves the server holds a handshake open for each.
-            pending = []
-            for _ in range(limits.max_pending_handshakes):
-                peer = await RawPeer.open(server.address)
-                session_id, nonce = os.urandom(16), os.urandom(32)
-                await peer.send(Tag.HELLO, hello_fields(session_id, nonce))
-                hello = await peer.read_frame()
-                assert hello is not None
-                assert hello.tag is Tag.HELLO
-                pending.append((peer, session_id, nonce, hello.fields()["nonce"]))
-            for _ in range(2):
-                extra = await RawPeer.open(server.address)
-                with contextlib.suppress(ConnectionError):
-                    await extra.send(Tag.HELLO, hello_fields(os.urandom(16), os.urandom(32)))
-                assert await extra.read_frame() is None, "no HELLO for a connection over the limit"
-                await extra.close()
-            await session.send_chunk(Tag.PRECOPY_DATA, 1, (b"still here",))
-            await session.send_control(Tag.END_OF_STREAM)
-            assert (await session.recv()).tag is Tag.VERDICT
-            await session.close()
-            assert (Tag.PRECOPY_DATA, 1, b"still here") in recorder.frames
-            # Once the halfway peers authenticate they no longer hold a slot.
-            for peer, session_id, nonce, dest_nonce in pending:
-                await peer.send(
-                    Tag.AUTH, {"proof": proof(PSK, "source", session_id, 0, nonce, dest_nonce)}
-                )
-                accepted = await peer.read_frame()
-                assert accepted is not None
-                assert accepted.tag is Tag.AUTH
-            late = await connect(server.address, name="late", auth=AuthConfig(psk=PSK))
-            await late.close()
-            for peer, *_ in pending:
-                await peer.close()
-    refused = [e for e in logs if e["event"] == "connection_refused"]
-    assert [e["reason"] for e in refused] == ["too many pending handshakes"] * 2
 
 
 async def test_a_tls_handshake_that_never_starts_is_dropped(tmp_path: Path) -> None:

@@ -58,10 +58,18 @@ class RawPeer:
         self.decoder = FrameDecoder(handshake=True)
 
     @classmethod
-    async def open(cls, address: str) -> RawPeer:
-        """Connect to a tcp: address."""
+    async def open(cls, address: str, *, local: str | None = None) -> RawPeer:
+        """Connect to a tcp: address (from the loopback address ``local`` if given)."""
         _, host, port = parse_address(address)
-        return cls(*await asyncio.open_connection(host, port))
+        local_addr = None if local is None else (local, 0)
+        return cls(*await asyncio.open_connection(host, port, local_addr=local_addr))
+
+    async def half_open(self) -> None:
+        """Send a HELLO and read the answer: the server now holds a pending handshake."""
+        await self.send(Tag.HELLO, hello_fields(os.urandom(16), os.urandom(32)))
+        hello = await self.read_frame()
+        assert hello is not None
+        assert hello.tag is Tag.HELLO
 
     def encode(
         self,
