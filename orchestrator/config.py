@@ -27,6 +27,8 @@
 
     [daemon]
     max_records = 100                        # finished migrations kept for queries
+    handshake_timeout_s = 10                 # an incoming migration's first message
+    idle_timeout_s = 60                      # silence tolerated mid-stream and before COMMIT
 
     [[device]]                               # one per device this host owns
     kind = "simulated"                       # simulated | ram | vfio | vfio-user
@@ -197,6 +199,8 @@ class DaemonConfig:
     max_total_bandwidth: float | None = None
     #: Finished migrations remembered per direction (running ones are always kept).
     max_records: int = 100
+    #: An incoming migration's handshake_timeout_s and idle_timeout_s (DestinationMigration).
+    incoming_timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 # -- where keys are ------------------------------------------------------------------------
@@ -379,10 +383,18 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     remote = _remote_control(reader, reader.get(document, (), "control", dict, None), base)
     migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
     daemon = reader.get(document, (), "daemon", dict, {})
-    reader.refuse_unknown(daemon, ("daemon",), {"max_records"})
+    reader.refuse_unknown(
+        daemon, ("daemon",), {"max_records", "handshake_timeout_s", "idle_timeout_s"}
+    )
     max_records = reader.get(daemon, ("daemon",), "max_records", int, 100)
     if max_records < 1:
         raise reader.error(("daemon", "max_records"), f"must be >= 1, got {max_records}")
+    incoming_timeouts = {}
+    for key, default in (("handshake_timeout_s", 10.0), ("idle_timeout_s", 60.0)):
+        value = reader.get(daemon, ("daemon",), key, (int, float), default)
+        if not 0 < value < 1e6:
+            raise reader.error(("daemon", key), f"must be a number of seconds > 0, got {value}")
+        incoming_timeouts[key] = float(value)
     entries = reader.get(document, (), "device", list, [])
     devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
     seen: dict[str, int] = {}
@@ -406,6 +418,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         remote_control=remote,
         max_total_bandwidth=_total_bandwidth(reader, document),
         max_records=max_records,
+        incoming_timeouts=incoming_timeouts,
     )
 
 

@@ -207,7 +207,10 @@ class Service:
         claim = uuid.uuid4().hex[:12]
         record = Incoming(claim, session.peer_name, asyncio.current_task())
         migration = DestinationMigration(
-            session, _Claims(self, claim), gate=_IncomingGate(self, record)
+            session,
+            _Claims(self, claim),
+            gate=_IncomingGate(self, record),
+            **self.config.incoming_timeouts,
         )
         try:
             resumed = await migration.run()

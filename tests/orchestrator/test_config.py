@@ -192,3 +192,12 @@ def test_the_state_file_defaults_beside_the_control_socket(folder: Path) -> None
     )
     assert parsed.state_file == folder / "run" / "h1.owners.json"
     assert parsed.devices[0].accept_incoming
+
+
+def test_incoming_timeouts_come_from_the_daemon_table(folder: Path) -> None:
+    """[daemon] handshake_timeout_s / idle_timeout_s reach incoming migrations, validated."""
+    base = 'control_socket = "c.sock"\n[daemon]\n'
+    parsed = config.parse(base + "idle_timeout_s = 2\n", file=str(folder / "d.toml"))
+    assert parsed.incoming_timeouts == {"handshake_timeout_s": 10.0, "idle_timeout_s": 2.0}
+    with pytest.raises(ConfigError, match=r"d.toml:3: daemon.handshake_timeout_s: must be"):
+        config.parse(base + "handshake_timeout_s = 0\n", file=str(folder / "d.toml"))
