@@ -120,6 +120,8 @@ class _Channel(asyncio.BufferedProtocol):
         self._on_made = on_made
         self._session: Session | None = None
         self._seq = 0
+        #: Whether session frames carry checksums, as the handshake agreed.
+        self.checksums = True
         self._waiter: asyncio.Future[None] | None = None
         #: Senders waiting for the write buffer to drain (several devices share a channel).
         self._drainers: list[asyncio.Future[None]] = []
@@ -232,7 +234,7 @@ class _Channel(asyncio.BufferedProtocol):
         """Hand the channel to ``session``: decode eagerly from now on."""
         self._session = session
         self.index = index
-        self.decoder.end_handshake()
+        self.decoder.end_handshake(checksums=self.checksums)
         if self.error is not None:
             session._fail(self.error)
         else:
@@ -262,7 +264,8 @@ class _Channel(asyncio.BufferedProtocol):
         """Write one frame now (never interleaved with another: no await inside)."""
         if self.transport is None or self.transport.is_closing():
             raise self.error or SessionClosed(f"channel {self.index} is closed")
-        header = encode_header(tag, device, self._seq, length, checksum(chunk))
+        check = checksum(chunk) if self.checksums or self._session is None else 0
+        header = encode_header(tag, device, self._seq, length, check)
         self._seq += 1
         self.transport.writelines([header, *chunk])
         self.submitted += len(header) + length
@@ -630,6 +633,14 @@ def _bytes_field(fields: Mapping[str, Any], key: str, size: int) -> bytes:
     return value
 
 
+def _checksum_field(fields: Mapping[str, Any]) -> bool:
+    """HELLO's ``checksum``: true when absent (a peer that predates it checks every frame)."""
+    value = fields.get("checksum", True)
+    if not isinstance(value, bool):
+        raise ProtocolError("checksum", f"expected bool, got {value!r:.60}")
+    return value
+
+
 def _name_field(fields: Mapping[str, Any], limits: Limits) -> str:
     name: str = require(fields, "name", str)
     if len(name) > limits.max_name_length:
@@ -660,6 +671,7 @@ async def _client_handshake(
             "nonce": nonce,
             "auth": auth.method,
             "max_payload": limits.max_payload,
+            "checksum": auth.requires_checksums,
         },
     )
     frame = await channel.next_frame()
@@ -667,6 +679,9 @@ async def _client_handshake(
     hello = frame.fields()
     if hello.get("version") != PROTOCOL_VERSION:
         raise ProtocolError("version", f"peer speaks {hello.get('version')!r}")
+    channel.checksums = _checksum_field(hello)
+    if auth.requires_checksums and not channel.checksums:
+        raise ProtocolError("checksum", "the destination refused per-chunk checksums")
     dest_nonce = _bytes_field(hello, "nonce", NONCE_SIZE)
     if auth.psk is not None and hello.get("auth") != "psk":
         _refuse(channel, "auth", "the source requires a pre-shared key")
@@ -724,8 +739,15 @@ async def _server_handshake(
     )
     source_nonce = _bytes_field(fields, "nonce", NONCE_SIZE)
     nonce = new_nonce()
+    channel.checksums = _checksum_field(fields) or auth.requires_checksums
     channel.send_control(
-        Tag.HELLO, {"version": PROTOCOL_VERSION, "nonce": nonce, "auth": auth.method}
+        Tag.HELLO,
+        {
+            "version": PROTOCOL_VERSION,
+            "nonce": nonce,
+            "auth": auth.method,
+            "checksum": channel.checksums,
+        },
     )
     frame = await channel.next_frame()
     _raise_if_cancel(frame, Tag.AUTH)

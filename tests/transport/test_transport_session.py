@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 
 import pytest
 from transport_helpers import PSK, Recorder, descriptors
@@ -141,3 +142,34 @@ async def test_an_aborted_session_ends_a_send_waiting_on_the_bandwidth_cap(
     session.abort()
     with pytest.raises(SessionClosed):
         await sending
+
+
+@pytest.mark.parametrize(
+    ("source", "dest", "agreed"),
+    [(None, None, True), (False, None, True), (None, False, True), (False, False, False)],
+)
+async def test_channels_skip_checksums_only_when_both_sides_agree(
+    recorder: Recorder, source: bool | None, dest: bool | None, agreed: bool
+) -> None:
+    """Outside TLS a side asks for checksums unless told not to; either side asking wins."""
+    auth = AuthConfig(psk=PSK, checksums=dest)
+    async with await serve("127.0.0.1:0", recorder, name="dest", auth=auth) as server:
+        session = await connect(
+            server.address, name="source", auth=AuthConfig(psk=PSK, checksums=source), channels=2
+        )
+        assert [channel.checksums for channel in session._chans] == [agreed, agreed]
+        await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+        await session.send_chunk(Tag.PRECOPY_DATA, 1, (b"payload",))
+        await session.send_control(Tag.END_OF_STREAM)
+        assert (await session.recv()).tag is Tag.VERDICT
+        await session.close()
+        await recorder.done.wait()
+    assert recorder.error is None
+    assert (Tag.PRECOPY_DATA, 1, b"payload") in recorder.frames
+
+
+def test_checksums_are_required_outside_tls_by_default() -> None:
+    """The default asks for per-chunk checksums on plain TCP and leaves them to TLS inside it."""
+    assert AuthConfig().requires_checksums
+    assert not AuthConfig(ssl_context=ssl.create_default_context()).requires_checksums
+    assert AuthConfig(ssl_context=ssl.create_default_context(), checksums=True).requires_checksums
