@@ -20,6 +20,7 @@ import contextlib
 import enum
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -313,6 +314,7 @@ class SourceMigration:
         params_start = time.monotonic()
         throttle = 0.0
         previous: list[DeviceProgress] | None = None
+        recent: deque[convergence.Estimate] = deque(maxlen=convergence.FLOOR_PATIENCE + 1)
         while True:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -321,6 +323,7 @@ class SourceMigration:
             self.stats.iterations += 1
             progress = self._progress()
             est = self._estimate(progress)
+            recent.append(est)
             self._sample(progress, previous, est)
             previous = progress
             elapsed = time.monotonic() - params_start
@@ -331,6 +334,9 @@ class SourceMigration:
                 elapsed_s=elapsed,
                 ack_pending=self._want_ack and not self._ack.is_set(),
             )
+            limit_s = self.params.downtime_limit_ms / 1000
+            if action is Action.SWITCHOVER and not convergence.at_floor(recent, limit_s):
+                action = Action.CONTINUE  # fits, but still falling: wait for the floor
             if self._force:
                 action = Action.FORCE
             self.log.info(

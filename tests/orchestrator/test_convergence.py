@@ -149,3 +149,51 @@ def test_downtime_breakdown_sums_to_total() -> None:
     assert clock.total_ms() == pytest.approx(15.0)
     with pytest.raises(ValueError, match="unknown downtime phase"):
         clock.mark("nap")
+
+
+def series(
+    *pending_mb: float, bandwidth: float = 1000 * MB, overhead_s: float = 0.002
+) -> list[convergence.Estimate]:
+    """Estimates of successive iterations with these pending MB (all initial data sent)."""
+    return [
+        convergence.estimate([progress(0, int(p * MB))], bandwidth, overhead_s) for p in pending_mb
+    ]
+
+
+def test_a_fitting_estimate_still_falling_waits_for_the_floor() -> None:
+    """Straight out of the initial copy, 30 ms of transfer fits 50 ms but is not the floor."""
+    history = series(400, 30)
+    assert history[-1].fits(0.05)
+    assert not convergence.at_floor(history, 0.05)
+    assert not convergence.at_floor(history[-1:], 0.05)
+
+
+def test_the_floor_is_where_the_expected_downtime_stops_falling() -> None:
+    """A fitting estimate that fell less than the tolerance since the last one is the floor."""
+    assert convergence.at_floor(series(400, 30, 8, 7.5), 0.05)
+    assert not convergence.at_floor(series(400, 30, 8), 0.05)
+
+
+def test_a_negligible_transfer_switches_at_once() -> None:
+    """When the pending bytes would take under a millisecond, no iteration can gain more."""
+    assert convergence.at_floor(series(400, 0.5), 0.05)
+    assert convergence.at_floor(series(0.2), 0.05)
+
+
+def test_a_bump_above_the_floor_is_waited_out() -> None:
+    """A fitting estimate well above the best one seen is a bump: the next may be lower."""
+    assert not convergence.at_floor(series(400, 8, 20), 0.05)
+    assert convergence.at_floor(series(400, 8, 20, 8.5), 0.05)
+
+
+def test_patience_bounds_the_wait_for_a_floor() -> None:
+    """After FLOOR_PATIENCE fitting iterations the switchover goes ahead even if still falling."""
+    falling = [40 * 0.7**i for i in range(convergence.FLOOR_PATIENCE)]
+    assert not convergence.at_floor(series(400, *falling[:-1]), 0.05)
+    assert convergence.at_floor(series(400, *falling), 0.05)
+
+
+def test_iterations_over_the_limit_do_not_count_towards_patience() -> None:
+    """Only the trailing run of fitting estimates counts: one over the limit restarts it."""
+    history = series(30, 20, 14, 100, 30, 20, 14)
+    assert not convergence.at_floor(history, 0.05)
