@@ -114,7 +114,14 @@ async def run_once(options: BenchOptions) -> dict[str, Any]:
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """min/median/max of the headline numbers over repeated runs."""
     summary: dict[str, Any] = {"runs": len(runs)}
-    keys = ("downtime_ms", "total_ms", "iterations", "transferred_bytes", "bandwidth_bps")
+    keys = (
+        "downtime_ms",
+        "total_ms",
+        "iterations",
+        "transferred_bytes",
+        "bandwidth_bps",
+        "cpu_s_per_gb",
+    )
     for key in keys:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:

@@ -773,6 +773,7 @@ class SourceMigration:
         """Total time, and the bandwidth as the average over the whole migration."""
         elapsed = self.stats.elapsed_s()
         self.stats.total_ms = elapsed * 1e3
+        self.stats.end_cpu()
         self.stats.bandwidth = self.stats.transferred_bytes / elapsed if elapsed > 0 else 0.0
 
     def _set_status(self, status: Status) -> None:

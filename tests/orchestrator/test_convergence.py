@@ -8,7 +8,7 @@ from orchestrator import convergence
 from orchestrator.convergence import Action, DeviceProgress
 from orchestrator.errors import MigrationBlocked
 from orchestrator.params import MigrationParams, Policy
-from orchestrator.stats import DowntimeClock, RateMeter
+from orchestrator.stats import DeviceStats, DowntimeClock, MigrationStats, RateMeter
 
 MB = 1_000_000
 
@@ -197,3 +197,14 @@ def test_iterations_over_the_limit_do_not_count_towards_patience() -> None:
     """Only the trailing run of fitting estimates counts: one over the limit restarts it."""
     history = series(30, 20, 14, 100, 30, 20, 14)
     assert not convergence.at_floor(history, 0.05)
+
+
+def test_cpu_cost_is_per_gb_moved_and_only_once_the_migration_ended() -> None:
+    """cpu_s_per_gb divides the CPU seconds spent since the start by the GB put on the wire."""
+    stats = MigrationStats("m", "dest", [DeviceStats("d", "ram", precopy_bytes=2 * 10**9)])
+    assert stats.as_dict()["cpu_s_per_gb"] is None
+    stats.started_cpu -= 1.0  # as if the migration had already cost a CPU second
+    stats.end_cpu()
+    assert stats.cpu_s is not None
+    assert stats.cpu_s >= 1.0
+    assert stats.as_dict()["cpu_s_per_gb"] == pytest.approx(stats.cpu_s / 2, abs=1e-3)
