@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import mmap
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,12 +156,16 @@ _TAGS = {int(t): t for t in Tag}
 
 
 class _Segment:
-    """One receive buffer, and how many delivered frames still point into it."""
+    """One receive buffer, and how many delivered frames still point into it.
+
+    An anonymous mapping rather than a bytearray: the kernel supplies zeroed pages as
+    the first read touches them, where a bytearray would zero every byte again first.
+    """
 
     __slots__ = ("buffer", "held", "view")
 
     def __init__(self, size: int) -> None:
-        self.buffer = bytearray(size)
+        self.buffer = mmap.mmap(-1, size)
         self.view = memoryview(self.buffer)
         self.held = 0
 
