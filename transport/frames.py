@@ -301,7 +301,10 @@ class FrameDecoder:
     a view into a receive buffer that stays valid until ``release(frame)``; control
     payloads are copied, so they need no release. Memory is bounded: at most
     ``limits.receive_segments`` buffers exist, and ``get_buffer()`` returns None (the
-    caller pauses reading) while all of them hold unreleased frames.
+    caller pauses reading) while all of them hold unreleased frames. Bytes are copied
+    only when a frame would straddle the end of a buffer: expecting each frame to be as
+    large as the last data frame, ``get_buffer()`` offers room only up to the last
+    whole frame that fits, so a stream of equal chunks is never copied.
 
     Every violation raises ProtocolError (or LimitExceeded) naming the field; after
     one, the decoder is dead and raises the same error again.
