@@ -681,6 +681,7 @@ async def _client_handshake(
         raise ProtocolError("version", f"peer speaks {hello.get('version')!r}")
     channel.checksums = _checksum_field(hello)
     if auth.requires_checksums and not channel.checksums:
+        _refuse(channel, "protocol", "this source requires per-chunk checksums")
         raise ProtocolError("checksum", "the destination refused per-chunk checksums")
     dest_nonce = _bytes_field(hello, "nonce", NONCE_SIZE)
     if auth.psk is not None and hello.get("auth") != "psk":
