@@ -109,8 +109,10 @@ def decide(
 #: A drop smaller than this fraction of the previous expected downtime is no longer
 #: "improving": the series has reached its floor (measurement noise is about this big).
 FLOOR_TOLERANCE = 0.15
-#: Expected transfer time at or below which another iteration cannot gain anything a
-#: user would notice against the fixed cost of the arcs.
+#: An expected downtime within this many times the fixed cost of the arcs (which no
+#: iteration reduces), plus ``FLOOR_SLACK_S``, is as good as the floor.
+FLOOR_FACTOR = 2.0
+#: Measurement slack added to that bound: a millisecond is below what a user notices.
 FLOOR_SLACK_S = 0.001
 #: Consecutive fitting iterations after which the switchover goes ahead whatever the
 #: trend: a floor that keeps receding must not cost unbounded total time.
@@ -130,8 +132,9 @@ def at_floor(history: Sequence[Estimate], downtime_limit_s: float) -> bool:
     estimate fits the limit (``decide`` checks that, and this only delays a switchover
     it allowed), switch over when any of these holds:
 
-    * the transfer part (pending bytes / bandwidth) is at most ``FLOOR_SLACK_S``: the
-      downtime is the fixed cost of the arcs, which no iteration reduces;
+    * the expected downtime is at most ``FLOOR_FACTOR`` times the fixed cost of the
+      arcs plus ``FLOOR_SLACK_S``: no iteration goes below that fixed cost, so waiting
+      could win back at most half of the downtime, for a whole iteration of total time;
     * the expected downtime stopped falling: it is no new low (not ``FLOOR_TOLERANCE``
       below the best fitting estimate before it) yet within that tolerance of that
       best, which is the floor and not a momentary bump above it; or it is a new low
@@ -155,7 +158,7 @@ def at_floor(history: Sequence[Estimate], downtime_limit_s: float) -> bool:
     if fitting >= FLOOR_PATIENCE:
         return True
     expected = latest.expected_downtime_s
-    if expected - latest.overhead_s <= FLOOR_SLACK_S:
+    if expected <= FLOOR_FACTOR * latest.overhead_s + FLOOR_SLACK_S:
         return True
     earlier = [est.expected_downtime_s for est in list(history)[len(history) - fitting : -1]]
     if earlier and expected >= min(earlier) * (1 - FLOOR_TOLERANCE):

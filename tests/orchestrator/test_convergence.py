@@ -180,6 +180,12 @@ def test_a_negligible_transfer_switches_at_once() -> None:
     assert convergence.at_floor(series(0.2), 0.05)
 
 
+def test_within_twice_the_fixed_cost_is_as_good_as_the_floor() -> None:
+    """A falling estimate within 2x the arcs' fixed cost (+1 ms) switches: little is left."""
+    assert convergence.at_floor(series(400, 4, overhead_s=0.005), 0.05)
+    assert not convergence.at_floor(series(400, 7, overhead_s=0.005), 0.05)
+
+
 def test_a_bump_above_the_floor_is_waited_out() -> None:
     """A fitting estimate well above the best one seen is a bump: the next may be lower."""
     assert not convergence.at_floor(series(400, 8, 20), 0.05)
