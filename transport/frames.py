@@ -355,6 +355,11 @@ class FrameDecoder:
         return self._seq
 
     @property
+    def missing(self) -> int:
+        """Bytes of the current frame still to arrive, once its header is known (else 0)."""
+        return 0 if self._header is None else self._need - (self._end - self._start)
+
+    @property
     def buffered(self) -> int:
         """Bytes received but not yet decoded into a frame."""
         return self._end - self._start

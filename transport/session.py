@@ -6,7 +6,11 @@ destination once every channel passed the handshake (see :mod:`transport.frames`
 
 Receiving is zero-copy: each channel is a ``BufferedProtocol`` reading straight into
 the :class:`~transport.frames.FrameDecoder`'s buffers, and data frames reach ``recv()``
-as views into them. Frames are decoded as soon as they arrive, so CANCEL and PING are
+as views into them. On plain TCP the socket's SO_RCVLOWAT asks the kernel to wake the
+reader only once the rest of the frame being received has arrived (up to
+``READ_LOW_WATER``), so a 1 MiB chunk costs a read or two rather than one per few
+segments: on loopback that took the framed path from 0.77 to about 0.93 x a raw socket.
+Frames are decoded as soon as they arrive, so CANCEL and PING are
 answered even while the application is busy sending. Sending writes the header and the
 chunk's own buffers with ``writelines`` and waits only past the write high-water mark.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import ssl
 import time
 from collections import deque
@@ -63,6 +68,10 @@ DEFAULT_CHANNELS = 4
 #: Writing pauses past this many buffered bytes per channel and resumes below LOW.
 WRITE_HIGH_WATER = 8 * MiB
 WRITE_LOW_WATER = 2 * MiB
+#: Most a reader waits for before it is woken (SO_RCVLOWAT); Linux grows the receive
+#: buffer to fit, and a frame's last bytes always wake it (the low-water mark is never
+#: above what the frame still misses).
+READ_LOW_WATER = 1 * MiB
 #: A PING is refused, and the session aborted, while this much written data is unread.
 PONG_BACKLOG_LIMIT = 2 * WRITE_HIGH_WATER
 
@@ -122,6 +131,9 @@ class _Channel(asyncio.BufferedProtocol):
         self._seq = 0
         #: Whether session frames carry checksums, as the handshake agreed.
         self.checksums = True
+        #: The TCP socket under a plain (not TLS) connection, and its SO_RCVLOWAT.
+        self._socket: socket.socket | None = None
+        self._low_water = 1
         self._waiter: asyncio.Future[None] | None = None
         #: Senders waiting for the write buffer to drain (several devices share a channel).
         self._drainers: list[asyncio.Future[None]] = []
@@ -136,6 +148,11 @@ class _Channel(asyncio.BufferedProtocol):
         # uvloop's transports implement asyncio.Transport without deriving from it.
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        # Under TLS the socket carries records the TLS layer may already have read ahead.
+        plain = transport.get_extra_info("sslcontext") is None and sock is not None
+        if plain and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self._socket = sock
         if self._on_made is not None:
             self._on_made(self)
 
@@ -250,6 +267,16 @@ class _Channel(asyncio.BufferedProtocol):
         except TransportError as exc:
             session._fail(exc)
         self.update_reading()
+        if self._socket is not None:
+            self._set_low_water(min(self.decoder.missing, READ_LOW_WATER))
+
+    def _set_low_water(self, nbytes: int) -> None:
+        """Wake the reader once ``nbytes`` (at least 1) are readable."""
+        nbytes = max(1, nbytes)
+        if nbytes != self._low_water and self._socket is not None:
+            self._low_water = nbytes
+            with contextlib.suppress(OSError):  # closing: connection_lost follows
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
 
     def update_reading(self) -> None:
         """Pause while the queue or the receive buffers are full, resume otherwise."""

@@ -412,3 +412,19 @@ def test_reads_stop_where_the_next_frame_would_not_fit() -> None:
         if taken >= size:
             assert (decoder.buffered + len(decoder.get_buffer() or b"")) % size == 0
     assert decoder.frames == 8
+
+
+def test_missing_counts_the_rest_of_the_frame_once_its_header_is_known() -> None:
+    """missing is 0 between frames, then what the current frame still lacks."""
+    decoder = session_decoder()
+    wire = stream([(Tag.PRECOPY_DATA, 0, b"x" * 1000)])
+    assert decoder.missing == 0
+    decoder.feed(wire[:2])
+    assert decoder.next_frame() is None
+    assert decoder.missing == 0  # not even the header length yet
+    decoder.feed(wire[2:300])
+    assert decoder.next_frame() is None
+    assert decoder.missing == len(wire) - 300
+    decoder.feed(wire[300:])
+    assert decoder.next_frame() is not None
+    assert decoder.missing == 0

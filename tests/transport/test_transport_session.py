@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 
 import pytest
-from transport_helpers import PSK, Recorder, descriptors
+from transport_helpers import PSK, RawPeer, Recorder, descriptors
 
 from transport import (
     AuthConfig,
@@ -19,6 +20,7 @@ from transport import (
     encode_devices,
     serve,
 )
+from transport.limits import MiB
 
 
 async def open_source(server: Server, channels: int = 1) -> Session:
@@ -173,3 +175,38 @@ def test_checksums_are_required_outside_tls_by_default() -> None:
     assert AuthConfig().requires_checksums
     assert not AuthConfig(ssl_context=ssl.create_default_context()).requires_checksums
     assert AuthConfig(ssl_context=ssl.create_default_context(), checksums=True).requires_checksums
+
+
+async def test_the_reader_wakes_for_the_rest_of_a_frame_not_for_each_segment(
+    recorder: Recorder,
+) -> None:
+    """Mid-frame the socket's SO_RCVLOWAT is what the frame misses (capped), then back to 1."""
+    sessions: asyncio.Queue[Session] = asyncio.Queue()
+
+    async def handler(session: Session) -> None:
+        sessions.put_nowait(session)
+        await recorder(session)
+
+    auth = AuthConfig(psk=PSK)
+    async with await serve("127.0.0.1:0", handler, name="dest", auth=auth) as server:
+        peer = await RawPeer.open(server.address)
+        await peer.handshake(PSK)
+        channel = (await sessions.get())._chans[0]
+        assert channel._socket is not None
+        await peer.send(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+        payload = os.urandom(3 * MiB)
+        ping = peer.encode(Tag.PING, {"id": 1, "t": 0.0})
+        frame = peer.encode(Tag.PRECOPY_DATA, device=0, payload=payload)
+        # One small write: the PING and the data frame's header; the PONG says both were read.
+        peer.writer.write(ping + frame[:40])
+        pong = await peer.read_frame()
+        assert pong is not None
+        assert pong.tag is Tag.PONG
+        assert channel.decoder.missing == len(frame) - 40
+        assert channel._socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == MiB
+        peer.writer.write(frame[40:])
+        await peer.send(Tag.END_OF_STREAM)
+        await recorder.done.wait()
+        assert (Tag.PRECOPY_DATA, 0, payload) in recorder.frames
+        assert channel._socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        await peer.close()
