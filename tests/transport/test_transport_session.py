@@ -21,6 +21,7 @@ from transport import (
     serve,
 )
 from transport.limits import MiB
+from transport.session import READ_LOW_WATER
 
 
 async def open_source(server: Server, channels: int = 1) -> Session:
@@ -203,7 +204,7 @@ async def test_the_reader_wakes_for_the_rest_of_a_frame_not_for_each_segment(
         assert pong is not None
         assert pong.tag is Tag.PONG
         assert channel.decoder.missing == len(frame) - 40
-        assert channel._socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == MiB
+        assert channel._socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == READ_LOW_WATER
         peer.writer.write(frame[40:])
         await peer.send(Tag.END_OF_STREAM)
         await recorder.done.wait()
