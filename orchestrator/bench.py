@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import statistics
 from collections.abc import Sequence
 from typing import Any
@@ -111,16 +112,35 @@ async def run_once(options: BenchOptions) -> dict[str, Any]:
     return result
 
 
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """The nearest-rank percentile: the smallest value with ``fraction`` of them at or below.
+
+    With 10 runs the p90 is the 9th smallest: one run in ten may be worse.
+    """
+    if not values:
+        raise ValueError("no values")
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """min/median/max of the headline numbers over repeated runs."""
+    """min / median / p90 / max of the headline numbers over repeated runs."""
     summary: dict[str, Any] = {"runs": len(runs)}
-    keys = ("downtime_ms", "total_ms", "iterations", "transferred_bytes", "bandwidth_bps")
+    keys = (
+        "downtime_ms",
+        "total_ms",
+        "iterations",
+        "transferred_bytes",
+        "bandwidth_bps",
+        "cpu_s_per_gb",
+    )
     for key in keys:
         values = [r[key] for r in runs if r.get(key) is not None]
         if values:
             summary[key] = {
                 "min": min(values),
                 "median": statistics.median(values),
+                "p90": percentile(values, 0.9),
                 "max": max(values),
             }
     summary["completed"] = sum(r["status"] == "completed" for r in runs)

@@ -330,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-bandwidth", type=_bandwidth, metavar="RATE", help="bandwidth cap (MB/s, or a unit)"
     )
     bench.add_argument("--channels", type=int, help="connections (default: 4, one per device)")
-    bench.add_argument("--repeat", type=int, default=1, metavar="K", help="runs (min/median/max)")
+    bench.add_argument(
+        "--repeat", type=int, default=1, metavar="K", help="runs (min/median/p90/max)"
+    )
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the convergence")
     bench.add_argument(
         "--in-process", action="store_true", help="both ends in this process (orchestrator.bench)"
@@ -709,8 +711,11 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
     except daemonbench.DaemonFailed as exc:
         return _fail(args, EXIT_UNREACHABLE, "DaemonFailed", str(exc))
     if args.plot is not None:
-        daemonbench.plot(runs[-1], args.plot)
+        daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
     return _bench_report(args, runs, bench.summarize(runs))
+
+
+_PERCENTILES = ("min", "median", "p90", "max")
 
 
 def _bench_report(
@@ -721,12 +726,10 @@ def _bench_report(
     if args.json:
         _print_json(runs[0] if len(runs) == 1 else {"summary": summary, "runs": runs})
     elif len(runs) > 1:
-        print(f"over {len(runs)} runs (min / median / max):")
+        print(f"over {len(runs)} runs (min / median / p90 / max):")
         for key, values in summary.items():
             if isinstance(values, dict):
-                print(
-                    f"  {key}: {values['min']:.6g} / {values['median']:.6g} / {values['max']:.6g}"
-                )
+                print(f"  {key}: " + " / ".join(f"{values[k]:.6g}" for k in _PERCENTILES))
     if any(r["status"] != "completed" for r in runs):
         return EXIT_FAILED
     return EXIT_OK if summary["verified"] else EXIT_UNVERIFIED
@@ -738,7 +741,7 @@ async def _bench_in_process(args: argparse.Namespace) -> int:
     options = _bench_options(args)
     runs = await bench.run_repeated(options, args.repeat)
     if args.plot is not None:
-        daemonbench.plot(runs[-1], args.plot)
+        daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
     if not args.json:
         for index, stats in enumerate(runs):
             print(f"run {index + 1}/{args.repeat} (in process):")

@@ -10,6 +10,9 @@ remaining bytes are each device's own stop-copy estimate, which counts its dirty
 Devices that cannot report their figures (precopy info and the stop-copy size are
 optional in the uAPI, and a vfio-user device may offer neither) are estimated from
 their pre-copy stream by one rule, :func:`device_progress`, whatever their backend.
+
+The limit is a ceiling, not a target: :func:`at_floor` holds a switchover that fits
+until the expected downtime has stopped improving.
 """
 
 from __future__ import annotations
@@ -186,6 +189,68 @@ def decide(
     ):
         return Action.THROTTLE
     return Action.CONTINUE
+
+
+#: A drop smaller than this fraction of the previous expected downtime is no longer
+#: "improving": the series has reached its floor (measurement noise is about this big).
+FLOOR_TOLERANCE = 0.15
+#: An expected downtime within this many times the fixed cost of the arcs (which no
+#: iteration reduces), plus ``FLOOR_SLACK_S``, is as good as the floor.
+FLOOR_FACTOR = 2.0
+#: Measurement slack added to that bound: a millisecond is below what a user notices.
+FLOOR_SLACK_S = 0.001
+#: Consecutive fitting iterations after which the switchover goes ahead whatever the
+#: trend: a floor that keeps receding must not cost unbounded total time.
+FLOOR_PATIENCE = 5
+
+
+def at_floor(history: Sequence[Estimate], downtime_limit_s: float) -> bool:
+    """Whether the newest estimate (``history[-1]``) is as low as waiting will make it.
+
+    The downtime limit is a ceiling the operator tolerates, not a target: switching over
+    at the first iteration that fits gives whatever downtime that iteration happened to
+    leave, anywhere under the limit (at 200 MB/s of dirtying that was a few ms in some
+    runs and 30 ms in others). Pre-copy keeps sending what is dirtied, so the pending
+    bytes fall iteration by iteration to a floor set by the dirty rate and the
+    bandwidth (what is dirtied while the last dirty bytes are sent), and stay there;
+    the lowest downtime this link allows is a switchover at that floor. So, once the
+    estimate fits the limit (``decide`` checks that, and this only delays a switchover
+    it allowed), switch over when any of these holds:
+
+    * the expected downtime is at most ``FLOOR_FACTOR`` times the fixed cost of the
+      arcs plus ``FLOOR_SLACK_S``: no iteration goes below that fixed cost, so waiting
+      could win back at most half of the downtime, for a whole iteration of total time;
+    * the expected downtime stopped falling: it is no new low (not ``FLOOR_TOLERANCE``
+      below the best fitting estimate before it) yet within that tolerance of that
+      best, which is the floor and not a momentary bump above it; or it is a new low
+      that fell less than the tolerance since the previous iteration;
+    * ``FLOOR_PATIENCE`` consecutive iterations have fitted: take what fits rather
+      than trade unbounded total time for a floor that keeps receding.
+
+    Otherwise keep iterating: the expected downtime is still falling (the first
+    fitting iteration usually comes straight out of the initial copy with tens of MB
+    pending), or the newest estimate is a bump above the floor that the next iteration
+    will likely undo. The cost is about one iteration of total time.
+    """
+    if not history:
+        return True
+    latest = history[-1]
+    fitting = 0
+    for est in reversed(history):
+        if not est.fits(downtime_limit_s):
+            break
+        fitting += 1
+    if fitting >= FLOOR_PATIENCE:
+        return True
+    expected = latest.expected_downtime_s
+    if expected <= FLOOR_FACTOR * latest.overhead_s + FLOOR_SLACK_S:
+        return True
+    earlier = [est.expected_downtime_s for est in list(history)[len(history) - fitting : -1]]
+    if earlier and expected >= min(earlier) * (1 - FLOOR_TOLERANCE):
+        # Not a new low: back at the floor seen before, or a bump above it.
+        return expected <= min(earlier) * (1 + FLOOR_TOLERANCE) + FLOOR_SLACK_S
+    # A new low (or the first fit): the floor only if it barely moved since the last one.
+    return len(history) >= 2 and expected >= history[-2].expected_downtime_s * (1 - FLOOR_TOLERANCE)
 
 
 def next_throttle(current: float, params: MigrationParams) -> float:

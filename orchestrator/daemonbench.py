@@ -292,8 +292,13 @@ async def run_repeated(options: BenchOptions, repeat: int) -> list[dict[str, Any
     return [await run_once(options) for _ in range(repeat)]
 
 
-def plot(stats: dict[str, Any], path: Path) -> None:
-    """Per-iteration pending bytes and the switchover point, as a PNG (needs matplotlib)."""
+def plot(stats: dict[str, Any], path: Path, *, limit_ms: float | None = None) -> None:
+    """Per-iteration pending bytes and expected downtime, and where the switchover came.
+
+    With ``limit_ms`` it also marks the first iteration whose estimate fitted the limit:
+    where a switchover at the first fit would have come, against the one at the floor
+    (see ``convergence.at_floor``). Needs matplotlib.
+    """
     try:  # an optional extra: imported by name so type checking does not need it installed
         matplotlib = importlib.import_module("matplotlib")
         matplotlib.use("Agg")
@@ -305,8 +310,24 @@ def plot(stats: dict[str, Any], path: Path) -> None:
     times = [sample["t_s"] for sample in history]
     axis.plot(times, [s["pending_bytes"] / 2**20 for s in history], marker=".", label="pending")
     axis.plot(times, [s["dirty_bytes"] / 2**20 for s in history], linestyle="--", label="dirty")
+    axis.set_yscale("symlog", linthresh=1)
+    expected = axis.twinx()
+    expected.plot(
+        times,
+        [s["expected_downtime_ms"] for s in history],
+        color="purple",
+        marker="x",
+        label="expected downtime (ms)",
+    )
+    expected.set_yscale("symlog", linthresh=1)
+    expected.set_ylabel("expected downtime (ms)")
+    if limit_ms is not None:
+        expected.axhline(limit_ms, color="purple", linestyle=":", label=f"limit {limit_ms:g} ms")
+        first_fit = next((s["t_s"] for s in history if s["expected_downtime_ms"] <= limit_ms), None)
+        if first_fit is not None:
+            axis.axvline(first_fit, color="orange", linestyle="-.", label="first fit")
     if stats.get("switchover_at_s") is not None:
-        axis.axvline(stats["switchover_at_s"], color="red", label="switchover")
+        axis.axvline(stats["switchover_at_s"], color="red", label="switchover (floor)")
     axis.set_xlabel("time since start (s)")
     axis.set_ylabel("MiB")
     downtime = stats.get("downtime_ms")
@@ -314,7 +335,9 @@ def plot(stats: dict[str, Any], path: Path) -> None:
     if downtime is not None:
         title += f", downtime {downtime:.1f} ms"
     axis.set_title(title)
-    axis.legend()
+    lines, labels = axis.get_legend_handles_labels()
+    more, more_labels = expected.get_legend_handles_labels()
+    axis.legend(lines + more, labels + more_labels, fontsize="small")
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

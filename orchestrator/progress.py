@@ -145,6 +145,10 @@ def summary_lines(stats: dict[str, Any]) -> list[str]:
         f"transferred: {human_bytes(stats['transferred_bytes'])}",
         f"bandwidth: {human_rate(stats['bandwidth_bps'])}",
     ]
+    if stats.get("cpu_s_per_gb") is not None:
+        lines.append(
+            f"source CPU: {stats['cpu_s']:.3f} s, {stats['cpu_s_per_gb']:.3f} s per GB moved"
+        )
     if stats.get("verified") is not None:
         lines.append(f"verified: {'yes, digests equal' if stats['verified'] else 'NO'}")
     return lines

@@ -23,6 +23,7 @@ import contextlib
 import enum
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
@@ -341,6 +342,7 @@ class SourceMigration:
         params_start = time.monotonic()
         throttle = 0.0
         previous: list[DeviceProgress] | None = None
+        recent: deque[convergence.Estimate] = deque(maxlen=convergence.FLOOR_PATIENCE + 1)
         while True:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
@@ -349,6 +351,7 @@ class SourceMigration:
             self.stats.iterations += 1
             progress = self._progress()
             est = self._estimate(progress)
+            recent.append(est)
             self._sample(progress, previous, est)
             previous = progress
             elapsed = time.monotonic() - params_start
@@ -359,6 +362,9 @@ class SourceMigration:
                 elapsed_s=elapsed,
                 ack_pending=self._want_ack and not self._ack.is_set(),
             )
+            limit_s = self.params.downtime_limit_ms / 1000
+            if action is Action.SWITCHOVER and not convergence.at_floor(recent, limit_s):
+                action = Action.CONTINUE  # fits, but still falling: wait for the floor
             if self._force:
                 action = Action.FORCE
             self.log.info(
@@ -865,6 +871,7 @@ class SourceMigration:
         """Total time, and the bandwidth as the average over the whole migration."""
         elapsed = self.stats.elapsed_s()
         self.stats.total_ms = elapsed * 1e3
+        self.stats.end_cpu()
         self.stats.bandwidth = self.stats.transferred_bytes / elapsed if elapsed > 0 else 0.0
 
     def _set_status(self, status: Status) -> None:

@@ -152,6 +152,12 @@ class MigrationStats:
     status: Status = Status.SETUP
     started_at: float = dataclasses.field(default_factory=time.time)
     started_mono: float = dataclasses.field(default_factory=time.monotonic)
+    #: This process's CPU seconds (user + system, all threads) when the migration began.
+    started_cpu: float = dataclasses.field(default_factory=time.process_time)
+    #: CPU seconds this process spent during the migration, set when it ends: what
+    #: moving the devices cost the host's workload (the whole daemon, so a concurrent
+    #: migration or control traffic is counted too).
+    cpu_s: float | None = None
     setup_ms: float | None = None
     total_ms: float | None = None
     iterations: int = 0
@@ -190,6 +196,16 @@ class MigrationStats:
         """Seconds since the migration started."""
         return time.monotonic() - self.started_mono
 
+    def end_cpu(self) -> None:
+        """Record the CPU seconds spent since the migration started."""
+        self.cpu_s = time.process_time() - self.started_cpu
+
+    @property
+    def cpu_s_per_gb(self) -> float | None:
+        """CPU seconds per 10**9 bytes moved; None until the end, or if nothing moved."""
+        moved = self.transferred_bytes
+        return None if self.cpu_s is None or not moved else self.cpu_s / (moved / 1e9)
+
     def as_dict(self, *, history: bool = False) -> dict[str, Any]:
         """Plain values for JSON; the same fields for ``migrate --json`` and ``bench --json``."""
 
@@ -197,6 +213,7 @@ class MigrationStats:
             """Rounded milliseconds; None when unknown (JSON has no infinity)."""
             return None if value is None or not math.isfinite(value) else round(value, 3)
 
+        per_gb = self.cpu_s_per_gb
         answer: dict[str, Any] = {
             "migration_id": self.migration_id,
             "destination": self.destination,
@@ -223,6 +240,8 @@ class MigrationStats:
             "forced": self.forced,
             "error": self.error,
             "verified": self.verified,
+            "cpu_s": None if self.cpu_s is None else round(self.cpu_s, 4),
+            "cpu_s_per_gb": None if per_gb is None else round(per_gb, 4),
             "devices": [d.as_dict() for d in self.devices],
         }
         if history:

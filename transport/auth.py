@@ -32,12 +32,20 @@ class AuthConfig:
     with a key refuses a peer without it). ``ssl_context`` wraps every connection in
     TLS; build one with :func:`client_tls_context` / :func:`server_tls_context`.
     ``server_hostname`` overrides the name a client checks the server certificate
-    against (default: the host of the address).
+    against (default: the host of the address). ``checksums`` says whether this side
+    requires the per-chunk checksum: None (the default) requires it outside TLS only,
+    where nothing else covers the payload; False is for a link trusted otherwise.
     """
 
     psk: bytes | None = None
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None
+    checksums: bool | None = None
+
+    @property
+    def requires_checksums(self) -> bool:
+        """Whether this side asks for per-chunk checksums (see the HELLO ``checksum`` field)."""
+        return self.ssl_context is None if self.checksums is None else self.checksums
 
     @property
     def method(self) -> str:

@@ -1,11 +1,15 @@
 """Transport benchmark: framed sessions against a plain socket, over loopback TCP.
 
-For each channel count it streams the volume twice: through the full framing path
-(connect, send_chunk with checksums, the destination's decoder and recv) and through
-plain asyncio sockets with no framing at all. The receiver runs in its own process, so
-sender and receiver each get a core, as on two hosts; ``--one-process`` runs both in
-one event loop instead. Throughput is in MB/s (10**6 bytes per second), measured from
-the first byte sent until the receiver confirmed the last one.
+For each channel count it streams the volume three ways, interleaved: through the full
+framing path (connect, send_chunk, the destination's decoder and recv) with per-chunk
+checksums ("framed", the default outside TLS), the same without them ("unchecked", what
+a session inside TLS agrees to, here without the encryption), and through plain asyncio
+sockets with no framing at all ("raw"). The receiver runs in its own process, so sender
+and receiver each get a core, as on two hosts; ``--one-process`` runs both in one event
+loop instead. Throughput is in MB/s (10**6 bytes per second), measured from the first
+byte sent until the receiver confirmed the last one. On a shared machine trust the CPU
+cost more than the throughput: each side's CPU seconds (user + system, from getrusage)
+per GB moved, which other load does not inflate.
 
     python -m transport.bench [--volume 2GiB] [--channels 1,2,4] [--chunk 1MiB]
                               [--repeat 3] [--one-process] [--json]
@@ -19,10 +23,12 @@ import json
 import logging
 import multiprocessing
 import os
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
@@ -39,6 +45,19 @@ GiB = 1024 * MiB
 #: The raw receiver reads into a buffer as large as the framed receiver's segments.
 RAW_READ_BUFFER = 4 * MiB
 PSK = b"bench"
+#: What is measured, in the order of each round.
+KINDS = ("framed", "unchecked", "raw")
+
+
+def _auth(kind: str) -> AuthConfig:
+    """The framed kinds differ only in whether the channels agree on checksums."""
+    return AuthConfig(PSK, checksums=kind != "unchecked")
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _setup_process() -> None:
@@ -57,7 +76,9 @@ def _setup_process() -> None:
 # -- receivers (in the receiving process or task) ------------------------------------------
 
 
-async def _framed_receiver(ready: Callable[[str], None], done: asyncio.Event) -> None:
+async def _framed_receiver(
+    ready: Callable[[str], None], done: asyncio.Event, auth: AuthConfig
+) -> None:
     async def handler(session: Session) -> None:
         while True:
             frame = await session.recv()
@@ -69,7 +90,7 @@ async def _framed_receiver(ready: Callable[[str], None], done: asyncio.Event) ->
         await session.close()
         done.set()
 
-    async with await serve("127.0.0.1:0", handler, name="bench-dest", auth=AuthConfig(PSK)) as s:
+    async with await serve("127.0.0.1:0", handler, name="bench-dest", auth=auth) as s:
         ready(s.address)
         await done.wait()
 
@@ -116,24 +137,29 @@ async def _raw_receiver(
 
 
 def _receiver_process(kind: str, per_connection: int, connections: int, pipe: Connection) -> None:
-    """Entry point of the receiving process: serve one run, report the address."""
+    """Entry point of the receiving process: serve one run, report the address, then
+    the CPU seconds the run cost this process."""
     _setup_process()
 
-    async def main() -> None:
+    async def main() -> float:
         done = asyncio.Event()
-        if kind == "framed":
-            await _framed_receiver(pipe.send, done)
-        else:
+        started = _cpu_seconds()
+        if kind == "raw":
             await _raw_receiver(per_connection, connections, pipe.send, done)
+        else:
+            await _framed_receiver(pipe.send, done, _auth(kind))
+        return _cpu_seconds() - started
 
-    asyncio.run(main())
+    pipe.send(asyncio.run(main()))
 
 
 # -- senders ---------------------------------------------------------------------------
 
 
-async def _send_framed(address: str, volume: int, channels: int, chunk: memoryview) -> float:
-    session = await connect(address, name="bench-source", auth=AuthConfig(PSK), channels=channels)
+async def _send_framed(
+    address: str, volume: int, channels: int, chunk: memoryview, auth: AuthConfig
+) -> float:
+    session = await connect(address, name="bench-source", auth=auth, channels=channels)
     await session.send_control(Tag.DEVICES, {"devices": encode_devices(_devices(channels))})
     accepted = await session.recv()
     assert accepted.tag is Tag.DEVICES_ACCEPTED, accepted
@@ -175,7 +201,9 @@ class _RawSource(asyncio.Protocol):
             self.acked.set_result(None)
 
 
-async def _send_raw(address: str, volume: int, channels: int, chunk: memoryview) -> float:
+async def _send_raw(
+    address: str, volume: int, channels: int, chunk: memoryview, auth: AuthConfig
+) -> float:
     host, port = address.rsplit(":", 1)
     loop = asyncio.get_running_loop()
     links = [await loop.create_connection(_RawSource, host, int(port)) for _ in range(channels)]
@@ -219,39 +247,65 @@ def _shares(volume: int, parts: int) -> list[tuple[int, int]]:
 # -- orchestration ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """One streaming run: bytes per second and the CPU seconds each side spent."""
+
+    rate: float
+    sender_cpu_s: float
+    #: 0 in one-process mode, where the sender's figure covers both sides.
+    receiver_cpu_s: float
+
+
 async def _measure(
     kind: str, volume: int, channels: int, chunk: memoryview, one_process: bool
-) -> float:
-    send = _send_framed if kind == "framed" else _send_raw
+) -> _Run:
+    send = _send_raw if kind == "raw" else _send_framed
     per_connection = volume // channels
     volume = per_connection * channels
+    started = _cpu_seconds()
     if one_process:
         done = asyncio.Event()
         address: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         receiver: Coroutine[Any, Any, None]
-        if kind == "framed":
-            receiver = _framed_receiver(address.set_result, done)
-        else:
+        if kind == "raw":
             receiver = _raw_receiver(per_connection, channels, address.set_result, done)
+        else:
+            receiver = _framed_receiver(address.set_result, done, _auth(kind))
         task = asyncio.create_task(receiver)
-        elapsed = await send(await address, volume, channels, chunk)
+        elapsed = await send(await address, volume, channels, chunk, _auth(kind))
         await task
-        return volume / elapsed
+        return _Run(volume / elapsed, _cpu_seconds() - started, 0.0)
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     process = context.Process(
         target=_receiver_process, args=(kind, per_connection, channels, theirs), daemon=True
     )
     process.start()
+    loop = asyncio.get_running_loop()
     try:
-        loop = asyncio.get_running_loop()
         address_text: str = await loop.run_in_executor(None, ours.recv)
-        elapsed = await send(address_text, volume, channels, chunk)
+        started = _cpu_seconds()
+        elapsed = await send(address_text, volume, channels, chunk, _auth(kind))
+        sender_cpu = _cpu_seconds() - started
+        receiver_cpu: float = await loop.run_in_executor(None, ours.recv)
     finally:
-        await asyncio.get_running_loop().run_in_executor(None, process.join, 30)
+        await loop.run_in_executor(None, process.join, 30)
         if process.is_alive():
             process.kill()
-    return volume / elapsed
+    return _Run(volume / elapsed, sender_cpu, receiver_cpu)
+
+
+def _summary(runs: Sequence[_Run], volume: int) -> dict[str, float]:
+    """Medians of the runs of one kind: MB/s and CPU seconds per GB (10**9 bytes)."""
+    per_gb = 1e9 / volume
+    return {
+        "mbps": round(statistics.median(r.rate for r in runs) / 1e6, 1),
+        "sender_cpu_s_per_gb": round(statistics.median(r.sender_cpu_s for r in runs) * per_gb, 3),
+        "receiver_cpu_s_per_gb": round(
+            statistics.median(r.receiver_cpu_s for r in runs) * per_gb, 3
+        ),
+    }
 
 
 async def run(
@@ -262,29 +316,34 @@ async def run(
     one_process: bool = False,
     repeat: int = 3,
 ) -> dict[str, Any]:
-    """Measure framed and raw throughput for every channel count; the best count wins.
+    """Measure every kind for every channel count; the best framed count wins.
 
-    Each figure is the median of ``repeat`` runs, framed and raw interleaved so that
-    drift in the machine's load hits both alike. Returns ``framed_mbps``, ``raw_mbps``,
-    ``ratio`` and ``channels`` for the channel count with the highest framed
-    throughput, and ``results`` with one entry per count.
+    Each figure is the median of ``repeat`` runs, the kinds interleaved so that drift in
+    the machine's load hits them alike. Returns ``framed_mbps``, ``unchecked_mbps``,
+    ``raw_mbps``, their ``ratio`` and ``unchecked_ratio`` to raw, and ``channels`` for
+    the channel count with the highest framed throughput, and ``results`` with one entry
+    per count, which also carries each kind's CPU seconds per GB on either side.
     """
     chunk = memoryview(os.urandom(chunk_size))
     results = []
     for count in channels:
-        framed_runs, raw_runs = [], []
+        runs: dict[str, list[_Run]] = {kind: [] for kind in KINDS}
         for _ in range(repeat):
-            framed_runs.append(await _measure("framed", volume_bytes, count, chunk, one_process))
-            raw_runs.append(await _measure("raw", volume_bytes, count, chunk, one_process))
-        framed, raw = statistics.median(framed_runs), statistics.median(raw_runs)
-        results.append(
-            {
-                "channels": count,
-                "framed_mbps": round(framed / 1e6, 1),
-                "raw_mbps": round(raw / 1e6, 1),
-                "ratio": round(framed / raw, 3),
-            }
-        )
+            for kind in KINDS:
+                runs[kind].append(await _measure(kind, volume_bytes, count, chunk, one_process))
+        volume = volume_bytes // count * count
+        summaries = {kind: _summary(runs[kind], volume) for kind in KINDS}
+        raw = summaries["raw"]["mbps"]
+        entry: dict[str, Any] = {"channels": count}
+        for kind in KINDS:
+            entry[f"{kind}_mbps"] = summaries[kind]["mbps"]
+        entry["ratio"] = round(summaries["framed"]["mbps"] / raw, 3)
+        entry["unchecked_ratio"] = round(summaries["unchecked"]["mbps"] / raw, 3)
+        entry["cpu_s_per_gb"] = {
+            kind: {side: summaries[kind][f"{side}_cpu_s_per_gb"] for side in ("sender", "receiver")}
+            for kind in KINDS
+        }
+        results.append(entry)
     best = max(results, key=lambda r: r["framed_mbps"])
     return {
         **best,
@@ -292,7 +351,7 @@ async def run(
         "chunk_size": chunk_size,
         "processes": 1 if one_process else 2,
         "repeat": repeat,
-        "unit": "MB/s (10**6 bytes per second)",
+        "unit": "MB/s (10**6 bytes per second); CPU seconds per 10**9 bytes",
         "results": results,
     }
 
@@ -324,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cpu_text(cpu: dict[str, float], *, one_process: bool) -> str:
+    if one_process:
+        return f"{cpu['sender']:.3f}"
+    return f"{cpu['sender']:.3f} / {cpu['receiver']:.3f}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark under uvloop and print the results."""
     args = build_parser().parse_args(argv)
@@ -342,14 +407,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(
         f"volume {args.volume / GiB:.2f} GiB, chunks of {args.chunk} bytes, "
-        f"{result['processes']} process(es), MB/s = 10**6 bytes/s"
+        f"{result['processes']} process(es), MB/s = 10**6 bytes/s, median of {args.repeat}"
     )
+    sides = "sender+receiver" if args.one_process else "sender / receiver"
     for r in result["results"]:
         print(
-            f"  {r['channels']} channel(s): framed {r['framed_mbps']:8.1f} MB/s   "
-            f"raw {r['raw_mbps']:8.1f} MB/s   ratio {r['ratio']:.3f}"
+            f"  {r['channels']} channel(s): framed {r['framed_mbps']:7.1f}  "
+            f"unchecked {r['unchecked_mbps']:7.1f}  raw {r['raw_mbps']:7.1f} MB/s   "
+            f"ratio {r['ratio']:.3f}, unchecked {r['unchecked_ratio']:.3f}"
         )
-    print(f"best: {result['channels']} channel(s), ratio {result['ratio']:.3f}")
+        cpu = r["cpu_s_per_gb"]
+        print(
+            f"      CPU s/GB ({sides}): "
+            + "   ".join(
+                f"{kind} {_cpu_text(cpu[kind], one_process=args.one_process)}" for kind in KINDS
+            )
+        )
+    print(
+        f"best: {result['channels']} channel(s), ratio {result['ratio']:.3f}, "
+        f"unchecked {result['unchecked_ratio']:.3f} (wall-clock: noisy on a shared machine)"
+    )
     return 0
 
 

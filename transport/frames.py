@@ -21,9 +21,10 @@ Every byte on a connection belongs to a frame::
 * ``length`` is the payload length: at most ``max_payload`` for data frames and
   ``max_control_payload`` for control frames (``max_handshake_payload`` before
   authentication).
-* ``checksum`` is the xxh3-64 hash of the payload, as an unsigned integer. It detects
-  corruption, not tampering: a peer is authenticated by the handshake, and a hostile
-  network is kept out by TLS.
+* ``checksum`` is the xxh3-64 hash of the payload, as an unsigned integer, or 0 on a
+  channel that agreed to go without (see Integrity). It detects corruption, not
+  tampering: a peer is authenticated by the handshake, and a hostile network is kept
+  out by TLS.
 
 Payloads: the data tags (SETUP, PRECOPY_DATA, STOPCOPY_DATA, DEVICE_CONFIG) carry a
 device's migration stream bytes verbatim; every other tag carries a msgpack map with
@@ -36,8 +37,9 @@ A session is 1..16 connections ("channels"). Each channel starts with the handsh
 
     source -> HELLO {version: 1, name, session: 16 random bytes, channel: i,
                      channels: n, nonce: 32 random bytes (Nc), auth: "psk"|"none",
-                     max_payload}
-    dest   -> HELLO {version: 1, nonce: 32 random bytes (Ns), auth: "psk"|"none"}
+                     max_payload, checksum: bool}
+    dest   -> HELLO {version: 1, nonce: 32 random bytes (Ns), auth: "psk"|"none",
+                     checksum: bool}
     source -> AUTH  {proof: HMAC-SHA256(K, "livemig/1 source" session i Nc Ns)}  (or {})
     dest   -> AUTH  {proof: HMAC-SHA256(K, "livemig/1 dest" session i Nc Ns), name,
                      max_payload}                                          (or CANCEL)
@@ -46,6 +48,25 @@ The destination answers a failed proof, or a wrong version, with CANCEL {reason,
 and nothing else; the source refuses a destination whose proof fails the same way.
 Both nonces are fresh per connection, so a recorded proof never matches again. TLS, if
 configured, wraps the whole connection.
+
+Integrity
+---------
+The handshake's frames always carry the checksum. For the frames after AUTH each
+channel uses what its HELLOs agreed: the source's ``checksum`` says whether it requires
+the per-chunk checksum, and the destination's answers with the outcome, true when
+either side requires it (a HELLO without the field requires it; a source that required
+it refuses a destination answering false). A side requires it unless its connection is
+TLS or its operator said so (``AuthConfig.checksums``): inside TLS every record carries
+an authentication tag over every byte (AES-GCM or ChaCha20-Poly1305), which detects
+corruption at least as surely as a 64-bit hash, and tampering too, so a second pass
+over the payload adds no guarantee. On a channel without checksums every frame's
+``checksum`` is 0 and any other value is refused. The checksum is computed once on the
+sending side, over the chunk's own buffers as they are written, and once on the
+receiving side, incrementally over the bytes of each read right after it (the same
+xxh3-64, while the bytes are still in cache), compared when the frame is complete.
+Both the checksum and the TLS tag are taken when the bytes are handed to the
+connection (TLS may encrypt queued data later), so both rely on a chunk not changing
+once sent, as the device contract promises.
 
 Once all n channels of a session id are authenticated the destination runs one handler
 for them. Then, control frames travel on channel 0 and a device's frames on channel
@@ -75,6 +96,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import mmap
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -134,12 +156,16 @@ _TAGS = {int(t): t for t in Tag}
 
 
 class _Segment:
-    """One receive buffer, and how many delivered frames still point into it."""
+    """One receive buffer, and how many delivered frames still point into it.
+
+    An anonymous mapping rather than a bytearray: the kernel supplies zeroed pages as
+    the first read touches them, where a bytearray would zero every byte again first.
+    """
 
     __slots__ = ("buffer", "held", "view")
 
     def __init__(self, size: int) -> None:
-        self.buffer = bytearray(size)
+        self.buffer = mmap.mmap(-1, size)
         self.view = memoryview(self.buffer)
         self.held = 0
 
@@ -275,7 +301,10 @@ class FrameDecoder:
     a view into a receive buffer that stays valid until ``release(frame)``; control
     payloads are copied, so they need no release. Memory is bounded: at most
     ``limits.receive_segments`` buffers exist, and ``get_buffer()`` returns None (the
-    caller pauses reading) while all of them hold unreleased frames.
+    caller pauses reading) while all of them hold unreleased frames. Bytes are copied
+    only when a frame would straddle the end of a buffer: expecting each frame to be as
+    large as the last data frame, ``get_buffer()`` offers room only up to the last
+    whole frame that fits, so a stream of equal chunks is never copied.
 
     Every violation raises ProtocolError (or LimitExceeded) naming the field; after
     one, the decoder is dead and raises the same error again.
@@ -296,13 +325,25 @@ class FrameDecoder:
         self._end = 0
         self._need = PREFIX.size
         self._header: tuple[Tag, int, int, int, int, int] | None = None
+        #: Bytes of the last data frame: the next is expected as large (see get_buffer).
+        self._expect = 0
         self._seq = 0
         self._error: ProtocolError | None = None
         self._discarded = False
+        #: Whether session frames carry checksums (the handshake's always do).
+        self.checksums = True
+        self._hasher = xxhash.xxh3_64()
+        #: Bytes of the current frame's payload hashed so far.
+        self._hashed = 0
 
-    def end_handshake(self) -> None:
-        """Accept session frames (up to the full limits) from now on."""
+    def end_handshake(self, *, checksums: bool = True) -> None:
+        """Accept session frames (up to the full limits) from now on.
+
+        ``checksums`` is what the handshake agreed: without them a session frame's
+        checksum must be 0 and the payload is not hashed.
+        """
         self._handshake = False
+        self.checksums = checksums
 
     @property
     def capacity(self) -> int:
@@ -313,6 +354,11 @@ class FrameDecoder:
     def frames(self) -> int:
         """Frames decoded so far (the next expected seq)."""
         return self._seq
+
+    @property
+    def missing(self) -> int:
+        """Bytes of the current frame still to arrive, once its header is known (else 0)."""
+        return 0 if self._header is None else self._need - (self._end - self._start)
 
     @property
     def buffered(self) -> int:
@@ -338,21 +384,29 @@ class FrameDecoder:
         transport that reads once more after it was asked to pause.
         """
         seg = self._seg
-        if self._start + self._need <= len(seg.buffer) and self._end < len(seg.buffer):
-            return seg.view[self._end :]
-        partial = self._end - self._start
-        if seg.held == 0 and len(seg.buffer) >= self._need and len(seg.buffer) > partial:
-            seg.view[:partial] = seg.view[self._start : self._end]
-        else:
-            fresh = self._take_segment(max(self._need, partial + MIN_READ), force)
-            if fresh is None:
-                return None
-            fresh.view[:partial] = seg.view[self._start : self._end]
-            if seg.held == 0:
-                self._free.append(seg)
-            self._seg = fresh
-        self._start, self._end = 0, partial
-        return self._seg.view[partial:]
+        # At a frame's start, the next frame is expected to be as large as the last.
+        want = self._need if self._header is not None else max(self._need, self._expect)
+        if self._start + want > len(seg.buffer) or self._end == len(seg.buffer):
+            # What arrived of the current frame moves to the start of a buffer it fits in.
+            partial = self._end - self._start
+            if seg.held == 0 and len(seg.buffer) >= want and len(seg.buffer) > partial:
+                seg.view[:partial] = seg.view[self._start : self._end]
+            else:
+                fresh = self._take_segment(max(want, partial + MIN_READ), force)
+                if fresh is None:
+                    return None
+                fresh.view[:partial] = seg.view[self._start : self._end]
+                if seg.held == 0:
+                    self._free.append(seg)
+                self._seg = seg = fresh
+            self._start, self._end = 0, partial
+        stop = len(seg.buffer)
+        if self._expect:
+            # Read no further than the end of the last frame of the expected size that fits
+            # whole, so the next starts a fresh buffer instead of being copied out of this
+            # one's tail.
+            stop -= (stop - self._start - want) % self._expect
+        return seg.view[self._end : stop if self._end < stop else None]
 
     def _take_segment(self, size: int, force: bool) -> _Segment | None:
         while self._free:
@@ -424,21 +478,35 @@ class FrameDecoder:
             header = seg.view[start + PREFIX.size : start + PREFIX.size + size]
             self._header = self._parse_header(header)
             self._need = PREFIX.size + size + self._header[4]
-        if available < self._need:
-            return None
         tag, device, seq, flags, length, check = self._header
-        payload = seg.view[start + self._need - length : start + self._need]
-        actual = xxhash.xxh3_64_intdigest(payload)
-        if actual != check:
-            raise ProtocolError(
-                "checksum", f"mismatch on {tag.name} frame {seq} of device {device}"
-            )
-        self._start += self._need
+        begin = start + self._need - length
+        if available < self._need:
+            if self.checksums and self._end > begin + self._hashed:
+                # Hash what just arrived while it is in cache, not when the frame is whole.
+                self._hasher.update(seg.view[begin + self._hashed : self._end])
+                self._hashed = self._end - begin
+            return None
+        payload = seg.view[begin : start + self._need]
+        if self.checksums:
+            if self._hashed:
+                self._hasher.update(payload[self._hashed :])
+                actual = self._hasher.intdigest()
+                self._hasher.reset()
+                self._hashed = 0
+            else:
+                actual = xxhash.xxh3_64_intdigest(payload)
+            if actual != check:
+                raise ProtocolError(
+                    "checksum", f"mismatch on {tag.name} frame {seq} of device {device}"
+                )
+        need = self._need
+        self._start += need
         self._need = PREFIX.size
         self._header = None
         if tag is Tag.END_OF_STREAM:
             self.ended = True
         if tag in DATA_TAGS:
+            self._expect = need
             seg.held += 1
             return Frame(tag, device, seq, flags, payload, seg)
         return Frame(tag, device, seq, flags, memoryview(bytes(payload)))
@@ -467,6 +535,8 @@ class FrameDecoder:
             raise ProtocolError("tag", f"{tag.name} is not valid during the {phase}")
         if flags:
             raise ProtocolError("flags", f"{flags:#x}: no flags are defined")
+        if not self.checksums and check:
+            raise ProtocolError("checksum", f"{check:#x} on a channel agreed without checksums")
         if tag in DATA_TAGS:
             limit = self.limits.max_payload
         elif self._handshake:

@@ -6,7 +6,12 @@ destination once every channel passed the handshake (see :mod:`transport.frames`
 
 Receiving is zero-copy: each channel is a ``BufferedProtocol`` reading straight into
 the :class:`~transport.frames.FrameDecoder`'s buffers, and data frames reach ``recv()``
-as views into them. Frames are decoded as soon as they arrive, so CANCEL and PING are
+as views into them. On plain TCP the socket's SO_RCVLOWAT asks the kernel to wake the
+reader only once the rest of the frame being received has arrived (up to
+``READ_LOW_WATER``), so a 1 MiB chunk costs a few reads rather than one per few
+segments (on loopback: from 0.6 to 0.7 x a raw socket's throughput with checksums,
+from 0.77 to 0.9-1.0 x without).
+Frames are decoded as soon as they arrive, so CANCEL and PING are
 answered even while the application is busy sending. Sending writes the header and the
 chunk's own buffers with ``writelines`` and waits only past the write high-water mark.
 """
@@ -15,9 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import random
+import socket
 import ssl
+import sys
+import termios
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -64,6 +73,12 @@ DEFAULT_CHANNELS = 4
 #: Writing pauses past this many buffered bytes per channel and resumes below LOW.
 WRITE_HIGH_WATER = 8 * MiB
 WRITE_LOW_WATER = 2 * MiB
+#: Most a reader waits for before it is woken (SO_RCVLOWAT); a frame's last bytes always
+#: wake it (the low-water mark is never above what the frame still misses). Measured on
+#: loopback, 4 channels: 1 MiB gave 0.92-0.97 x raw without checksums, 256 KiB 0.89 (with
+#: checksums both about 0.72: smaller reads keep the hashed bytes in cache, more reads
+#: cost as much).
+READ_LOW_WATER = 1 * MiB
 #: A PING is refused, and the session aborted, while this much written data is unread.
 PONG_BACKLOG_LIMIT = 2 * WRITE_HIGH_WATER
 #: Silence (no byte received) after which a session counts its link as lost.
@@ -132,6 +147,13 @@ class _Channel(asyncio.BufferedProtocol):
         self._on_made = on_made
         self._session: Session | None = None
         self._seq = 0
+        #: Whether session frames carry checksums, as the handshake agreed.
+        self.checksums = True
+        #: The TCP socket under a plain (not TLS) connection, and its SO_RCVLOWAT.
+        self._socket: socket.socket | None = None
+        #: Bytes the kernel held for us at the last liveness check (FIONREAD).
+        self._kernel_waiting = 0
+        self._low_water = 1
         self._waiter: asyncio.Future[None] | None = None
         #: Senders waiting for the write buffer to drain (several devices share a channel).
         self._drainers: list[asyncio.Future[None]] = []
@@ -155,18 +177,19 @@ class _Channel(asyncio.BufferedProtocol):
     # -- asyncio.BufferedProtocol ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.use_transport(transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and peer:
-            self.peer_host = str(peer[0])
-        if self._on_made is not None:
-            self._on_made(self)
-
-    def use_transport(self, transport: asyncio.BaseTransport) -> None:
-        """Write and read through ``transport`` (the TCP one, or TLS on top of it)."""
         # uvloop's transports implement asyncio.Transport without deriving from it.
         self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and peer:
+            self.peer_host = str(peer[0])
+        sock = transport.get_extra_info("socket")
+        # Under TLS the socket carries records the TLS layer may already have read ahead.
+        plain = transport.get_extra_info("sslcontext") is None and sock is not None
+        if plain and sock.family in (socket.AF_INET, socket.AF_INET6):
+            self._socket = sock
+        if self._on_made is not None:
+            self._on_made(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._discard is not None:
@@ -302,7 +325,7 @@ class _Channel(asyncio.BufferedProtocol):
         """Hand the channel to ``session``: decode eagerly from now on."""
         self._session = session
         self.index = index
-        self.decoder.end_handshake()
+        self.decoder.end_handshake(checksums=self.checksums)
         if self.error is not None:
             session._fail(self.error)
         else:
@@ -318,6 +341,31 @@ class _Channel(asyncio.BufferedProtocol):
         except TransportError as exc:
             session._fail(exc)
         self.update_reading()
+        if self._socket is not None:
+            self._set_low_water(min(self.decoder.missing, READ_LOW_WATER))
+
+    def note_arrivals(self, now: float) -> None:
+        """Bytes the kernel holds for us count as life: SO_RCVLOWAT defers the wakeup
+        until the rest of a frame (up to READ_LOW_WATER) is in, which on a slow link can
+        take longer than link_timeout_s."""
+        if self._socket is None:
+            return
+        try:
+            raw = fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return
+        waiting = int.from_bytes(raw, sys.byteorder, signed=True)
+        if waiting != self._kernel_waiting:
+            self._kernel_waiting = waiting
+            self.heard = now
+
+    def _set_low_water(self, nbytes: int) -> None:
+        """Wake the reader once ``nbytes`` (at least 1) are readable."""
+        nbytes = max(1, nbytes)
+        if nbytes != self._low_water and self._socket is not None:
+            self._low_water = nbytes
+            with contextlib.suppress(OSError):  # closing: connection_lost follows
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
 
     def update_reading(self) -> None:
         """Pause while the queue or the receive buffers are full, resume otherwise."""
@@ -334,7 +382,8 @@ class _Channel(asyncio.BufferedProtocol):
         """Write one frame now (never interleaved with another: no await inside)."""
         if self.transport is None or self.transport.is_closing():
             raise self.error or SessionClosed(f"channel {self.index} is closed")
-        header = encode_header(tag, device, self._seq, length, checksum(chunk))
+        check = checksum(chunk) if self.checksums or self._session is None else 0
+        header = encode_header(tag, device, self._seq, length, check)
         self._seq += 1
         self.transport.writelines([header, *chunk])
         self.submitted += len(header) + length
@@ -628,6 +677,7 @@ class Session:
             if channel.reading_paused:
                 channel.heard = now  # we stopped listening; the silence is ours
                 continue
+            channel.note_arrivals(now)
             if now - channel.heard > self.link_timeout_s:
                 self._fail(
                     ConnectionLost(
@@ -777,6 +827,14 @@ def _bytes_field(fields: Mapping[str, Any], key: str, size: int) -> bytes:
     return value
 
 
+def _checksum_field(fields: Mapping[str, Any]) -> bool:
+    """HELLO's ``checksum``: true when absent (a peer that predates it checks every frame)."""
+    value = fields.get("checksum", True)
+    if not isinstance(value, bool):
+        raise ProtocolError("checksum", f"expected bool, got {value!r:.60}")
+    return value
+
+
 def _name_field(fields: Mapping[str, Any], limits: Limits) -> str:
     name: str = require(fields, "name", str)
     if len(name) > limits.max_name_length:
@@ -807,6 +865,7 @@ async def _client_handshake(
             "nonce": nonce,
             "auth": auth.method,
             "max_payload": limits.max_payload,
+            "checksum": auth.requires_checksums,
         },
     )
     frame = await channel.next_frame()
@@ -814,6 +873,10 @@ async def _client_handshake(
     hello = frame.fields()
     if hello.get("version") != PROTOCOL_VERSION:
         raise ProtocolError("version", f"peer speaks {hello.get('version')!r}")
+    channel.checksums = _checksum_field(hello)
+    if auth.requires_checksums and not channel.checksums:
+        _refuse(channel, "protocol", "this source requires per-chunk checksums")
+        raise ProtocolError("checksum", "the destination refused per-chunk checksums")
     dest_nonce = _bytes_field(hello, "nonce", NONCE_SIZE)
     if auth.psk is not None and hello.get("auth") != "psk":
         _refuse(channel, "auth", "the source requires a pre-shared key")
@@ -871,8 +934,15 @@ async def _server_handshake(
     )
     source_nonce = _bytes_field(fields, "nonce", NONCE_SIZE)
     nonce = new_nonce()
+    channel.checksums = _checksum_field(fields) or auth.requires_checksums
     channel.send_control(
-        Tag.HELLO, {"version": PROTOCOL_VERSION, "nonce": nonce, "auth": auth.method}
+        Tag.HELLO,
+        {
+            "version": PROTOCOL_VERSION,
+            "nonce": nonce,
+            "auth": auth.method,
+            "checksum": channel.checksums,
+        },
     )
     frame = await channel.next_frame()
     _raise_if_cancel(frame, Tag.AUTH)

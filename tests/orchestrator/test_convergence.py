@@ -13,7 +13,7 @@ from orchestrator import convergence
 from orchestrator.convergence import Action, DeviceProgress
 from orchestrator.errors import MigrationBlocked
 from orchestrator.params import MigrationParams, Policy
-from orchestrator.stats import DowntimeClock, RateMeter, Status
+from orchestrator.stats import DeviceStats, DowntimeClock, MigrationStats, RateMeter, Status
 from tests.orchestrator.conftest import MIB, Spec
 
 MB = 1_000_000
@@ -260,3 +260,68 @@ async def test_idle_device_without_precopy_info_announces_its_initial_data(
     assert stats.status == Status.COMPLETED
     assert stats.devices[0].stopcopy_bytes < stats.devices[0].precopy_bytes
     await ends.assert_migrated()
+
+
+def series(
+    *pending_mb: float, bandwidth: float = 1000 * MB, overhead_s: float = 0.002
+) -> list[convergence.Estimate]:
+    """Estimates of successive iterations with these pending MB (all initial data sent)."""
+    return [
+        convergence.estimate([progress(0, int(p * MB))], bandwidth, overhead_s) for p in pending_mb
+    ]
+
+
+def test_a_fitting_estimate_still_falling_waits_for_the_floor() -> None:
+    """Straight out of the initial copy, 30 ms of transfer fits 50 ms but is not the floor."""
+    history = series(400, 30)
+    assert history[-1].fits(0.05)
+    assert not convergence.at_floor(history, 0.05)
+    assert not convergence.at_floor(history[-1:], 0.05)
+
+
+def test_the_floor_is_where_the_expected_downtime_stops_falling() -> None:
+    """A fitting estimate that fell less than the tolerance since the last one is the floor."""
+    assert convergence.at_floor(series(400, 30, 8, 7.5), 0.05)
+    assert not convergence.at_floor(series(400, 30, 8), 0.05)
+
+
+def test_a_negligible_transfer_switches_at_once() -> None:
+    """When the pending bytes would take under a millisecond, no iteration can gain more."""
+    assert convergence.at_floor(series(400, 0.5), 0.05)
+    assert convergence.at_floor(series(0.2), 0.05)
+
+
+def test_within_twice_the_fixed_cost_is_as_good_as_the_floor() -> None:
+    """A falling estimate within 2x the arcs' fixed cost (+1 ms) switches: little is left."""
+    assert convergence.at_floor(series(400, 4, overhead_s=0.005), 0.05)
+    assert not convergence.at_floor(series(400, 7, overhead_s=0.005), 0.05)
+
+
+def test_a_bump_above_the_floor_is_waited_out() -> None:
+    """A fitting estimate well above the best one seen is a bump: the next may be lower."""
+    assert not convergence.at_floor(series(400, 8, 20), 0.05)
+    assert convergence.at_floor(series(400, 8, 20, 8.5), 0.05)
+
+
+def test_patience_bounds_the_wait_for_a_floor() -> None:
+    """After FLOOR_PATIENCE fitting iterations the switchover goes ahead even if still falling."""
+    falling = [40 * 0.7**i for i in range(convergence.FLOOR_PATIENCE)]
+    assert not convergence.at_floor(series(400, *falling[:-1]), 0.05)
+    assert convergence.at_floor(series(400, *falling), 0.05)
+
+
+def test_iterations_over_the_limit_do_not_count_towards_patience() -> None:
+    """Only the trailing run of fitting estimates counts: one over the limit restarts it."""
+    history = series(30, 20, 14, 100, 30, 20, 14)
+    assert not convergence.at_floor(history, 0.05)
+
+
+def test_cpu_cost_is_per_gb_moved_and_only_once_the_migration_ended() -> None:
+    """cpu_s_per_gb divides the CPU seconds spent since the start by the GB put on the wire."""
+    stats = MigrationStats("m", "dest", [DeviceStats("d", "ram", precopy_bytes=2 * 10**9)])
+    assert stats.as_dict()["cpu_s_per_gb"] is None
+    stats.started_cpu -= 1.0  # as if the migration had already cost a CPU second
+    stats.end_cpu()
+    assert stats.cpu_s is not None
+    assert stats.cpu_s >= 1.0
+    assert stats.as_dict()["cpu_s_per_gb"] == pytest.approx(stats.cpu_s / 2, abs=1e-3)

@@ -53,6 +53,7 @@ async def test_migration_is_byte_exact(make_ends, count: int) -> None:
         "quiesce", "stop", "drain", "wire", "load", "commit", "resume"
     }  # fmt: skip
     assert report["transferred_bytes"] >= (count + 2) * MIB  # RAM: half its pages are zero
+    assert report["cpu_s_per_gb"] > 0
 
 
 async def test_device_without_precopy_joins_at_stop_copy(make_ends) -> None:

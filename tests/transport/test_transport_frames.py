@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
@@ -362,3 +363,68 @@ def test_released_payload_view_cannot_be_read() -> None:
     decoder.release(frame)
     with pytest.raises(ValueError, match="released"):
         bytes(frame.payload)
+
+
+def test_a_channel_without_checksums_takes_zero_and_refuses_any_other() -> None:
+    """Agreed without checksums, a frame's checksum must be 0 and the payload is not hashed."""
+    decoder = session_decoder()
+    decoder.end_handshake(checksums=False)
+    decoder.feed(encode_header(Tag.PRECOPY_DATA, 0, 0, 3, 0) + b"abc")
+    assert drain(decoder) == [(Tag.PRECOPY_DATA, 0, 0, b"abc")]
+    honest = encode_frame(Tag.PRECOPY_DATA, 0, 1, (b"abc",))
+    decoder.feed(b"".join(bytes(p) for p in honest))
+    with pytest.raises(ProtocolError) as caught:
+        decoder.next_frame()
+    assert caught.value.field == "checksum"
+
+
+@pytest.mark.parametrize("cut", [40, 1000, 2999])
+def test_corruption_is_caught_when_the_payload_arrives_in_pieces(cut: int) -> None:
+    """The payload hashed read by read catches a flipped byte in an earlier read."""
+    payload = bytearray(os.urandom(3000))
+    wire = bytearray(b"".join(bytes(p) for p in encode_frame(Tag.PRECOPY_DATA, 0, 0, (payload,))))
+    wire[len(wire) - 3000 + cut // 2] ^= 1
+    decoder = session_decoder()
+    decoder.feed(wire[: len(wire) - 3000 + cut])
+    assert decoder.next_frame() is None
+    decoder.feed(wire[len(wire) - 3000 + cut :])
+    with pytest.raises(ProtocolError) as caught:
+        decoder.next_frame()
+    assert caught.value.field == "checksum"
+
+
+def test_reads_stop_where_the_next_frame_would_not_fit() -> None:
+    """After a data frame, the room offered ends on a frame boundary, so no frame is split."""
+    decoder = session_decoder()
+    frames = stream([(Tag.PRECOPY_DATA, 0, os.urandom(3000)) for _ in range(8)])
+    size = len(frames) // 8
+    taken = 0
+    while taken < len(frames):
+        room = decoder.get_buffer()
+        assert room is not None
+        n = min(len(room), len(frames) - taken)
+        room[:n] = frames[taken : taken + n]
+        decoder.advance(n)
+        taken += n
+        while (frame := decoder.next_frame()) is not None:
+            assert len(frame.payload) == 3000
+            decoder.release(frame)
+        if taken >= size:
+            assert (decoder.buffered + len(decoder.get_buffer() or b"")) % size == 0
+    assert decoder.frames == 8
+
+
+def test_missing_counts_the_rest_of_the_frame_once_its_header_is_known() -> None:
+    """missing is 0 between frames, then what the current frame still lacks."""
+    decoder = session_decoder()
+    wire = stream([(Tag.PRECOPY_DATA, 0, b"x" * 1000)])
+    assert decoder.missing == 0
+    decoder.feed(wire[:2])
+    assert decoder.next_frame() is None
+    assert decoder.missing == 0  # not even the header length yet
+    decoder.feed(wire[2:300])
+    assert decoder.next_frame() is None
+    assert decoder.missing == len(wire) - 300
+    decoder.feed(wire[300:])
+    assert decoder.next_frame() is not None
+    assert decoder.missing == 0

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import ssl
 
 import pytest
-from transport_helpers import PSK, Recorder, descriptors
+from transport_helpers import PSK, RawPeer, Recorder, descriptors
 
 from transport import (
     AuthConfig,
@@ -18,6 +20,8 @@ from transport import (
     encode_devices,
     serve,
 )
+from transport.limits import MiB
+from transport.session import READ_LOW_WATER
 
 
 async def open_source(server: Server, channels: int = 1) -> Session:
@@ -141,3 +145,69 @@ async def test_an_aborted_session_ends_a_send_waiting_on_the_bandwidth_cap(
     session.abort()
     with pytest.raises(SessionClosed):
         await sending
+
+
+@pytest.mark.parametrize(
+    ("source", "dest", "agreed"),
+    [(None, None, True), (False, None, True), (None, False, True), (False, False, False)],
+)
+async def test_channels_skip_checksums_only_when_both_sides_agree(
+    recorder: Recorder, source: bool | None, dest: bool | None, agreed: bool
+) -> None:
+    """Outside TLS a side asks for checksums unless told not to; either side asking wins."""
+    auth = AuthConfig(psk=PSK, checksums=dest)
+    async with await serve("127.0.0.1:0", recorder, name="dest", auth=auth) as server:
+        session = await connect(
+            server.address, name="source", auth=AuthConfig(psk=PSK, checksums=source), channels=2
+        )
+        assert [channel.checksums for channel in session._chans] == [agreed, agreed]
+        await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+        await session.send_chunk(Tag.PRECOPY_DATA, 1, (b"payload",))
+        await session.send_control(Tag.END_OF_STREAM)
+        assert (await session.recv()).tag is Tag.VERDICT
+        await session.close()
+        await recorder.done.wait()
+    assert recorder.error is None
+    assert (Tag.PRECOPY_DATA, 1, b"payload") in recorder.frames
+
+
+def test_checksums_are_required_outside_tls_by_default() -> None:
+    """The default asks for per-chunk checksums on plain TCP and leaves them to TLS inside it."""
+    assert AuthConfig().requires_checksums
+    assert not AuthConfig(ssl_context=ssl.create_default_context()).requires_checksums
+    assert AuthConfig(ssl_context=ssl.create_default_context(), checksums=True).requires_checksums
+
+
+async def test_the_reader_wakes_for_the_rest_of_a_frame_not_for_each_segment(
+    recorder: Recorder,
+) -> None:
+    """Mid-frame the socket's SO_RCVLOWAT is what the frame misses (capped), then back to 1."""
+    sessions: asyncio.Queue[Session] = asyncio.Queue()
+
+    async def handler(session: Session) -> None:
+        sessions.put_nowait(session)
+        await recorder(session)
+
+    auth = AuthConfig(psk=PSK)
+    async with await serve("127.0.0.1:0", handler, name="dest", auth=auth) as server:
+        peer = await RawPeer.open(server.address)
+        await peer.handshake(PSK)
+        channel = (await sessions.get())._chans[0]
+        assert channel._socket is not None
+        await peer.send(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+        payload = os.urandom(3 * MiB)
+        ping = peer.encode(Tag.PING, {"id": 1, "t": 0.0})
+        frame = peer.encode(Tag.PRECOPY_DATA, device=0, payload=payload)
+        # One small write: the PING and the data frame's header; the PONG says both were read.
+        peer.writer.write(ping + frame[:40])
+        pong = await peer.read_frame()
+        assert pong is not None
+        assert pong.tag is Tag.PONG
+        assert channel.decoder.missing == len(frame) - 40
+        assert channel._socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == READ_LOW_WATER
+        peer.writer.write(frame[40:])
+        await peer.send(Tag.END_OF_STREAM)
+        await recorder.done.wait()
+        assert (Tag.PRECOPY_DATA, 0, payload) in recorder.frames
+        assert channel._socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        await peer.close()
