@@ -166,7 +166,7 @@ class MigratableDevice(abc.ABC):
         """initial/dirty bytes; only in PRE_COPY and PRE_COPY_P2P (InvalidStateError else).
 
         Optional in the uAPI: a device without it raises :class:`devices.errors.Unsupported`
-        and the source falls back to what the stream shows (``orchestrator.convergence``).
+        and the source falls back to what the stream shows (``orchestrator.engine.convergence``).
         """
 
     @abc.abstractmethod

@@ -23,7 +23,7 @@ adds on top of the kernel:
 * The optional queries are optional: VFIO_MIG_GET_PRECOPY_INFO failing with ENOTTY (the
   driver has no such ioctl) raises :class:`devices.errors.Unsupported` and is not asked
   again; MIG_DATA_SIZE failing raises Unsupported (and is not asked again after
-  ENOTTY). The orchestrator then estimates from the stream (``orchestrator.convergence``).
+  ENOTTY). The orchestrator then estimates from the stream (``orchestrator.engine.convergence``).
 * Arcs run off the event loop: a SET can block in the driver for as long as the device
   takes to save or load (tens of ms for NICs and GPUs in STOP_COPY), so the ioctls of a
   state change or reset run in a thread pool with one worker per open device, and N

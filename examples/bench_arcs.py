@@ -27,9 +27,9 @@ import structlog
 import uvloop
 
 import transport
-from orchestrator.destination import DestinationMigration
-from orchestrator.params import MigrationParams
-from orchestrator.source import SourceMigration
+from orchestrator.engine.destination import DestinationMigration
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
 from tests.devices.vfio_harness import FakeKernel
 
 #: The downtime phases that are device arcs (the rest is data on the wire).

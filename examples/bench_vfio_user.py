@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from devices.fsm import State  # noqa: E402 - after the path set-up above
 from devices.vfio_user import VfioUserDevice  # noqa: E402
-from orchestrator.daemonbench import daemon_pair, migrate  # noqa: E402
+from orchestrator.bench.daemons import daemon_pair  # noqa: E402
+from orchestrator.cli.follow import migrate  # noqa: E402
 from tests.vfio_user import servers  # noqa: E402
 
 MIB = 1 << 20

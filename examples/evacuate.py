@@ -30,8 +30,8 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.control import ControlClient, ControlError
-from orchestrator.daemonbench import DaemonProcess
+from orchestrator.bench.daemons import DaemonProcess
+from orchestrator.service.control import ControlClient, ControlError
 from transport.auth import client_tls_context
 
 #: Devices of the local source: four simulated ones and a RAM device, all running.

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench import percentile
+from orchestrator.bench.inprocess import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,8 +29,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.control import ControlClient
-from orchestrator.daemonbench import DaemonProcess
+from orchestrator.bench.daemons import DaemonProcess
+from orchestrator.service.control import ControlClient
 
 #: Round trips after which RSS growth is judged (start-up and caches settle first).
 WARMUP = 100

@@ -87,7 +87,7 @@ for them. Then, control frames travel on channel 0 and a device's frames on chan
     PING / PONG        either: {id, t}: keep-alive and clock stamps (time.monotonic)
 
 The fields named are the transport's; the orchestrator adds its own (see
-``orchestrator/wire.py``). Data for a device not announced by DEVICES, device frames
+``orchestrator/engine/messages.py``). Data for a device not announced by DEVICES, device frames
 after END_OF_STREAM or on the wrong channel, a frame the receiving side never
 receives (e.g. VERDICT at the destination), and a second HELLO or AUTH are refused.
 """

@@ -68,7 +68,8 @@ from transport.limits import Limits, MiB
 log = structlog.get_logger(__name__)
 
 #: Channels a session opens unless told otherwise: on this 2-core machine 4 loopback
-#: connections moved 13-25 % more than 1 and 5-10 % more than 2 (transport/bench.py).
+#: connections moved 13-25 % more than 1 and 5-10 % more than 2
+#: (orchestrator/bench/transportbench.py).
 DEFAULT_CHANNELS = 4
 #: Writing pauses past this many buffered bytes per channel and resumes below LOW.
 WRITE_HIGH_WATER = 8 * MiB

@@ -16,10 +16,10 @@ from devices.paged import Faults, PagedDevice
 from devices.ram import RamDevice
 from devices.simulated import SimulatedDevice
 from devices.testing import ArcTrace
-from orchestrator.destination import DestinationMigration
-from orchestrator.params import MigrationParams
-from orchestrator.source import SourceMigration
-from orchestrator.stats import Status
+from orchestrator.engine.destination import DestinationMigration
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
+from orchestrator.engine.stats import Status
 from tests.faultproxy import FaultProxy
 
 MIB = 1 << 20

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from orchestrator import cli
-from orchestrator.config import parse
-from orchestrator.control import ControlError
-from orchestrator.params import MigrationParams
+from orchestrator.bench import command as bench_command
+from orchestrator.cli import commands as cli
+from orchestrator.engine.params import MigrationParams
+from orchestrator.service.config import parse
+from orchestrator.service.control import ControlError
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, Pair, start_pair
 
 
@@ -91,7 +92,7 @@ def test_the_bench_reads_bandwidth_like_every_other_command() -> None:
     """``bench --max-bandwidth`` takes MB/s, units and none as migrate and set do."""
     for text, mbps in (("50", 50.0), ("1GB/s", 1000.0), ("none", None)):
         args = cli.build_parser().parse_args(["bench", "--max-bandwidth", text])
-        assert cli._bench_options(args).max_bandwidth_mbps == mbps
+        assert bench_command.bench_options(args).max_bandwidth_mbps == mbps
 
 
 @pytest.mark.parametrize("text", ["0", "-5", "fast", "10 furlongs/s", "inf"])

@@ -9,9 +9,9 @@ import pytest
 from devices.fsm import Feature
 from devices.ram import RamDevice
 from devices.simulated import SimulatedDevice
-from orchestrator import config
-from orchestrator.config import ConfigError
-from orchestrator.params import Policy
+from orchestrator.engine.params import Policy
+from orchestrator.service import config
+from orchestrator.service.config import ConfigError
 
 GOOD = """\
 name = "src"

@@ -9,11 +9,11 @@ import pytest
 
 from devices.fsm import Feature, State
 from devices.simulated import SimulatedDevice
-from orchestrator import convergence
-from orchestrator.convergence import Action, DeviceProgress
-from orchestrator.errors import MigrationBlocked
-from orchestrator.params import MigrationParams, Policy
-from orchestrator.stats import DeviceStats, DowntimeClock, MigrationStats, RateMeter, Status
+from orchestrator.engine import convergence
+from orchestrator.engine.convergence import Action, DeviceProgress
+from orchestrator.engine.errors import MigrationBlocked
+from orchestrator.engine.params import MigrationParams, Policy
+from orchestrator.engine.stats import DeviceStats, DowntimeClock, MigrationStats, RateMeter, Status
 from tests.orchestrator.conftest import MIB, Spec
 
 MB = 1_000_000

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from devices.fsm import State
-from orchestrator.config import parse
-from orchestrator.control import ControlClient
-from orchestrator.daemon import Service, _Claims
-from orchestrator.daemonbench import DaemonFailed, DaemonProcess
+from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
+from orchestrator.service.config import parse
+from orchestrator.service.control import ControlClient
+from orchestrator.service.daemon import Service, _Claims
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0

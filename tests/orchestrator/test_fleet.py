@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 
-from orchestrator.config import ConfigError, parse
-from orchestrator.control import ControlClient
-from orchestrator.daemon import Outgoing, Service
-from orchestrator.daemonbench import DaemonProcess
-from orchestrator.params import MigrationParams
-from orchestrator.source import SourceMigration
-from orchestrator.stats import Status
+from orchestrator.bench.daemons import DaemonProcess
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
+from orchestrator.engine.stats import Status
+from orchestrator.service.config import ConfigError, parse
+from orchestrator.service.control import ControlClient
+from orchestrator.service.daemon import Outgoing, Service
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, write_psk
 from transport.auth import AuthConfig
 

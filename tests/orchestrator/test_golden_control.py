@@ -97,8 +97,7 @@ async def record(folder: Path) -> Recorder:
         await seen.call(pair, "src", "query-migrations")
         await pair.dst.next_event(lambda m: m["event"] == "INCOMING_MIGRATION", DEADLINE)
         incoming = await pair.dst.next_event(
-            lambda m: m["event"] == "INCOMING_MIGRATION"
-            and m["data"].get("status") == "completed",
+            lambda m: m["event"] == "INCOMING_MIGRATION" and m["data"].get("status") == "completed",
             DEADLINE,
         )
         seen.events.setdefault("INCOMING_MIGRATION", shape(incoming))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.control import ControlClient
+from orchestrator.service.control import ControlClient
 from tests.orchestrator.test_daemon import DEADLINE
 from tests.orchestrator.test_hostile import KEY, hostile_pair, migrate
 from tests.transport.transport_helpers import RawPeer, hello_fields

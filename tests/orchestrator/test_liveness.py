@@ -8,8 +8,8 @@ import time
 import pytest
 
 from devices.fsm import Feature, State
-from orchestrator.errors import MigrationError
-from orchestrator.stats import Status
+from orchestrator.engine.errors import MigrationError
+from orchestrator.engine.stats import Status
 from tests.orchestrator.conftest import MIB, Spec, wait_status
 
 LINK = 0.5

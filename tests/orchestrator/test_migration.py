@@ -16,8 +16,8 @@ from devices.base import DeviceDescriptor
 from devices.fsm import Feature, State
 from devices.paged import Faults
 from devices.simulated import SimulatedDevice
-from orchestrator.destination import Refused, match_devices
-from orchestrator.errors import (
+from orchestrator.engine.destination import Refused, match_devices
+from orchestrator.engine.errors import (
     ConvergenceFailed,
     DestinationFailed,
     DowntimeExceeded,
@@ -26,8 +26,8 @@ from orchestrator.errors import (
     MigrationError,
     OutcomeUnknown,
 )
-from orchestrator.params import Policy
-from orchestrator.stats import Status
+from orchestrator.engine.params import Policy
+from orchestrator.engine.stats import Status
 from tests.orchestrator.conftest import MB, MIB, Spec, wait_status
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,7 +271,7 @@ import asyncio, json, sys
 import structlog
 import transport
 from devices.simulated import SimulatedDevice
-from orchestrator.destination import DestinationMigration
+from orchestrator.engine.destination import DestinationMigration
 
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 
@@ -343,7 +343,7 @@ async def test_pause_before_switchover_waits_for_continue(make_ends) -> None:
 
 async def test_clock_offset_from_round_trips(make_ends, monkeypatch) -> None:
     """Ends on different boots place the destination's marks by ping round trips."""
-    monkeypatch.setattr("orchestrator.destination.boot_id", lambda: "another-host")
+    monkeypatch.setattr("orchestrator.engine.destination.boot_id", lambda: "another-host")
     ends = await make_ends(sims(1))
     stats = await ends.migration().run()
     assert stats.clock_offset_uncertainty_ms > 0

@@ -8,9 +8,9 @@ import subprocess
 
 import pytest
 
-from orchestrator.bench import BenchOptions
-from orchestrator.control import ControlClient
-from orchestrator.netbed import PREFIX, LinkSpec, NetBed, NetBedUnavailable, check_available
+from orchestrator.bench.inprocess import BenchOptions
+from orchestrator.bench.netbed import PREFIX, LinkSpec, NetBed, NetBedUnavailable, check_available
+from orchestrator.service.control import ControlClient
 
 MB = 1_000_000
 
@@ -65,7 +65,7 @@ async def test_a_capped_link_migration_is_byte_exact_and_the_bed_is_removed() ->
     bandwidth within 15% of the cap, and no namespace left behind."""
     link = LinkSpec.parse("rate=100mbit")
     bed_or_skip(link)
-    from orchestrator import netbench
+    from orchestrator.bench import netbench
 
     options = BenchOptions(devices=2, state_mib=8, dirty_mbps=1, downtime_limit_ms=300)
     stats = await netbench.run_over(link, options)
@@ -98,7 +98,7 @@ async def test_a_link_flap_in_precopy_recovers_or_fails_cleanly() -> None:
     the source devices RUNNING (never stuck, never split)."""
     link = LinkSpec.parse("rate=100mbit")
     bed_or_skip(link)
-    from orchestrator import netbench
+    from orchestrator.bench import netbench
 
     async def flap(bed: NetBed, src: ControlClient) -> None:
         await src.next_event(lambda m: m["event"] == "MIGRATION_PASS", 30)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.ownership import Owner, OwnershipBook
+from orchestrator.service.ownership import Owner, OwnershipBook
 
 
 def test_records_survive_a_new_book_on_the_same_file(tmp_path: Path) -> None:

@@ -14,7 +14,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.control import (
+from orchestrator.engine.errors import MigrationBlocked
+from orchestrator.engine.params import (
+    MigrationParams,
+    from_qemu_parameters,
+    to_qemu_parameters,
+)
+from orchestrator.service.control import (
     MAX_DEPTH,
     Arg,
     Command,
@@ -24,12 +30,6 @@ from orchestrator.control import (
     RequestParser,
     from_qemu,
     greeting,
-)
-from orchestrator.errors import MigrationBlocked
-from orchestrator.params import (
-    MigrationParams,
-    from_qemu_parameters,
-    to_qemu_parameters,
 )
 
 # -- the streaming parser --------------------------------------------------------------------

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, parse
-from orchestrator.control import ControlClient, ControlError
+from orchestrator.service.config import ConfigError, parse
+from orchestrator.service.control import ControlClient, ControlError
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, Pair, running_pair
 from tests.orchestrator.test_daemon_extras import tls_auth, write_config
 from tests.pki import make_pki

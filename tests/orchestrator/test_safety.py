@@ -12,8 +12,8 @@ from devices.fsm import Feature, State
 from devices.paged import Faults
 from devices.simulated import SimulatedDevice
 from devices.testing import ArcTrace, TraceEntry
-from orchestrator.errors import DestinationFailed, MigrationCancelled, SplitOutcome
-from orchestrator.p2p import resume_in_order
+from orchestrator.engine.errors import DestinationFailed, MigrationCancelled, SplitOutcome
+from orchestrator.engine.p2p import resume_in_order
 from tests.orchestrator.conftest import MIB, Spec
 
 #: States in which a device issues P2P DMA: it runs and was not quiesced.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.daemonbench import DaemonProcess
+from orchestrator.bench.daemons import DaemonProcess
 from tests.orchestrator.test_daemon import (
     Pair,
     running_pair,

@@ -25,11 +25,11 @@ import transport
 from devices.fsm import Feature, State
 from devices.paged import Faults, PagedDevice
 from devices.testing import ArcTrace
-from orchestrator.destination import DestinationMigration, Offer, Refused
-from orchestrator.errors import MigrationError
-from orchestrator.params import MigrationParams
-from orchestrator.source import SourceMigration
-from orchestrator.stats import Status
+from orchestrator.engine.destination import DestinationMigration, Offer, Refused
+from orchestrator.engine.errors import MigrationError
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
+from orchestrator.engine.stats import Status
 from tests.faultproxy import FaultProxy
 from tests.orchestrator.conftest import Spec, VerdictGate
 

@@ -8,8 +8,8 @@ import pytest
 
 from devices.fsm import Feature
 from devices.vfio_user import VfioUserDevice
-from orchestrator import config
-from orchestrator.config import ConfigError
+from orchestrator.service import config
+from orchestrator.service.config import ConfigError
 
 BASE = """\
 control_socket = "ctl.sock"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.daemonbench import DaemonProcess
+from orchestrator.bench.daemons import DaemonProcess
 from tests.orchestrator.test_daemon import DEADLINE, NEVER_CONVERGES, Pair, running_pair, write_psk
 from tests.vfio_user import servers
 from tests.vfio_user.servers import Server

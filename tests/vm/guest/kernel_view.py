@@ -28,10 +28,10 @@ import transport
 from devices import vfio
 from devices.fsm import State
 from devices.vfio import VfioDevice
-from orchestrator.destination import DestinationMigration
-from orchestrator.params import MigrationParams
-from orchestrator.source import SourceMigration
-from orchestrator.stats import MigrationStats
+from orchestrator.engine.destination import DestinationMigration
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
+from orchestrator.engine.stats import MigrationStats
 from tests.orchestrator.conftest import VerdictGate
 
 _SET = vfio.VFIO_DEVICE_FEATURE_SET | vfio.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE

@@ -19,7 +19,7 @@ import pytest
 
 from devices.fsm import State
 from devices.vfio import VfioDevice
-from orchestrator.params import MigrationParams
+from orchestrator.engine.params import MigrationParams
 from tests.vm.guest.kernel_view import KernelView, SetCall, concurrency, migrate
 from tests.vm.lab import PERF_DEVICES
 

@@ -21,8 +21,8 @@ import pytest
 
 from devices.fsm import State
 from devices.vfio import VfioDevice
-from orchestrator.errors import MigrationCancelled, MigrationError
-from orchestrator.params import MigrationParams
+from orchestrator.engine.errors import MigrationCancelled, MigrationError
+from orchestrator.engine.params import MigrationParams
 from tests.devices.vfio_harness import uart_clear, uart_drain, uart_write
 from tests.vm.guest.kernel_view import (
     KernelView,

@@ -29,8 +29,8 @@ from typing import Any
 import pytest
 
 from devices.vfio import VfioDevice
-from orchestrator.control import ControlClient
-from orchestrator.daemonbench import DaemonProcess
+from orchestrator.bench.daemons import DaemonProcess
+from orchestrator.service.control import ControlClient
 from tests.devices import vfio_harness
 from tests.devices.vfio_harness import uart_clear, uart_drain, uart_write
 

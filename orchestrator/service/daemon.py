@@ -5,10 +5,10 @@ Three objects, as in aiohttp's ``web_runner``:
 * :class:`Service` is what the daemon does: it holds the devices, runs outgoing
   migrations (SourceMigration) and incoming ones (DestinationMigration), answers the
   control commands and emits events. One migration per device at a time. Its
-  :class:`orchestrator.ownership.OwnershipBook` says where each device's workload is
+  :class:`orchestrator.service.ownership.OwnershipBook` says where each device's workload is
   and which devices may receive one (arming), durably: the fence a restart keeps.
 * The listeners accept work: :class:`MigrationListener` (one per ``listen`` address),
-  the control socket (:class:`orchestrator.control.ControlServer`) and the optional
+  the control socket (:class:`orchestrator.service.control.ControlServer`) and the optional
   metrics endpoint. Each has ``start()`` and ``stop()``.
 * :class:`Runner` does setup and cleanup: build and open the devices, start the
   listeners (the control socket last, so a client that reaches it finds a ready
@@ -38,9 +38,15 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
-from orchestrator import config as config_module
-from orchestrator.config import ConfigError, DaemonConfig
-from orchestrator.control import (
+from orchestrator.engine.destination import DestinationMigration, Offer, Refused
+from orchestrator.engine.errors import MigrationBlocked, MigrationError
+from orchestrator.engine.p2p import resume_in_order
+from orchestrator.engine.params import LIVE_PARAMETERS, to_qemu_parameters
+from orchestrator.engine.source import SourceMigration, check_blockers
+from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
+from orchestrator.service import config as config_module
+from orchestrator.service.config import ConfigError, DaemonConfig
+from orchestrator.service.control import (
     VERSION,
     Arg,
     Command,
@@ -50,14 +56,8 @@ from orchestrator.control import (
     greeting,
     qemu_migration_info,
 )
-from orchestrator.destination import DestinationMigration, Offer, Refused
-from orchestrator.errors import MigrationBlocked, MigrationError
-from orchestrator.metrics import Metrics, MetricsListener
-from orchestrator.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook
-from orchestrator.p2p import resume_in_order
-from orchestrator.params import LIVE_PARAMETERS, to_qemu_parameters
-from orchestrator.source import SourceMigration, check_blockers
-from orchestrator.stats import FINAL_STATUSES, MigrationStats, Status
+from orchestrator.service.metrics import Metrics, MetricsListener
+from orchestrator.service.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook
 
 log = structlog.get_logger(__name__)
 

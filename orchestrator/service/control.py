@@ -28,7 +28,7 @@ and sends every event, interleaved with replies (``subscribe`` narrows them)::
 
 QEMU's names are accepted where QEMU has the command (:func:`from_qemu`): ``migrate``
 with ``uri``, ``migrate_cancel``, ``migrate-set-parameters`` with QEMU's flat parameter
-names and units (orchestrator.params.QEMU_PARAMETERS), ``migrate-continue`` with
+names and units (orchestrator.engine.params.QEMU_PARAMETERS), ``migrate-continue`` with
 ``state``.
 
 Bad input never ends the daemon: a request that is not one gets an ``InvalidRequest``
@@ -64,8 +64,8 @@ from typing import Any
 
 import structlog
 
-from orchestrator.errors import MigrationBlocked
-from orchestrator.params import from_qemu_parameters
+from orchestrator.engine.errors import MigrationBlocked
+from orchestrator.engine.params import from_qemu_parameters
 
 log = structlog.get_logger(__name__)
 

@@ -11,7 +11,7 @@ byte sent until the receiver confirmed the last one. On a shared machine trust t
 cost more than the throughput: each side's CPU seconds (user + system, from getrusage)
 per GB moved, which other load does not inflate.
 
-    python -m transport.bench [--volume 2GiB] [--channels 1,2,4] [--chunk 1MiB]
+    python -m orchestrator.bench.transportbench [--volume 2GiB] [--channels 1,2,4] [--chunk 1MiB]
                               [--repeat 3] [--one-process] [--json]
 """
 

@@ -22,13 +22,13 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator.bench import BenchOptions
-from orchestrator.control import ControlClient, DaemonUnreachable
-from orchestrator.stats import FINAL_STATUSES
+from orchestrator.bench.inprocess import BenchOptions
+from orchestrator.cli.follow import migrate
+from orchestrator.service.control import ControlClient
 
 #: Seconds a daemon has to say READY.
 START_TIMEOUT = 30.0
@@ -149,7 +149,7 @@ class DaemonProcess:
             await self.process.wait()
 
 
-_ROOT = Path(__file__).resolve().parent.parent
+_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _notify_socket(path: Path) -> socket.socket:
@@ -231,37 +231,6 @@ async def daemon_pair(
 # -- one run ---------------------------------------------------------------------------------
 
 
-async def migrate(
-    client: ControlClient,
-    destination: str,
-    parameters: dict[str, Any],
-    *,
-    devices: Sequence[str] | None = None,
-    on_event: Callable[[dict[str, Any]], None] | None = None,
-    timeout: float | None = None,  # noqa: ASYNC109 - bounded wait for the whole migration
-) -> dict[str, Any]:
-    """Start a migration through the control API and follow it to its end; its final stats."""
-    await client.subscribe(["MIGRATION", "MIGRATION_PASS"])
-    arguments: dict[str, Any] = {"destination": destination, "parameters": parameters}
-    if devices is not None:
-        arguments["devices"] = list(devices)
-    started = await client.execute("migrate", **arguments)
-    migration_id = started["id"]
-    async with asyncio.timeout(timeout):
-        async for message in client.events():
-            data = message["data"]
-            if data.get("id") != migration_id:
-                continue
-            if on_event is not None:
-                on_event(message)
-            if message["event"] == "MIGRATION" and data["status"] in FINAL_STATUSES:
-                stats: dict[str, Any] = await client.execute(
-                    "query-migrate", id=migration_id, history=True
-                )
-                return stats
-    raise DaemonUnreachable("the source daemon closed the connection during the migration")
-
-
 async def arm(client: ControlClient, devices: Sequence[str], source_name: str) -> None:
     """Consent, on the destination, to one migration of ``devices`` from ``source_name``."""
     await client.execute("migrate-incoming", devices=list(devices), **{"from": source_name})
@@ -285,11 +254,6 @@ async def run_once(options: BenchOptions) -> dict[str, Any]:
                 after = await dst.execute("query-digests")
                 stats["verified"] = before == after
             return stats
-
-
-async def run_repeated(options: BenchOptions, repeat: int) -> list[dict[str, Any]]:
-    """``repeat`` independent runs, one after the other."""
-    return [await run_once(options) for _ in range(repeat)]
 
 
 def plot(stats: dict[str, Any], path: Path, *, limit_ms: float | None = None) -> None:

@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from orchestrator.errors import MigrationBlocked
+from orchestrator.engine.errors import MigrationBlocked
 from transport.limits import Limits
 
 

@@ -29,8 +29,8 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
-from orchestrator import wire
-from orchestrator.wire import Verdict, boot_id
+from orchestrator.engine import messages as wire
+from orchestrator.engine.messages import Verdict, boot_id
 from transport import Tag
 
 log = structlog.get_logger(__name__)

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import enum
+import importlib
 import json
 import logging
 import math
@@ -25,16 +26,13 @@ import re
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar, cast
+from typing import Any, TextIO, TypeVar, cast
 
 import structlog
 
 from devices.fsm import Feature, describe
-from orchestrator.control import DEFAULT_SOCKET, VERSION
-from orchestrator.params import MigrationParams, Policy
-
-if TYPE_CHECKING:  # the bench modules load devices and transport: only when benchmarking
-    from orchestrator.bench import BenchOptions
+from orchestrator.engine.params import MigrationParams, Policy
+from orchestrator.service.control import DEFAULT_SOCKET, VERSION
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -335,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the convergence")
     bench.add_argument(
-        "--in-process", action="store_true", help="both ends in this process (orchestrator.bench)"
+        "--in-process",
+        action="store_true",
+        help="both ends in this process (orchestrator.bench.inprocess)",
     )
 
     command("demo", "two daemons, one migration, the stats: nothing to set up", control=False)
@@ -390,7 +390,7 @@ def _print_json(value: Any) -> None:
 
 async def _with_client(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
     """Connect to the daemon, run ``body``, map control errors onto exit codes."""
-    from orchestrator.control import ControlClient, ControlError, DaemonUnreachable
+    from orchestrator.service.control import ControlClient, ControlError, DaemonUnreachable
 
     context = None
     if args.control.startswith("tcp:"):
@@ -425,7 +425,7 @@ def _fail(args: argparse.Namespace, code: int, error_class: str, desc: str) -> i
 
 
 async def _cmd_migrate(args: argparse.Namespace) -> int:
-    from orchestrator import daemonbench, progress
+    from orchestrator.cli import follow, progress
 
     async def body(client: Any) -> int:
         parameters = _parameters(args)
@@ -447,7 +447,7 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
                 view.status(message["data"]["status"])  # the summary tells the end
 
         try:
-            stats = await daemonbench.migrate(
+            stats = await follow.migrate(
                 client, args.to, parameters, devices=args.devices, on_event=on_event
             )
         finally:
@@ -472,8 +472,8 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 async def _cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator import progress
-    from orchestrator.control import ControlError
+    from orchestrator.cli import progress
+    from orchestrator.service.control import ControlError
 
     async def body(client: Any) -> int:
         daemon = await client.execute("query-daemon")
@@ -673,106 +673,6 @@ async def _cmd_events(args: argparse.Namespace) -> int:
     return await _with_client(args, body)
 
 
-def _bench_options(args: argparse.Namespace) -> BenchOptions:
-    from orchestrator.bench import BenchOptions
-
-    return BenchOptions(
-        devices=args.devices,
-        state_mib=args.state_mib,
-        dirty_mbps=args.dirty_mbps,
-        ram_mib=args.ram_mib,
-        ram_dirty_mbps=args.ram_dirty_mbps,
-        ram_working_set_mib=args.ram_working_set_mib,
-        downtime_limit_ms=args.downtime_limit_ms,
-        max_bandwidth_mbps=(
-            None if args.max_bandwidth in (None, _Clear.NONE) else args.max_bandwidth / 1e6
-        ),
-        channels=args.channels,
-    )
-
-
-async def _cmd_bench(args: argparse.Namespace) -> int:
-    from orchestrator import bench, daemonbench, progress
-
-    if args.repeat < 1:
-        return _fail(args, EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
-    if args.in_process:
-        return await _bench_in_process(args)
-    options = _bench_options(args)
-    try:
-        runs = []
-        for index in range(args.repeat):
-            stats = await daemonbench.run_once(options)
-            runs.append(stats)
-            if not args.json:
-                print(f"run {index + 1}/{args.repeat}:")
-                for line in progress.summary_lines(stats):
-                    print(f"  {line}")
-    except daemonbench.DaemonFailed as exc:
-        return _fail(args, EXIT_UNREACHABLE, "DaemonFailed", str(exc))
-    if args.plot is not None:
-        daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
-    return _bench_report(args, runs, bench.summarize(runs))
-
-
-_PERCENTILES = ("min", "median", "p90", "max")
-
-
-def _bench_report(
-    args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict[str, Any]
-) -> int:
-    for stats in runs:
-        stats.pop("history", None)
-    if args.json:
-        _print_json(runs[0] if len(runs) == 1 else {"summary": summary, "runs": runs})
-    elif len(runs) > 1:
-        print(f"over {len(runs)} runs (min / median / p90 / max):")
-        for key, values in summary.items():
-            if isinstance(values, dict):
-                print(f"  {key}: " + " / ".join(f"{values[k]:.6g}" for k in _PERCENTILES))
-    if any(r["status"] != "completed" for r in runs):
-        return EXIT_FAILED
-    return EXIT_OK if summary["verified"] else EXIT_UNVERIFIED
-
-
-async def _bench_in_process(args: argparse.Namespace) -> int:
-    from orchestrator import bench, daemonbench, progress
-
-    options = _bench_options(args)
-    runs = await bench.run_repeated(options, args.repeat)
-    if args.plot is not None:
-        daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
-    if not args.json:
-        for index, stats in enumerate(runs):
-            print(f"run {index + 1}/{args.repeat} (in process):")
-            for line in progress.summary_lines(stats):
-                print(f"  {line}")
-    return _bench_report(args, runs, bench.summarize(runs))
-
-
-async def _cmd_demo(args: argparse.Namespace) -> int:
-    from orchestrator import daemonbench, progress
-    from orchestrator.bench import BenchOptions
-
-    options = BenchOptions(devices=3, state_mib=16, dirty_mbps=20, ram_mib=64, ram_dirty_mbps=40)
-    print(
-        "livemig demo: two daemons on localhost; migrating 3 simulated devices (16 MiB, "
-        "20 MB/s dirtied each) and a 64 MiB RAM device (40 MB/s dirtied) while they run..."
-    )
-    try:
-        stats = await daemonbench.run_once(options)
-    except daemonbench.DaemonFailed as exc:
-        return _fail(args, EXIT_UNREACHABLE, "DaemonFailed", str(exc))
-    stats.pop("history", None)
-    if args.json:
-        _print_json(stats)
-    else:
-        print("\n".join(progress.summary_lines(stats)))
-    if stats["status"] != "completed":
-        return _STATUS_EXIT.get(stats["status"], EXIT_FAILED)
-    return EXIT_OK if stats.get("verified") else EXIT_UNVERIFIED
-
-
 _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
     "migrate": _cmd_migrate,
     "status": _cmd_status,
@@ -785,9 +685,17 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] =
     "resume": _cmd_resume,
     "incoming": _cmd_incoming,
     "events": _cmd_events,
-    "bench": _cmd_bench,
-    "demo": _cmd_demo,
 }
+
+
+#: Commands the benchmark room provides (orchestrator/bench/command.py): loaded by name
+#: when run, so no production module imports a benchmark.
+_BENCH_COMMANDS = {"bench": "cmd_bench", "demo": "cmd_demo"}
+
+
+def _benchmark(module: str) -> Any:
+    """A module of orchestrator.bench, imported only when a benchmark command runs."""
+    return importlib.import_module(f"orchestrator.bench.{module}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -804,21 +712,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["bench", "transport"]:
-        from transport import bench as transport_bench
-
-        return transport_bench.main(argv[2:])
+        return int(_benchmark("transportbench").main(argv[2:]))
     args = build_parser().parse_args(argv)
     if args.command == "fsm-table":
         print(describe(args.features))
         return EXIT_OK
     try:
         if args.command == "daemon":
-            from orchestrator import daemon
+            from orchestrator.service import daemon
 
             _configure_logging(args.log_format, args.log_level)
             return _run(daemon.serve(args.config))
         _configure_logging()
-        code = _run(_COMMANDS[args.command](args))
+        if args.command in _BENCH_COMMANDS:
+            command = getattr(_benchmark("command"), _BENCH_COMMANDS[args.command])
+        else:
+            command = _COMMANDS[args.command]
+        code = int(_run(command(args)))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
@@ -833,7 +743,3 @@ def _main(argv: Sequence[str] | None) -> int:
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -73,9 +73,9 @@ from typing import Any
 from devices.base import MigratableDevice
 from devices.fsm import Feature, State
 from devices.paged import Faults
-from orchestrator.control import DEFAULT_SOCKET, subject_pattern
-from orchestrator.errors import MigrationBlocked
-from orchestrator.params import MigrationParams
+from orchestrator.engine.errors import MigrationBlocked
+from orchestrator.engine.params import MigrationParams
+from orchestrator.service.control import DEFAULT_SOCKET, subject_pattern
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
 from transport.session import parse_address
 
@@ -191,7 +191,7 @@ class DaemonConfig:
     auth: AuthSettings
     migration: MigrationParams
     devices: tuple[DeviceConfig, ...]
-    #: The ownership records (orchestrator.ownership); survives daemon restarts.
+    #: The ownership records (orchestrator.service.ownership); survives daemon restarts.
     state_file: Path | None = None
     #: The optional TCP control listener (``[control]``).
     remote_control: RemoteControl | None = None

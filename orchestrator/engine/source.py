@@ -33,9 +33,9 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError, Unsupported
 from devices.fsm import Feature, State
-from orchestrator import convergence
-from orchestrator.convergence import Action, DeviceProgress
-from orchestrator.errors import (
+from orchestrator.engine import convergence
+from orchestrator.engine.convergence import Action, DeviceProgress
+from orchestrator.engine.errors import (
     ConvergenceFailed,
     DestinationFailed,
     DowntimeExceeded,
@@ -45,9 +45,10 @@ from orchestrator.errors import (
     OutcomeUnknown,
     SplitOutcome,
 )
-from orchestrator.p2p import resume_in_order
-from orchestrator.params import LIVE_PARAMETERS, MigrationParams
-from orchestrator.stats import (
+from orchestrator.engine.messages import Verdict, boot_id
+from orchestrator.engine.p2p import resume_in_order
+from orchestrator.engine.params import LIVE_PARAMETERS, MigrationParams
+from orchestrator.engine.stats import (
     BusyMeter,
     DeviceStats,
     DowntimeClock,
@@ -56,7 +57,6 @@ from orchestrator.stats import (
     RateMeter,
     Status,
 )
-from orchestrator.wire import Verdict, boot_id
 from transport import Tag
 
 log = structlog.get_logger(__name__)

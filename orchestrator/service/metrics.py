@@ -12,7 +12,7 @@ from wsgiref.simple_server import WSGIServer
 import prometheus_client
 import structlog
 
-from orchestrator.stats import MigrationStats, Status
+from orchestrator.engine.stats import MigrationStats, Status
 
 log = structlog.get_logger(__name__)
 

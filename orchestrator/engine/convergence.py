@@ -21,7 +21,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from orchestrator.params import MigrationParams, Policy
+from orchestrator.engine.params import MigrationParams, Policy
 
 
 @dataclass(frozen=True, slots=True)

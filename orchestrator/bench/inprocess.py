@@ -8,7 +8,6 @@ the tests.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
 import statistics
@@ -19,9 +18,9 @@ import transport
 from devices.base import MigratableDevice
 from devices.ram import RamDevice
 from devices.simulated import SimulatedDevice
-from orchestrator.destination import DestinationMigration
-from orchestrator.params import MigrationParams
-from orchestrator.source import SourceMigration
+from orchestrator.engine.destination import DestinationMigration
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
 
 MIB = 1 << 20
 MB = 1_000_000
@@ -151,12 +150,3 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 async def run_repeated(options: BenchOptions, repeat: int) -> list[dict[str, Any]]:
     """``repeat`` migrations one after the other, each with fresh devices."""
     return [await run_once(options) for _ in range(repeat)]
-
-
-def run(options: BenchOptions, repeat: int = 1) -> list[dict[str, Any]]:
-    """Entry point for the CLI: runs on uvloop when it is available."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
-        return asyncio.run(run_repeated(options, repeat))
-    return uvloop.run(run_repeated(options, repeat))

@@ -17,10 +17,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from orchestrator.bench import BenchOptions
-from orchestrator.control import ControlClient
-from orchestrator.daemonbench import DaemonProcess, arm, device_tables, migrate
-from orchestrator.netbed import DESTINATION_ADDRESS, MIGRATION_PORT, LinkSpec, NetBed
+from orchestrator.bench.daemons import DaemonProcess, arm, device_tables
+from orchestrator.bench.inprocess import BenchOptions
+from orchestrator.bench.netbed import DESTINATION_ADDRESS, MIGRATION_PORT, LinkSpec, NetBed
+from orchestrator.cli.follow import migrate
+from orchestrator.service.control import ControlClient
 
 #: Called once pre-copy is under way, with the bed and the source's control client.
 During = Callable[[NetBed, ControlClient], Awaitable[None]]

@@ -1,0 +1,7 @@
+"""Benchmarks, and the daemon-process harness the tests and examples drive.
+
+inprocess.py (both ends on one event loop), daemons.py (two daemon processes, the
+benchmark of record), netbench.py + netbed.py (the same across a shaped link in
+network namespaces), transportbench.py (the transport alone). No production module
+imports this package.
+"""

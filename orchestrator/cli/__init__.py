@@ -1,0 +1,8 @@
+"""The ``livemig`` command line: commands.py (the commands), progress.py (the live view).
+
+A client of the daemon's control API; ``livemig daemon`` runs the service itself.
+"""
+
+from orchestrator.cli.commands import main
+
+__all__ = ["main"]
