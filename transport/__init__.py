@@ -5,7 +5,6 @@ The format is specified once, in :mod:`transport.frames`.
 
 from __future__ import annotations
 
-from devices.base import Chunk, DeviceDescriptor
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
 from transport.bandwidth import BandwidthEstimator, TokenBucket
 from transport.errors import (
@@ -21,11 +20,11 @@ from transport.errors import (
 from transport.frames import (
     DATA_TAGS,
     PROTOCOL_VERSION,
+    Buffer,
+    Chunk,
     Frame,
     FrameDecoder,
     Tag,
-    decode_devices,
-    encode_devices,
     encode_header,
     require,
 )
@@ -39,9 +38,9 @@ __all__ = [
     "AuthConfig",
     "AuthenticationError",
     "BandwidthEstimator",
+    "Buffer",
     "Chunk",
     "ConnectionLost",
-    "DeviceDescriptor",
     "Frame",
     "FrameDecoder",
     "LimitExceeded",
@@ -57,8 +56,6 @@ __all__ = [
     "TransportTimeout",
     "client_tls_context",
     "connect",
-    "decode_devices",
-    "encode_devices",
     "encode_header",
     "parse_address",
     "require",

@@ -72,7 +72,8 @@ Once all n channels of a session id are authenticated the destination runs one h
 for them. Then, control frames travel on channel 0 and a device's frames on channel
 ``device % n``, so one device's frames keep their order::
 
-    DEVICES            source: {devices: [{name, kind, format_version, features}, ...]}
+    DEVICES            source: {devices: [...], ...} (the orchestrator's message; the
+                       application tells the session how many devices it announced)
     DEVICES_ACCEPTED   dest: {} or {error} when a device is incompatible
     SETUP / PRECOPY_DATA / STOPCOPY_DATA / DEVICE_CONFIG    source: raw device bytes
     INITIAL_DATA_SENT  source: empty, on the device's channel after its initial data
@@ -86,8 +87,8 @@ for them. Then, control frames travel on channel 0 and a device's frames on chan
     CANCEL             either: {reason, code}; the session is aborted
     PING / PONG        either: {id, t}: keep-alive and clock stamps (time.monotonic)
 
-The fields named are the transport's; the orchestrator adds its own (see
-``orchestrator/engine/messages.py``). Data for a device not announced by DEVICES, device frames
+The fields named are the transport's, except DEVICES', which the orchestrator defines
+(see ``orchestrator/engine/messages.py``). Data for a device not announced by DEVICES, device frames
 after END_OF_STREAM or on the wrong channel, a frame the receiving side never
 receives (e.g. VERDICT at the destination), and a second HELLO or AUTH are refused.
 """
@@ -98,15 +99,13 @@ import contextlib
 import enum
 import mmap
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
 import xxhash
 
-from devices.base import Buffer, DeviceDescriptor
-from devices.fsm import Feature
 from transport.errors import LimitExceeded, ProtocolError
 from transport.limits import Limits
 
@@ -117,7 +116,10 @@ PREFIX = struct.Struct("!2sB")
 MAX_HEADER = 40
 #: A read into a receive buffer asks for at least this much room when it can.
 MIN_READ = 64 * 1024
-_U32 = 1 << 32
+#: The bytes a frame's payload may be made of (the transport never looks inside them).
+Buffer = bytes | bytearray | memoryview
+#: One device frame's payload, as the buffers it is written from.
+Chunk = tuple[Buffer, ...]
 
 
 class Tag(enum.IntEnum):
@@ -241,57 +243,6 @@ def require(fields: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) 
     return value
 
 
-def encode_devices(descriptors: Iterable[DeviceDescriptor]) -> list[dict[str, Any]]:
-    """The ``devices`` field of DEVICES announcing ``descriptors``, in index order."""
-    return [
-        {
-            "name": d.name,
-            "kind": d.kind,
-            "format_version": d.format_version,
-            "features": int(d.features),
-        }
-        for d in descriptors
-    ]
-
-
-def decode_devices(
-    fields: Mapping[str, Any] | list[Any], limits: Limits | None = None
-) -> list[DeviceDescriptor]:
-    """Validate DEVICES fields (or their ``devices`` list) into descriptors.
-
-    ProtocolError names the bad field (``devices[3].name``); LimitExceeded the count or
-    a name's length.
-    """
-    limits = limits or Limits()
-    devices = fields if isinstance(fields, list) else require(fields, "devices", list)
-    if len(devices) > limits.max_devices:
-        raise LimitExceeded("devices", len(devices), limits.max_devices)
-    known = sum(int(flag) for flag in Feature)
-    result: list[DeviceDescriptor] = []
-    names: set[str] = set()
-    for index, entry in enumerate(devices):
-        where = f"devices[{index}]"
-        if not isinstance(entry, dict):
-            raise ProtocolError(where, "expected a map")
-        texts = []
-        for key in ("name", "kind"):
-            text = require(entry, key, str)
-            if len(text) > limits.max_name_length:
-                raise LimitExceeded(f"{where}.{key}", len(text), limits.max_name_length)
-            texts.append(text)
-        version = require(entry, "format_version", int)
-        features = require(entry, "features", int)
-        if not 0 <= version < _U32:
-            raise ProtocolError(f"{where}.format_version", f"{version} is out of range")
-        if features < 0 or features & ~known:
-            raise ProtocolError(f"{where}.features", f"unknown feature bits {features:#x}")
-        if texts[0] in names:
-            raise ProtocolError(f"{where}.name", f"duplicate device name {texts[0]!r}")
-        names.add(texts[0])
-        result.append(DeviceDescriptor(texts[0], texts[1], version, Feature(features)))
-    return result
-
-
 class FrameDecoder:
     """Turns the bytes of one connection into validated frames; the pure core, no I/O.
 
@@ -312,7 +263,10 @@ class FrameDecoder:
 
     def __init__(self, limits: Limits | None = None, *, handshake: bool = False) -> None:
         self.limits = limits or Limits()
-        #: Devices announced by DEVICES; device frames are refused while None.
+        #: Whether DEVICES arrived: device frames are refused before it.
+        self.announced = False
+        #: How many devices DEVICES announced, once the application said (see
+        #: Session.set_device_count); device frames for others are refused.
         self.device_count: int | None = None
         #: Set once END_OF_STREAM was decoded; device frames are refused after it.
         self.ended = False
@@ -554,9 +508,9 @@ class FrameDecoder:
     def _check_device(self, tag: Tag, device: int) -> None:
         if self.ended:
             raise ProtocolError("tag", f"{tag.name} for device {device} after END_OF_STREAM")
-        if self.device_count is None:
+        if self.device_count is None and not self.announced:
             raise ProtocolError("device", f"{tag.name} for device {device} before DEVICES")
-        if device >= self.device_count:
+        if self.device_count is not None and device >= self.device_count:
             raise ProtocolError(
                 "device", f"device {device} was not announced ({self.device_count} devices)"
             )

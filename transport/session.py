@@ -35,7 +35,6 @@ from typing import Any, cast
 
 import structlog
 
-from devices.base import Buffer, Chunk
 from transport.auth import NONCE_SIZE, SESSION_ID_SIZE, AuthConfig, check_proof, new_nonce, proof
 from transport.bandwidth import BandwidthEstimator, TokenBucket
 from transport.errors import (
@@ -54,11 +53,12 @@ from transport.frames import (
     MAX_HEADER,
     PREFIX,
     PROTOCOL_VERSION,
+    Buffer,
+    Chunk,
     Frame,
     FrameDecoder,
     Tag,
     checksum,
-    decode_devices,
     encode_fields,
     encode_header,
     require,
@@ -453,7 +453,9 @@ class Session:
         #: SYNC barriers seen per channel, and how many were delivered.
         self._syncs = [0] * len(channels)
         self._synced = 0
-        self._sent_devices: int | None = None
+        #: Devices of this migration, once the application said (set_device_count).
+        self.device_count: int | None = None
+        self._announced = False
         self._pings: dict[int, asyncio.Future[float]] = {}
         self._ping_id = 0
         self._bucket = TokenBucket()
@@ -509,9 +511,11 @@ class Session:
                 self._enqueue(self._chans[0], frame)
         else:
             if tag is Tag.DEVICES:
-                if self._chans[0].decoder.device_count is not None:
+                if self._announced:
                     raise ProtocolError("tag", "second DEVICES frame")
-                self.set_device_count(len(decode_devices(frame.fields(), self.limits)))
+                self._announced = True
+                for each in self._chans:
+                    each.decoder.announced = True
             elif tag in DEVICE_TAGS:
                 expected = frame.device % self.channels
                 if channel.index != expected:
@@ -552,6 +556,10 @@ class Session:
             if self._queue:
                 channel, frame = self._queue.popleft()
                 channel.queued -= 1
+                if frame.tag in DEVICE_TAGS and not frame.device < (self.device_count or 0):
+                    channel.decoder.release(frame)
+                    self._fail(ProtocolError("device", self._unannounced(frame.device)))
+                    continue
                 if frame._segment is not None:
                     self._held = (channel, frame)
                 if error is None:
@@ -566,11 +574,21 @@ class Session:
                 self._waiter = None
 
     def set_device_count(self, count: int) -> None:
-        """Accept device frames for devices 0..count-1 only (done by DEVICES itself)."""
+        """Devices 0..count-1 only, both ways: the application read DEVICES (or sends it).
+
+        The transport does not read DEVICES itself: its payload is the orchestrator's.
+        Device frames that arrived before this are checked as they come out of recv().
+        """
         if count > self.limits.max_devices:
             raise LimitExceeded("devices", count, self.limits.max_devices)
+        self.device_count = count
         for channel in self._chans:
             channel.decoder.device_count = count
+
+    def _unannounced(self, device: int) -> str:
+        if self.device_count is None:
+            return f"device {device} before the device count was set"
+        return f"device {device} was not announced ({self.device_count} devices)"
 
     # -- sending ---------------------------------------------------------------------
 
@@ -590,8 +608,6 @@ class Session:
         payload = encode_fields(fields)
         if len(payload) > self.limits.max_control_payload:
             raise ValueError(f"{tag.name} fields take {len(payload)} bytes, over the limit")
-        if tag is Tag.DEVICES:
-            self._sent_devices = len(require(fields or {}, "devices", list))
         if tag in (Tag.END_OF_STREAM, Tag.SYNC):
             targets = [*self._chans[1:], self._chans[0]]
             for channel in targets:
@@ -618,8 +634,8 @@ class Session:
         self._check()
         if tag not in DEVICE_TAGS:
             raise ValueError(f"{tag.name} is not a device frame")
-        if self._sent_devices is not None and not 0 <= device < self._sent_devices:
-            raise ValueError(f"device {device} was not announced ({self._sent_devices} devices)")
+        if self.device_count is not None and not 0 <= device < self.device_count:
+            raise ValueError(f"device {device} was not announced ({self.device_count} devices)")
         length = sum(memoryview(part).nbytes for part in chunk)
         if length > self.peer_max_payload:
             raise ValueError(f"chunk of {length} bytes exceeds the peer's max_payload")

@@ -26,11 +26,10 @@ from typing import Any, Protocol
 import structlog
 
 import transport
-from devices.base import MigratableDevice
+from devices.base import DeviceDescriptor, MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
-from orchestrator.engine import messages as wire
-from orchestrator.engine.messages import Verdict, boot_id
+from orchestrator.engine.messages import Devices, Verdict, boot_id
 from transport import Tag
 
 log = structlog.get_logger(__name__)
@@ -63,7 +62,7 @@ class Gate(Protocol):
 
 
 def match_devices(
-    offered: Sequence[transport.DeviceDescriptor],
+    offered: Sequence[DeviceDescriptor],
     local: Mapping[str, MigratableDevice],
     *,
     p2p: bool,
@@ -159,12 +158,11 @@ class DestinationMigration:
         hello = await asyncio.wait_for(session.recv(), self.handshake_timeout_s)
         if hello.tag != Tag.DEVICES:
             raise transport.ProtocolError(f"expected DEVICES, got {hello.tag.name}")
-        fields = hello.fields()
-        offered = transport.decode_devices(fields, self.session.limits)
-        p2p = bool(transport.require(fields, "p2p", bool))
-        want_ack = bool(transport.require(fields, "switchover_ack", bool))
-        precopy_devices = int(transport.require(fields, "precopy_devices", int))
-        offer = Offer(wire.migration_id(fields), session.peer_name, tuple(d.name for d in offered))
+        devices = Devices.parse(hello.fields(), self.session.limits)
+        offered, p2p = devices.devices, devices.p2p
+        want_ack, precopy_devices = devices.switchover_ack, devices.precopy_devices
+        session.set_device_count(len(offered))
+        offer = Offer(devices.migration_id, session.peer_name, tuple(d.name for d in offered))
         self.offer = offer
         self.log = self.log.bind(migration_id=offer.migration_id)
         try:

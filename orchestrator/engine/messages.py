@@ -1,8 +1,9 @@
 """The orchestrator's messages on top of the transport's control frames.
 
-Source to destination: DEVICES (descriptors and the options the destination must
-honour), INITIAL_DATA_SENT (per device, on its channel, after its initial data),
-END_OF_DEVICE, END_OF_STREAM, COMMIT (go ahead and run), CANCEL.
+Source to destination: DEVICES (:class:`Devices`: descriptors and the options the
+destination must honour; the transport carries it unread), INITIAL_DATA_SENT (per
+device, on its channel, after its initial data), END_OF_DEVICE, END_OF_STREAM, COMMIT
+(go ahead and run), CANCEL.
 Destination to source: DEVICES_ACCEPTED, SWITCHOVER_ACK (initial data loaded),
 VERDICT with ``stage`` "loaded" (every device validated, waiting for COMMIT),
 "resumed" (after COMMIT: ``results`` maps each device to "" when it runs, else why it
@@ -15,12 +16,17 @@ ends share that clock.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from transport.errors import ProtocolError
+from devices.base import DeviceDescriptor
+from devices.fsm import Feature
+from transport.errors import LimitExceeded, ProtocolError
 from transport.frames import require
+from transport.limits import Limits
+
+_U32 = 1 << 32
 
 
 def boot_id() -> str:
@@ -107,3 +113,92 @@ def migration_id(fields: Mapping[str, Any]) -> str:
     if not 0 < len(value) <= 64 or not set(value) <= MIGRATION_ID_CHARS:
         raise ProtocolError("migration_id", f"must be 1..64 of [A-Za-z0-9._-], got {value!r:.70}")
     return value
+
+
+def encode_devices(descriptors: Iterable[DeviceDescriptor]) -> list[dict[str, Any]]:
+    """The ``devices`` field of DEVICES announcing ``descriptors``, in index order."""
+    return [
+        {
+            "name": d.name,
+            "kind": d.kind,
+            "format_version": d.format_version,
+            "features": int(d.features),
+        }
+        for d in descriptors
+    ]
+
+
+def decode_devices(
+    fields: Mapping[str, Any] | list[Any], limits: Limits | None = None
+) -> list[DeviceDescriptor]:
+    """Validate DEVICES fields (or their ``devices`` list) into descriptors.
+
+    ProtocolError names the bad field (``devices[3].name``); LimitExceeded the count or
+    a name's length.
+    """
+    limits = limits or Limits()
+    devices = fields if isinstance(fields, list) else require(fields, "devices", list)
+    if len(devices) > limits.max_devices:
+        raise LimitExceeded("devices", len(devices), limits.max_devices)
+    known = sum(int(flag) for flag in Feature)
+    result: list[DeviceDescriptor] = []
+    names: set[str] = set()
+    for index, entry in enumerate(devices):
+        where = f"devices[{index}]"
+        if not isinstance(entry, dict):
+            raise ProtocolError(where, "expected a map")
+        texts = []
+        for key in ("name", "kind"):
+            text = require(entry, key, str)
+            if len(text) > limits.max_name_length:
+                raise LimitExceeded(f"{where}.{key}", len(text), limits.max_name_length)
+            texts.append(text)
+        version = require(entry, "format_version", int)
+        features = require(entry, "features", int)
+        if not 0 <= version < _U32:
+            raise ProtocolError(f"{where}.format_version", f"{version} is out of range")
+        if features < 0 or features & ~known:
+            raise ProtocolError(f"{where}.features", f"unknown feature bits {features:#x}")
+        if texts[0] in names:
+            raise ProtocolError(f"{where}.name", f"duplicate device name {texts[0]!r}")
+        names.add(texts[0])
+        result.append(DeviceDescriptor(texts[0], texts[1], version, Feature(features)))
+    return result
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Devices:
+    """The source's DEVICES: what it offers and how the destination must take it."""
+
+    devices: tuple[DeviceDescriptor, ...]
+    #: Quiesce every device in a P2P state before any stops (both ends must).
+    p2p: bool
+    #: Whether the source waits for SWITCHOVER_ACK.
+    switchover_ack: bool
+    #: Devices with pre-copy data: SWITCHOVER_ACK follows their INITIAL_DATA_SENT.
+    precopy_devices: int
+    boot_id: str
+    migration_id: str
+
+    @classmethod
+    def parse(cls, fields: Mapping[str, Any], limits: Limits | None = None) -> Devices:
+        """Validate a DEVICES message (ProtocolError or LimitExceeded naming the field)."""
+        return cls(
+            devices=tuple(decode_devices(fields, limits)),
+            p2p=bool(require(fields, "p2p", bool)),
+            switchover_ack=bool(require(fields, "switchover_ack", bool)),
+            precopy_devices=int(require(fields, "precopy_devices", int)),
+            boot_id=str(fields.get("boot_id", "")),
+            migration_id=migration_id(fields),
+        )
+
+    def to_fields(self) -> dict[str, Any]:
+        """The message payload."""
+        return {
+            "devices": encode_devices(self.devices),
+            "p2p": self.p2p,
+            "switchover_ack": self.switchover_ack,
+            "precopy_devices": self.precopy_devices,
+            "boot_id": self.boot_id,
+            "migration_id": self.migration_id,
+        }

@@ -45,7 +45,7 @@ from orchestrator.engine.errors import (
     OutcomeUnknown,
     SplitOutcome,
 )
-from orchestrator.engine.messages import Verdict, boot_id
+from orchestrator.engine.messages import Devices, Verdict, boot_id
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, MigrationParams
 from orchestrator.engine.stats import (
@@ -140,6 +140,7 @@ class SourceMigration:
         self._reader_error: BaseException | None = None
         self._body: asyncio.Task[None] | None = None
         self._cancel_reason: str | None = None
+        self._checked = False
         self._force = False
         self._stage = _Stage.REVERSIBLE
         self._inflight: asyncio.Future[Any] | None = None
@@ -250,8 +251,15 @@ class SourceMigration:
     def _requested_cancel(self) -> str | None:
         return self._cancel_reason
 
+    def check(self) -> None:
+        """MigrationBlocked if this migration cannot work, checked once: the daemon asks
+        before it accepts the command, run() asks if nobody did."""
+        if not self._checked:
+            check_blockers(self.devices, self.params)
+            self._checked = True
+
     async def _migrate(self) -> None:
-        check_blockers(self.devices, self.params)
+        self.check()
         await self._setup()
         await self._precopy()
         await self._switchover()
@@ -284,17 +292,16 @@ class SourceMigration:
             ) from exc
         session = self._session
         session.set_max_bandwidth(self._cap())
-        await session.send_control(
-            Tag.DEVICES,
-            {
-                "devices": transport.encode_devices([d.descriptor() for d in self.devices]),
-                "p2p": params.p2p,
-                "switchover_ack": self._want_ack,
-                "precopy_devices": len(self._precopy_indices),
-                "boot_id": boot_id(),
-                "migration_id": self.stats.migration_id,
-            },
+        offer = Devices(
+            devices=tuple(d.descriptor() for d in self.devices),
+            p2p=params.p2p,
+            switchover_ack=self._want_ack,
+            precopy_devices=len(self._precopy_indices),
+            boot_id=boot_id(),
+            migration_id=self.stats.migration_id,
         )
+        session.set_device_count(len(offer.devices))
+        await session.send_control(Tag.DEVICES, offer.to_fields())
         answer = await asyncio.wait_for(session.recv(), params.connect_timeout_s)
         if answer.tag == Tag.VERDICT:
             verdict = Verdict.parse(answer.fields())

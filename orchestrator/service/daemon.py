@@ -42,7 +42,7 @@ from orchestrator.engine.destination import DestinationMigration, Offer, Refused
 from orchestrator.engine.errors import MigrationBlocked, MigrationError
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, to_qemu_parameters
-from orchestrator.engine.source import SourceMigration, check_blockers
+from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
 from orchestrator.service import config as config_module
 from orchestrator.service.config import ConfigError, DaemonConfig
@@ -346,18 +346,17 @@ class Service:
                 "(see livemig devices)",
             )
         try:
-            params = self.defaults.updated(changes)
-            check_blockers(devices, params)
+            migration = SourceMigration(
+                devices,
+                destination,
+                self.defaults.updated(changes),
+                auth=self.client_auth,
+                name=self.config.name,
+                on_commit=lambda names: self._outgoing_committing(migration, names),
+            )
+            migration.check()
         except MigrationBlocked as exc:
             raise ControlError("MigrationBlocked", str(exc)) from None
-        migration = SourceMigration(
-            devices,
-            destination,
-            params,
-            auth=self.client_auth,
-            name=self.config.name,
-            on_commit=lambda names: self._outgoing_committing(migration, names),
-        )
         record = Outgoing(migration)
         migration_id = migration.stats.migration_id
         for name in names:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.engine.messages import encode_devices
 from orchestrator.service.control import ControlClient
 from tests.orchestrator.test_daemon import DEADLINE
 from tests.orchestrator.test_hostile import KEY, hostile_pair, migrate
 from tests.transport.transport_helpers import RawPeer, hello_fields
-from transport import Tag, encode_devices
+from transport import Tag
 from transport.frames import MAGIC, encode_fields, encode_frame, encode_header
 
 CASES = int(os.environ.get("LIVEMIG_FUZZ_CASES", "1500"))

@@ -9,10 +9,7 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transport_helpers import descriptors
 
-from devices.base import DeviceDescriptor
-from devices.fsm import Feature
 from transport import (
     Frame,
     FrameDecoder,
@@ -20,8 +17,6 @@ from transport import (
     Limits,
     ProtocolError,
     Tag,
-    decode_devices,
-    encode_devices,
 )
 from transport.frames import (
     DATA_TAGS,
@@ -96,14 +91,6 @@ def test_chunk_buffers_are_framed_without_joining() -> None:
     decoder = session_decoder()
     decoder.feed(b"".join(bytes(p) for p in wire))
     assert drain(decoder) == [(Tag.STOPCOPY_DATA, 1, 0, b"headmiddletail")]
-
-
-def test_devices_round_trip() -> None:
-    """encode_devices / decode_devices preserve every descriptor field."""
-    devices = [*descriptors(3), DeviceDescriptor("gpu", "vfio", 7, Feature(7))]
-    fields = msgpack.unpackb(encode_fields({"devices": encode_devices(devices)}))
-    assert decode_devices(fields, Limits()) == devices
-    assert decode_devices(fields["devices"]) == devices
 
 
 frame_lists = st.lists(
@@ -275,41 +262,6 @@ def test_data_before_devices_is_refused() -> None:
     with pytest.raises(ProtocolError, match="before DEVICES") as caught:
         decoder.next_frame()
     assert caught.value.field == "device"
-
-
-@pytest.mark.parametrize(
-    ("fields", "field", "exc"),
-    [
-        ({"devices": "x"}, "devices", ProtocolError),
-        ({"devices": [{"name": "a"}] * 5}, "devices", LimitExceeded),
-        ({"devices": [1]}, "devices[0]", ProtocolError),
-        ({"devices": [{"name": "n" * 9, "kind": "k"}]}, "devices[0].name", LimitExceeded),
-        ({"devices": [{"name": "n", "kind": "k" * 9}]}, "devices[0].kind", LimitExceeded),
-        (
-            {"devices": [{"name": "n", "kind": "k", "format_version": -1, "features": 1}]},
-            "devices[0].format_version",
-            ProtocolError,
-        ),
-        (
-            {"devices": [{"name": "n", "kind": "k", "format_version": 1, "features": 64}]},
-            "devices[0].features",
-            ProtocolError,
-        ),
-        (
-            {"devices": [{"name": "n", "kind": "k", "format_version": True, "features": 1}]},
-            "format_version",
-            ProtocolError,
-        ),
-        ({"devices": encode_devices(descriptors(1)) * 2}, "devices[1].name", ProtocolError),
-    ],
-)
-def test_device_list_refusals(fields: dict[str, Any], field: str, exc: type[Exception]) -> None:
-    """A bad DEVICES list is refused naming the device and field, or the limit."""
-    limits = Limits(max_devices=4, max_name_length=8)
-    with pytest.raises(exc) as caught:
-        decode_devices(fields, limits)
-    assert isinstance(caught.value, ProtocolError)
-    assert caught.value.field == field
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from structlog.testing import capture_logs
-from transport_helpers import PSK, Recorder, descriptors
+from transport_helpers import PSK, Recorder, announce
 
 from tests.faultproxy import FaultProxy
 from transport import (
@@ -22,7 +22,6 @@ from transport import (
     Session,
     Tag,
     connect,
-    encode_devices,
     serve,
 )
 
@@ -55,7 +54,7 @@ async def open_source(address: str, **kw: object) -> Session:
     session = await connect(
         address, name="source", auth=AuthConfig(psk=PSK), channels=1, link_timeout_s=LINK, **kw
     )  # type: ignore[arg-type]
-    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+    await session.send_control(Tag.DEVICES, announce(2))
     return session
 
 
@@ -134,7 +133,7 @@ async def test_an_abort_with_a_reason_reaches_the_peer(
 
     recorder.on_frame = refuse
     session = await connect(slow_server.address, name="source", auth=AuthConfig(psk=PSK))
-    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+    await session.send_control(Tag.DEVICES, announce(2))
     with pytest.raises(PeerCancelled, match="destination refused: device 0 rejected its state"):
         await asyncio.wait_for(session.recv(), BOUND)
 

@@ -8,16 +8,16 @@ import socket
 import ssl
 
 import pytest
-from transport_helpers import PSK, RawPeer, Recorder, descriptors
+from transport_helpers import PSK, RawPeer, Recorder, announce
 
 from transport import (
     AuthConfig,
+    ProtocolError,
     Server,
     Session,
     SessionClosed,
     Tag,
     connect,
-    encode_devices,
     serve,
 )
 from transport.limits import MiB
@@ -33,7 +33,7 @@ async def test_stream_reaches_destination_in_order(server: Server, recorder: Rec
     """Chunks, END_OF_DEVICE and END_OF_STREAM arrive intact and the verdict comes back."""
     session = await open_source(server)
     assert session.peer_name == "dest"
-    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+    await session.send_control(Tag.DEVICES, announce(2))
     sent = []
     for i in range(20):
         chunk = (f"chunk{i}:".encode(), os.urandom(i * 1000))
@@ -59,7 +59,7 @@ async def test_multi_channel_keeps_per_device_order(
     """Over several channels every device's chunks arrive in send order, and all arrive."""
     session = await open_source(server, channels)
     assert session.channels == channels
-    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(5))})
+    await session.send_control(Tag.DEVICES, announce(5))
     for i in range(200):
         await session.send_chunk(Tag.PRECOPY_DATA, i % 5, (i.to_bytes(4, "big") * 300,))
     for device in range(5):
@@ -94,7 +94,7 @@ async def test_unix_socket_session(tmp_path: os.PathLike[str], recorder: Recorde
     async with await serve(path, recorder, name="dest", auth=AuthConfig()) as server:
         assert server.address == path
         session = await connect(path, name="source", auth=AuthConfig())
-        await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+        await session.send_control(Tag.DEVICES, announce(1))
         await session.send_chunk(Tag.STOPCOPY_DATA, 0, (b"x" * 10,))
         await session.send_control(Tag.END_OF_STREAM)
         assert (await session.recv()).tag is Tag.VERDICT
@@ -105,7 +105,7 @@ async def test_unix_socket_session(tmp_path: os.PathLike[str], recorder: Recorde
 async def test_max_bandwidth_and_estimate_follow_the_stream(server: Server) -> None:
     """A session with a cap still delivers; the estimator counts every byte written."""
     session = await open_source(server)
-    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+    await session.send_control(Tag.DEVICES, announce(1))
     session.set_max_bandwidth(50_000_000)
     for _ in range(10):
         await session.send_chunk(Tag.PRECOPY_DATA, 0, (bytes(100_000),))
@@ -137,7 +137,7 @@ async def test_an_aborted_session_ends_a_send_waiting_on_the_bandwidth_cap(
 ) -> None:
     """A send_chunk() waiting off the max-bandwidth debt raises as soon as the session aborts."""
     session = await open_source(server)
-    await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+    await session.send_control(Tag.DEVICES, announce(1))
     session.set_max_bandwidth(1.0)  # one byte per second: the chunk below owes days
     sending = asyncio.create_task(session.send_chunk(Tag.PRECOPY_DATA, 0, (b"x" * 1_000_000,)))
     await asyncio.sleep(0)  # one loop step: the chunk is written, the debt is being waited off
@@ -161,7 +161,7 @@ async def test_channels_skip_checksums_only_when_both_sides_agree(
             server.address, name="source", auth=AuthConfig(psk=PSK, checksums=source), channels=2
         )
         assert [channel.checksums for channel in session._chans] == [agreed, agreed]
-        await session.send_control(Tag.DEVICES, {"devices": encode_devices(descriptors(2))})
+        await session.send_control(Tag.DEVICES, announce(2))
         await session.send_chunk(Tag.PRECOPY_DATA, 1, (b"payload",))
         await session.send_control(Tag.END_OF_STREAM)
         assert (await session.recv()).tag is Tag.VERDICT
@@ -194,7 +194,7 @@ async def test_the_reader_wakes_for_the_rest_of_a_frame_not_for_each_segment(
         await peer.handshake(PSK)
         channel = (await sessions.get())._chans[0]
         assert channel._socket is not None
-        await peer.send(Tag.DEVICES, {"devices": encode_devices(descriptors(1))})
+        await peer.send(Tag.DEVICES, announce(1))
         payload = os.urandom(3 * MiB)
         ping = peer.encode(Tag.PING, {"id": 1, "t": 0.0})
         frame = peer.encode(Tag.PRECOPY_DATA, device=0, payload=payload)
@@ -210,4 +210,35 @@ async def test_the_reader_wakes_for_the_rest_of_a_frame_not_for_each_segment(
         await recorder.done.wait()
         assert (Tag.PRECOPY_DATA, 0, payload) in recorder.frames
         assert channel._socket.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
+        await peer.close()
+
+
+@pytest.mark.parametrize(
+    ("count", "desc"),
+    [(None, "device 1 before the device count was set"), (1, "device 1 was not announced")],
+)
+async def test_device_frames_are_checked_against_the_count_the_application_sets(
+    count: int | None, desc: str
+) -> None:
+    """The transport reads no DEVICES payload: device frames are checked against the
+    count the application set, and refused when it set none."""
+    errors: asyncio.Queue[Exception] = asyncio.Queue()
+
+    async def handler(session: Session) -> None:
+        try:
+            devices = await session.recv()
+            assert devices.tag is Tag.DEVICES
+            if count is not None:
+                session.set_device_count(count)
+            await session.recv()
+        except ProtocolError as exc:
+            errors.put_nowait(exc)
+
+    async with await serve("127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK)) as server:
+        peer = await RawPeer.open(server.address)
+        await peer.handshake(PSK)
+        await peer.send(Tag.DEVICES, announce(2))
+        await peer.send(Tag.PRECOPY_DATA, device=1, payload=b"x")
+        error = await errors.get()
+        assert desc in str(error)
         await peer.close()

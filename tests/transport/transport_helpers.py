@@ -1,4 +1,4 @@
-"""Shared pieces of the transport tests: a recording destination, descriptors, the key."""
+"""Shared pieces of the transport tests: a recording destination, DEVICES fields, the key."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from devices.base import DeviceDescriptor
-from devices.fsm import Feature
 from transport import Frame, FrameDecoder, Session, Tag, TransportError, parse_address
 from transport.auth import proof
 from transport.frames import encode_fields, encode_frame
@@ -18,9 +16,9 @@ from transport.frames import encode_fields, encode_frame
 PSK = b"test pre-shared key"
 
 
-def descriptors(count: int) -> list[DeviceDescriptor]:
-    """``count`` distinct device descriptors."""
-    return [DeviceDescriptor(f"dev{i}", "sim", 1, Feature.STOP_COPY) for i in range(count)]
+def announce(count: int) -> dict[str, Any]:
+    """DEVICES fields for ``count`` devices: opaque to the transport, which only counts."""
+    return {"devices": [f"dev{i}" for i in range(count)]}
 
 
 @dataclass
@@ -37,6 +35,8 @@ class Recorder:
             while True:
                 frame = await session.recv()
                 self.frames.append((frame.tag, frame.device, bytes(frame.payload)))
+                if frame.tag is Tag.DEVICES:
+                    session.set_device_count(len(frame.fields()["devices"]))
                 if self.on_frame is not None:
                     await self.on_frame(session, frame)
                 if frame.tag is Tag.END_OF_STREAM:
