@@ -67,7 +67,7 @@ LONG_MODULES: dict[str, str] = {
     "orchestrator/service/control.py": "split pending: protocol / server / client",
     "devices/vfio.py": "split pending: uapi / sysfs / channels / regions / device",
     "orchestrator/service/daemon.py": "split pending: service / commands / listeners / runner",
-    "transport/session.py": "split pending: address / channel / handshake / client / server",
+    "transport/session.py": "one state: routing what arrives, sending, liveness, teardown",
 }
 MAX_LINES = 450
 

@@ -1,12 +1,19 @@
-"""The wire between a source and a destination daemon: frames, sessions, auth, limits.
+"""The wire between a source and a destination daemon: opaque typed frames, sessions.
 
-The format is specified once, in :mod:`transport.frames`.
+frames.py (the format, specified once, and its pure codec), address.py (migration
+addresses), channel.py (one connection: the protocol around a decoder), handshake.py
+(authenticating a channel), session.py (a session's channels as one stream),
+client.py (:func:`connect`), server.py (:func:`serve`), auth.py (keys and TLS),
+limits.py, bandwidth.py (the token bucket and the bandwidth estimate), errors.py.
+Knows nothing of devices: the payloads are the application's.
 """
 
 from __future__ import annotations
 
+from transport.address import parse_address
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
 from transport.bandwidth import BandwidthEstimator, TokenBucket
+from transport.client import DEFAULT_CHANNELS, connect
 from transport.errors import (
     AuthenticationError,
     ConnectionLost,
@@ -29,7 +36,8 @@ from transport.frames import (
     require,
 )
 from transport.limits import Limits
-from transport.session import DEFAULT_CHANNELS, Server, Session, connect, parse_address, serve
+from transport.server import Server, serve
+from transport.session import Session
 
 __all__ = [
     "DATA_TAGS",

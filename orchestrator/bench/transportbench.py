@@ -34,12 +34,12 @@ from typing import Any, cast
 
 import structlog
 
+from transport import Session, connect, serve
 from transport.auth import AuthConfig
+from transport.channel import WRITE_HIGH_WATER as HIGH_WATER
+from transport.channel import WRITE_LOW_WATER as LOW_WATER
 from transport.frames import Tag
 from transport.limits import MiB
-from transport.session import WRITE_HIGH_WATER as HIGH_WATER
-from transport.session import WRITE_LOW_WATER as LOW_WATER
-from transport.session import Session, connect, serve
 
 GiB = 1024 * MiB
 #: The raw receiver reads into a buffer as large as the framed receiver's segments.

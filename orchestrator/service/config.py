@@ -76,8 +76,8 @@ from devices.paged import Faults
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.params import MigrationParams
 from orchestrator.service.control import DEFAULT_SOCKET, subject_pattern
+from transport.address import parse_address
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
-from transport.session import parse_address
 
 MIB = 1 << 20
 KIB = 1 << 10

@@ -20,8 +20,8 @@ from transport import (
     connect,
     serve,
 )
+from transport.channel import READ_LOW_WATER
 from transport.limits import MiB
-from transport.session import READ_LOW_WATER
 
 
 async def open_source(server: Server, channels: int = 1) -> Session:

@@ -1,0 +1,308 @@
+"""The destination's side: :func:`serve` accepts channels, groups them into sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from transport.address import format_address, parse_address
+from transport.auth import AuthConfig
+from transport.channel import Channel
+from transport.errors import (
+    TransportError,
+)
+from transport.handshake import Hello, refuse, server_handshake
+from transport.limits import Limits
+from transport.session import DEFAULT_LINK_TIMEOUT_S, Session
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[["Session"], Awaitable[None]]
+
+
+class _Group:
+    """The channels of one session that passed the handshake so far."""
+
+    def __init__(self, hello: Hello, timer: asyncio.TimerHandle) -> None:
+        self.hello = hello
+        self.timer = timer
+        self.channels: dict[int, Channel] = {}
+
+
+class _RefusalLog:
+    """Counts refused, evicted and failed connections; logs one summary per interval.
+
+    A flood of hostile connections must not become a flood of log lines.
+    """
+
+    INTERVAL_S = 1.0
+
+    def __init__(self, bound: Any) -> None:
+        self._log = bound
+        self._reasons: Counter[str] = Counter()
+        self._peers: Counter[str] = Counter()
+        self._example = ""
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, reason: str, peer: str, example: str = "") -> None:
+        """Count one connection that was turned away or failed its handshake."""
+        self._reasons[reason] += 1
+        self._peers[peer] += 1
+        self._example = example or self._example
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.INTERVAL_S, self.flush)
+
+    def flush(self) -> None:
+        """Log what was counted since the last summary."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._reasons:
+            self._log.warning(
+                "connections_refused",
+                reasons=dict(self._reasons),
+                peers=dict(self._peers.most_common(5)),
+                example=self._example[:200],
+            )
+        self._reasons.clear()
+        self._peers.clear()
+        self._example = ""
+
+
+class Server:
+    """A listening socket that runs ``handler(session)`` once per incoming session.
+
+    Admission: a connection is *pending* from accept (after TLS, with TLS) until its
+    session has every channel. At most ``max_pending_per_peer`` are pending per peer
+    address and ``max_pending_handshakes`` in all; past either, the oldest connection
+    still in the handshake from that address (or from the address holding the most) is
+    dropped to make room, so a peer that completes the handshake promptly gets in
+    whatever a keyless peer keeps opening. A failing handler aborts its own session
+    only; the server keeps listening. ``close()`` stops listening and cancels
+    handshakes and running handlers; ``wait_closed()`` waits until they are gone.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        name: str,
+        auth: AuthConfig,
+        limits: Limits,
+        link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S,
+    ) -> None:
+        self.address = ""
+        self.link_timeout_s = link_timeout_s
+        self._handler = handler
+        self._name = name
+        self._auth = auth
+        self._limits = limits
+        self._server: asyncio.AbstractServer | None = None
+        self._groups: dict[bytes, _Group] = {}
+        #: Connections without a session yet, oldest first.
+        self._pending: dict[Channel, None] = {}
+        self._handshakes: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._log = log.bind(server=name)
+        self.refusals = _RefusalLog(self._log)
+
+    @property
+    def pending(self) -> int:
+        """Connections in the handshake or waiting for the rest of their session."""
+        return len(self._pending)
+
+    def _protocol(self) -> Channel:
+        return Channel(self._limits, on_made=self._accepted)
+
+    def _accepted(self, channel: Channel) -> None:
+        assert channel.transport is not None
+        if not self._make_room(channel.peer_host):
+            self.refusals.note("full of authenticated channels", channel.peer_host)
+            channel.closing = True
+            channel.transport.abort()
+            return
+        self._pending[channel] = None
+        channel.on_lost = self._lost
+        task = asyncio.get_running_loop().create_task(self._handshake(channel))
+        channel.task = task
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    def _make_room(self, host: str) -> bool:
+        """Evict one pending unauthenticated connection if a limit is reached."""
+        limits = self._limits
+        mine = [c for c in self._pending if c.peer_host == host]
+        if len(mine) >= limits.max_pending_per_peer:
+            candidates = mine
+        elif len(self._pending) >= limits.max_pending_handshakes:
+            counts = Counter(c.peer_host for c in self._pending if not c.admitted)
+            if not counts:
+                return False
+            heaviest = max(counts.values())
+            candidates = [c for c in self._pending if counts[c.peer_host] == heaviest]
+        else:
+            return True
+        victim = next((c for c in candidates if not c.admitted), None)
+        if victim is None:
+            return False
+        self._drop(victim)
+        self.refusals.note("evicted: handshake pending while full", victim.peer_host)
+        return True
+
+    def _lost(self, channel: Channel) -> None:
+        """A pending connection ended: free its slot, and its session's if it had one."""
+        self._pending.pop(channel, None)
+        for session_id, group in list(self._groups.items()):
+            if channel in group.channels.values():
+                group.timer.cancel()
+                del self._groups[session_id]
+                for member in group.channels.values():
+                    self._drop(member)
+
+    def _drop(self, channel: Channel) -> None:
+        """Hang up on a pending connection and forget it."""
+        self._pending.pop(channel, None)
+        channel.closing = True
+        if channel.transport is not None:
+            channel.transport.abort()
+        if channel.task is not None:
+            channel.task.cancel()
+
+    async def _handshake(self, channel: Channel) -> None:
+        try:
+            async with asyncio.timeout(self._limits.handshake_timeout):
+                hello = await server_handshake(
+                    channel, name=self._name, auth=self._auth, limits=self._limits
+                )
+        except (TransportError, TimeoutError, OSError) as exc:
+            kind = "handshake timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+            self.refusals.note(f"handshake failed: {kind}", channel.peer_host, str(exc))
+            self._drop(channel)
+            return
+        except asyncio.CancelledError:  # close() or eviction: the connection goes too
+            self._drop(channel)
+            raise
+        channel.admitted = True
+        channel.task = None
+        self._join(channel, hello)
+
+    def _join(self, channel: Channel, hello: Hello) -> None:
+        group = self._groups.get(hello.session)
+        if group is None:
+            timer = asyncio.get_running_loop().call_later(
+                self._limits.handshake_timeout, self._expire, hello.session
+            )
+            group = self._groups[hello.session] = _Group(hello, timer)
+        elif group.hello.channels != hello.channels or hello.channel in group.channels:
+            self.refusals.note("inconsistent channel", channel.peer_host, hello.name)
+            self._pending.pop(channel, None)
+            refuse(channel, "protocol", f"channel {hello.channel} does not fit the session")
+            return
+        group.channels[hello.channel] = channel
+        if len(group.channels) < hello.channels:
+            return
+        group.timer.cancel()
+        del self._groups[hello.session]
+        for member in group.channels.values():
+            self._pending.pop(member, None)
+        session = Session(
+            [group.channels[i] for i in range(hello.channels)],
+            role="dest",
+            peer_name=group.hello.name,
+            peer_max_payload=group.hello.max_payload,
+            limits=self._limits,
+            session_id=hello.session,
+            link_timeout_s=self.link_timeout_s,
+        )
+        task = asyncio.get_running_loop().create_task(self._run(session))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    def _expire(self, session: bytes) -> None:
+        group = self._groups.pop(session, None)
+        if group is not None:
+            self._log.warning("session_incomplete", peer=group.hello.name)
+            for channel in group.channels.values():
+                self._pending.pop(channel, None)
+                refuse(channel, "protocol", "not all channels of the session arrived")
+
+    async def _run(self, session: Session) -> None:
+        try:
+            await self._handler(session)
+        except asyncio.CancelledError:
+            session.abort()
+            raise
+        except Exception as exc:  # a failing handler ends its session, not the server
+            self._log.warning("handler_failed", error=str(exc), kind=type(exc).__name__)
+            session.abort(str(exc) or type(exc).__name__, code="internal")
+        else:
+            await session.close()
+
+    def close(self) -> None:
+        """Stop listening; cancel handshakes in progress and running handlers."""
+        if self._server is not None:
+            self._server.close()
+        for task in (*self._handshakes, *self._handlers):
+            task.cancel()
+        for session in list(self._groups):
+            self._expire(session)
+        for channel in list(self._pending):
+            self._drop(channel)
+        self.refusals.flush()
+
+    async def wait_closed(self) -> None:
+        """Wait until the listener and every handler have finished."""
+        if self._server is not None:
+            await self._server.wait_closed()
+        await asyncio.gather(*self._handshakes, *self._handlers, return_exceptions=True)
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+        await self.wait_closed()
+
+
+async def serve(
+    address: str,
+    handler: Handler,
+    *,
+    name: str,
+    auth: AuthConfig,
+    limits: Limits | None = None,
+    link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S,
+) -> Server:
+    """Listen on ``address`` (port 0 picks one: see ``Server.address``).
+
+    With TLS, a connection reaches the admission limits once its TLS handshake is
+    done; until then only ``handshake_timeout`` bounds it (layering TLS ourselves with
+    ``loop.start_tls`` would count it earlier, but server-side start_tls stalls under
+    uvloop 0.23).
+    """
+    limits = limits or Limits()
+    if not link_timeout_s > 0:
+        raise ValueError(f"link_timeout_s must be > 0, got {link_timeout_s!r}")
+    server = Server(handler, name=name, auth=auth, limits=limits, link_timeout_s=link_timeout_s)
+    kind, host, port = parse_address(address)
+    loop = asyncio.get_running_loop()
+    # The TLS handshake comes before HELLO (the channel sees the connection only once
+    # it is done), so it gets the same budget rather than asyncio's 60 s default.
+    tls_timeout = limits.handshake_timeout if auth.ssl_context else None
+    if kind == "unix":
+        server._server = await loop.create_unix_server(
+            server._protocol, host, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
+        )
+        server.address = format_address("unix", host, 0)
+    else:
+        server._server = await loop.create_server(
+            server._protocol, host, port, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
+        )
+        bound = server._server.sockets[0].getsockname()
+        server.address = format_address("tcp", bound[0], bound[1])
+    server._log.info("server_listening", address=server.address)
+    return server
