@@ -719,10 +719,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_OK
     try:
         if args.command == "daemon":
-            from orchestrator.service import daemon
+            from orchestrator.service import runner
 
             _configure_logging(args.log_format, args.log_level)
-            return _run(daemon.serve(args.config))
+            return _run(runner.serve(args.config))
         _configure_logging()
         if args.command in _BENCH_COMMANDS:
             command = getattr(_benchmark("command"), _BENCH_COMMANDS[args.command])

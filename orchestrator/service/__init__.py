@@ -1,7 +1,9 @@
 """The daemon: one per host, owning its devices, migrating them out and in.
 
-daemon.py (the service, its control commands, listeners and runner), ownership.py
-(where each device's workload is, durably), control.py (the QMP control protocol),
-config.py (the daemon's TOML config), metrics.py (the Prometheus endpoint). Uses the
+service.py (the devices, migrations both ways, events), commands.py (the control
+commands), listeners.py (the migration listener), runner.py (setup, signals,
+cleanup), ownership.py (where each device's workload is, durably), control.py (the
+QMP control protocol), config.py (the daemon's TOML config), metrics.py (the
+Prometheus endpoint). Uses the
 engine for each migration; knows nothing of the command line.
 """

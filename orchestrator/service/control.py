@@ -537,7 +537,7 @@ class ControlServer:
 
     async def start(self) -> None:
         """Bind the socket; OSError saying why not."""
-        _remove_stale_socket(self.path)
+        remove_stale_socket(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = os.umask(0o177)
         try:
@@ -828,7 +828,7 @@ def _unix_identity(sock: socket.socket | None) -> str:
         return f"uid={uid}"
 
 
-def _remove_stale_socket(path: Path) -> None:
+def remove_stale_socket(path: Path, what: str = "control socket") -> None:
     """Unlink a socket nobody listens on; OSError if a daemon is there or it is no socket."""
     try:
         mode = path.lstat().st_mode
@@ -842,7 +842,7 @@ def _remove_stale_socket(path: Path) -> None:
     except OSError:
         path.unlink()
     else:
-        raise OSError(f"control socket {path} is in use by another daemon")
+        raise OSError(f"{what} {path} is in use by another process")
     finally:
         probe.close()
 

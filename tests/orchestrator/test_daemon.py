@@ -23,7 +23,7 @@ from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.service.config import parse
 from orchestrator.service.control import ControlClient
-from orchestrator.service.daemon import Service, _Claims
+from orchestrator.service.service import Service, _Claims
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0

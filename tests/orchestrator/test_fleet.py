@@ -22,7 +22,7 @@ from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Status
 from orchestrator.service.config import ConfigError, parse
 from orchestrator.service.control import ControlClient
-from orchestrator.service.daemon import Outgoing, Service
+from orchestrator.service.service import Outgoing, Service
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, write_psk
 from transport.auth import AuthConfig
 

@@ -1,0 +1,543 @@
+"""The daemon's work: devices, migrations both ways, events (the control API is commands.py).
+
+:class:`Service` holds the devices, runs outgoing migrations (SourceMigration) and
+incoming ones (DestinationMigration) and emits events. One migration per device at a
+time. Its :class:`~orchestrator.service.ownership.OwnershipBook` says where each
+device's workload is and which devices may receive one (arming), durably: the fence a
+restart keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+import transport
+from devices.base import MigratableDevice
+from devices.errors import DeviceError
+from devices.fsm import State
+from orchestrator.engine.destination import DestinationMigration, Offer, Refused
+from orchestrator.engine.errors import MigrationBlocked, MigrationError
+from orchestrator.engine.source import SourceMigration
+from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
+from orchestrator.service.config import DaemonConfig
+from orchestrator.service.control import (
+    ControlError,
+    ControlServer,
+)
+from orchestrator.service.listeners import (
+    WILDCARDS,
+    Listener,
+    MigrationListener,
+    is_local,
+    same_host,
+)
+from orchestrator.service.metrics import Metrics
+from orchestrator.service.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook
+
+log = structlog.get_logger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """An outgoing migration and the task running it."""
+
+    migration: SourceMigration
+    task: asyncio.Task[None] | None = None
+    last_status: Status | None = None
+    last_iteration: int = 0
+
+
+@dataclass(slots=True)
+class Incoming:
+    """An incoming migration, as far as the daemon can see it."""
+
+    id: str
+    peer: str
+    task: asyncio.Task[Any] | None
+    status: str = "active"
+    devices: list[str] = field(default_factory=list)
+    received_bytes: int = 0
+    error: str | None = None
+    #: After COMMIT: device name -> "" when it runs here, else why it stayed stopped.
+    results: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values for JSON."""
+        return {
+            "id": self.id,
+            "direction": "incoming",
+            "peer": self.peer,
+            "status": self.status,
+            "devices": self.devices,
+            "received_bytes": self.received_bytes,
+            "error": self.error,
+            "results": self.results,
+        }
+
+
+class _Claims(Mapping[str, MigratableDevice]):
+    """The devices an incoming migration may take: looking one up claims it.
+
+    DestinationMigration looks up the offered names and refuses the lot when one is
+    missing or neither RUNNING nor STOP; a device claimed by another migration in one of
+    those two states (that migration has not moved it yet, or has loaded it and waits
+    for COMMIT) is hidden, so two migrations never both take it. Claims are released
+    when the incoming migration ends.
+    """
+
+    def __init__(self, service: Service, migration_id: str) -> None:
+        self._service = service
+        self._id = migration_id
+
+    def __getitem__(self, name: str) -> MigratableDevice:
+        device = self._service.devices[name]
+        owner = self._service.owners.setdefault(name, self._id)
+        if owner != self._id and device.state in (State.RUNNING, State.STOP):
+            raise KeyError(name)
+        return device
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._service.devices)
+
+    def __len__(self) -> int:
+        return len(self._service.devices)
+
+
+class Service:
+    """The daemon's work: devices, migrations both ways, control commands, events."""
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        devices: list[MigratableDevice],
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.devices = {d.name: d for d in devices}
+        self.defaults = config.migration
+        self.metrics = metrics
+        self.client_auth = config.auth.client()
+        self.server_auth = config.auth.server()
+        #: Device name -> the migration using it.
+        self.owners: dict[str, str] = {}
+        #: Where each device's workload is, and the arms; durable in the state file.
+        self.book = OwnershipBook(
+            config.state_file,
+            self.devices,
+            accept_incoming=[d.name for d in config.devices if d.accept_incoming],
+        )
+        self.outgoing: dict[str, Outgoing] = {}
+        self.incoming: dict[str, Incoming] = {}
+        self.control: ControlServer | None = None
+        self.listeners: list[Listener] = []
+        self.stopping = False
+        for device in devices:
+            device.add_state_listener(self._device_state_changed)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def emit(self, name: str, data: Mapping[str, Any]) -> None:
+        """Send an event to the subscribed control clients."""
+        if self.control is not None:
+            self.control.broadcast(name, data)
+
+    def _device_state_changed(self, device: MigratableDevice, old: State, new: State) -> None:
+        migration = self.owners.get(device.name)
+        self.emit(
+            "DEVICE_STATE",
+            {"device": device.name, "old": old.name, "new": new.name, "migration": migration},
+        )
+
+    # -- incoming ---------------------------------------------------------------------------
+
+    async def accept(self, session: transport.Session) -> None:
+        """Run one incoming migration on an authenticated session (the listeners' handler)."""
+        if self.stopping:
+            session.abort()
+            return
+        claim = uuid.uuid4().hex[:12]
+        record = Incoming(claim, session.peer_name, asyncio.current_task())
+        migration = DestinationMigration(
+            session,
+            _Claims(self, claim),
+            gate=_IncomingGate(self, record),
+            **self.config.incoming_timeouts,
+        )
+        try:
+            resumed = await migration.run()
+        finally:
+            record.devices = [d.name for d in migration.devices]
+            record.received_bytes = migration.received_bytes
+            self._release(claim)
+            self._release(record.id)
+            record.task = None
+        if record.id == claim:  # refused before its offer was admitted: no record kept
+            self._forget_rejected(record, migration.error)
+            return
+        record.error = migration.error
+        record.results = migration.results
+        if resumed:
+            record.status = "completed"
+        else:
+            record.status = "split" if migration.committed else "failed"
+        if self.metrics is not None:
+            self.metrics.incoming.labels(status=record.status).inc()
+        log.info("incoming_migration_ended", migration_id=record.id, status=record.status)
+        self.emit("INCOMING_MIGRATION", record.as_dict())
+        self._forget_finished()
+
+    def _forget_rejected(self, record: Incoming, error: str | None) -> None:
+        """Announce a session refused before its offer was admitted, and keep no record.
+
+        Hostile or mistaken peers must not grow the daemon's memory, one record each.
+        """
+        log.info("incoming_session_rejected", peer=record.peer, reason=error)
+        record.status = "rejected"
+        record.error = error
+        self.emit("INCOMING_MIGRATION", record.as_dict())
+
+    def _forget_finished(self) -> None:
+        """Keep the newest ``max_records`` finished migrations each way; running ones stay."""
+        limit = self.config.max_records
+        outgoing = [
+            k for k, r in self.outgoing.items() if r.migration.stats.status in FINAL_STATUSES
+        ]
+        incoming = [k for k, r in self.incoming.items() if r.status != "active"]
+        for key in outgoing[: max(0, len(outgoing) - limit)]:
+            del self.outgoing[key]
+        for key in incoming[: max(0, len(incoming) - limit)]:
+            del self.incoming[key]
+        # A migration leaves reference cycles (tasks, sessions, listeners) that live long
+        # enough to reach the oldest generation; collected only now and then, they let
+        # RSS creep up by MBs per hundred migrations (examples/soak.py). A full
+        # collection per migration keeps it flat for a few ms.
+        gc.collect()
+
+    def _admit(self, record: Incoming, offer: Offer) -> None:
+        """Consent (arming, ownership) to an offer, before any device changes state."""
+        if offer.migration_id in self.incoming or offer.migration_id in self.outgoing:
+            raise Refused(f"migration id {offer.migration_id} is already known here")
+        problems = [
+            p for p in (self.book.admission_problem(n, offer.peer) for n in offer.devices) if p
+        ]
+        if problems:
+            raise Refused("; ".join(problems))
+        for name in offer.devices:  # _Claims took them under the claim id: rename it
+            if self.owners.get(name) == record.id:
+                self.owners[name] = offer.migration_id
+        record.id = offer.migration_id
+        record.devices = list(offer.devices)
+        self.incoming[record.id] = record
+        self.emit("INCOMING_MIGRATION", record.as_dict())
+
+    def _incoming_committed(self, offer: Offer) -> None:
+        """COMMIT arrived: the workload is ours from now, durably, before anything runs."""
+        self.book.set(
+            offer.devices, Owner.RECEIVED, peer=offer.peer, migration_id=offer.migration_id
+        )
+        self.book.spend(offer.devices)
+
+    def _incoming_finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
+        """Record what an incoming migration left: failed devices stay stopped, named."""
+        if results is None:
+            # Loading had begun, so the devices' earlier state is gone: they hold nothing.
+            emptied = [n for n in offer.devices if self.book.get(n).owner != Owner.IDLE]
+            if emptied:
+                self.book.set(
+                    emptied,
+                    Owner.IDLE,
+                    peer=offer.peer,
+                    migration_id=offer.migration_id,
+                    reason="an incoming migration failed while loading",
+                )
+            return
+        for name, why in results.items():
+            if why:
+                self.book.set(
+                    [name],
+                    Owner.STOPPED,
+                    peer=offer.peer,
+                    migration_id=offer.migration_id,
+                    reason=why,
+                )
+
+    def _release(self, migration_id: str) -> None:
+        for name in [n for n, owner in self.owners.items() if owner == migration_id]:
+            del self.owners[name]
+
+    # -- outgoing -----------------------------------------------------------------------------
+
+    def start_migration(
+        self, destination: str, names: list[str] | None, changes: Mapping[str, Any]
+    ) -> Outgoing:
+        """Start migrating ``names`` (default: every device) in the background."""
+        if self.stopping:
+            raise ControlError("WrongState", "the daemon is shutting down")
+        try:
+            transport.parse_address(destination)
+        except ValueError as exc:
+            raise ControlError("InvalidParameter", f"destination: {exc}") from None
+        self._refuse_self(destination)
+        names = list(self.devices) if names is None else names
+        if not names:
+            raise ControlError("InvalidParameter", "devices: the list is empty")
+        devices = [self._device(name) for name in names]
+        busy = [f"{n} (migration {self.owners[n]})" for n in names if n in self.owners]
+        if busy:
+            raise ControlError("DeviceBusy", f"devices in another migration: {', '.join(busy)}")
+        idle = [
+            f"{n} ({self.book.get(n).owner.value})"
+            for n in names
+            if self.book.get(n).owner not in RUNNING_OWNERS
+        ]
+        if idle:
+            raise ControlError(
+                "WrongState",
+                f"no workload runs here on {', '.join(idle)}: nothing to migrate "
+                "(see livemig devices)",
+            )
+        try:
+            migration = SourceMigration(
+                devices,
+                destination,
+                self.defaults.updated(changes),
+                auth=self.client_auth,
+                name=self.config.name,
+                on_commit=lambda names: self._outgoing_committing(migration, names),
+            )
+            migration.check()
+        except MigrationBlocked as exc:
+            raise ControlError("MigrationBlocked", str(exc)) from None
+        record = Outgoing(migration)
+        migration_id = migration.stats.migration_id
+        for name in names:
+            self.owners[name] = migration_id
+        self.outgoing[migration_id] = record
+        migration.add_listener(lambda stats: self._progress(record, stats))
+        if self.metrics is not None:
+            self.metrics.migration_started(migration_id)
+        record.task = asyncio.create_task(self._run(record), name=f"migration-{migration_id}")
+        self._share_bandwidth()
+        return record
+
+    def _outgoing_committing(self, migration: SourceMigration, names: list[str]) -> None:
+        """Before COMMIT leaves: fence the devices durably (the destination may run them)."""
+        self.book.set(
+            names,
+            Owner.OUTCOME_UNKNOWN,
+            peer=migration.destination,
+            migration_id=migration.stats.migration_id,
+            reason="COMMIT sent; no answer from the destination yet",
+        )
+
+    def _outgoing_ended(self, migration: SourceMigration) -> None:
+        """After the commit the destination owns the workload; record it durably."""
+        stats = migration.stats
+        names = [d.name for d in migration.devices]
+        if stats.outcome in ("destination", "split"):
+            reason = None if stats.outcome == "destination" else stats.error
+            self.book.set(
+                names,
+                Owner.MIGRATED_AWAY,
+                peer=migration.destination,
+                migration_id=stats.migration_id,
+                reason=reason,
+            )
+
+    def _share_bandwidth(self) -> None:
+        """Split ``max_total_bandwidth`` between the running outgoing migrations, max-min fair.
+
+        Each gets an equal part of what is left; one whose own max_bandwidth is lower
+        takes only that and leaves the rest to the others. Rerun when a migration
+        starts, ends, or changes its max_bandwidth.
+        """
+        left = self.config.max_total_bandwidth
+        if left is None:
+            return
+        running = sorted(
+            self._running(), key=lambda r: r.migration.params.max_bandwidth or float("inf")
+        )
+        for index, record in enumerate(running):
+            share = left / (len(running) - index)
+            record.migration.set_bandwidth_share(share)
+            left -= min(share, record.migration.params.max_bandwidth or share)
+
+    def _refuse_self(self, destination: str) -> None:
+        """InvalidParameter when ``destination`` is one of this daemon's own listeners.
+
+        A TCP destination is ours when its port is one we listen on and its host is the
+        one we bound, or any local address when we bound a wildcard. Host names other
+        than ``localhost`` and our own are not resolved here.
+        """
+        kind, host, port = transport.parse_address(destination)
+        for listener in self.listeners:
+            if not isinstance(listener, MigrationListener):
+                continue
+            own = transport.parse_address(listener.address)
+            if (kind, host, port) == own or (
+                kind == own[0] == "tcp"
+                and port == own[2]
+                and (same_host(host, own[1]) or (own[1] in WILDCARDS and is_local(host)))
+            ):
+                raise ControlError(
+                    "InvalidParameter",
+                    f"destination {destination} is this daemon ({self.config.name}) itself: "
+                    "migrate to the listen address of another daemon",
+                )
+
+    def _device(self, name: str) -> MigratableDevice:
+        try:
+            return self.devices[name]
+        except KeyError:
+            known = ", ".join(self.devices) or "none"
+            raise ControlError("DeviceNotFound", f"no device {name!r} (devices: {known})") from None
+
+    def _progress(self, record: Outgoing, stats: MigrationStats) -> None:
+        """Listener of a SourceMigration; a failure here must never reach the migration."""
+        try:
+            self._report_progress(record, stats)
+        except Exception:
+            log.exception("progress_report_failed", migration_id=stats.migration_id)
+
+    def _report_progress(self, record: Outgoing, stats: MigrationStats) -> None:
+        """Status changes and iterations become events and metrics."""
+        if self.metrics is not None:
+            self.metrics.observe(stats)
+        if stats.status in FINAL_STATUSES:
+            return  # _run announces the end once the devices are released
+        if stats.status != record.last_status:
+            record.last_status = stats.status
+            self.emit("MIGRATION", {"id": stats.migration_id, "status": stats.status.value})
+        if stats.iterations != record.last_iteration:
+            record.last_iteration = stats.iterations
+            self.emit("MIGRATION_PASS", {"id": stats.migration_id} | stats.as_dict())
+
+    async def _run(self, record: Outgoing) -> None:
+        migration = record.migration
+        stats = migration.stats
+        try:
+            await migration.run()
+        except MigrationError:
+            pass  # the stats say why; SourceMigration logged it
+        except Exception as exc:  # a bug: record it as the migration's failure
+            log.exception("migration_crashed", migration_id=stats.migration_id)
+            stats.error = stats.error or f"internal error: {exc!r}"
+            stats.status = Status.FAILED
+        finally:
+            self._outgoing_ended(migration)
+            self._release(stats.migration_id)
+            self._share_bandwidth()
+            if self.metrics is not None:
+                self.metrics.migration_finished(stats)
+        self.emit(
+            "MIGRATION",
+            {"id": stats.migration_id, "status": stats.status.value, "error": stats.error}
+            | {"stats": stats.as_dict()},
+        )
+        self._forget_finished()
+
+    def _outgoing(self, migration_id: str | None) -> Outgoing:
+        """The named migration; unnamed, the one running, else the newest that ran.
+
+        InvalidParameter, naming the candidates, when several run: a default would guess.
+        """
+        if migration_id is None:
+            if not self.outgoing:
+                raise ControlError("MigrationNotFound", "no migration has been started here")
+            running = self._running()
+            if len(running) > 1:
+                candidates = ", ".join(
+                    f"{r.migration.stats.migration_id} (to {r.migration.destination})"
+                    for r in running
+                )
+                raise ControlError(
+                    "InvalidParameter",
+                    f"{len(running)} migrations run: {candidates}; give 'id' to choose one",
+                )
+            return running[0] if running else list(self.outgoing.values())[-1]
+        try:
+            return self.outgoing[migration_id]
+        except KeyError:
+            raise ControlError("MigrationNotFound", f"no migration {migration_id!r}") from None
+
+    def _running(self) -> list[Outgoing]:
+        return [r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES]
+
+    def _active(self, migration_id: str | None) -> Outgoing:
+        record = self._outgoing(migration_id)
+        if record.migration.stats.status in FINAL_STATUSES:
+            raise ControlError(
+                "WrongState",
+                f"migration {record.migration.stats.migration_id} is already "
+                f"{record.migration.stats.status.value}",
+            )
+        return record
+
+    async def fence(self) -> None:
+        """At start: a device whose workload is elsewhere (by the record) must not run here."""
+        for name, device in self.devices.items():
+            record = self.book.get(name)
+            if record.owner in FENCED_OWNERS and device.state in (State.RUNNING, State.RUNNING_P2P):
+                log.warning("device_fenced", device=name, record=record.as_dict())
+                try:
+                    await device.set_state(State.STOP)
+                except DeviceError as exc:
+                    raise StartupError(f"cannot stop fenced device {name!r}: {exc}") from exc
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def shutdown(self, reason: str) -> None:
+        """Cancel every migration in flight and wait for the rollbacks."""
+        self.stopping = True
+        tasks: list[asyncio.Task[Any]] = []
+        for record in self.outgoing.values():
+            if record.task is not None and not record.task.done():
+                if not record.migration.cancel(reason):
+                    log.warning(
+                        "migration_past_commit_at_shutdown",
+                        migration_id=record.migration.stats.migration_id,
+                    )
+                tasks.append(record.task)
+        for incoming in self.incoming.values():
+            if incoming.task is not None and not incoming.task.done():
+                incoming.task.cancel()
+                tasks.append(incoming.task)
+        if tasks:
+            log.info("cancelling_migrations", count=len(tasks), reason=reason)
+            _, pending = await asyncio.wait(tasks, timeout=30)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.emit(
+            "SHUTDOWN",
+            {"reason": reason, "devices": {n: d.state.name for n, d in self.devices.items()}},
+        )
+
+
+class _IncomingGate:
+    """The daemon's say over one incoming migration (destination.Gate)."""
+
+    def __init__(self, service: Service, record: Incoming) -> None:
+        self._service = service
+        self._record = record
+
+    def admit(self, offer: Offer) -> None:
+        self._service._admit(self._record, offer)
+
+    def committed(self, offer: Offer) -> None:
+        self._service._incoming_committed(offer)
+
+    def finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
+        self._service._incoming_finished(offer, results)
