@@ -30,6 +30,7 @@ from devices.base import DeviceDescriptor, MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator.engine.messages import Devices, Verdict, boot_id
+from orchestrator.engine.phases import Phase, PhaseMachine
 from transport import Tag
 
 log = structlog.get_logger(__name__)
@@ -114,8 +115,6 @@ class DestinationMigration:
         self.idle_timeout_s = idle_timeout_s
         self.offer: Offer | None = None
         self.devices: list[MigratableDevice] = []
-        #: Set once COMMIT arrived: from then on nothing is reset.
-        self.committed = False
         #: After COMMIT: device name -> "" when it runs, else why it stayed stopped.
         self.results: dict[str, str] = {}
         self._loading = False
@@ -125,6 +124,30 @@ class DestinationMigration:
         #: Why the migration failed, once it did.
         self.error: str | None = None
         self.log = log.bind(peer=session.peer_name)
+        self._phases = PhaseMachine(self.log)
+
+    @property
+    def phase(self) -> Phase:
+        """Where the migration is."""
+        return self._phases.phase
+
+    @property
+    def phases(self) -> list[Phase]:
+        """Every phase entered so far, in order."""
+        return list(self._phases.history)
+
+    async def wait_phase(self, *phases: Phase) -> Phase:
+        """Return once the migration is in one of ``phases``."""
+        return await self._phases.wait(*phases)
+
+    @property
+    def committed(self) -> bool:
+        """Whether COMMIT arrived: from then on nothing is reset."""
+        return Phase.COMMITTED in self._phases.history
+
+    def _set_phase(self, phase: Phase) -> None:
+        """The one writer of the phase."""
+        self._phases.set(phase)
 
     @property
     def migration_id(self) -> str | None:
@@ -136,21 +159,27 @@ class DestinationMigration:
 
         After COMMIT it returns False when some device stayed stopped (see ``results``).
         """
+        self._set_phase(Phase.SETUP)
         try:
             await self._receive()
         except Refused as exc:
             self.error = f"refused: {exc}"
+            self._set_phase(Phase.FAILED)
             return False
         except asyncio.CancelledError:
             await asyncio.shield(self._give_up("destination daemon shutting down", None))
+            self._set_phase(Phase.FAILED if self.committed else Phase.CANCELLED)
             raise
         except Exception as exc:
             device = getattr(exc, "device", None)
             await self._give_up(str(exc) or type(exc).__name__, device)
+            cancelled = isinstance(exc, transport.PeerCancelled) and not self.committed
+            self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
             return False
         failed = {n: why for n, why in self.results.items() if why}
         if failed:
             self.error = "; ".join(f"{n}: {why}" for n, why in failed.items())
+        self._set_phase(Phase.FAILED if failed else Phase.COMPLETED)
         return not failed
 
     async def _receive(self) -> None:
@@ -179,6 +208,7 @@ class DestinationMigration:
         self._loading = True
         await self._transition(State.RESUMING)
         await session.send_control(Tag.DEVICES_ACCEPTED, {"boot_id": boot_id()})
+        self._set_phase(Phase.PRECOPY)
 
         channels = [d.resume_channel() for d in self.devices]
         initial_loaded: set[int] = set()
@@ -211,6 +241,7 @@ class DestinationMigration:
         if missing:
             raise transport.ProtocolError(f"stream ended before devices {missing} finished")
 
+        self._set_phase(Phase.SWITCHOVER)
         await self._transition(State.STOP, mark="load")
         self.marks["load"] = time.monotonic()
         await self._send_verdict("loaded")
@@ -218,7 +249,7 @@ class DestinationMigration:
         if commit.tag != Tag.COMMIT:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
         self.marks["commit"] = time.monotonic()
-        self.committed = True
+        self._set_phase(Phase.COMMITTED)
         if self.gate is not None:
             self.gate.committed(offer)
         started = time.monotonic()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 import uuid
 from collections import deque
@@ -48,6 +47,12 @@ from orchestrator.engine.errors import (
 from orchestrator.engine.messages import Devices, Verdict, boot_id
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, MigrationParams
+from orchestrator.engine.phases import (
+    REVERSIBLE_PHASES,
+    STATUS_OF,
+    Phase,
+    PhaseMachine,
+)
 from orchestrator.engine.stats import (
     BusyMeter,
     DeviceStats,
@@ -55,7 +60,6 @@ from orchestrator.engine.stats import (
     IterationSample,
     MigrationStats,
     RateMeter,
-    Status,
 )
 from transport import Tag
 
@@ -64,15 +68,6 @@ log = structlog.get_logger(__name__)
 StatusListener = Callable[[MigrationStats], None]
 #: Called with the device names right before COMMIT is sent; must make the fence durable.
 CommitHook = Callable[[list[str]], None]
-
-
-class _Stage(enum.Enum):
-    """How far the switchover got, which decides how a failure is handled."""
-
-    #: Nothing irreversible: roll back to RUNNING.
-    REVERSIBLE = enum.auto()
-    #: COMMIT was sent: the destination may run, the source must not.
-    COMMITTED = enum.auto()
 
 
 def check_blockers(devices: Sequence[MigratableDevice], params: MigrationParams) -> None:
@@ -142,7 +137,7 @@ class SourceMigration:
         self._cancel_reason: str | None = None
         self._checked = False
         self._force = False
-        self._stage = _Stage.REVERSIBLE
+        self._phases = PhaseMachine(self.log, self._phase_changed)
         self._inflight: asyncio.Future[Any] | None = None
         self._meter = RateMeter()
         #: This migration's part of its daemon's host-wide budget (bytes/s), if it has one.
@@ -166,25 +161,32 @@ class SourceMigration:
         """Call ``listener(stats)`` on every status change and iteration."""
         self._listeners.append(listener)
 
-    def cancel(self, reason: str = "cancelled by the user") -> bool:
-        """Ask the migration to stop and roll back; False if it is past the point of no return."""
-        if self._stage is _Stage.COMMITTED or self.stats.status in (
-            Status.COMPLETED,
-            Status.FAILED,
-            Status.CANCELLED,
-        ):
-            return False
+    @property
+    def phase(self) -> Phase:
+        """Where the migration is (its status, QEMU's name for it, is derived)."""
+        return self._phases.phase
+
+    @property
+    def phases(self) -> list[Phase]:
+        """Every phase entered so far, in order."""
+        return list(self._phases.history)
+
+    async def wait_phase(self, *phases: Phase) -> Phase:
+        """Return once the migration is in one of ``phases``."""
+        return await self._phases.wait(*phases)
+
+    def cancel(self, reason: str = "cancelled by the user") -> None:
+        """Ask the migration to stop and roll back; PhaseError once COMMIT was sent or it
+        ended (past the point of no return)."""
+        self._phases.require("cancel", REVERSIBLE_PHASES)
         self._cancel_reason = reason
         if self._body is not None:
             self._body.cancel()
-        return True
 
-    def continue_switchover(self) -> bool:
-        """Release a migration paused before the switchover; False if it is not paused."""
-        if self.stats.status != Status.PRE_SWITCHOVER:
-            return False
+    def continue_switchover(self) -> None:
+        """Release a migration paused before the switchover; PhaseError if it is not paused."""
+        self._phases.require("continue", frozenset({Phase.PAUSED}))
         self._continue.set()
-        return True
 
     def force_switchover(self) -> None:
         """Switch over at the next iteration whatever the estimate says."""
@@ -243,7 +245,7 @@ class SourceMigration:
         except Exception as exc:  # a device, the link, or a bug here: the source must survive
             if not isinstance(exc, DeviceError | transport.TransportError | OSError | TimeoutError):
                 self.log.exception("migration_internal_error")
-            if self._stage is _Stage.COMMITTED:
+            if self.phase is Phase.COMMITTED:
                 return await self._fail(OutcomeUnknown(f"failed after COMMIT: {_describe(exc)}"))
             return await self._fail(MigrationError(_describe(exc)))
         return self.stats
@@ -266,7 +268,7 @@ class SourceMigration:
         await self._finish()
 
     async def _setup(self) -> None:
-        self._set_status(Status.SETUP)
+        self._set_phase(Phase.SETUP)
         params = self.params
         self.log.info(
             "migration_started",
@@ -342,7 +344,7 @@ class SourceMigration:
         self.stats.clock_offset_uncertainty_ms = best[1] / 2 * 1e3
 
     async def _precopy(self) -> None:
-        self._set_status(Status.ACTIVE)
+        self._set_phase(Phase.PRECOPY)
         if not self._precopy_indices:
             self.log.info("no_precopy_devices", detail="nothing to iterate: switching over")
             return
@@ -552,7 +554,7 @@ class SourceMigration:
         The cancel check matters: Python 3.11's ``wait_for`` swallows a cancellation
         that arrives as its inner wait completes, so ``cancel()`` alone can be lost.
         """
-        if self._cancel_reason is not None and self._stage is _Stage.REVERSIBLE:
+        if self._cancel_reason is not None and self.phase in REVERSIBLE_PHASES:
             raise MigrationCancelled(self._cancel_reason)
         for error in (self._link_error, self._reader_error):
             if isinstance(error, MigrationError):
@@ -562,7 +564,7 @@ class SourceMigration:
 
     async def _switchover(self) -> None:
         if self.params.pause_before_switchover:
-            self._set_status(Status.PRE_SWITCHOVER)
+            self._set_phase(Phase.PAUSED)
             self.log.info("paused_before_switchover")
             await self._wait_continue()
         limit_s = self.params.downtime_limit_ms / 1000
@@ -574,7 +576,7 @@ class SourceMigration:
                 f"the hard limit of {self.params.downtime_limit_ms:g} ms; raise the limit "
                 "or the bandwidth and retry"
             )
-        self._set_status(Status.DEVICE)
+        self._set_phase(Phase.SWITCHOVER)
         await self._stop_precopy_readers()
         await self._sync()
         self.stats.switchover_at_s = self.stats.elapsed_s()
@@ -606,7 +608,7 @@ class SourceMigration:
         assert self._session is not None
         if self._on_commit is not None:
             self._on_commit([d.name for d in self.devices])
-        self._stage = _Stage.COMMITTED
+        self._set_phase(Phase.COMMITTED)
         await self._session.send_control(Tag.COMMIT)
         try:
             resumed = await self._verdict("resumed")
@@ -779,7 +781,7 @@ class SourceMigration:
         self._end_clock()
         self.stats.outcome = "destination"
         self.stats.placement = {d.name: "destination" for d in self.devices}
-        self._set_status(Status.COMPLETED)
+        self._set_phase(Phase.COMPLETED)
         self.log.info(
             "migration_completed",
             downtime_ms=self.stats.downtime_ms,
@@ -819,7 +821,7 @@ class SourceMigration:
         """Roll back (unless committed), record why, and raise ``error``."""
         self.stats.error = str(error)
         self.log.error("migration_failed", reason=str(error), error_type=type(error).__name__)
-        if self._stage is _Stage.REVERSIBLE:
+        if self.phase in REVERSIBLE_PHASES:
             notes = await self._rollback()
             self.stats.outcome = "source"
             self.stats.placement = {d.name: notes.get(d.name, "source") for d in self.devices}
@@ -840,7 +842,7 @@ class SourceMigration:
                 }
         self._end_clock()
         cancelled = isinstance(error, MigrationCancelled)
-        self._set_status(Status.CANCELLED if cancelled else Status.FAILED)
+        self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
         raise error
 
     async def _stop_background(self) -> None:
@@ -881,7 +883,14 @@ class SourceMigration:
         self.stats.end_cpu()
         self.stats.bandwidth = self.stats.transferred_bytes / elapsed if elapsed > 0 else 0.0
 
-    def _set_status(self, status: Status) -> None:
+    def _set_phase(self, phase: Phase) -> None:
+        """The one writer of the phase (and so of the status)."""
+        self._phases.set(phase)
+
+    def _phase_changed(self, old: Phase, new: Phase) -> None:
+        status = STATUS_OF[new]
+        if old is not Phase.NEW and status == STATUS_OF[old]:
+            return
         self.stats.status = status
         self.log.info("status_changed", status=status.value)
         self._notify()

@@ -11,6 +11,7 @@ from devices.fsm import Feature
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, to_qemu_parameters
+from orchestrator.engine.phases import PhaseError
 from orchestrator.service.control import (
     VERSION,
     Arg,
@@ -333,11 +334,10 @@ class Commands:
     async def migrate_continue(self, id: str | None = None) -> dict[str, Any]:
         """Release a migration paused before the switchover."""
         record = self.service._active(id)
-        if not record.migration.continue_switchover():
-            raise ControlError(
-                "WrongState",
-                f"migration is {record.migration.stats.status.value}, not pre-switchover",
-            )
+        try:
+            record.migration.continue_switchover()
+        except PhaseError as exc:
+            raise ControlError("WrongState", str(exc)) from None
         return {"id": record.migration.stats.migration_id}
 
     async def migrate_switchover(self, id: str | None = None) -> dict[str, Any]:
@@ -349,10 +349,10 @@ class Commands:
     async def migrate_cancel(self, id: str | None = None) -> dict[str, Any]:
         """Cancel a migration; the source devices go back to RUNNING (watch the events)."""
         record = self.service._active(id)
-        if not record.migration.cancel("cancelled by the user"):
-            raise ControlError(
-                "WrongState", "the migration is past the point of no return (COMMIT sent)"
-            )
+        try:
+            record.migration.cancel("cancelled by the user")
+        except PhaseError as exc:
+            raise ControlError("WrongState", f"{exc} (past the point of no return)") from None
         return {"id": record.migration.stats.migration_id}
 
     async def subscribe(self, events: list[Any] | None = None) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from devices.errors import DeviceError
 from devices.fsm import State
 from orchestrator.engine.destination import DestinationMigration, Offer, Refused
 from orchestrator.engine.errors import MigrationBlocked, MigrationError
+from orchestrator.engine.phases import PhaseError
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
 from orchestrator.service.config import DaemonConfig
@@ -504,7 +505,9 @@ class Service:
         tasks: list[asyncio.Task[Any]] = []
         for record in self.outgoing.values():
             if record.task is not None and not record.task.done():
-                if not record.migration.cancel(reason):
+                try:
+                    record.migration.cancel(reason)
+                except PhaseError:
                     log.warning(
                         "migration_past_commit_at_shutdown",
                         migration_id=record.migration.stats.migration_id,

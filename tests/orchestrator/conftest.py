@@ -89,6 +89,8 @@ class Ends:
     address: str
     outcomes: list[bool]
     gates: list[VerdictGate]
+    #: The destination migrations, in the order their sessions arrived.
+    incoming: list[DestinationMigration]
     gate_made: asyncio.Event
     auth: transport.AuthConfig = dataclasses.field(default_factory=transport.AuthConfig)
 
@@ -145,6 +147,7 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
         devices.extend((*sources, *targets))
         outcomes: list[bool] = []
         gates: list[VerdictGate] = []
+        incoming: list[DestinationMigration] = []
         gate_made = asyncio.Event()
         by_name = {d.name: d for d in targets}
 
@@ -155,7 +158,8 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
                 gates.append(gate)
                 gate_made.set()
                 session = gate
-            outcomes.append(await DestinationMigration(session, by_name).run())
+            incoming.append(DestinationMigration(session, by_name))
+            outcomes.append(await incoming[-1].run())
 
         auth = transport.AuthConfig()
         server = await transport.serve(
@@ -163,7 +167,7 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
         )
         servers.append(server)
         return Ends(list(specs), sources, targets, trace, target_trace, server.address,
-                    outcomes, gates, gate_made, auth)  # fmt: skip
+                    outcomes, gates, incoming, gate_made, auth)  # fmt: skip
 
     yield make
     for server in servers:

@@ -27,6 +27,7 @@ from orchestrator.engine.errors import (
     OutcomeUnknown,
 )
 from orchestrator.engine.params import Policy
+from orchestrator.engine.phases import PhaseError
 from orchestrator.engine.stats import Status
 from tests.orchestrator.conftest import MB, MIB, Spec, wait_status
 
@@ -110,7 +111,7 @@ async def test_cancel_before_switchover(make_ends, phase: Status) -> None:
     migration = ends.migration(pause_before_switchover=True)
     run = asyncio.create_task(migration.run())
     await wait_status(migration, phase)
-    assert migration.cancel("test cancel")
+    migration.cancel("test cancel")
     with pytest.raises(MigrationCancelled, match="test cancel"):
         await run
     assert migration.stats.status == Status.CANCELLED
@@ -126,7 +127,7 @@ async def test_cancel_during_stop_copy_drain(make_ends) -> None:
     run = asyncio.create_task(migration.run())
     await ends.sources[1].read_stalled.wait()
     assert ends.sources[1].state == State.STOP_COPY
-    assert migration.cancel("cancel mid drain")
+    migration.cancel("cancel mid drain")
     with pytest.raises(MigrationCancelled):
         await run
     await ends.assert_source_intact()
@@ -138,7 +139,7 @@ async def test_cancel_while_waiting_for_the_verdict(make_ends) -> None:
     migration = ends.migration()
     run = asyncio.create_task(migration.run())
     gate = await ends.held_verdict()
-    assert migration.cancel("cancel at verdict")
+    migration.cancel("cancel at verdict")
     with pytest.raises(MigrationCancelled):
         await run
     gate.open.set()
@@ -334,11 +335,12 @@ async def test_pause_before_switchover_waits_for_continue(make_ends) -> None:
     run = asyncio.create_task(migration.run())
     await wait_status(migration, Status.PRE_SWITCHOVER)
     assert all(d.state == State.PRE_COPY for d in ends.sources)
-    assert migration.continue_switchover()
+    migration.continue_switchover()
     stats = await run
     assert stats.status == Status.COMPLETED
     await ends.assert_migrated()
-    assert not migration.continue_switchover()
+    with pytest.raises(PhaseError, match="cannot continue: the migration is completed"):
+        migration.continue_switchover()
 
 
 async def test_clock_offset_from_round_trips(make_ends, monkeypatch) -> None:

@@ -146,7 +146,7 @@ async def test_a_cancel_racing_an_iteration_wakeup_is_not_lost(make_ends) -> Non
     for _ in range(3):
         await wait_iteration(migration)
     migration._wakeup.set()  # the loop's wait completes in this same step...
-    assert migration.cancel("raced")  # ...as the cancel arrives
+    migration.cancel("raced")  # ...as the cancel arrives
     async with asyncio.timeout(5):
         with pytest.raises(MigrationCancelled, match="raced"):
             await run

@@ -1,0 +1,106 @@
+"""Where a migration is: one phase machine for both ends.
+
+Each end (SourceMigration, DestinationMigration) owns a :class:`PhaseMachine`. Its
+phase has one writer, :meth:`PhaseMachine.set`, which logs the change and wakes whoever
+waits for it; an operation that needs certain phases calls :meth:`PhaseMachine.require`,
+which raises :class:`PhaseError` naming the current and the required phases. The
+source's QEMU-style status (``query-migrate``) is derived from its phase
+(:data:`STATUS_OF`), never written separately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from typing import Any
+
+from orchestrator.engine.stats import Status
+
+
+class Phase(enum.Enum):
+    """A migration's phase, in the order a completed one goes through them."""
+
+    #: Created; ``run()`` not called yet.
+    NEW = "new"
+    #: Connecting and agreeing on the devices (source: devices entering PRE_COPY too).
+    SETUP = "setup"
+    #: Pre-copy: the devices run on the source while their state streams across.
+    PRECOPY = "precopy"
+    #: Source only: pre-copy done, waiting for ``continue_switchover()``.
+    PAUSED = "paused"
+    #: Devices stopped, the rest of their state drained and loaded; still reversible.
+    SWITCHOVER = "switchover"
+    #: COMMIT sent (source) or received (destination): the destination may run the
+    #: devices, the source must not, and nothing rolls back any more.
+    COMMITTED = "committed"
+    #: Every device runs on the destination.
+    COMPLETED = "completed"
+    #: Ended with an error; before COMMIT the source devices run again.
+    FAILED = "failed"
+    #: Cancelled by the user, a signal or the peer before COMMIT; rolled back.
+    CANCELLED = "cancelled"
+
+
+#: The phases a migration ends in.
+FINAL_PHASES = frozenset({Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED})
+#: The phases in which a failure or a cancel still rolls the source back.
+REVERSIBLE_PHASES = frozenset(
+    {Phase.NEW, Phase.SETUP, Phase.PRECOPY, Phase.PAUSED, Phase.SWITCHOVER}
+)
+#: The source's status (QEMU's names) in each phase.
+STATUS_OF = {
+    Phase.NEW: Status.SETUP,
+    Phase.SETUP: Status.SETUP,
+    Phase.PRECOPY: Status.ACTIVE,
+    Phase.PAUSED: Status.PRE_SWITCHOVER,
+    Phase.SWITCHOVER: Status.DEVICE,
+    Phase.COMMITTED: Status.DEVICE,
+    Phase.COMPLETED: Status.COMPLETED,
+    Phase.FAILED: Status.FAILED,
+    Phase.CANCELLED: Status.CANCELLED,
+}
+
+
+class PhaseError(Exception):
+    """An operation asked for in a phase that does not allow it."""
+
+    def __init__(self, action: str, current: Phase, required: frozenset[Phase]) -> None:
+        self.action = action
+        self.current = current
+        self.required = required
+        names = ", ".join(p.value for p in Phase if p in required)
+        super().__init__(f"cannot {action}: the migration is {current.value}, not one of {names}")
+
+
+class PhaseMachine:
+    """One migration's phase: one writer that logs and wakes waiters, and a guard."""
+
+    def __init__(self, log: Any, on_change: Callable[[Phase, Phase], None] | None = None) -> None:
+        self.phase = Phase.NEW
+        #: Every phase entered, in order (NEW first).
+        self.history = [Phase.NEW]
+        self._log = log
+        self._on_change = on_change
+        self._changed = asyncio.Event()
+
+    def set(self, phase: Phase) -> None:
+        """Enter ``phase``: log it, tell the owner, wake the waiters."""
+        old, self.phase = self.phase, phase
+        self.history.append(phase)
+        self._log.info("phase_changed", phase=phase.value, previous=old.value)
+        if self._on_change is not None:
+            self._on_change(old, phase)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def require(self, action: str, phases: frozenset[Phase]) -> None:
+        """PhaseError naming the current and the required phases, unless in one of them."""
+        if self.phase not in phases:
+            raise PhaseError(action, self.phase, phases)
+
+    async def wait(self, *phases: Phase) -> Phase:
+        """Return once the migration is in one of ``phases`` (now or later)."""
+        while self.phase not in phases:
+            await self._changed.wait()
+        return self.phase

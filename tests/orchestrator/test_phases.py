@@ -1,0 +1,106 @@
+"""The phase machine: the exact phases a migration goes through at both ends.
+
+Completed, cancelled, rolled back in the switchover, and lost after COMMIT (the link
+cut by the fault proxy): each end's phase history, in order, and the state guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import Spec
+
+from devices.fsm import State
+from orchestrator.engine.errors import MigrationCancelled, MigrationError, OutcomeUnknown
+from orchestrator.engine.phases import Phase, PhaseError
+from orchestrator.engine.stats import Status
+
+N, S, P, PA, SW, C = (
+    Phase.NEW,
+    Phase.SETUP,
+    Phase.PRECOPY,
+    Phase.PAUSED,
+    Phase.SWITCHOVER,
+    Phase.COMMITTED,
+)
+
+
+def sims(count: int) -> list[Spec]:
+    """``count`` small simulated devices with distinct seeds."""
+    return [Spec(f"sim{i}", seed=i + 1) for i in range(count)]
+
+
+async def test_a_completed_migration_goes_through_every_phase_once(make_ends) -> None:
+    """Source and destination: setup, pre-copy, switchover, committed, completed."""
+    ends = await make_ends(sims(2))
+    migration = ends.migration()
+    stats = await migration.run()
+    assert stats.status == Status.COMPLETED
+    assert migration.phases == [N, S, P, SW, C, Phase.COMPLETED]
+    assert ends.incoming[0].phases == [N, S, P, SW, C, Phase.COMPLETED]
+    await ends.assert_migrated()
+
+
+async def test_a_cancelled_migration_ends_cancelled_at_both_ends(make_ends) -> None:
+    """A cancel in the pause before the switchover: both ends end CANCELLED, rolled back."""
+    ends = await make_ends(sims(2))
+    migration = ends.migration(pause_before_switchover=True)
+    run = asyncio.create_task(migration.run())
+    await migration.wait_phase(PA)
+    migration.cancel("the test cancels")
+    with pytest.raises(MigrationCancelled):
+        await run
+    assert migration.phases == [N, S, P, PA, Phase.CANCELLED]
+    assert migration.stats.status == Status.CANCELLED
+    await ends.assert_source_intact()
+    async with asyncio.timeout(10):
+        await ends.incoming[0].wait_phase(Phase.CANCELLED, Phase.FAILED)
+    assert ends.incoming[0].phases == [N, S, P, Phase.CANCELLED]
+
+
+async def test_a_switchover_rolled_back_never_commits(make_ends) -> None:
+    """No verdict in time: the source fails from SWITCHOVER, its devices run again."""
+    ends = await make_ends(sims(1), hold_verdicts=True)
+    migration = ends.migration(verdict_timeout_s=0.5)
+    with pytest.raises(MigrationError, match="no verdict"):
+        await migration.run()
+    assert migration.phases == [N, S, P, SW, Phase.FAILED]
+    assert migration.stats.outcome == "source"
+    (await ends.held_verdict()).open.set()
+    await ends.assert_source_intact()
+
+
+async def test_a_link_lost_after_commit_fails_from_committed(make_ends, proxy_to) -> None:
+    """The proxy cuts the link after COMMIT: the source fails from COMMITTED (outcome
+    unknown, devices stopped) while the destination completes."""
+    ends = await make_ends(sims(2), hold_verdicts="resumed")
+    proxy, address = await proxy_to(ends.address)
+    migration = ends.migration(address)
+    run = asyncio.create_task(migration.run())
+    gate = await ends.held_verdict()
+    proxy.drop()
+    gate.open.set()
+    with pytest.raises(OutcomeUnknown):
+        await run
+    assert migration.phases == [N, S, P, SW, C, Phase.FAILED]
+    assert migration.stats.outcome == "unknown"
+    assert ends.incoming[0].phases == [N, S, P, SW, C, Phase.COMPLETED]
+    assert [d.state for d in ends.sources] == [State.STOP, State.STOP]
+    assert [d.state for d in ends.targets] == [State.RUNNING, State.RUNNING]
+
+
+async def test_the_guard_names_the_current_and_the_required_phases(make_ends) -> None:
+    """cancel after the end and continue outside the pause raise PhaseError saying why."""
+    ends = await make_ends(sims(1))
+    migration = ends.migration()
+    with pytest.raises(
+        PhaseError, match="cannot continue: the migration is new, not one of paused"
+    ):
+        migration.continue_switchover()
+    await migration.run()
+    with pytest.raises(PhaseError) as caught:
+        migration.cancel()
+    assert caught.value.current is Phase.COMPLETED
+    assert Phase.SWITCHOVER in caught.value.required
+    assert "cannot cancel: the migration is completed" in str(caught.value)
