@@ -85,6 +85,11 @@ def match_devices(
                 f"{desc.name}: state format v{desc.format_version} offered, "
                 f"v{here.format_version} here"
             )
+        elif None not in (here.state_size, desc.state_size) and here.state_size != desc.state_size:
+            problems.append(
+                f"{desc.name}: {desc.state_size} bytes of state offered, the device here "
+                f"holds {here.state_size}; configure both alike"
+            )
         elif p2p and len(offered) > 1 and not device.features & Feature.P2P:
             problems.append(f"{desc.name}: P2P requested but this device lacks it")
         elif device.state not in (State.RUNNING, State.STOP):

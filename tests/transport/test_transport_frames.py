@@ -428,3 +428,14 @@ def test_missing_counts_the_rest_of_the_frame_once_its_header_is_known() -> None
     decoder.feed(wire[300:])
     assert decoder.next_frame() is not None
     assert decoder.missing == 0
+
+
+def test_a_device_descriptor_carries_its_state_size() -> None:
+    """DEVICES round-trips the state size (or None), and a bad one names its field."""
+    sized = DeviceDescriptor("a", "simulated", 1, Feature.STOP_COPY, 4096)
+    blind = DeviceDescriptor("b", "vfio:mtty", 1, Feature.STOP_COPY)
+    assert decode_devices(encode_devices([sized, blind])) == [sized, blind]
+    bad = encode_devices([sized])
+    bad[0]["state_size"] = -1
+    with pytest.raises(ProtocolError, match=r"devices\[0\].state_size"):
+        decode_devices(bad)
