@@ -52,6 +52,7 @@ from orchestrator.stats import (
     DeviceStats,
     DowntimeClock,
     IterationSample,
+    LinkMeter,
     MigrationStats,
     RateMeter,
     Status,
@@ -147,6 +148,7 @@ class SourceMigration:
         #: This migration's part of its daemon's host-wide budget (bytes/s), if it has one.
         self.bandwidth_share: float | None = None
         self._link = BusyMeter()
+        self._link_meter = LinkMeter(self._link)
         self._clock_offset = 0.0
         self._arc_overhead_s = 0.0
         self._precopy_indices = [
@@ -437,7 +439,9 @@ class SourceMigration:
         if self.params.switchover_bandwidth is not None:
             assumed = self.params.switchover_bandwidth
         else:
-            assumed = self._link.rate()
+            if self._session is not None:
+                self._link_meter.sample(*self._session.delivery())
+            assumed = self._link_meter.rate()
             if (cap := self._cap()) is not None:
                 assumed = min(assumed, cap)
         self.stats.switchover_bandwidth = assumed
@@ -502,6 +506,8 @@ class SourceMigration:
                 passes.read(sent)
                 dstats.precopy_bytes += sent
                 self._link.add(sent)
+                if self._link_meter.due():
+                    self._link_meter.sample(*session.delivery())
         except Exception as exc:
             self._reader_error = self._reader_error or exc
             self._wakeup.set()

@@ -60,6 +60,54 @@ class RateMeter:
         return self.rate
 
 
+class LinkMeter:
+    """The link's rate, from what the peer acknowledged while the link was the bottleneck.
+
+    Bytes handed to a socket say little on a capped link: the kernel accepts megabytes
+    at memory speed and sends them at line rate, so a rate of bytes sent counts the
+    buffers in. Here every sample reads what the peer has acknowledged and what still
+    waits unacknowledged; while at least ``SATURATED`` bytes waited at both ends of an
+    interval, the link (or the peer) set the pace throughout, and the bytes
+    acknowledged over such intervals per their duration is the link's rate. Until a
+    link was seen saturated (a link faster than the devices yield, e.g. loopback), the
+    rate falls back to ``fallback``'s.
+    """
+
+    #: Unacknowledged bytes that mean the link, not the sender, sets the pace.
+    SATURATED = 256 * 1024
+    #: Saturated time needed before the measure is trusted over the fallback.
+    MIN_SECONDS = 0.05
+
+    #: Shortest time between two samples (each reads every channel's kernel queue).
+    INTERVAL = 0.005
+
+    def __init__(self, fallback: BusyMeter) -> None:
+        self.fallback = fallback
+        self._last: tuple[float, int, int] | None = None
+        self._bytes = 0
+        self._seconds = 0.0
+
+    def due(self) -> bool:
+        """Whether a sample would be INTERVAL after the last one."""
+        return self._last is None or time.monotonic() - self._last[0] >= self.INTERVAL
+
+    def sample(self, delivered: int, waiting: int) -> None:
+        """Record the peer's acknowledged total and what waits, now."""
+        now = time.monotonic()
+        if self._last is not None:
+            then, delivered_then, waiting_then = self._last
+            if min(waiting, waiting_then) >= self.SATURATED and delivered >= delivered_then:
+                self._bytes += delivered - delivered_then
+                self._seconds += now - then
+        self._last = (now, delivered, waiting)
+
+    def rate(self) -> float:
+        """Bytes per second of the saturated link, else the fallback's rate."""
+        if self._seconds >= self.MIN_SECONDS:
+            return self._bytes / self._seconds
+        return self.fallback.rate()
+
+
 class BusyMeter:
     """Throughput while the stream had data to carry: bytes over busy time.
 

@@ -61,8 +61,8 @@ def test_bad_link_specs_name_the_problem(text: str, problem: str) -> None:
 
 
 async def test_a_capped_link_migration_is_byte_exact_and_the_bed_is_removed() -> None:
-    """Two daemons in two namespaces over a 100 Mbit/s link: byte-exact, average
-    bandwidth within 15% of the cap, and no namespace left behind."""
+    """Two daemons in two namespaces over a 100 Mbit/s link: byte-exact, the average and
+    the switchover's bandwidth estimate within 15% of the cap, no namespace left behind."""
     link = LinkSpec.parse("rate=100mbit")
     bed_or_skip(link)
     from orchestrator import netbench
@@ -73,6 +73,9 @@ async def test_a_capped_link_migration_is_byte_exact_and_the_bed_is_removed() ->
     assert stats["verified"]
     cap = link.rate_bps / 8  # type: ignore[operator]
     assert 0.85 * cap <= stats["bandwidth_bps"] <= 1.15 * cap, stats["bandwidth_bps"]
+    # The estimate the switchover decision used, not only the whole-run average.
+    estimate = stats["switchover_bandwidth_bps"]
+    assert 0.85 * cap <= estimate <= 1.15 * cap, estimate
     assert namespaces() == []
 
 
