@@ -53,7 +53,7 @@ from orchestrator.control import (
 from orchestrator.destination import DestinationMigration, Offer, Refused
 from orchestrator.errors import MigrationBlocked, MigrationError
 from orchestrator.metrics import Metrics, MetricsListener
-from orchestrator.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook
+from orchestrator.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook, Record
 from orchestrator.p2p import resume_in_order
 from orchestrator.params import LIVE_PARAMETERS, to_qemu_parameters
 from orchestrator.source import SourceMigration, check_blockers
@@ -169,6 +169,8 @@ class Service:
         self.server_auth = config.auth.server()
         #: Device name -> the migration using it.
         self.owners: dict[str, str] = {}
+        #: Records of devices being switched over, as they were before the fence.
+        self._before_fence: dict[str, dict[str, Record]] = {}
         #: Where each device's workload is, and the arms; durable in the state file.
         self.book = OwnershipBook(
             config.state_file,
@@ -356,7 +358,7 @@ class Service:
             params,
             auth=self.client_auth,
             name=self.config.name,
-            on_commit=lambda names: self._outgoing_committing(migration, names),
+            on_fence=lambda names: self._outgoing_fencing(migration, names),
         )
         record = Outgoing(migration)
         migration_id = migration.stats.migration_id
@@ -370,20 +372,25 @@ class Service:
         self._share_bandwidth()
         return record
 
-    def _outgoing_committing(self, migration: SourceMigration, names: list[str]) -> None:
-        """Before COMMIT leaves: fence the devices durably (the destination may run them)."""
+    def _outgoing_fencing(self, migration: SourceMigration, names: list[str]) -> None:
+        """Before the switchover: fence the devices durably, since COMMIT may follow (the
+        destination may run them then); a rollback puts the earlier records back."""
+        self._before_fence[migration.stats.migration_id] = {n: self.book.get(n) for n in names}
         self.book.set(
             names,
             Owner.OUTCOME_UNKNOWN,
             peer=migration.destination,
             migration_id=migration.stats.migration_id,
-            reason="COMMIT sent; no answer from the destination yet",
+            reason="switching over: COMMIT may have been sent; no answer from the destination",
         )
 
     def _outgoing_ended(self, migration: SourceMigration) -> None:
         """After the commit the destination owns the workload; record it durably."""
         stats = migration.stats
         names = [d.name for d in migration.devices]
+        before = self._before_fence.pop(stats.migration_id, None)
+        if stats.outcome == "source" and before is not None:
+            self.book.restore(before)  # rolled back: the workload never left
         if stats.outcome in ("destination", "split"):
             reason = None if stats.outcome == "destination" else stats.error
             self.book.set(
@@ -894,6 +901,15 @@ class _IncomingGate:
 
     def admit(self, offer: Offer) -> None:
         self._service._admit(self._record, offer)
+
+    def prepare(self, offer: Offer) -> None:
+        self._service.book.set(
+            offer.devices,
+            Owner.OUTCOME_UNKNOWN,
+            peer=offer.peer,
+            migration_id=offer.migration_id,
+            reason="receiving: COMMIT may follow; resumed only after it",
+        )
 
     def committed(self, offer: Offer) -> None:
         self._service._incoming_committed(offer)

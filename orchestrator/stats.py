@@ -216,6 +216,10 @@ class MigrationStats:
     downtime_ms: float | None = None
     downtime_breakdown_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     clock_offset_uncertainty_ms: float = 0.0
+    #: The best round trip to the destination measured at setup.
+    rtt_ms: float = 0.0
+    #: Round trips over the link inside the downtime window (once it switched over).
+    window_round_trips: float | None = None
     throttle: float = 0.0
     forced: bool = False
     error: str | None = None
@@ -284,6 +288,8 @@ class MigrationStats:
                 k: round(v, 3) for k, v in self.downtime_breakdown_ms.items()
             },
             "clock_offset_uncertainty_ms": round(self.clock_offset_uncertainty_ms, 3),
+            "rtt_ms": round(self.rtt_ms, 3),
+            "window_round_trips": self.window_round_trips,
             "throttle": self.throttle,
             "forced": self.forced,
             "error": self.error,
