@@ -35,6 +35,7 @@ from orchestrator.params import MigrationParams, Policy
 
 if TYPE_CHECKING:  # the bench modules load devices and transport: only when benchmarking
     from orchestrator.bench import BenchOptions
+    from orchestrator.netbed import LinkSpec
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -336,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the convergence")
     bench.add_argument(
         "--in-process", action="store_true", help="both ends in this process (orchestrator.bench)"
+    )
+    bench.add_argument(
+        "--net",
+        type=_link_spec,
+        metavar="SPEC",
+        help="the daemons on two hosts (network namespaces) joined by a link shaped as SPEC, "
+        "e.g. rate=1gbit or rate=100mbit,delay=15ms,loss=0.1%% (delay and loss need netem; "
+        "root)",
     )
 
     command("demo", "two daemons, one migration, the stats: nothing to set up", control=False)
@@ -693,6 +702,7 @@ def _bench_options(args: argparse.Namespace) -> BenchOptions:
 
 async def _cmd_bench(args: argparse.Namespace) -> int:
     from orchestrator import bench, daemonbench, progress
+    from orchestrator.netbed import NetBedUnavailable
 
     if args.repeat < 1:
         return _fail(args, EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
@@ -702,7 +712,7 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         runs = []
         for index in range(args.repeat):
-            stats = await daemonbench.run_once(options)
+            stats = await _bench_once(args, options)
             runs.append(stats)
             if not args.json:
                 print(f"run {index + 1}/{args.repeat}:")
@@ -710,9 +720,30 @@ async def _cmd_bench(args: argparse.Namespace) -> int:
                     print(f"  {line}")
     except daemonbench.DaemonFailed as exc:
         return _fail(args, EXIT_UNREACHABLE, "DaemonFailed", str(exc))
+    except NetBedUnavailable as exc:
+        return _fail(args, EXIT_USAGE, "NetBedUnavailable", str(exc))
     if args.plot is not None:
         daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
     return _bench_report(args, runs, bench.summarize(runs))
+
+
+async def _bench_once(args: argparse.Namespace, options: BenchOptions) -> dict[str, Any]:
+    """One bench migration: two local daemons, or two hosts of the network bed (--net)."""
+    from orchestrator import daemonbench, netbench
+
+    if args.net is None:
+        return await daemonbench.run_once(options)
+    return await netbench.run_over(args.net, options)
+
+
+def _link_spec(text: str) -> LinkSpec:
+    """Parse ``--net``, naming the bad part."""
+    from orchestrator.netbed import LinkSpec
+
+    try:
+        return LinkSpec.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _PERCENTILES = ("min", "median", "p90", "max")

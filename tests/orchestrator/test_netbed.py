@@ -119,3 +119,13 @@ async def test_a_link_flap_in_precopy_recovers_or_fails_cleanly() -> None:
         assert stats["outcome"] == "source", stats
         assert set(stats["placement"].values()) == {"source"}
     assert namespaces() == []
+
+
+def test_bench_net_refuses_a_bad_link_spec(capsys: pytest.CaptureFixture[str]) -> None:
+    """``livemig bench --net`` validates its spec like the rest of the command line."""
+    from orchestrator import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "--net", "rate=fast"])
+    assert exited.value.code == 2
+    assert "rate 'fast': use a number and kbit, mbit or gbit" in capsys.readouterr().err
