@@ -612,7 +612,7 @@ class SourceMigration:
             raise MigrationError(
                 f"the destination had not loaded the state {bound_s * 1e3:g} ms after the "
                 f"devices stopped (max_stop_ms): the link to {self.destination} or the "
-                "destination stalled; the source runs again"
+                "destination is stalled or slower than estimated; the source runs again"
             ) from None
         assert self._session is not None
         self._stage = _Stage.COMMITTED

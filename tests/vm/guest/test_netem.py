@@ -33,7 +33,7 @@ async def test_the_net_table_rows_complete_and_the_round_trip_follows_the_delay(
     twice the one-way delay."""
     results: list[tuple[str, int, dict[str, Any]]] = []
     for link, channels in net_table.ROWS:
-        stats = await netbench.run_over(LinkSpec.parse(link), net_table.options(channels))
+        stats = await netbench.run_over(LinkSpec.parse(link), net_table.options(link, channels))
         results.append((link, channels, stats))
     (RESULTS / "net_table.md").write_text(net_table.table(results) + "\n")
     for link, channels, stats in results:
