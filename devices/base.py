@@ -56,6 +56,9 @@ class DeviceDescriptor:
     kind: str
     format_version: int
     features: Feature
+    #: Bytes of device state, when the model fixes it (a destination of another size
+    #: could not load the stream); None when the device cannot say (VFIO, vfio-user).
+    state_size: int | None = None
 
 
 class Channel:

@@ -18,6 +18,7 @@ of the state itself. Views stay valid until the device runs again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import random
 import struct
@@ -35,6 +36,7 @@ from devices.base import (
     ArcHandler,
     Buffer,
     Chunk,
+    DeviceDescriptor,
     MigratableDevice,
     PrecopyInfo,
     ResumeChannel,
@@ -253,6 +255,10 @@ class PagedDevice(ArcDevice):
     def fail_arc(self, arc_from: State, arc_to: State) -> None:
         if (arc_from, arc_to) in self.faults.fail_arcs:
             raise ArcFailed(self.name, f"{arc_from.name} -> {arc_to.name} failed (injected)")
+
+    def descriptor(self) -> DeviceDescriptor:
+        """The handshake identity, with the state size a destination must match."""
+        return dataclasses.replace(super().descriptor(), state_size=self.state_size)
 
     def identity(self) -> stream.StreamIdentity:
         """What this device's stream announces and what it accepts."""

@@ -77,6 +77,9 @@ class Channel(asyncio.BufferedProtocol):
         self.checksums = True
         #: The TCP socket under a plain (not TLS) connection, and its SO_RCVLOWAT.
         self._socket: socket.socket | None = None
+        #: The connection's socket, TLS or not: its kernel send queue says what the peer
+        #: has not acknowledged yet (SIOCOUTQ).
+        self._stream_socket: socket.socket | None = None
         #: Bytes the kernel held for us at the last liveness check (FIONREAD).
         self._kernel_waiting = 0
         self._low_water = 1
@@ -110,6 +113,7 @@ class Channel(asyncio.BufferedProtocol):
         if isinstance(peer, tuple) and peer:
             self.peer_host = str(peer[0])
         sock = transport.get_extra_info("socket")
+        self._stream_socket = sock
         # Under TLS the socket carries records the TLS layer may already have read ahead.
         plain = transport.get_extra_info("sslcontext") is None and sock is not None
         if plain and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -329,6 +333,19 @@ class Channel(asyncio.BufferedProtocol):
     def backlog(self) -> int:
         """Bytes written but still in the transport's buffer (not taken by the kernel)."""
         return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    def unacknowledged(self) -> int:
+        """Bytes written here that the peer has not acknowledged: ours and the kernel's.
+
+        On a link slower than the sender they pile up; their shrinking is what the
+        peer really received, where ``written`` only says what the kernel accepted.
+        """
+        queued = self.backlog()
+        if self._stream_socket is not None:
+            with contextlib.suppress(OSError, ValueError):
+                raw = fcntl.ioctl(self._stream_socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                queued += int.from_bytes(raw, sys.byteorder, signed=True)
+        return queued
 
     def written(self) -> int:
         """Bytes that left the transport's buffer (handed to the kernel)."""

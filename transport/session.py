@@ -319,6 +319,13 @@ class Session:
     def _written(self) -> int:
         return sum(channel.written() for channel in self._chans)
 
+    def delivery(self) -> tuple[int, int]:
+        """``(delivered, unacknowledged)`` bytes over all channels: what reached the peer
+        and what still waits in our buffers or the kernel's (see Channel.unacknowledged)."""
+        waiting = sum(channel.unacknowledged() for channel in self._chans)
+        submitted = sum(channel.submitted for channel in self._chans)
+        return submitted - waiting, waiting
+
     async def ping(self) -> tuple[float, float, float]:
         """``(sent, peer, received)`` time.monotonic() stamps of one PING/PONG."""
         self._check()

@@ -11,7 +11,9 @@ from typing import Any
 
 from orchestrator.bench import daemons as daemonbench
 from orchestrator.bench import inprocess as bench
+from orchestrator.bench import netbench
 from orchestrator.bench.inprocess import BenchOptions
+from orchestrator.bench.netbed import LinkSpec, NetBedUnavailable
 from orchestrator.cli import commands as cli
 from orchestrator.cli import progress
 
@@ -37,13 +39,18 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         return cli._fail(args, cli.EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
+    if args.net is not None:
+        try:
+            args.net = LinkSpec.parse(args.net)
+        except ValueError as exc:
+            return cli._fail(args, cli.EXIT_USAGE, "InvalidParameter", f"--net: {exc}")
     if args.in_process:
         return await _bench_in_process(args)
     options = bench_options(args)
     try:
         runs = []
         for index in range(args.repeat):
-            stats = await daemonbench.run_once(options)
+            stats = await _bench_once(args, options)
             runs.append(stats)
             if not args.json:
                 print(f"run {index + 1}/{args.repeat}:")
@@ -51,9 +58,18 @@ async def cmd_bench(args: argparse.Namespace) -> int:
                     print(f"  {line}")
     except daemonbench.DaemonFailed as exc:
         return cli._fail(args, cli.EXIT_UNREACHABLE, "DaemonFailed", str(exc))
+    except NetBedUnavailable as exc:
+        return cli._fail(args, cli.EXIT_USAGE, "NetBedUnavailable", str(exc))
     if args.plot is not None:
         daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
     return _bench_report(args, runs, bench.summarize(runs))
+
+
+async def _bench_once(args: argparse.Namespace, options: BenchOptions) -> dict[str, Any]:
+    """One bench migration: two local daemons, or two hosts of the network bed (--net)."""
+    if args.net is None:
+        return await daemonbench.run_once(options)
+    return await netbench.run_over(args.net, options)
 
 
 _PERCENTILES = ("min", "median", "p90", "max")

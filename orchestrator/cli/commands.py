@@ -335,7 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--in-process",
         action="store_true",
-        help="both ends in this process (orchestrator.bench.inprocess)",
+        help="both ends in this process (bench/inprocess.py)",
+    )
+    bench.add_argument(
+        "--net",
+        metavar="SPEC",
+        help="the daemons on two hosts (network namespaces) joined by a link shaped as SPEC, "
+        "e.g. rate=1gbit or rate=100mbit,delay=15ms,loss=0.1%% (delay and loss need netem; "
+        "root)",
     )
 
     command("demo", "two daemons, one migration, the stats: nothing to set up", control=False)

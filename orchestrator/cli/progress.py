@@ -139,6 +139,11 @@ def summary_lines(stats: dict[str, Any]) -> list[str]:
             f"{phase} {value:.2f}" for phase, value in stats["downtime_breakdown_ms"].items()
         )
         lines.append(f"downtime: {stats['downtime_ms']:.2f} ms ({breakdown})")
+        if stats.get("window_round_trips"):
+            lines.append(
+                f"round trips in the window: {stats['window_round_trips']:g} "
+                f"(round trip {stats.get('rtt_ms', 0.0):.3f} ms)"
+            )
     lines += [
         f"total time: {_ms(stats['total_ms'])} (setup {_ms(stats['setup_ms'])})",
         f"iterations: {stats['iterations']}",

@@ -55,8 +55,13 @@ class Gate(Protocol):
     def admit(self, offer: Offer) -> None:
         """Raise Refused unless this host consents to ``offer``; before any state change."""
 
+    def prepare(self, offer: Offer) -> None:
+        """The switchover is next (SYNC): make a durable note that COMMIT may follow, so a
+        crash from here on is never mistaken for "nothing arrived". Before the downtime
+        window, so the write costs no downtime."""
+
     def committed(self, offer: Offer) -> None:
-        """COMMIT arrived: make the new ownership durable before any device runs."""
+        """COMMIT arrived and the devices were resumed: record the new ownership."""
 
     def finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
         """The migration ended: per-device results after COMMIT, None if it failed before."""
@@ -84,6 +89,11 @@ def match_devices(
             problems.append(
                 f"{desc.name}: state format v{desc.format_version} offered, "
                 f"v{here.format_version} here"
+            )
+        elif None not in (here.state_size, desc.state_size) and here.state_size != desc.state_size:
+            problems.append(
+                f"{desc.name}: {desc.state_size} bytes of state offered, the device here "
+                f"holds {here.state_size}; configure both alike"
             )
         elif p2p and len(offered) > 1 and not device.features & Feature.P2P:
             problems.append(f"{desc.name}: P2P requested but this device lacks it")
@@ -231,6 +241,8 @@ class DestinationMigration:
             elif tag == Tag.END_OF_DEVICE:
                 ended.add(index)
             elif tag == Tag.SYNC:
+                if self.gate is not None:
+                    self.gate.prepare(offer)
                 await session.send_control(Tag.SYNC_ACK)
             elif tag == Tag.END_OF_STREAM:
                 break
@@ -250,14 +262,15 @@ class DestinationMigration:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
         self.marks["commit"] = time.monotonic()
         self._set_phase(Phase.COMMITTED)
-        if self.gate is not None:
-            self.gate.committed(offer)
         started = time.monotonic()
         self.results = await self._resume(p2p)
         self.marks["resume"] = time.monotonic()
         for marks in self.device_marks.values():
             marks["resume"] = (self.marks["resume"] - started) * 1e3
         if self.gate is not None:
+            # The note made at SYNC fenced a crash until now; the records are written
+            # after the window closed, so they cost no downtime.
+            self.gate.committed(offer)
             self.gate.finished(offer, self.results)
         failed = {n: why for n, why in self.results.items() if why}
         if failed:

@@ -123,6 +123,7 @@ def encode_devices(descriptors: Iterable[DeviceDescriptor]) -> list[dict[str, An
             "kind": d.kind,
             "format_version": d.format_version,
             "features": int(d.features),
+            "state_size": d.state_size,
         }
         for d in descriptors
     ]
@@ -159,10 +160,13 @@ def decode_devices(
             raise ProtocolError(f"{where}.format_version", f"{version} is out of range")
         if features < 0 or features & ~known:
             raise ProtocolError(f"{where}.features", f"unknown feature bits {features:#x}")
+        size = entry.get("state_size")
+        if size is not None and (type(size) is not int or not 0 < size < 1 << 63):
+            raise ProtocolError(f"{where}.state_size", f"{size!r:.40} is not a byte count")
         if texts[0] in names:
             raise ProtocolError(f"{where}.name", f"duplicate device name {texts[0]!r}")
         names.add(texts[0])
-        result.append(DeviceDescriptor(texts[0], texts[1], version, Feature(features)))
+        result.append(DeviceDescriptor(texts[0], texts[1], version, Feature(features), size))
     return result
 
 

@@ -58,6 +58,7 @@ from orchestrator.engine.stats import (
     DeviceStats,
     DowntimeClock,
     IterationSample,
+    LinkMeter,
     MigrationStats,
     RateMeter,
 )
@@ -66,8 +67,14 @@ from transport import Tag
 log = structlog.get_logger(__name__)
 
 StatusListener = Callable[[MigrationStats], None]
-#: Called with the device names right before COMMIT is sent; must make the fence durable.
-CommitHook = Callable[[list[str]], None]
+#: Link crossings inside the downtime window, in round trips: the stop-copy data's way
+#: to the destination, its "loaded" back, and COMMIT out again. The last two are the
+#: price of never running twice: the destination may not run before the source knows
+#: every device loaded and has given the workload away (SYNC runs before the window).
+WINDOW_ROUND_TRIPS = 1.5
+#: Called with the device names before the downtime window opens, from which point the
+#: devices may be given away; must make the fence durable (it costs no downtime there).
+FenceHook = Callable[[list[str]], None]
 
 
 def check_blockers(devices: Sequence[MigratableDevice], params: MigrationParams) -> None:
@@ -107,7 +114,7 @@ class SourceMigration:
         auth: transport.AuthConfig,
         name: str = "livemig-source",
         migration_id: str | None = None,
-        on_commit: CommitHook | None = None,
+        on_fence: FenceHook | None = None,
     ) -> None:
         self.devices = list(devices)
         self.destination = destination
@@ -120,7 +127,7 @@ class SourceMigration:
             devices=[DeviceStats(d.name, d.kind) for d in self.devices],
         )
         self.log = log.bind(migration_id=self.stats.migration_id)
-        self._on_commit = on_commit
+        self._on_fence = on_fence
         self._listeners: list[StatusListener] = []
         self._session: transport.Session | None = None
         self._receiver: asyncio.Task[None] | None = None
@@ -143,6 +150,7 @@ class SourceMigration:
         #: This migration's part of its daemon's host-wide budget (bytes/s), if it has one.
         self.bandwidth_share: float | None = None
         self._link = BusyMeter()
+        self._link_meter = LinkMeter(self._link)
         self._clock_offset = 0.0
         self._arc_overhead_s = 0.0
         self._precopy_indices = [
@@ -328,18 +336,20 @@ class SourceMigration:
         self.stats.setup_ms = self.stats.elapsed_s() * 1e3
 
     async def _measure_clock(self, same_boot: bool) -> None:
-        """Place the destination's clock on ours: exact on one boot, else from round trips."""
+        """Measure the round trip, and place the destination's clock on ours: exact on
+        one boot, else from the best of the round trips (its half is the uncertainty)."""
         assert self._session is not None
-        if same_boot:
-            self._clock_offset, self.stats.clock_offset_uncertainty_ms = 0.0, 0.0
-            return
         best: tuple[float, float] | None = None
-        for _ in range(5):
+        for _ in range(3 if same_boot else 5):
             sent, peer, received = await self._session.ping()
             rtt = received - sent
             if best is None or rtt < best[1]:
                 best = (peer - (sent + received) / 2, rtt)
         assert best is not None
+        self.stats.rtt_ms = best[1] * 1e3
+        if same_boot:
+            self._clock_offset, self.stats.clock_offset_uncertainty_ms = 0.0, 0.0
+            return
         self._clock_offset = best[0]
         self.stats.clock_offset_uncertainty_ms = best[1] / 2 * 1e3
 
@@ -446,13 +456,17 @@ class SourceMigration:
         if self.params.switchover_bandwidth is not None:
             assumed = self.params.switchover_bandwidth
         else:
-            assumed = self._link.rate()
+            if self._session is not None:
+                self._link_meter.sample(*self._session.delivery())
+            assumed = self._link_meter.rate()
             if (cap := self._cap()) is not None:
                 assumed = min(assumed, cap)
         self.stats.switchover_bandwidth = assumed
         # Quiesce and stop on the source, load and resume on the destination: about
-        # four rounds of arcs, each costing what entering PRE_COPY cost.
-        est = convergence.estimate(progress, assumed, 4 * self._arc_overhead_s)
+        # four rounds of arcs, each costing what entering PRE_COPY cost; and the window's
+        # crossings of the link (WINDOW_ROUND_TRIPS round trips).
+        fixed = 4 * self._arc_overhead_s + WINDOW_ROUND_TRIPS * self.stats.rtt_ms / 1e3
+        est = convergence.estimate(progress, assumed, fixed)
         self.stats.expected_downtime_ms = est.expected_downtime_s * 1e3
         return est
 
@@ -511,6 +525,8 @@ class SourceMigration:
                 passes.read(sent)
                 dstats.precopy_bytes += sent
                 self._link.add(sent)
+                if self._link_meter.due():
+                    self._link_meter.sample(*session.delivery())
         except Exception as exc:
             self._reader_error = self._reader_error or exc
             self._wakeup.set()
@@ -579,6 +595,8 @@ class SourceMigration:
         self._set_phase(Phase.SWITCHOVER)
         await self._stop_precopy_readers()
         await self._sync()
+        if self._on_fence is not None:
+            self._on_fence([d.name for d in self.devices])
         self.stats.switchover_at_s = self.stats.elapsed_s()
         clock = DowntimeClock()
         self._clock = clock
@@ -603,11 +621,9 @@ class SourceMigration:
             raise MigrationError(
                 f"the destination had not loaded the state {bound_s * 1e3:g} ms after the "
                 f"devices stopped (max_stop_ms): the link to {self.destination} or the "
-                "destination stalled; the source runs again"
+                "destination is stalled or slower than estimated; the source runs again"
             ) from None
         assert self._session is not None
-        if self._on_commit is not None:
-            self._on_commit([d.name for d in self.devices])
         self._set_phase(Phase.COMMITTED)
         await self._session.send_control(Tag.COMMIT)
         try:
@@ -759,6 +775,7 @@ class SourceMigration:
             if phase in peer:
                 clock.mark(phase, peer[phase] - offset)
         self.stats.downtime_breakdown_ms = clock.breakdown_ms()
+        self.stats.window_round_trips = WINDOW_ROUND_TRIPS
         self.stats.downtime_ms = clock.total_ms()
         for dstats in self.stats.devices:
             source_side = self._source_marks.get(dstats.name, {})

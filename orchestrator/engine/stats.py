@@ -60,6 +60,54 @@ class RateMeter:
         return self.rate
 
 
+class LinkMeter:
+    """The link's rate, from what the peer acknowledged while the link was the bottleneck.
+
+    Bytes handed to a socket say little on a capped link: the kernel accepts megabytes
+    at memory speed and sends them at line rate, so a rate of bytes sent counts the
+    buffers in. Here every sample reads what the peer has acknowledged and what still
+    waits unacknowledged; while at least ``SATURATED`` bytes waited at both ends of an
+    interval, the link (or the peer) set the pace throughout, and the bytes
+    acknowledged over such intervals per their duration is the link's rate. Until a
+    link was seen saturated (a link faster than the devices yield, e.g. loopback), the
+    rate falls back to ``fallback``'s.
+    """
+
+    #: Unacknowledged bytes that mean the link, not the sender, sets the pace.
+    SATURATED = 256 * 1024
+    #: Saturated time needed before the measure is trusted over the fallback.
+    MIN_SECONDS = 0.05
+
+    #: Shortest time between two samples (each reads every channel's kernel queue).
+    INTERVAL = 0.005
+
+    def __init__(self, fallback: BusyMeter) -> None:
+        self.fallback = fallback
+        self._last: tuple[float, int, int] | None = None
+        self._bytes = 0
+        self._seconds = 0.0
+
+    def due(self) -> bool:
+        """Whether a sample would be INTERVAL after the last one."""
+        return self._last is None or time.monotonic() - self._last[0] >= self.INTERVAL
+
+    def sample(self, delivered: int, waiting: int) -> None:
+        """Record the peer's acknowledged total and what waits, now."""
+        now = time.monotonic()
+        if self._last is not None:
+            then, delivered_then, waiting_then = self._last
+            if min(waiting, waiting_then) >= self.SATURATED and delivered >= delivered_then:
+                self._bytes += delivered - delivered_then
+                self._seconds += now - then
+        self._last = (now, delivered, waiting)
+
+    def rate(self) -> float:
+        """Bytes per second of the saturated link, else the fallback's rate."""
+        if self._seconds >= self.MIN_SECONDS:
+            return self._bytes / self._seconds
+        return self.fallback.rate()
+
+
 class BusyMeter:
     """Throughput while the stream had data to carry: bytes over busy time.
 
@@ -168,6 +216,10 @@ class MigrationStats:
     downtime_ms: float | None = None
     downtime_breakdown_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     clock_offset_uncertainty_ms: float = 0.0
+    #: The best round trip to the destination measured at setup.
+    rtt_ms: float = 0.0
+    #: Round trips over the link inside the downtime window (once it switched over).
+    window_round_trips: float | None = None
     throttle: float = 0.0
     forced: bool = False
     error: str | None = None
@@ -236,6 +288,8 @@ class MigrationStats:
                 k: round(v, 3) for k, v in self.downtime_breakdown_ms.items()
             },
             "clock_offset_uncertainty_ms": round(self.clock_offset_uncertainty_ms, 3),
+            "rtt_ms": round(self.rtt_ms, 3),
+            "window_round_trips": self.window_round_trips,
             "throttle": self.throttle,
             "forced": self.forced,
             "error": self.error,

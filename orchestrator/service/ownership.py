@@ -2,10 +2,12 @@
 
 The record is the fence that keeps a workload in one place. Each device has an
 :class:`Owner` value, kept in a small JSON state file written atomically (write a
-temporary file, fsync, rename, fsync the folder) *before* the act it guards: a source
-records "outcome unknown" before it sends COMMIT, a destination records "received"
-before it resumes. A daemon restarted on failure reads the file back, so a restart
-never lifts the fence.
+temporary file, fsync, rename, fsync the folder) *before* the act it guards, and
+outside the downtime window: both hosts record "outcome unknown" at the SYNC barrier,
+before the source stops its devices (COMMIT may follow from there); a source that
+rolls back puts its records back, a destination records "received" once it resumed
+the devices. A daemon restarted on failure reads the file back, so a restart never
+lifts the fence.
 
 Arming is the destination's consent: an incoming migration may take only devices armed
 for it (``migrate-incoming``), or devices configured with ``accept_incoming = true``
@@ -181,6 +183,12 @@ class OwnershipBook:
     def get(self, name: str) -> Record:
         """A device's record."""
         return self.records[name]
+
+    def restore(self, records: Mapping[str, Record]) -> None:
+        """Put earlier records back (a switchover that rolled back) and make it durable."""
+        self.records.update(records)
+        self._save()
+        log.info("owner_restored", devices=list(records))
 
     def set(
         self,

@@ -40,7 +40,13 @@ from orchestrator.service.listeners import (
     same_host,
 )
 from orchestrator.service.metrics import Metrics
-from orchestrator.service.ownership import FENCED_OWNERS, RUNNING_OWNERS, Owner, OwnershipBook
+from orchestrator.service.ownership import (
+    FENCED_OWNERS,
+    RUNNING_OWNERS,
+    Owner,
+    OwnershipBook,
+    Record,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -133,6 +139,8 @@ class Service:
         self.server_auth = config.auth.server()
         #: Device name -> the migration using it.
         self.owners: dict[str, str] = {}
+        #: Records of devices being switched over, as they were before the fence.
+        self._before_fence: dict[str, dict[str, Record]] = {}
         #: Where each device's workload is, and the arms; durable in the state file.
         self.book = OwnershipBook(
             config.state_file,
@@ -316,7 +324,7 @@ class Service:
                 self.defaults.updated(changes),
                 auth=self.client_auth,
                 name=self.config.name,
-                on_commit=lambda names: self._outgoing_committing(migration, names),
+                on_fence=lambda names: self._outgoing_fencing(migration, names),
             )
             migration.check()
         except MigrationBlocked as exc:
@@ -333,20 +341,25 @@ class Service:
         self._share_bandwidth()
         return record
 
-    def _outgoing_committing(self, migration: SourceMigration, names: list[str]) -> None:
-        """Before COMMIT leaves: fence the devices durably (the destination may run them)."""
+    def _outgoing_fencing(self, migration: SourceMigration, names: list[str]) -> None:
+        """Before the switchover: fence the devices durably, since COMMIT may follow (the
+        destination may run them then); a rollback puts the earlier records back."""
+        self._before_fence[migration.stats.migration_id] = {n: self.book.get(n) for n in names}
         self.book.set(
             names,
             Owner.OUTCOME_UNKNOWN,
             peer=migration.destination,
             migration_id=migration.stats.migration_id,
-            reason="COMMIT sent; no answer from the destination yet",
+            reason="switching over: COMMIT may have been sent; no answer from the destination",
         )
 
     def _outgoing_ended(self, migration: SourceMigration) -> None:
         """After the commit the destination owns the workload; record it durably."""
         stats = migration.stats
         names = [d.name for d in migration.devices]
+        before = self._before_fence.pop(stats.migration_id, None)
+        if stats.outcome == "source" and before is not None:
+            self.book.restore(before)  # rolled back: the workload never left
         if stats.outcome in ("destination", "split"):
             reason = None if stats.outcome == "destination" else stats.error
             self.book.set(
@@ -538,6 +551,15 @@ class _IncomingGate:
 
     def admit(self, offer: Offer) -> None:
         self._service._admit(self._record, offer)
+
+    def prepare(self, offer: Offer) -> None:
+        self._service.book.set(
+            offer.devices,
+            Owner.OUTCOME_UNKNOWN,
+            peer=offer.peer,
+            migration_id=offer.migration_id,
+            reason="receiving: COMMIT may follow; resumed only after it",
+        )
 
     def committed(self, offer: Offer) -> None:
         self._service._incoming_committed(offer)

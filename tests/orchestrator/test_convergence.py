@@ -325,3 +325,26 @@ def test_cpu_cost_is_per_gb_moved_and_only_once_the_migration_ended() -> None:
     assert stats.cpu_s is not None
     assert stats.cpu_s >= 1.0
     assert stats.as_dict()["cpu_s_per_gb"] == pytest.approx(stats.cpu_s / 2, abs=1e-3)
+
+
+def test_the_link_meter_counts_only_saturated_intervals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acknowledged bytes count while the queue stayed full; otherwise the fallback rules."""
+    from orchestrator.engine import stats as stats_module
+
+    now = [0.0]
+    monkeypatch.setattr(stats_module.time, "monotonic", lambda: now[0])
+    busy = stats_module.BusyMeter()
+    meter = stats_module.LinkMeter(busy)
+    busy.start()
+    busy.add(50 * MB)
+    now[0] = 0.1  # the sender handed 50 MB to the socket in 0.1 s: 500 MB/s "sent"
+    assert meter.rate() == pytest.approx(500 * MB)
+    full = 4 * MB
+    for step in range(1, 11):  # the peer acknowledges 12.5 MB/s while 4 MB wait
+        meter.sample(int(step * 1.25 * MB), full)
+        now[0] += 0.1
+    assert meter.rate() == pytest.approx(12.5 * MB)
+    meter.sample(20 * MB, 0)  # drained: this interval is not the link's pace
+    now[0] += 10
+    meter.sample(21 * MB, 0)
+    assert meter.rate() == pytest.approx(12.5 * MB)

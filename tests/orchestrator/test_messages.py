@@ -75,3 +75,14 @@ def test_device_list_refusals(fields: dict[str, Any], field: str, exc: type[Exce
         decode_devices(fields, limits)
     assert isinstance(caught.value, ProtocolError)
     assert caught.value.field == field
+
+
+def test_a_device_descriptor_carries_its_state_size() -> None:
+    """DEVICES round-trips the state size (or None), and a bad one names its field."""
+    sized = DeviceDescriptor("a", "simulated", 1, Feature.STOP_COPY, 4096)
+    blind = DeviceDescriptor("b", "vfio:mtty", 1, Feature.STOP_COPY)
+    assert decode_devices(encode_devices([sized, blind])) == [sized, blind]
+    bad = encode_devices([sized])
+    bad[0]["state_size"] = -1
+    with pytest.raises(ProtocolError, match=r"devices\[0\].state_size"):
+        decode_devices(bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -61,8 +62,8 @@ def test_bad_link_specs_name_the_problem(text: str, problem: str) -> None:
 
 
 async def test_a_capped_link_migration_is_byte_exact_and_the_bed_is_removed() -> None:
-    """Two daemons in two namespaces over a 100 Mbit/s link: byte-exact, average
-    bandwidth within 15% of the cap, and no namespace left behind."""
+    """Two daemons in two namespaces over a 100 Mbit/s link: byte-exact, the average and
+    the switchover's bandwidth estimate within 15% of the cap, no namespace left behind."""
     link = LinkSpec.parse("rate=100mbit")
     bed_or_skip(link)
     from orchestrator.bench import netbench
@@ -73,6 +74,9 @@ async def test_a_capped_link_migration_is_byte_exact_and_the_bed_is_removed() ->
     assert stats["verified"]
     cap = link.rate_bps / 8  # type: ignore[operator]
     assert 0.85 * cap <= stats["bandwidth_bps"] <= 1.15 * cap, stats["bandwidth_bps"]
+    # The estimate the switchover decision used, not only the whole-run average.
+    estimate = stats["switchover_bandwidth_bps"]
+    assert 0.85 * cap <= estimate <= 1.15 * cap, estimate
     assert namespaces() == []
 
 
@@ -116,3 +120,16 @@ async def test_a_link_flap_in_precopy_recovers_or_fails_cleanly() -> None:
         assert stats["outcome"] == "source", stats
         assert set(stats["placement"].values()) == {"source"}
     assert namespaces() == []
+
+
+def test_bench_net_refuses_a_bad_link_spec() -> None:
+    """``livemig bench --net`` validates its spec (in the bench room: the command line's
+    parser does not load the benchmark) and exits with the usage code."""
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "bench", "--net", "rate=fast"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "rate 'fast': use a number and kbit, mbit or gbit" in result.stderr

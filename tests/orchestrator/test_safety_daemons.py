@@ -179,3 +179,17 @@ async def test_livemig_incoming_arms_from_the_command_line(tmp_path: Path) -> No
         assert out.count("running here  armed") == 3, out
         code, _, err = await pair.cli("migrate", "--to", pair.address)
         assert code == 0, err
+
+
+async def test_a_size_mismatch_is_refused_at_the_handshake(tmp_path: Path) -> None:
+    """Devices of different state sizes are refused before anything moves, naming both."""
+    write_psk(tmp_path / "psk", "a" * 32)
+    source = write_config(tmp_path, "source")
+    destination = write_config(tmp_path, "destination", listen='"127.0.0.1:0"')
+    destination.write_text(destination.read_text().replace("state_mib = 1\n", "state_mib = 2\n", 1))
+    async with running_pair(tmp_path, source, destination) as pair:
+        code, _, err = await pair.cli("migrate", "--to", pair.address)
+        assert code == 1
+        assert "sim0: 1048576 bytes of state offered, the device here holds 2097152" in err
+        assert set((await pair.states(pair.src)).values()) == {"RUNNING"}
+        assert "RESUMING" not in pair.destination.output()

@@ -209,6 +209,9 @@ class _Refuser:
     def admit(self, offer: Offer) -> None:
         raise Refused(f"{', '.join(offer.devices)}: not armed to receive")
 
+    def prepare(self, offer: Offer) -> None:
+        raise AssertionError("a refused offer cannot switch over")
+
     def committed(self, offer: Offer) -> None:
         raise AssertionError("a refused offer cannot commit")
 

@@ -7,7 +7,7 @@ packages into a cache directory keyed by their versions and re-used when present
 
 * ``build()`` apt-installs what is missing (checked with dpkg first, so a warm machine
   installs nothing), extracts mtty.c and vfio.h from linux-source, builds mtty.ko out of
-  tree, debootstraps a bookworm root with python3 and kmod, adds the kernel's modules
+  tree, debootstraps a bookworm root with python3, kmod and iproute2, adds the kernel's modules
   and a small PID 1, and makes an ext4 image. The project's Python dependencies are
   downloaded as cp311 wheels and unpacked into a folder shared with the guest.
 * ``run()`` boots the guest with the checkout (read-only), the dependencies
@@ -69,7 +69,7 @@ KEY_PACKAGES: tuple[str, ...] = (
     "debootstrap",
 )
 #: Bump when the build recipe changes in a way the package versions do not show.
-RECIPE = 1
+RECIPE = 2
 #: Bump when the way the guest's dependency folder is made changes.
 DEPS_RECIPE = 2
 #: Test tools the in-guest pytest session needs besides the runtime dependencies.
@@ -316,12 +316,12 @@ def _mirror() -> str:
 
 
 def _make_rootfs(into: Path, module: Path) -> None:
-    """Debootstrap a bookworm root with python3 and kmod, the kernel's modules and PID 1."""
+    """Debootstrap a bookworm root (python3, kmod, iproute2), the kernel's modules, PID 1."""
     _run(
         [
             "debootstrap",
             "--variant=minbase",
-            "--include=python3,kmod",
+            "--include=python3,kmod,iproute2",
             "bookworm",
             str(into),
             _mirror(),

@@ -93,6 +93,7 @@ def test_guest_session_passes(guest: GuestSession) -> None:
         "test_p2p_order_on_rollback_after_an_arc_failure",
         "test_p2p_order_on_rollback_after_a_cancel",
         "test_eight_mdevs_migrate_with_their_arcs_overlapping",
+        "test_the_net_table_rows_complete_and_the_round_trip_follows_the_delay",
     ],
 )
 def test_mtty_scenario_passed_in_guest(guest: GuestSession, test_name: str) -> None:
@@ -185,6 +186,14 @@ def test_eight_mdevs_arcs_overlapped(guest: GuestSession) -> None:
     steps = facts["steps"]
     assert all(step["sets"] == facts["devices"] == 8 for step in steps.values()), steps
     assert max(step["concurrency"] for step in steps.values()) >= 2, steps
+
+
+def test_net_table_was_made_in_the_guest(guest: GuestSession) -> None:
+    """The real-network table (delay and loss need the guest's netem) came back; printed."""
+    table = guest.results / "net_table.md"
+    assert table.is_file(), guest.output[-4000:]
+    print(table.read_text())
+    assert table.read_text().count("| yes |") == len(table.read_text().splitlines()) - 2
 
 
 def test_contract_suite_ran_against_vfio(guest: GuestSession) -> None:
