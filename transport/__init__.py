@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transport.address import parse_address
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
-from transport.bandwidth import BandwidthEstimator, TokenBucket
+from transport.bandwidth import TokenBucket
 from transport.client import DEFAULT_CHANNELS, connect
 from transport.errors import (
     AuthenticationError,
@@ -45,7 +45,6 @@ __all__ = [
     "PROTOCOL_VERSION",
     "AuthConfig",
     "AuthenticationError",
-    "BandwidthEstimator",
     "Buffer",
     "Chunk",
     "ConnectionLost",

@@ -1,59 +1,16 @@
-"""Bandwidth: what a session really writes per second, and a cap on it (pure)."""
+"""Bandwidth: a cap on what a session writes per second (pure).
+
+The rate a migration achieves is measured by the orchestrator
+(``orchestrator/engine/stats.py``), which knows what the stream had to carry.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
-#: Shortest window a rate sample covers; shorter ones would be scheduler noise.
+#: A cap lets at most this many seconds' worth of bytes through at once after idling.
 WINDOW = 0.1
-
-
-class BandwidthEstimator:
-    """Bytes actually written per second, smoothed over windows of at least 100 ms.
-
-    ``counter`` returns the bytes written so far (handed to the kernel, not merely
-    queued). Each closed window's rate enters an exponential moving average, so the
-    convergence policy sees a steady number that still follows the link within a second.
-    """
-
-    def __init__(
-        self,
-        counter: Callable[[], int],
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        smoothing: float = 0.3,
-    ) -> None:
-        self._counter = counter
-        self._clock = clock
-        self._smoothing = smoothing
-        self._window_start = clock()
-        self._window_bytes = counter()
-        self._rate: float | None = None
-
-    @property
-    def total_bytes(self) -> int:
-        """Bytes written since the session started."""
-        return self._counter()
-
-    def sample(self) -> None:
-        """Close the current window if it is at least 100 ms old."""
-        now = self._clock()
-        elapsed = now - self._window_start
-        if elapsed < WINDOW:
-            return
-        total = self._counter()
-        current = (total - self._window_bytes) / elapsed
-        if self._rate is None:
-            self._rate = current
-        else:
-            self._rate += self._smoothing * (current - self._rate)
-        self._window_start, self._window_bytes = now, total
-
-    def rate(self) -> float:
-        """Smoothed bytes per second; 0.0 until the first window closed."""
-        self.sample()
-        return self._rate or 0.0
 
 
 class TokenBucket:

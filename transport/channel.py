@@ -346,9 +346,3 @@ class Channel(asyncio.BufferedProtocol):
                 raw = fcntl.ioctl(self._stream_socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
                 queued += int.from_bytes(raw, sys.byteorder, signed=True)
         return queued
-
-    def written(self) -> int:
-        """Bytes that left the transport's buffer (handed to the kernel)."""
-        if self.transport is None:
-            return 0
-        return self.submitted - self.transport.get_write_buffer_size()

@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from transport.bandwidth import BandwidthEstimator, TokenBucket
+from transport.bandwidth import TokenBucket
 from transport.channel import WRITE_HIGH_WATER, Channel
 from transport.errors import (
     ConnectionLost,
@@ -117,7 +117,6 @@ class Session:
         self._bucket = TokenBucket()
         self._bucket_changed = asyncio.Event()
         self._log = log.bind(session=session_id.hex()[:12], role=role, peer=peer_name)
-        self.bandwidth = BandwidthEstimator(self._written)
         self._keepalive: asyncio.TimerHandle | None = None
         for index, channel in enumerate(self._chans):
             channel.heard = time.monotonic()
@@ -298,7 +297,6 @@ class Session:
         channel = self._chans[device % self.channels]
         channel.send(tag, device, chunk, length)
         self._bucket.take(length)
-        self.bandwidth.sample()
         await channel.drain()
         while self.error is None and (delay := self._bucket.delay()) > 0:
             self._bucket_changed.clear()
@@ -315,9 +313,6 @@ class Session:
         """Cap the data rate (token bucket over all channels); None lifts the cap."""
         self._bucket.set_rate(bytes_per_second)
         self._bucket_changed.set()
-
-    def _written(self) -> int:
-        return sum(channel.written() for channel in self._chans)
 
     def delivery(self) -> tuple[int, int]:
         """``(delivered, unacknowledged)`` bytes over all channels: what reached the peer

@@ -31,6 +31,7 @@ from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator.engine.messages import Devices, Verdict, boot_id
 from orchestrator.engine.phases import Phase, PhaseMachine
+from orchestrator.engine.stats import Downtime
 from transport import Tag
 
 log = structlog.get_logger(__name__)
@@ -248,25 +249,25 @@ class DestinationMigration:
                 break
             else:
                 raise transport.ProtocolError(f"unexpected {tag.name} during the stream")
-        self.marks["wire"] = time.monotonic()
+        self.marks[Downtime.WIRE] = time.monotonic()
         missing = [d.name for i, d in enumerate(self.devices) if i not in ended]
         if missing:
             raise transport.ProtocolError(f"stream ended before devices {missing} finished")
 
         self._set_phase(Phase.SWITCHOVER)
-        await self._transition(State.STOP, mark="load")
-        self.marks["load"] = time.monotonic()
+        await self._transition(State.STOP, mark=Downtime.LOAD)
+        self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
         commit = await asyncio.wait_for(session.recv(), self.idle_timeout_s)
         if commit.tag != Tag.COMMIT:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
-        self.marks["commit"] = time.monotonic()
+        self.marks[Downtime.COMMIT] = time.monotonic()
         self._set_phase(Phase.COMMITTED)
         started = time.monotonic()
         self.results = await self._resume(p2p)
-        self.marks["resume"] = time.monotonic()
+        self.marks[Downtime.RESUME] = time.monotonic()
         for marks in self.device_marks.values():
-            marks["resume"] = (self.marks["resume"] - started) * 1e3
+            marks[Downtime.RESUME] = (self.marks[Downtime.RESUME] - started) * 1e3
         if self.gate is not None:
             # The note made at SYNC fenced a crash until now; the records are written
             # after the window closed, so they cost no downtime.

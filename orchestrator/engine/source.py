@@ -56,6 +56,7 @@ from orchestrator.engine.phases import (
 from orchestrator.engine.stats import (
     BusyMeter,
     DeviceStats,
+    Downtime,
     DowntimeClock,
     IterationSample,
     LinkMeter,
@@ -721,15 +722,17 @@ class SourceMigration:
                     for d in quiescible
                 },
                 marks=source_marks,
-                mark="quiesce",
+                mark=Downtime.QUIESCE,
             )
-        clock.mark("quiesce")
-        await self._transition(self.devices, State.STOP_COPY, marks=source_marks, mark="stop")
-        clock.mark("stop")
+        clock.mark(Downtime.QUIESCE)
+        await self._transition(
+            self.devices, State.STOP_COPY, marks=source_marks, mark=Downtime.STOP
+        )
+        clock.mark(Downtime.STOP)
         await asyncio.gather(*(self._drain(i, source_marks) for i in range(len(self.devices))))
         assert self._session is not None
         await self._session.send_control(Tag.END_OF_STREAM)
-        clock.mark("drain")
+        clock.mark(Downtime.DRAIN)
 
     async def _drain(self, index: int, marks: dict[str, dict[str, float]]) -> None:
         device = self.devices[index]
@@ -749,7 +752,7 @@ class SourceMigration:
                 break
             dstats.stopcopy_bytes += await session.send_chunk(Tag.STOPCOPY_DATA, index, chunk)
         await session.send_end_of_device(index)
-        marks[device.name]["drain"] = (time.monotonic() - started) * 1e3
+        marks[device.name][Downtime.DRAIN] = (time.monotonic() - started) * 1e3
 
     async def _verdict(self, stage: str) -> Verdict:
         timeout = self.params.verdict_timeout_s
@@ -771,7 +774,7 @@ class SourceMigration:
         """Put the destination's marks on our clock and fill in the downtime breakdown."""
         offset = self._clock_offset
         peer = loaded.marks | resumed.marks
-        for phase in ("wire", "load", "commit", "resume"):
+        for phase in (Downtime.WIRE, Downtime.LOAD, Downtime.COMMIT, Downtime.RESUME):
             if phase in peer:
                 clock.mark(phase, peer[phase] - offset)
         self.stats.downtime_breakdown_ms = clock.breakdown_ms()

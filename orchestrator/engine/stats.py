@@ -36,8 +36,28 @@ class Status(enum.StrEnum):
 
 FINAL_STATUSES = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
-#: Phases of the downtime window, in order; each ends at the mark of the same name.
-DOWNTIME_PHASES = ("quiesce", "stop", "drain", "wire", "load", "commit", "resume")
+
+class Downtime(enum.StrEnum):
+    """The phases of the downtime window, in order; each ends at the mark of its name."""
+
+    #: The source devices quiesced (no P2P DMA), still holding their state.
+    QUIESCE = "quiesce"
+    #: The source devices stopped.
+    STOP = "stop"
+    #: The rest of their state read out (stop-copy) and sent.
+    DRAIN = "drain"
+    #: The last byte arrived at the destination.
+    WIRE = "wire"
+    #: The destination devices loaded the state (in STOP).
+    LOAD = "load"
+    #: COMMIT arrived at the destination.
+    COMMIT = "commit"
+    #: The destination devices run.
+    RESUME = "resume"
+
+
+#: Phases of the downtime window, in order.
+DOWNTIME_PHASES = tuple(Downtime)
 
 
 class RateMeter:
@@ -341,6 +361,6 @@ class DowntimeClock:
 
     def total_ms(self) -> float | None:
         """The whole window up to the last destination device RUNNING."""
-        if self.start is None or "resume" not in self.marks:
+        if self.start is None or Downtime.RESUME not in self.marks:
             return None
         return sum(self.breakdown_ms().values())

@@ -1,10 +1,10 @@
-"""Bandwidth estimator and token bucket, driven by a fake clock (no timing)."""
+"""The token bucket, driven by a fake clock (no timing)."""
 
 from __future__ import annotations
 
 import pytest
 
-from transport import BandwidthEstimator, TokenBucket
+from transport import TokenBucket
 
 
 class Clock:
@@ -15,40 +15,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def test_estimator_reports_bytes_written_per_second() -> None:
-    """Steady writing of 1.25 MB per 125 ms reads as 10 MB/s."""
-    clock, written = Clock(), [0]
-    estimator = BandwidthEstimator(lambda: written[0], clock=clock)
-    assert estimator.rate() == 0.0
-    for _ in range(20):
-        written[0] += 1_250_000
-        clock.now += 0.125
-        estimator.sample()
-    assert estimator.rate() == pytest.approx(10_000_000)
-    assert estimator.total_bytes == 25_000_000
-
-
-def test_estimator_ignores_windows_shorter_than_100ms() -> None:
-    """Samples closer than 100 ms apart do not close a window."""
-    clock, written = Clock(), [0]
-    estimator = BandwidthEstimator(lambda: written[0], clock=clock)
-    written[0] = 5_000
-    clock.now += 0.001
-    assert estimator.rate() == 0.0
-
-
-def test_estimator_smooths_and_decays_when_idle() -> None:
-    """After writing stops the estimate falls towards zero window by window."""
-    clock, written = Clock(), [0]
-    estimator = BandwidthEstimator(lambda: written[0], clock=clock)
-    written[0], clock.now = 1_000_000, clock.now + 0.125
-    high = estimator.rate()
-    clock.now += 0.125
-    lower = estimator.rate()
-    clock.now += 0.125
-    assert 0 < estimator.rate() < lower < high
 
 
 def test_bucket_without_rate_never_waits() -> None:
