@@ -106,6 +106,7 @@ from typing import Any
 import msgpack  # type: ignore[import-untyped]  # msgpack ships no type hints
 import xxhash
 
+from transport.checks import has_type
 from transport.errors import LimitExceeded, ProtocolError
 from transport.limits import Limits
 
@@ -238,7 +239,7 @@ def unpack_fields(payload: Buffer, what: str) -> dict[str, Any]:
 def require(fields: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     """``fields[key]`` if it has type ``kind``, else ProtocolError naming ``key``."""
     value = fields.get(key)
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+    if not has_type(value, kind):
         raise ProtocolError(key, f"expected {getattr(kind, '__name__', kind)}, got {value!r:.60}")
     return value
 

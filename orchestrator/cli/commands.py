@@ -31,8 +31,9 @@ from typing import Any, TextIO, TypeVar, cast
 import structlog
 
 from devices.fsm import Feature, describe
-from orchestrator.engine.params import MigrationParams, Policy
+from orchestrator.engine.params import MigrationParams, Policy, field_types
 from orchestrator.service.control import DEFAULT_SOCKET, VERSION
+from transport.checks import kinds_of
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -170,23 +171,23 @@ def _add_parameter_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(MigrationParams):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        kind = str(field.type)
+        hint = field_types()[field.name]
         help_text = f"({_unit(field.name)}built-in default {_shown(field.name, default)})"
         dest = f"param_{field.name}"
-        if kind == "bool":
+        if hint is bool:
             group.add_argument(
                 flag, dest=dest, action=argparse.BooleanOptionalAction, help=help_text
             )
-        elif kind == "Policy":
+        elif hint is Policy:
             group.add_argument(flag, dest=dest, choices=[p.value for p in Policy], help=help_text)
         elif "bandwidth" in field.name:
             group.add_argument(flag, dest=dest, type=_bandwidth, metavar="RATE", help=help_text)
         else:
-            number = int if kind.startswith("int") else float
+            number = float if float in kinds_of(hint) else int
             group.add_argument(
                 flag,
                 dest=dest,
-                type=_number(number, kind.endswith("None")),
+                type=_number(number, type(None) in kinds_of(hint)),
                 metavar="N",
                 help=help_text,
             )

@@ -26,6 +26,11 @@ class MigrationError(Exception):
 class MigrationBlocked(MigrationError):
     """The migration cannot start as asked; nothing was changed on either host."""
 
+    def __init__(self, message: str, parameter: str | None = None) -> None:
+        super().__init__(message)
+        #: The migration parameter at fault, when one is (a config error names its key).
+        self.parameter = parameter
+
 
 class MigrationCancelled(MigrationError):
     """The migration was cancelled; the source devices are RUNNING again."""

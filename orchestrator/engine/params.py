@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator.engine.errors import MigrationBlocked
+from transport.checks import has_type, kinds_of
 from transport.limits import Limits
 
 
@@ -80,11 +83,14 @@ class MigrationParams:
 
     def validate(self) -> None:
         """Raise MigrationBlocked naming the first parameter that makes no sense."""
+        hints = field_types()
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            _check_type(field.name, field.type, value)
+            _check_type(field.name, hints[field.name], value)
             if isinstance(value, float) and not math.isfinite(value):
-                raise MigrationBlocked(f"parameter {field.name} must be finite, got {value!r}")
+                raise MigrationBlocked(
+                    f"parameter {field.name} must be finite, got {value!r}", field.name
+                )
         positive = {
             "downtime_limit_ms": self.downtime_limit_ms,
             "timeout_s": self.timeout_s,
@@ -103,24 +109,30 @@ class MigrationParams:
         }
         for name, value in positive.items():
             if not value > 0:
-                raise MigrationBlocked(f"parameter {name} must be > 0, got {value!r}")
+                raise MigrationBlocked(f"parameter {name} must be > 0, got {value!r}", name)
         for name, opt in optional_positive.items():
             if opt is not None and not opt > 0:
-                raise MigrationBlocked(f"parameter {name} must be > 0 when set, got {opt!r}")
+                raise MigrationBlocked(f"parameter {name} must be > 0 when set, got {opt!r}", name)
         for name, fraction in (
             ("throttle_initial", self.throttle_initial),
             ("throttle_increment", self.throttle_increment),
             ("throttle_max", self.throttle_max),
         ):
             if not 0 < fraction < 1:
-                raise MigrationBlocked(f"parameter {name} must be in (0, 1), got {fraction!r}")
+                raise MigrationBlocked(
+                    f"parameter {name} must be in (0, 1), got {fraction!r}", name
+                )
         most = Limits().max_channels
         if self.channels > most:
-            raise MigrationBlocked(f"parameter channels must be <= {most}, got {self.channels}")
+            raise MigrationBlocked(
+                f"parameter channels must be <= {most}, got {self.channels}", "channels"
+            )
         if self.policy == Policy.FORCE and (
             self.force_after_iterations is None and self.force_after_s is None
         ):
-            raise MigrationBlocked("policy 'force' needs force_after_iterations or force_after_s")
+            raise MigrationBlocked(
+                "policy 'force' needs force_after_iterations or force_after_s", "policy"
+            )
 
     @property
     def stop_bound_s(self) -> float:
@@ -148,22 +160,18 @@ class MigrationParams:
         return values
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "float": (int, float),
-    "float | None": (int, float, type(None)),
-    "int": (int,),
-    "int | None": (int, type(None)),
-    "bool": (bool,),
-    "Policy": (Policy,),
-}
+@functools.cache
+def field_types() -> dict[str, Any]:
+    """Each parameter's resolved type (the annotations are text under __future__)."""
+    return typing.get_type_hints(MigrationParams)
 
 
 def _check_type(name: str, annotation: object, value: object) -> None:
     """Refuse a value of the wrong type (bool is not a number here)."""
-    allowed = _TYPES[str(annotation)]
-    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+    if not has_type(value, kinds_of(annotation)):
+        shown = getattr(annotation, "__name__", None) or str(annotation)
         raise MigrationBlocked(
-            f"parameter {name} must be {annotation}, got {type(value).__name__} {value!r}"
+            f"parameter {name} must be {shown}, got {type(value).__name__} {value!r}", name
         )
 
 
@@ -173,7 +181,7 @@ def _policy(value: object) -> Policy:
     except ValueError:
         choices = ", ".join(p.value for p in Policy)
         raise MigrationBlocked(
-            f"parameter policy must be one of {choices}, got {value!r}"
+            f"parameter policy must be one of {choices}, got {value!r}", "policy"
         ) from None
 
 
@@ -250,7 +258,7 @@ def from_qemu_parameters(given: Mapping[str, Any]) -> dict[str, Any]:
                 f"unknown argument {name!r}: livemig maps these QEMU parameters: {mapped} "
                 "(and takes its own in 'parameters')"
             )
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if not has_type(value, (int, float)):
             raise MigrationBlocked(f"parameter {name} must be a number, got {value!r}")
         if not math.isfinite(value) or value < 0:
             raise MigrationBlocked(f"parameter {name} must be a finite number >= 0, got {value!r}")

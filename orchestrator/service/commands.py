@@ -24,6 +24,7 @@ from orchestrator.service.listeners import MigrationListener, listens_on
 from orchestrator.service.metrics import MetricsListener
 from orchestrator.service.ownership import FENCED_OWNERS, Owner
 from orchestrator.service.service import Service
+from transport.checks import has_type
 
 log = structlog.get_logger(__name__)
 
@@ -254,9 +255,7 @@ class Commands:
         if busy:
             raise ControlError("DeviceBusy", f"devices in a migration: {', '.join(busy)}")
         if timeout_s is not None and (
-            isinstance(timeout_s, bool)
-            or not isinstance(timeout_s, int | float)
-            or not 0 < timeout_s < 1e9
+            not has_type(timeout_s, (int, float)) or not 0 < timeout_s < 1e9
         ):
             raise ControlError("InvalidParameter", "timeout-s: must be a positive number")
         if peer is not None and (not isinstance(peer, str) or not peer):

@@ -78,6 +78,7 @@ from orchestrator.engine.params import MigrationParams
 from orchestrator.service.control import DEFAULT_SOCKET, subject_pattern
 from transport.address import parse_address
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
+from transport.checks import has_type
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -295,7 +296,7 @@ class _Reader:
             return default
         value = table[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        if not has_type(value, kinds):
             names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
             raise self.error(
                 (*path, key), f"must be {names}, got {_TYPE_NAMES.get(type(value), '?')} {value!r}"
@@ -464,7 +465,7 @@ def _absolute(address: str, base: Path) -> str:
 def _metrics(reader: _Reader, value: object) -> tuple[str, int] | None:
     if value is None:
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
+    if has_type(value, int):
         value = f"127.0.0.1:{value}"
     if not isinstance(value, str):
         raise reader.error(("metrics",), f"must be a port or host:port, got {value!r}")
@@ -582,9 +583,6 @@ def _remote_control(
     return settings
 
 
-_PARAMETER = re.compile(r"[a-z_]+")
-
-
 def _migration(reader: _Reader, table: Mapping[str, Any]) -> MigrationParams:
     """MigrationParams' own validation, its complaint placed at the key it names."""
     path: KeyPath = ("migration",)
@@ -593,8 +591,8 @@ def _migration(reader: _Reader, table: Mapping[str, Any]) -> MigrationParams:
     try:
         return MigrationParams().updated(table)
     except MigrationBlocked as exc:
-        named = [w for w in _PARAMETER.findall(str(exc)) if w in table]
-        raise reader.error((*path, named[0]) if named else path, str(exc)) from None
+        named = exc.parameter if exc.parameter in table else None
+        raise reader.error((*path, named) if named else path, str(exc)) from None
 
 
 # -- devices --------------------------------------------------------------------------------
@@ -789,7 +787,7 @@ def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
             )
         given[argument] = key
         reader.get(rest, path, key, kinds_allowed)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+        if has_type(value, (int, float)) and value < 0:
             raise reader.error((*path, key), f"must not be negative, got {value!r}")
         try:
             arguments[argument] = convert(value)

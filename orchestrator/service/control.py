@@ -66,6 +66,7 @@ import structlog
 
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.params import from_qemu_parameters
+from transport.checks import has_type
 
 log = structlog.get_logger(__name__)
 
@@ -413,7 +414,7 @@ class Command:
                 continue
             value = arguments[name]
             kinds = spec.kind if isinstance(spec.kind, tuple) else (spec.kind,)
-            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            if not has_type(value, kinds):
                 want = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
                 raise ControlError(
                     "InvalidParameter",
