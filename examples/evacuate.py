@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.bench.daemons import DaemonProcess
-from orchestrator.service.control import ControlClient, ControlError
+from orchestrator.service.client import ControlClient
+from orchestrator.service.protocol import ControlError
 from transport.auth import client_tls_context
 
 #: Devices of the local source: four simulated ones and a RAM device, all running.

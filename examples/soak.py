@@ -30,7 +30,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from orchestrator.bench.daemons import DaemonProcess
-from orchestrator.service.control import ControlClient
+from orchestrator.service.client import ControlClient
 
 #: Round trips after which RSS growth is judged (start-up and caches settle first).
 WARMUP = 100

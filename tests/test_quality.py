@@ -62,11 +62,12 @@ LONG_MODULES: dict[str, str] = {
     "transport/frames.py": "the wire format's one description (its docstring) and pure codec",
     "orchestrator/service/service.py": "one owner table (devices, migrations both ways) and the "
     "events it emits: split, every half would reach into the other's records",
+    "orchestrator/service/protocol.py": "the control protocol's one description (its "
+    "docstring) and its pure core: requests, replies, events, argument checks",
     # Not split yet (issue 12 is under way): each waits for its own split commit.
     "orchestrator/cli/commands.py": "split pending: the command table and the handlers",
     "orchestrator/service/config.py": "split pending",
     "orchestrator/engine/source.py": "split pending",
-    "orchestrator/service/control.py": "split pending: protocol / server / client",
     "devices/vfio.py": "split pending: uapi / sysfs / channels / regions / device",
     "transport/session.py": "one state: routing what arrives, sending, liveness, teardown",
 }

@@ -28,7 +28,7 @@ from typing import IO, Any
 
 from orchestrator.bench.inprocess import BenchOptions
 from orchestrator.cli.follow import migrate
-from orchestrator.service.control import ControlClient
+from orchestrator.service.client import ControlClient
 
 #: Seconds a daemon has to say READY.
 START_TIMEOUT = 30.0

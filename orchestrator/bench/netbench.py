@@ -21,7 +21,7 @@ from orchestrator.bench.daemons import DaemonProcess, arm, device_tables
 from orchestrator.bench.inprocess import BenchOptions
 from orchestrator.bench.netbed import DESTINATION_ADDRESS, MIGRATION_PORT, LinkSpec, NetBed
 from orchestrator.cli.follow import migrate
-from orchestrator.service.control import ControlClient
+from orchestrator.service.client import ControlClient
 
 #: Called once pre-copy is under way, with the bed and the source's control client.
 During = Callable[[NetBed, ControlClient], Awaitable[None]]

@@ -32,7 +32,7 @@ import structlog
 
 from devices.fsm import Feature, describe
 from orchestrator.engine.params import MigrationParams, Policy, field_types
-from orchestrator.service.control import DEFAULT_SOCKET, VERSION
+from orchestrator.service.protocol import DEFAULT_SOCKET, VERSION
 from transport.checks import kinds_of
 
 EXIT_OK = 0
@@ -398,7 +398,8 @@ def _print_json(value: Any) -> None:
 
 async def _with_client(args: argparse.Namespace, body: Callable[[Any], Awaitable[int]]) -> int:
     """Connect to the daemon, run ``body``, map control errors onto exit codes."""
-    from orchestrator.service.control import ControlClient, ControlError, DaemonUnreachable
+    from orchestrator.service.client import ControlClient
+    from orchestrator.service.protocol import ControlError, DaemonUnreachable
 
     context = None
     if args.control.startswith("tcp:"):
@@ -481,7 +482,7 @@ async def _cmd_migrate(args: argparse.Namespace) -> int:
 
 async def _cmd_status(args: argparse.Namespace) -> int:
     from orchestrator.cli import progress
-    from orchestrator.service.control import ControlError
+    from orchestrator.service.protocol import ControlError
 
     async def body(client: Any) -> int:
         daemon = await client.execute("query-daemon")

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from orchestrator.engine.stats import FINAL_STATUSES
-from orchestrator.service.control import ControlClient, DaemonUnreachable
+from orchestrator.service.client import ControlClient
+from orchestrator.service.protocol import DaemonUnreachable
 
 
 async def migrate(

@@ -12,17 +12,11 @@ from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, to_qemu_parameters
 from orchestrator.engine.phases import PhaseError
-from orchestrator.service.control import (
-    VERSION,
-    Arg,
-    Command,
-    ControlError,
-    RemoteControlListener,
-    qemu_migration_info,
-)
+from orchestrator.service.control import RemoteControlListener
 from orchestrator.service.listeners import MigrationListener, listens_on
 from orchestrator.service.metrics import MetricsListener
 from orchestrator.service.ownership import FENCED_OWNERS, Owner
+from orchestrator.service.protocol import VERSION, Arg, Command, ControlError, qemu_migration_info
 from orchestrator.service.service import Service
 from transport.checks import has_type
 

@@ -75,7 +75,8 @@ from devices.fsm import Feature, State
 from devices.paged import Faults
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.params import MigrationParams
-from orchestrator.service.control import DEFAULT_SOCKET, subject_pattern
+from orchestrator.service.control import subject_pattern
+from orchestrator.service.protocol import DEFAULT_SOCKET
 from transport.address import parse_address
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
 from transport.checks import has_type

@@ -15,9 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import structlog
 
 import transport
-from orchestrator.service.control import (
-    remove_stale_socket,
-)
+from orchestrator.service.control import remove_stale_socket
 
 if TYPE_CHECKING:
     from orchestrator.service.service import Service

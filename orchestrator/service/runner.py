@@ -21,11 +21,7 @@ from devices.base import MigratableDevice
 from orchestrator.service import config as config_module
 from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, DaemonConfig
-from orchestrator.service.control import (
-    ControlServer,
-    RemoteControlListener,
-    greeting,
-)
+from orchestrator.service.control import ControlServer, RemoteControlListener, greeting
 from orchestrator.service.listeners import Listener, MigrationListener
 from orchestrator.service.metrics import Metrics, MetricsListener
 from orchestrator.service.service import Service, StartupError

@@ -28,10 +28,7 @@ from orchestrator.engine.phases import PhaseError
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
 from orchestrator.service.config import DaemonConfig
-from orchestrator.service.control import (
-    ControlError,
-    ControlServer,
-)
+from orchestrator.service.control import ControlServer
 from orchestrator.service.listeners import (
     WILDCARDS,
     Listener,
@@ -47,6 +44,7 @@ from orchestrator.service.ownership import (
     OwnershipBook,
     Record,
 )
+from orchestrator.service.protocol import ControlError
 
 log = structlog.get_logger(__name__)
 

@@ -22,7 +22,7 @@ from orchestrator.bench import command as bench_command
 from orchestrator.cli import commands as cli
 from orchestrator.engine.params import MigrationParams
 from orchestrator.service.config import parse
-from orchestrator.service.control import ControlError
+from orchestrator.service.protocol import ControlError
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, Pair, start_pair
 
 

@@ -21,8 +21,8 @@ import pytest
 
 from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
+from orchestrator.service.client import ControlClient
 from orchestrator.service.config import parse
-from orchestrator.service.control import ControlClient
 from orchestrator.service.service import Service, _Claims
 
 ROOT = Path(__file__).resolve().parents[2]

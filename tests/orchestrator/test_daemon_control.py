@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from orchestrator.service.control import Arg, Command, ControlError, decode_request, encode, event
+from orchestrator.service.protocol import Arg, Command, ControlError, decode_request, encode, event
 
 
 async def _nothing() -> None:
@@ -67,7 +67,9 @@ def test_events_carry_a_qmp_timestamp() -> None:
 
 async def test_a_reply_larger_than_a_request_line_reaches_the_client(tmp_path) -> None:
     """A big answer (stats with a long history) is read whole, not taken for a lost daemon."""
-    from orchestrator.service.control import MAX_REQUEST, ControlClient, ControlServer
+    from orchestrator.service.client import ControlClient
+    from orchestrator.service.control import ControlServer
+    from orchestrator.service.protocol import MAX_REQUEST
 
     big = "x" * (2 * MAX_REQUEST)
 

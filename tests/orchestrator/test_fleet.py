@@ -20,8 +20,8 @@ from orchestrator.bench.daemons import DaemonProcess
 from orchestrator.engine.params import MigrationParams
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Status
+from orchestrator.service.client import ControlClient
 from orchestrator.service.config import ConfigError, parse
-from orchestrator.service.control import ControlClient
 from orchestrator.service.service import Outgoing, Service
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, write_psk
 from transport.auth import AuthConfig

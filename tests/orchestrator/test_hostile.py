@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from orchestrator.service.control import ControlClient
+from orchestrator.service.client import ControlClient
 from tests.faultproxy import FaultProxy
 from tests.orchestrator.test_daemon import DEADLINE, DEVICES, ROOT, Pair, running_pair, write_psk
 from tests.pki import make_pki

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.engine.messages import encode_devices
-from orchestrator.service.control import ControlClient
+from orchestrator.service.client import ControlClient
 from tests.orchestrator.test_daemon import DEADLINE
 from tests.orchestrator.test_hostile import KEY, hostile_pair, migrate
 from tests.transport.transport_helpers import RawPeer, hello_fields

@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.bench.inprocess import BenchOptions
 from orchestrator.bench.netbed import PREFIX, LinkSpec, NetBed, NetBedUnavailable, check_available
-from orchestrator.service.control import ControlClient
+from orchestrator.service.client import ControlClient
 
 MB = 1_000_000
 

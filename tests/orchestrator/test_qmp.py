@@ -20,16 +20,15 @@ from orchestrator.engine.params import (
     from_qemu_parameters,
     to_qemu_parameters,
 )
-from orchestrator.service.control import (
+from orchestrator.service.control import ControlServer, greeting
+from orchestrator.service.protocol import (
     MAX_DEPTH,
     Arg,
     Command,
     ControlError,
-    ControlServer,
     Request,
     RequestParser,
     from_qemu,
-    greeting,
 )
 
 # -- the streaming parser --------------------------------------------------------------------

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.service.client import ControlClient
 from orchestrator.service.config import ConfigError, parse
-from orchestrator.service.control import ControlClient, ControlError
+from orchestrator.service.protocol import ControlError
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, Pair, running_pair
 from tests.orchestrator.test_daemon_extras import tls_auth, write_config
 from tests.pki import make_pki

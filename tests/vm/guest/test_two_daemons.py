@@ -30,7 +30,7 @@ import pytest
 
 from devices.vfio import VfioDevice
 from orchestrator.bench.daemons import DaemonProcess
-from orchestrator.service.control import ControlClient
+from orchestrator.service.client import ControlClient
 from tests.devices import vfio_harness
 from tests.devices.vfio_harness import uart_clear, uart_drain, uart_write
 
