@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import dataclasses
 import enum
+import functools
 import importlib
 import json
 import logging
@@ -433,104 +434,97 @@ def _fail(args: argparse.Namespace, code: int, error_class: str, desc: str) -> i
     return code
 
 
-async def _cmd_migrate(args: argparse.Namespace) -> int:
+async def _cmd_migrate(args: argparse.Namespace, client: Any) -> int:
     from orchestrator.cli import follow, progress
 
-    async def body(client: Any) -> int:
-        parameters = _parameters(args)
-        if args.detach:
-            arguments: dict[str, Any] = {"destination": args.to, "parameters": parameters}
-            if args.devices:
-                arguments["devices"] = args.devices
-            started = await client.execute("migrate", **arguments)
-            _print_json(started) if args.json else print(started["id"])
-            return EXIT_OK
-        view = None if args.json else progress.view_for(sys.stdout)
+    parameters = _parameters(args)
+    if args.detach:
+        arguments: dict[str, Any] = {"destination": args.to, "parameters": parameters}
+        if args.devices:
+            arguments["devices"] = args.devices
+        started = await client.execute("migrate", **arguments)
+        _print_json(started) if args.json else print(started["id"])
+        return EXIT_OK
+    view = None if args.json else progress.view_for(sys.stdout)
 
-        def on_event(message: dict[str, Any]) -> None:
-            if view is None:
-                return
-            if message["event"] == "MIGRATION_PASS":
-                view.update(message["data"])
-            elif message["event"] == "MIGRATION" and "stats" not in message["data"]:
-                view.status(message["data"]["status"])  # the summary tells the end
+    def on_event(message: dict[str, Any]) -> None:
+        if view is None:
+            return
+        if message["event"] == "MIGRATION_PASS":
+            view.update(message["data"])
+        elif message["event"] == "MIGRATION" and "stats" not in message["data"]:
+            view.status(message["data"]["status"])  # the summary tells the end
 
-        try:
-            stats = await follow.migrate(
-                client, args.to, parameters, devices=args.devices, on_event=on_event
-            )
-        finally:
-            if view is not None:
-                view.close()
-        stats.pop("history", None)
-        stats.pop("switchover_at_s", None)
-        if args.json:
-            _print_json(stats)
-        else:
-            print("\n".join(progress.summary_lines(stats)))
-        if stats["status"] != "completed":
-            print(f"livemig migrate: {stats['status']}: {stats['error']}", file=sys.stderr)
-            for name, where in (stats.get("placement") or {}).items():
-                print(f"  {name}: {where}", file=sys.stderr)
-        outcome_code = _OUTCOME_EXIT.get(stats.get("outcome") or "")
-        if outcome_code is not None:
-            return outcome_code
-        return _STATUS_EXIT.get(stats["status"], EXIT_FAILED)
-
-    return await _with_client(args, body)
+    try:
+        stats = await follow.migrate(
+            client, args.to, parameters, devices=args.devices, on_event=on_event
+        )
+    finally:
+        if view is not None:
+            view.close()
+    stats.pop("history", None)
+    stats.pop("switchover_at_s", None)
+    if args.json:
+        _print_json(stats)
+    else:
+        print("\n".join(progress.summary_lines(stats)))
+    if stats["status"] != "completed":
+        print(f"livemig migrate: {stats['status']}: {stats['error']}", file=sys.stderr)
+        for name, where in (stats.get("placement") or {}).items():
+            print(f"  {name}: {where}", file=sys.stderr)
+    outcome_code = _OUTCOME_EXIT.get(stats.get("outcome") or "")
+    if outcome_code is not None:
+        return outcome_code
+    return _STATUS_EXIT.get(stats["status"], EXIT_FAILED)
 
 
-async def _cmd_status(args: argparse.Namespace) -> int:
+async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
     from orchestrator.cli import progress
     from orchestrator.service.protocol import ControlError
 
-    async def body(client: Any) -> int:
-        daemon = await client.execute("query-daemon")
-        devices = await client.execute("query-devices")
-        running = [
-            m["id"]
-            for m in await client.execute("query-migrations")
-            if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
-        ]
-        migrations: list[dict[str, Any]] = []
-        if args.id is None and len(running) > 1:  # each of them: no guessing
-            migrations = [await client.execute("query-migrate", id=i) for i in running]
-        else:
-            try:
-                arguments = {} if args.id is None else {"id": args.id}
-                migrations = [await client.execute("query-migrate", **arguments)]
-            except ControlError as exc:
-                if exc.error_class != "MigrationNotFound" or args.id is not None:
-                    raise
-        if args.json:
-            single = migrations[0] if len(migrations) == 1 else None
-            _print_json(
-                {"daemon": daemon, "devices": devices, "migration": single}
-                | ({"migrations": migrations} if len(migrations) > 1 else {})
-            )
-            return EXIT_OK
-        print(
-            f"daemon {daemon['name']} (pid {daemon['pid']}), listening on "
-            f"{', '.join(daemon['listen'])}"
+    daemon = await client.execute("query-daemon")
+    devices = await client.execute("query-devices")
+    running = [
+        m["id"]
+        for m in await client.execute("query-migrations")
+        if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
+    ]
+    migrations: list[dict[str, Any]] = []
+    if args.id is None and len(running) > 1:  # each of them: no guessing
+        migrations = [await client.execute("query-migrate", id=i) for i in running]
+    else:
+        try:
+            arguments = {} if args.id is None else {"id": args.id}
+            migrations = [await client.execute("query-migrate", **arguments)]
+        except ControlError as exc:
+            if exc.error_class != "MigrationNotFound" or args.id is not None:
+                raise
+    if args.json:
+        single = migrations[0] if len(migrations) == 1 else None
+        _print_json(
+            {"daemon": daemon, "devices": devices, "migration": single}
+            | ({"migrations": migrations} if len(migrations) > 1 else {})
         )
-        _print_devices(devices)
-        if not migrations:
-            print("no migration yet")
-        for migration in migrations:
-            if migration.get("direction") == "incoming":
-                print(
-                    f"incoming migration {migration['id']} from {migration['peer']}: "
-                    f"{migration['status']}, {migration['received_bytes']} bytes received"
-                )
-                if migration.get("error"):
-                    print(f"  {migration['error']}")
-                continue
-            print(f"migration {migration['migration_id']} to {migration['destination']}:")
-            for line in progress.summary_lines(migration):
-                print(f"  {line}")
         return EXIT_OK
-
-    return await _with_client(args, body)
+    print(
+        f"daemon {daemon['name']} (pid {daemon['pid']}), listening on {', '.join(daemon['listen'])}"
+    )
+    _print_devices(devices)
+    if not migrations:
+        print("no migration yet")
+    for migration in migrations:
+        if migration.get("direction") == "incoming":
+            print(
+                f"incoming migration {migration['id']} from {migration['peer']}: "
+                f"{migration['status']}, {migration['received_bytes']} bytes received"
+            )
+            if migration.get("error"):
+                print(f"  {migration['error']}")
+            continue
+        print(f"migration {migration['migration_id']} to {migration['destination']}:")
+        for line in progress.summary_lines(migration):
+            print(f"  {line}")
+    return EXIT_OK
 
 
 def _print_devices(devices: list[dict[str, Any]]) -> None:
@@ -546,143 +540,118 @@ def _print_devices(devices: list[dict[str, Any]]) -> None:
         )
 
 
-async def _cmd_cancel(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        await client.subscribe(["MIGRATION"])
-        arguments = {} if args.id is None else {"id": args.id}
-        migration_id = (await client.execute("migrate-cancel", **arguments))["id"]
-        final = await client.next_event(
-            lambda m: m["data"].get("id") == migration_id and "stats" in m["data"], timeout=60
-        )
-        devices = await client.execute("query-devices")
-        result = {"id": migration_id, "status": final["data"]["status"], "devices": devices}
+async def _cmd_cancel(args: argparse.Namespace, client: Any) -> int:
+    await client.subscribe(["MIGRATION"])
+    arguments = {} if args.id is None else {"id": args.id}
+    migration_id = (await client.execute("migrate-cancel", **arguments))["id"]
+    final = await client.next_event(
+        lambda m: m["data"].get("id") == migration_id and "stats" in m["data"], timeout=60
+    )
+    devices = await client.execute("query-devices")
+    result = {"id": migration_id, "status": final["data"]["status"], "devices": devices}
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"migration {migration_id}: {result['status']}")
+        _print_devices(devices)
+    return EXIT_OK
+
+
+async def _cmd_set(args: argparse.Namespace, client: Any) -> int:
+    parameters = _parameters(args)
+    if not parameters:
+        return _fail(args, EXIT_USAGE, "InvalidParameter", "no parameter given")
+    arguments: dict[str, Any] = {"parameters": parameters}
+    if args.id is not None:
+        arguments["id"] = args.id
+    result = await client.execute("migrate-set-parameters", **arguments)
+    if args.json:
+        _print_json(result)
+    else:
+        for key in parameters:
+            print(_param_line(key, result[key]))
+    return EXIT_OK
+
+
+async def _cmd_params(args: argparse.Namespace, client: Any) -> int:
+    arguments = {} if args.id is None else {"id": args.id}
+    result = await client.execute("query-migrate-parameters", **arguments)
+    if args.json:
+        _print_json(result)
+    else:
+        for field in dataclasses.fields(MigrationParams):
+            print(_param_line(field.name, result[field.name]))
+    return EXIT_OK
+
+
+async def _cmd_continue(args: argparse.Namespace, client: Any) -> int:
+    arguments = {} if args.id is None else {"id": args.id}
+    result = await client.execute("migrate-continue", **arguments)
+    _print_json(result) if args.json else print(f"migration {result['id']} continues")
+    return EXIT_OK
+
+
+async def _cmd_devices(args: argparse.Namespace, client: Any) -> int:
+    devices = await client.execute("query-devices")
+    _print_json(devices) if args.json else _print_devices(devices)
+    return EXIT_OK
+
+
+async def _cmd_digests(args: argparse.Namespace, client: Any) -> int:
+    digests = await client.execute("query-digests")
+    if args.json:
+        _print_json(digests)
+    else:
+        for name, digest in digests.items():
+            print(f"{name:<16} {digest}")
+    return EXIT_OK
+
+
+async def _cmd_resume(args: argparse.Namespace, client: Any) -> int:
+    states = await client.execute("device-resume", devices=args.devices, force=args.force)
+    if args.json:
+        _print_json(states)
+    else:
+        for name, state in states.items():
+            print(f"{name:<16} {state}")
+    return EXIT_OK
+
+
+async def _cmd_incoming(args: argparse.Namespace, client: Any) -> int:
+    arguments: dict[str, Any] = {}
+    if args.devices is not None:
+        arguments["devices"] = args.devices
+    if args.peer is not None:
+        arguments["from"] = args.peer
+    if args.timeout_s is not None:
+        arguments["timeout-s"] = args.timeout_s
+    result = await client.execute("migrate-incoming", **arguments)
+    if args.json:
+        _print_json(result)
+    else:
+        sender = f" from {result['from']}" if result["from"] else ""
+        print(f"armed {', '.join(result['armed'])} to receive one migration{sender}")
+    return EXIT_OK
+
+
+async def _cmd_events(args: argparse.Namespace, client: Any) -> int:
+    await client.subscribe(args.events)
+    seen = 0
+    async for message in client.events():
         if args.json:
-            _print_json(result)
+            _print_json(message)
         else:
-            print(f"migration {migration_id}: {result['status']}")
-            _print_devices(devices)
-        return EXIT_OK
-
-    return await _with_client(args, body)
-
-
-async def _cmd_set(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        parameters = _parameters(args)
-        if not parameters:
-            return _fail(args, EXIT_USAGE, "InvalidParameter", "no parameter given")
-        arguments: dict[str, Any] = {"parameters": parameters}
-        if args.id is not None:
-            arguments["id"] = args.id
-        result = await client.execute("migrate-set-parameters", **arguments)
-        if args.json:
-            _print_json(result)
-        else:
-            for key in parameters:
-                print(_param_line(key, result[key]))
-        return EXIT_OK
-
-    return await _with_client(args, body)
+            data = {k: v for k, v in message["data"].items() if k != "devices"}
+            print(f"{message['event']}: {json.dumps(data)}", flush=True)
+        seen += 1
+        if args.count is not None and seen >= args.count:
+            return EXIT_OK
+    return _fail(args, EXIT_UNREACHABLE, "DaemonUnreachable", "the daemon went away")
 
 
-async def _cmd_params(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        arguments = {} if args.id is None else {"id": args.id}
-        result = await client.execute("query-migrate-parameters", **arguments)
-        if args.json:
-            _print_json(result)
-        else:
-            for field in dataclasses.fields(MigrationParams):
-                print(_param_line(field.name, result[field.name]))
-        return EXIT_OK
-
-    return await _with_client(args, body)
-
-
-async def _cmd_continue(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        arguments = {} if args.id is None else {"id": args.id}
-        result = await client.execute("migrate-continue", **arguments)
-        _print_json(result) if args.json else print(f"migration {result['id']} continues")
-        return EXIT_OK
-
-    return await _with_client(args, body)
-
-
-async def _cmd_devices(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        devices = await client.execute("query-devices")
-        _print_json(devices) if args.json else _print_devices(devices)
-        return EXIT_OK
-
-    return await _with_client(args, body)
-
-
-async def _cmd_digests(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        digests = await client.execute("query-digests")
-        if args.json:
-            _print_json(digests)
-        else:
-            for name, digest in digests.items():
-                print(f"{name:<16} {digest}")
-        return EXIT_OK
-
-    return await _with_client(args, body)
-
-
-async def _cmd_resume(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        states = await client.execute("device-resume", devices=args.devices, force=args.force)
-        if args.json:
-            _print_json(states)
-        else:
-            for name, state in states.items():
-                print(f"{name:<16} {state}")
-        return EXIT_OK
-
-    return await _with_client(args, body)
-
-
-async def _cmd_incoming(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        arguments: dict[str, Any] = {}
-        if args.devices is not None:
-            arguments["devices"] = args.devices
-        if args.peer is not None:
-            arguments["from"] = args.peer
-        if args.timeout_s is not None:
-            arguments["timeout-s"] = args.timeout_s
-        result = await client.execute("migrate-incoming", **arguments)
-        if args.json:
-            _print_json(result)
-        else:
-            sender = f" from {result['from']}" if result["from"] else ""
-            print(f"armed {', '.join(result['armed'])} to receive one migration{sender}")
-        return EXIT_OK
-
-    return await _with_client(args, body)
-
-
-async def _cmd_events(args: argparse.Namespace) -> int:
-    async def body(client: Any) -> int:
-        await client.subscribe(args.events)
-        seen = 0
-        async for message in client.events():
-            if args.json:
-                _print_json(message)
-            else:
-                data = {k: v for k, v in message["data"].items() if k != "devices"}
-                print(f"{message['event']}: {json.dumps(data)}", flush=True)
-            seen += 1
-            if args.count is not None and seen >= args.count:
-                return EXIT_OK
-        return _fail(args, EXIT_UNREACHABLE, "DaemonUnreachable", "the daemon went away")
-
-    return await _with_client(args, body)
-
-
-_COMMANDS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+#: The commands that talk to a daemon, by name: each gets the parsed arguments and a
+#: connected client; _with_client connects (TLS for tcp:) and maps errors to exit codes.
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Any], Coroutine[Any, Any, int]]] = {
     "migrate": _cmd_migrate,
     "status": _cmd_status,
     "cancel": _cmd_cancel,
@@ -734,10 +703,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return _run(runner.serve(args.config))
         _configure_logging()
         if args.command in _BENCH_COMMANDS:
-            command = getattr(_benchmark("command"), _BENCH_COMMANDS[args.command])
+            run = getattr(_benchmark("command"), _BENCH_COMMANDS[args.command])(args)
         else:
-            command = _COMMANDS[args.command]
-        code = int(_run(command(args)))
+            run = _with_client(args, functools.partial(_COMMANDS[args.command], args))
+        code = int(_run(run))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:
