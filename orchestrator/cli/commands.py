@@ -540,6 +540,16 @@ def _print_devices(devices: list[dict[str, Any]]) -> None:
         )
 
 
+def _print_by_name(args: argparse.Namespace, values: dict[str, str]) -> int:
+    """A device name -> text reply: as JSON, or a line per device."""
+    if args.json:
+        _print_json(values)
+    else:
+        for name, value in values.items():
+            print(f"{name:<16} {value}")
+    return EXIT_OK
+
+
 async def _cmd_cancel(args: argparse.Namespace, client: Any) -> int:
     await client.subscribe(["MIGRATION"])
     arguments = {} if args.id is None else {"id": args.id}
@@ -598,23 +608,12 @@ async def _cmd_devices(args: argparse.Namespace, client: Any) -> int:
 
 
 async def _cmd_digests(args: argparse.Namespace, client: Any) -> int:
-    digests = await client.execute("query-digests")
-    if args.json:
-        _print_json(digests)
-    else:
-        for name, digest in digests.items():
-            print(f"{name:<16} {digest}")
-    return EXIT_OK
+    return _print_by_name(args, await client.execute("query-digests"))
 
 
 async def _cmd_resume(args: argparse.Namespace, client: Any) -> int:
     states = await client.execute("device-resume", devices=args.devices, force=args.force)
-    if args.json:
-        _print_json(states)
-    else:
-        for name, state in states.items():
-            print(f"{name:<16} {state}")
-    return EXIT_OK
+    return _print_by_name(args, states)
 
 
 async def _cmd_incoming(args: argparse.Namespace, client: Any) -> int:

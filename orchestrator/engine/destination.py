@@ -30,7 +30,7 @@ from devices.base import DeviceDescriptor, MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator.engine.messages import Devices, Verdict, boot_id
-from orchestrator.engine.phases import Phase, PhaseMachine
+from orchestrator.engine.phases import Phase, Phased, PhaseMachine
 from orchestrator.engine.stats import Downtime
 from transport import Tag
 
@@ -107,7 +107,7 @@ def match_devices(
     return matched
 
 
-class DestinationMigration:
+class DestinationMigration(Phased):
     """One incoming migration on an authenticated session."""
 
     def __init__(
@@ -138,27 +138,9 @@ class DestinationMigration:
         self._phases = PhaseMachine(self.log)
 
     @property
-    def phase(self) -> Phase:
-        """Where the migration is."""
-        return self._phases.phase
-
-    @property
-    def phases(self) -> list[Phase]:
-        """Every phase entered so far, in order."""
-        return list(self._phases.history)
-
-    async def wait_phase(self, *phases: Phase) -> Phase:
-        """Return once the migration is in one of ``phases``."""
-        return await self._phases.wait(*phases)
-
-    @property
     def committed(self) -> bool:
         """Whether COMMIT arrived: from then on nothing is reset."""
         return Phase.COMMITTED in self._phases.history
-
-    def _set_phase(self, phase: Phase) -> None:
-        """The one writer of the phase."""
-        self._phases.set(phase)
 
     @property
     def migration_id(self) -> str | None:

@@ -104,3 +104,27 @@ class PhaseMachine:
         while self.phase not in phases:
             await self._changed.wait()
         return self.phase
+
+
+class Phased:
+    """A migration end with a phase machine (``_phases``): what it shows of it."""
+
+    _phases: PhaseMachine
+
+    @property
+    def phase(self) -> Phase:
+        """Where the migration is."""
+        return self._phases.phase
+
+    @property
+    def phases(self) -> list[Phase]:
+        """Every phase entered so far, in order."""
+        return list(self._phases.history)
+
+    async def wait_phase(self, *phases: Phase) -> Phase:
+        """Return once the migration is in one of ``phases``."""
+        return await self._phases.wait(*phases)
+
+    def _set_phase(self, phase: Phase) -> None:
+        """The one writer of the phase."""
+        self._phases.set(phase)

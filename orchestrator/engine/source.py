@@ -51,6 +51,7 @@ from orchestrator.engine.phases import (
     REVERSIBLE_PHASES,
     STATUS_OF,
     Phase,
+    Phased,
     PhaseMachine,
 )
 from orchestrator.engine.stats import (
@@ -103,7 +104,7 @@ def check_blockers(devices: Sequence[MigratableDevice], params: MigrationParams)
             )
 
 
-class SourceMigration:
+class SourceMigration(Phased):
     """One outgoing migration of a set of devices to a destination daemon."""
 
     def __init__(
@@ -169,20 +170,6 @@ class SourceMigration:
     def add_listener(self, listener: StatusListener) -> None:
         """Call ``listener(stats)`` on every status change and iteration."""
         self._listeners.append(listener)
-
-    @property
-    def phase(self) -> Phase:
-        """Where the migration is (its status, QEMU's name for it, is derived)."""
-        return self._phases.phase
-
-    @property
-    def phases(self) -> list[Phase]:
-        """Every phase entered so far, in order."""
-        return list(self._phases.history)
-
-    async def wait_phase(self, *phases: Phase) -> Phase:
-        """Return once the migration is in one of ``phases``."""
-        return await self._phases.wait(*phases)
 
     def cancel(self, reason: str = "cancelled by the user") -> None:
         """Ask the migration to stop and roll back; PhaseError once COMMIT was sent or it
@@ -902,10 +889,6 @@ class SourceMigration:
         self.stats.total_ms = elapsed * 1e3
         self.stats.end_cpu()
         self.stats.bandwidth = self.stats.transferred_bytes / elapsed if elapsed > 0 else 0.0
-
-    def _set_phase(self, phase: Phase) -> None:
-        """The one writer of the phase (and so of the status)."""
-        self._phases.set(phase)
 
     def _phase_changed(self, old: Phase, new: Phase) -> None:
         status = STATUS_OF[new]

@@ -673,11 +673,9 @@ _RAM: dict[str, _Key] = _COMMON | {
 }
 
 
-def _vfio_faults(value: dict[str, Any]) -> Any:
-    """A VFIO device's ``faults`` table (fault injection, for tests): VfioFaults."""
-    from devices.vfio import VfioFaults
-
-    known = {f.name for f in dataclasses.fields(VfioFaults)}
+def _fault_flags(faults: type, value: dict[str, Any]) -> Any:
+    """A ``faults`` table (fault injection, for tests) as ``faults``, a dataclass of flags."""
+    known = {f.name for f in dataclasses.fields(faults)}
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(
@@ -686,7 +684,14 @@ def _vfio_faults(value: dict[str, Any]) -> Any:
     for key, flag in value.items():
         if not isinstance(flag, bool):
             raise ValueError(f"fault {key!r} must be true or false, got {flag!r}")
-    return VfioFaults(**value)
+    return faults(**value)
+
+
+def _vfio_faults(value: dict[str, Any]) -> Any:
+    """A VFIO device's ``faults`` table: VfioFaults."""
+    from devices.vfio import VfioFaults
+
+    return _fault_flags(VfioFaults, value)
 
 
 _VFIO: dict[str, _Key] = {
@@ -706,19 +711,10 @@ def _vfio(
 
 
 def _vfio_user_faults(value: dict[str, Any]) -> Any:
-    """A vfio-user device's ``faults`` table (fault injection, for tests): VfioUserFaults."""
+    """A vfio-user device's ``faults`` table: VfioUserFaults."""
     from devices.vfio_user import VfioUserFaults
 
-    known = {f.name for f in dataclasses.fields(VfioUserFaults)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    for key, flag in value.items():
-        if not isinstance(flag, bool):
-            raise ValueError(f"fault {key!r} must be true or false, got {flag!r}")
-    return VfioUserFaults(**value)
+    return _fault_flags(VfioUserFaults, value)
 
 
 def _socket_path(value: str) -> str:
