@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from orchestrator.bench import daemons as daemonbench
+from orchestrator.bench import daemons, netbench
 from orchestrator.bench import inprocess as bench
-from orchestrator.bench import netbench
 from orchestrator.bench.inprocess import BenchOptions
 from orchestrator.bench.netbed import LinkSpec, NetBedUnavailable
 from orchestrator.cli import commands as cli
@@ -56,19 +55,19 @@ async def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"run {index + 1}/{args.repeat}:")
                 for line in progress.summary_lines(stats):
                     print(f"  {line}")
-    except daemonbench.DaemonFailed as exc:
+    except daemons.DaemonFailed as exc:
         return cli._fail(args, cli.EXIT_UNREACHABLE, "DaemonFailed", str(exc))
     except NetBedUnavailable as exc:
         return cli._fail(args, cli.EXIT_USAGE, "NetBedUnavailable", str(exc))
     if args.plot is not None:
-        daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
+        daemons.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
     return _bench_report(args, runs, bench.summarize(runs))
 
 
 async def _bench_once(args: argparse.Namespace, options: BenchOptions) -> dict[str, Any]:
     """One bench migration: two local daemons, or two hosts of the network bed (--net)."""
     if args.net is None:
-        return await daemonbench.run_once(options)
+        return await daemons.run_once(options)
     return await netbench.run_over(args.net, options)
 
 
@@ -97,7 +96,7 @@ async def _bench_in_process(args: argparse.Namespace) -> int:
     options = bench_options(args)
     runs = await bench.run_repeated(options, args.repeat)
     if args.plot is not None:
-        daemonbench.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
+        daemons.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
     if not args.json:
         for index, stats in enumerate(runs):
             print(f"run {index + 1}/{args.repeat} (in process):")
@@ -114,8 +113,8 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         "20 MB/s dirtied each) and a 64 MiB RAM device (40 MB/s dirtied) while they run..."
     )
     try:
-        stats = await daemonbench.run_once(options)
-    except daemonbench.DaemonFailed as exc:
+        stats = await daemons.run_once(options)
+    except daemons.DaemonFailed as exc:
         return cli._fail(args, cli.EXIT_UNREACHABLE, "DaemonFailed", str(exc))
     stats.pop("history", None)
     if args.json:

@@ -1,4 +1,5 @@
-"""The ``livemig`` command line: commands.py (the commands), progress.py (the live view).
+"""The ``livemig`` command line: commands.py (the command table), follow.py (following a
+migration to its end), progress.py (the live view).
 
 A client of the daemon's control API; ``livemig daemon`` runs the service itself.
 """
