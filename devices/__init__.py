@@ -2,6 +2,6 @@
 
 fsm.py (the VFIO migration states, arcs and table), base.py (MigratableDevice, the
 contract), errors.py, paged.py + simulated.py + ram.py (models), stream.py (their
-stream format), vfio.py (the kernel's VFIO uAPI), vfio_user/ (the vfio-user client),
+stream format), vfio/ (the kernel's VFIO uAPI), vfio_user/ (the vfio-user client),
 testing.py (helpers for the tests).
 """

@@ -68,7 +68,8 @@ LONG_MODULES: dict[str, str] = {
     "orchestrator/cli/commands.py": "split pending: the command table and the handlers",
     "orchestrator/service/config.py": "split pending",
     "orchestrator/engine/source.py": "split pending",
-    "devices/vfio.py": "split pending: uapi / sysfs / channels / regions / device",
+    "devices/vfio/device.py": "one device's FSM over the kernel: arcs, recovery, the optional "
+    "queries and region I/O share its fds, its state and its arc pool",
     "transport/session.py": "one state: routing what arrives, sending, liveness, teardown",
 }
 MAX_LINES = 450

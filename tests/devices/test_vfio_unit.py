@@ -1,4 +1,4 @@
-"""The host-testable parts of devices/vfio.py: uAPI numbers, packing, errors, fds, sysfs."""
+"""The host-testable parts of devices/vfio/: uAPI numbers, packing, errors, fds, sysfs."""
 
 from __future__ import annotations
 

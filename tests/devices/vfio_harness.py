@@ -1,6 +1,6 @@
 """Test doubles for VfioDevice: the mtty harness (lab guest) and a fake kernel (any host).
 
-:class:`FakeKernel` answers VfioDevice's ioctls in place of ``devices.vfio._ioctl``, with
+:class:`FakeKernel` answers VfioDevice's ioctls in place of ``devices.vfio.uapi.ioctl``, with
 real files as data fds, so the backend's host-testable logic (optional queries,
 recovery after a failed SET, arcs off the event loop) runs without /dev/vfio.
 
@@ -93,14 +93,14 @@ class FakeKernel:
     @contextmanager
     def installed(self) -> Iterator[FakeKernel]:
         """Answer devices.vfio's ioctls for the block; close every device after it."""
-        real = vfio._ioctl
-        vfio._ioctl = self.ioctl
+        real = vfio.uapi.ioctl
+        vfio.uapi.ioctl = self.ioctl
         try:
             yield self
         finally:
             for device in self._made:
                 device.abort()
-            vfio._ioctl = real
+            vfio.uapi.ioctl = real
 
     def device(
         self,
@@ -126,7 +126,7 @@ class FakeKernel:
     # -- the ioctl boundary ------------------------------------------------------------------
 
     def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
-        """Stand-in for devices.vfio._ioctl."""
+        """Stand-in for devices.vfio.uapi.ioctl."""
         if request == vfio.VFIO_MIG_GET_PRECOPY_INFO:
             fake = next(d for d in self.devices.values() if d.data_fd == fd)
             self._record(fake, "PRECOPY_INFO")

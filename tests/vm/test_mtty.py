@@ -234,7 +234,7 @@ def _struct_format(header: str, name: str) -> str:
 
 
 def test_constants_match_the_kernel_header(lab: lab_module.Lab) -> None:
-    """devices/vfio.py's ioctls, flags, states and layouts equal the 6.12 vfio.h."""
+    """devices/vfio/uapi.py's ioctls, flags, states and layouts equal the 6.12 vfio.h."""
     header = lab.vfio_header.read_text()
     defines = _defines(header)
     for name in [

@@ -1,6 +1,6 @@
 """What the kernel saw: mtty's states read back through the uAPI while livemig runs.
 
-:class:`KernelView` stands in for ``devices.vfio._ioctl`` (the ioctl boundary): it
+:class:`KernelView` stands in for ``devices.vfio.uapi.ioctl`` (the ioctl boundary): it
 passes every call to the kernel and, after every SET|MIG_DEVICE_STATE on a watched
 device (failed or not), reads every watched device's state with GET|MIG_DEVICE_STATE
 and records the snapshot. Only SETs change a device's state, so the snapshots show
@@ -64,7 +64,7 @@ class KernelView:
     #: (device, target) -> errno: that SET fails once, before reaching the kernel.
     fail_once: dict[tuple[str, State], int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _real: Callable[..., int] = field(default_factory=lambda: vfio._ioctl)
+    _real: Callable[..., int] = field(default_factory=lambda: vfio.uapi.ioctl)
 
     def watch(self, label: str, device: VfioDevice) -> None:
         """Snapshot ``device`` from now on, under ``label`` (both ends share names)."""
@@ -73,11 +73,11 @@ class KernelView:
     @contextmanager
     def installed(self) -> Iterator[KernelView]:
         """Stand between devices.vfio and the kernel for the block."""
-        vfio._ioctl = self.ioctl
+        vfio.uapi.ioctl = self.ioctl
         try:
             yield self
         finally:
-            vfio._ioctl = self._real
+            vfio.uapi.ioctl = self._real
 
     def ioctl(self, fd: int, request: int, arg: int | bytearray = 0) -> int:
         """The ioctl boundary: pass through, snapshot after every watched SET."""

@@ -53,32 +53,23 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import hashlib
 import os
-import re
-import struct
 import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import structlog
 
 from devices import fsm
 from devices.base import (
-    Buffer,
-    Chunk,
     DeviceDescriptor,
     MigratableDevice,
     PrecopyInfo,
-    ResumeChannel,
-    SaveChannel,
 )
 from devices.errors import (
-    ChannelClosedError,
     ChannelIOError,
     DeviceError,
     StateValidationError,
@@ -87,114 +78,40 @@ from devices.errors import (
     Unsupported,
 )
 from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
+from devices.vfio import uapi
+from devices.vfio.channels import READ_SIZE, VfioResumeChannel, VfioSaveChannel
+from devices.vfio.sysfs import VfioFds, VfioPath, open_fds
+from devices.vfio.uapi import (
+    FEATURE_HEADER,
+    MIG_DATA_SIZE_PAYLOAD,
+    MIG_STATE_PAYLOAD,
+    MIGRATION_PAYLOAD,
+    PRECOPY_INFO,
+    REGION_INFO,
+    VFIO_DEVICE_FEATURE,
+    VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+    VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_SET,
+    VFIO_DEVICE_GET_REGION_INFO,
+    VFIO_DEVICE_RESET,
+    VFIO_MIG_GET_PRECOPY_INFO,
+    errno_name,
+    feature_request,
+    os_error,
+)
 
 log = structlog.get_logger(__name__)
 
-# --- uAPI constants (include/uapi/linux/vfio.h; checked against 6.12's by the VM tests) ---
-
-VFIO_TYPE = ord(";")
-VFIO_BASE = 100
-
-
-def _io(nr: int) -> int:
-    """``_IO(VFIO_TYPE, VFIO_BASE + nr)``: VFIO ioctls encode no size or direction."""
-    return (VFIO_TYPE << 8) | (VFIO_BASE + nr)
-
-
-VFIO_GET_API_VERSION = _io(0)
-VFIO_CHECK_EXTENSION = _io(1)
-VFIO_SET_IOMMU = _io(2)
-VFIO_GROUP_GET_STATUS = _io(3)
-VFIO_GROUP_SET_CONTAINER = _io(4)
-VFIO_GROUP_GET_DEVICE_FD = _io(6)
-VFIO_DEVICE_GET_INFO = _io(7)
-VFIO_DEVICE_GET_REGION_INFO = _io(8)
-VFIO_DEVICE_RESET = _io(11)
-VFIO_DEVICE_FEATURE = _io(17)
-VFIO_MIG_GET_PRECOPY_INFO = _io(21)
-
-VFIO_API_VERSION = 0
-VFIO_TYPE1v2_IOMMU = 3
-VFIO_GROUP_FLAGS_VIABLE = 1 << 0
-VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
-
-VFIO_DEVICE_FEATURE_MASK = 0xFFFF
-VFIO_DEVICE_FEATURE_GET = 1 << 16
-VFIO_DEVICE_FEATURE_SET = 1 << 17
-VFIO_DEVICE_FEATURE_PROBE = 1 << 18
-VFIO_DEVICE_FEATURE_MIGRATION = 1
-VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE = 2
-VFIO_DEVICE_FEATURE_MIG_DATA_SIZE = 9
-
-VFIO_REGION_INFO_FLAG_READ = 1 << 0
-VFIO_REGION_INFO_FLAG_WRITE = 1 << 1
-
-#: struct vfio_device_feature: {u32 argsz, u32 flags, u8 data[]}
-FEATURE_HEADER = struct.Struct("=II")
-#: struct vfio_device_feature_migration: {aligned u64 flags}
-MIGRATION_PAYLOAD = struct.Struct("=Q")
-#: struct vfio_device_feature_mig_state: {u32 device_state, s32 data_fd}
-MIG_STATE_PAYLOAD = struct.Struct("=Ii")
-#: struct vfio_device_feature_mig_data_size: {aligned u64 stop_copy_length}
-MIG_DATA_SIZE_PAYLOAD = struct.Struct("=Q")
-#: struct vfio_precopy_info: {u32 argsz, u32 flags, aligned u64 initial_bytes, dirty_bytes}
-PRECOPY_INFO = struct.Struct("=IIQQ")
-#: struct vfio_group_status: {u32 argsz, u32 flags}
-GROUP_STATUS = struct.Struct("=II")
-#: struct vfio_region_info: {u32 argsz, flags, index, cap_offset; aligned u64 size, offset}
-REGION_INFO = struct.Struct("=IIIIQQ")
-
-#: Largest piece read from a saving data fd at once.
-READ_SIZE = 1 << 20
 #: Walks back to the recover state after a failed SET (the first and the retries).
 RECOVERY_ATTEMPTS = 3
 #: errnos that say an optional query does not exist, not that it failed this time.
 ABSENT = frozenset({errno.ENOTTY, errno.EOPNOTSUPP})
-
 #: A state change this device last made faster than this runs on the loop thread: it
 #: blocks the loop no longer than one callback, and a worker round trip would cost more.
 INLINE_ARC_S = 0.001
-
 _T = TypeVar("_T")
-
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
-_PCI = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$", re.I)
-
-
-def feature_request(flags: int, payload: bytes = b"", payload_size: int = 0) -> bytearray:
-    """A struct vfio_device_feature with room for ``payload_size`` bytes of answer."""
-    size = FEATURE_HEADER.size + max(len(payload), payload_size)
-    buffer = bytearray(size)
-    FEATURE_HEADER.pack_into(buffer, 0, size, flags)
-    buffer[FEATURE_HEADER.size : FEATURE_HEADER.size + len(payload)] = payload
-    return buffer
-
-
-def errno_name(code: int | None) -> str:
-    """``ENOMSG (No message of desired type)`` for an errno, for error messages."""
-    if code is None:
-        return "unknown error"
-    return f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
-
-
-def os_error(
-    device: str, call: str, state: State, exc: OSError, kind: type[DeviceError] = DeviceError
-) -> DeviceError:
-    """The DeviceError for an OSError of ``call``: names the call, device, state and errno.
-
-    On a data fd ENODEV means the kernel ended the session (the device left its state
-    underneath), which the contract calls ChannelClosedError.
-    """
-    if kind is ChannelIOError and exc.errno == errno.ENODEV:
-        kind = ChannelClosedError
-    return kind(device, f"{call} failed in state {state.name}: {errno_name(exc.errno)}")
-
-
-def _ioctl(fd: int, request: int, arg: int | bytearray = 0) -> int:
-    """ioctl returning the kernel's return value (an fd, a flag) and filling ``arg`` in."""
-    if isinstance(arg, bytearray):
-        return int(fcntl.ioctl(fd, request, arg, True))
-    return fcntl.ioctl(fd, request, arg)
 
 
 @dataclass(frozen=True)
@@ -213,103 +130,6 @@ class RegionInfo(NamedTuple):
     flags: int
     size: int
     offset: int
-
-
-@dataclass(frozen=True)
-class VfioPath:
-    """A VFIO device found in sysfs: its name for GET_DEVICE_FD and its IOMMU group."""
-
-    sysfs: Path
-    name: str
-    group: int
-
-    @classmethod
-    def resolve(cls, spec: str, sysfs_root: Path = Path("/sys")) -> VfioPath:
-        """Find a device by mdev UUID, PCI address (``0000:01:00.0``) or sysfs path."""
-        if _UUID.match(spec):
-            path = sysfs_root / "bus/mdev/devices" / spec
-        elif _PCI.match(spec):
-            path = (
-                sysfs_root / "bus/pci/devices" / (spec if spec.count(":") == 2 else f"0000:{spec}")
-            )
-        else:
-            path = Path(spec)
-        try:
-            path = path.resolve(strict=True)
-            group = int((path / "iommu_group").resolve(strict=True).name)
-        except (OSError, ValueError) as exc:
-            raise DeviceError(spec, f"no VFIO device with an IOMMU group at {path}: {exc}") from exc
-        return cls(path, path.name, group)
-
-    def model(self) -> str:
-        """What must match on both sides: the mdev type, or the PCI vendor:device."""
-        mdev_type = self.sysfs / "mdev_type"
-        if mdev_type.exists():
-            return mdev_type.resolve().name
-        try:
-            vendor = (self.sysfs / "vendor").read_text().strip().removeprefix("0x")
-            device = (self.sysfs / "device").read_text().strip().removeprefix("0x")
-        except OSError:
-            return "unknown"
-        return f"{vendor}:{device}"
-
-
-@dataclass
-class VfioFds:
-    """The three fds of an opened device; the container and group keep it attached."""
-
-    container: int
-    group: int
-    device: int
-
-    def close(self) -> None:
-        """Close device, group and container, in that order."""
-        for fd in (self.device, self.group, self.container):
-            if fd >= 0:
-                os.close(fd)
-        self.device = self.group = self.container = -1
-
-
-def open_fds(path: VfioPath, dev_root: Path = Path("/dev/vfio")) -> VfioFds:
-    """Open the device through its group and a fresh type1v2 container.
-
-    Every fd opened so far is closed again if a later step fails.
-    """
-    fds = VfioFds(-1, -1, -1)
-    step = "open /dev/vfio/vfio"
-    try:
-        fds.container = os.open(dev_root / "vfio", os.O_RDWR | os.O_CLOEXEC)
-        step = "VFIO_GET_API_VERSION"
-        version = _ioctl(fds.container, VFIO_GET_API_VERSION)
-        if version != VFIO_API_VERSION:
-            raise DeviceError(path.name, f"VFIO API version {version}, expected 0")
-        step = "VFIO_CHECK_EXTENSION(TYPE1v2)"
-        if not _ioctl(fds.container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU):
-            raise DeviceError(path.name, "the kernel's VFIO lacks the type1v2 IOMMU backend")
-        step = f"open /dev/vfio/{path.group}"
-        fds.group = os.open(dev_root / str(path.group), os.O_RDWR | os.O_CLOEXEC)
-        step = "VFIO_GROUP_GET_STATUS"
-        status = bytearray(GROUP_STATUS.pack(GROUP_STATUS.size, 0))
-        _ioctl(fds.group, VFIO_GROUP_GET_STATUS, status)
-        if not GROUP_STATUS.unpack(status)[1] & VFIO_GROUP_FLAGS_VIABLE:
-            raise DeviceError(
-                path.name, f"IOMMU group {path.group} is not viable: bind all its devices to vfio"
-            )
-        step = "VFIO_GROUP_SET_CONTAINER"
-        _ioctl(fds.group, VFIO_GROUP_SET_CONTAINER, bytearray(struct.pack("=i", fds.container)))
-        step = "VFIO_SET_IOMMU(TYPE1v2)"
-        _ioctl(fds.container, VFIO_SET_IOMMU, VFIO_TYPE1v2_IOMMU)
-        step = f"VFIO_GROUP_GET_DEVICE_FD({path.name})"
-        fds.device = _ioctl(
-            fds.group, VFIO_GROUP_GET_DEVICE_FD, bytearray(path.name.encode() + b"\0")
-        )
-    except OSError as exc:
-        fds.close()
-        raise DeviceError(path.name, f"{step} failed: {errno_name(exc.errno)}") from exc
-    except BaseException:
-        fds.close()
-        raise
-    return fds
 
 
 def _session_lost(start: State, now: State) -> bool:
@@ -388,190 +208,6 @@ class _Recovery(NamedTuple):
     final: State
     #: What was tried, for the log and the error.
     recovery: str
-
-
-class _FdChannel:
-    """A data fd watched by the event loop; shared by both channel directions."""
-
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self.fd = fd
-        self._end_wait: Callable[[], None] | None = None
-
-    async def wait(
-        self,
-        watch: Callable[[int, Callable[[], None]], None],
-        unwatch: Callable[[int], bool],
-        at_least: float = 0.0,
-    ) -> None:
-        """Return once the loop reports the fd ready and ``at_least`` s passed, or it closes.
-
-        ``watch``/``unwatch`` are the loop's add_reader/remove_reader (or the writer pair).
-        A file the loop cannot watch (no poll handler in the driver) counts as ready.
-        """
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        fd = self.fd
-        watching = True
-        timer: asyncio.TimerHandle | None = None
-
-        def finish() -> None:
-            if not waiter.done():
-                waiter.set_result(None)
-
-        def stop() -> None:
-            nonlocal watching
-            if watching:
-                unwatch(fd)
-                watching = False
-            if timer is not None:
-                timer.cancel()
-
-        def ready() -> None:
-            nonlocal timer
-            stop()
-            timer = loop.call_later(at_least, finish) if at_least else None
-            if timer is None:
-                finish()
-
-        def end() -> None:
-            stop()
-            finish()
-
-        try:
-            watch(fd, ready)
-        except PermissionError:
-            # epoll refuses files without a poll handler (mtty's data fds); poll()
-            # and select() call such a file always ready, and so do we.
-            watching = False
-            ready()
-        self._end_wait = end
-        try:
-            await waiter
-        finally:
-            stop()
-            self._end_wait = None
-
-    def close_fd(self) -> None:
-        """Close the fd (once); a pending wait returns and its caller sees the closed channel."""
-        if self.fd < 0:
-            return
-        if self._end_wait is not None:
-            self._end_wait()
-        os.close(self.fd)
-        self.fd = -1
-
-
-class VfioSaveChannel(SaveChannel):
-    """The saving data fd: PRE_COPY, PRE_COPY_P2P and STOP_COPY share it."""
-
-    #: After a "nothing now" read, how long wait_readable waits at least: drivers
-    #: without a poll handler (mtty) report the fd readable all the time, and the
-    #: caller would spin.
-    idle_wait = 0.02
-
-    def __init__(self, device: VfioDevice, fd: int) -> None:
-        super().__init__(device)
-        self.io = _FdChannel(fd)
-        self._idle = False
-        #: Whether the permanent end of stream was read (STOP_COPY).
-        self.ended = False
-        #: Bytes of the stream returned so far.
-        self.offset = 0
-        #: Fault injection (VfioFaults.corrupt_stream): corrupt the stream's first byte.
-        self.corrupt = False
-
-    @property
-    def fd(self) -> int:
-        """The data fd (for VFIO_MIG_GET_PRECOPY_INFO)."""
-        return self.io.fd
-
-    async def read(self) -> Chunk | None:
-        while True:
-            self.check_open()
-            state = self.device.state
-            try:
-                data = os.read(self.io.fd, READ_SIZE)
-            except BlockingIOError:
-                await self.wait_readable()
-                continue
-            except OSError as exc:
-                if exc.errno == errno.ENOMSG and state != State.STOP_COPY:
-                    self._idle = True
-                    return None
-                raise os_error(
-                    self.device.name, "read(data_fd)", state, exc, ChannelIOError
-                ) from exc
-            if data:
-                self._idle = False
-                if self.offset == 0 and self.corrupt:
-                    data = bytes([data[0] ^ 0xFF]) + data[1:]
-                    log.warning("vfio_fault_corrupt_stream", device=self.device.name)
-                self.offset += len(data)
-                return (data,)
-            if state == State.STOP_COPY:
-                self.ended = True
-                return ()
-            self._idle = True
-            return None
-
-    async def wait_readable(self) -> None:
-        self.check_open()
-        loop = asyncio.get_running_loop()
-        idle = self._idle and self.device.state != State.STOP_COPY
-        await self.io.wait(loop.add_reader, loop.remove_reader, self.idle_wait if idle else 0.0)
-        self.check_open()
-
-    def replace_fd(self, fd: int) -> None:
-        """Continue on a new fd of the same, fully read session (see VfioDevice.digest)."""
-        self.io.close_fd()
-        self.io = _FdChannel(fd)
-
-    def close(self) -> None:
-        self.io.close_fd()
-        super().close()
-
-
-class VfioResumeChannel(ResumeChannel):
-    """The resuming data fd; failed writes are remembered by the device."""
-
-    def __init__(self, device: VfioDevice, fd: int) -> None:
-        super().__init__(device)
-        self.vfio = device
-        self.io = _FdChannel(fd)
-        self.written = 0
-
-    async def write(self, data: Buffer) -> None:
-        view = memoryview(data).cast("B")
-        loop = asyncio.get_running_loop()
-        while view:
-            self.check_open()
-            try:
-                count = os.write(self.io.fd, view)
-            except BlockingIOError:
-                await self.io.wait(loop.add_writer, loop.remove_writer)
-                continue
-            except OSError as exc:
-                self.vfio.write_failed(self.written, exc)
-                raise os_error(
-                    self.device.name,
-                    f"write(data_fd) at stream offset {self.written}",
-                    self.device.state,
-                    exc,
-                    ChannelIOError,
-                ) from exc
-            if count == 0:
-                failure = OSError(errno.EIO, "write() returned 0")
-                self.vfio.write_failed(self.written, failure)
-                raise ChannelIOError(
-                    self.device.name, f"write(data_fd) at {self.written} accepted no bytes"
-                ) from failure
-            self.written += count
-            view = view[count:]
-
-    def close(self) -> None:
-        self.io.close_fd()
-        super().close()
 
 
 class VfioDevice(MigratableDevice):
@@ -663,7 +299,7 @@ class VfioDevice(MigratableDevice):
     def _feature(self, flags: int, payload: bytes = b"", payload_size: int = 0) -> bytes:
         """Run VFIO_DEVICE_FEATURE and return the payload the kernel filled in."""
         request = feature_request(flags, payload, payload_size)
-        _ioctl(self.fds.device, VFIO_DEVICE_FEATURE, request)
+        uapi.ioctl(self.fds.device, VFIO_DEVICE_FEATURE, request)
         return bytes(request[FEATURE_HEADER.size :])
 
     def _query_features(self, name: str) -> Feature:
@@ -707,7 +343,7 @@ class VfioDevice(MigratableDevice):
     def _reset_device(self) -> None:
         """VFIO_DEVICE_RESET: the kernel drops any session and the device is RUNNING."""
         try:
-            _ioctl(self.fds.device, VFIO_DEVICE_RESET)
+            uapi.ioctl(self.fds.device, VFIO_DEVICE_RESET)
         except OSError as exc:
             raise os_error(self.name, "VFIO_DEVICE_RESET", self._state, exc) from exc
 
@@ -945,7 +581,7 @@ class VfioDevice(MigratableDevice):
             raise Unsupported(self.name, self._no_precopy_info)
         request = bytearray(PRECOPY_INFO.pack(PRECOPY_INFO.size, 0, 0, 0))
         try:
-            _ioctl(self.save_channel().fd, VFIO_MIG_GET_PRECOPY_INFO, request)
+            uapi.ioctl(self.save_channel().fd, VFIO_MIG_GET_PRECOPY_INFO, request)
         except OSError as exc:
             if exc.errno in ABSENT:
                 # The ioctl is optional in the uAPI: remember, the answer will not change.
@@ -1050,7 +686,7 @@ class VfioDevice(MigratableDevice):
         """VFIO_DEVICE_GET_REGION_INFO for region ``index`` (0-5 BARs, 7 config space)."""
         request = bytearray(REGION_INFO.pack(REGION_INFO.size, 0, index, 0, 0, 0))
         try:
-            _ioctl(self.fds.device, VFIO_DEVICE_GET_REGION_INFO, request)
+            uapi.ioctl(self.fds.device, VFIO_DEVICE_GET_REGION_INFO, request)
         except OSError as exc:
             raise os_error(
                 self.name, f"VFIO_DEVICE_GET_REGION_INFO({index})", self.state, exc
