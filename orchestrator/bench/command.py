@@ -14,7 +14,7 @@ from orchestrator.bench import inprocess as bench
 from orchestrator.bench.inprocess import BenchOptions
 from orchestrator.bench.netbed import LinkSpec, NetBedUnavailable
 from orchestrator.cli import commands as cli
-from orchestrator.cli import progress
+from orchestrator.cli import parser, progress
 
 
 def bench_options(args: argparse.Namespace) -> BenchOptions:
@@ -28,7 +28,7 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
         ram_working_set_mib=args.ram_working_set_mib,
         downtime_limit_ms=args.downtime_limit_ms,
         max_bandwidth_mbps=(
-            None if args.max_bandwidth in (None, cli._Clear.NONE) else args.max_bandwidth / 1e6
+            None if args.max_bandwidth in (None, parser.Clear.NONE) else args.max_bandwidth / 1e6
         ),
         channels=args.channels,
     )

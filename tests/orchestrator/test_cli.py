@@ -20,6 +20,7 @@ import structlog
 
 from orchestrator.bench import command as bench_command
 from orchestrator.cli import commands as cli
+from orchestrator.cli import parser
 from orchestrator.engine.params import MigrationParams
 from orchestrator.service.config import parse
 from orchestrator.service.protocol import ControlError
@@ -35,7 +36,7 @@ def _restore_logging() -> Iterator[None]:
 
 def test_every_migration_parameter_has_an_option() -> None:
     """``migrate`` accepts one option per MigrationParams field, by its name."""
-    args = cli.build_parser().parse_args(
+    args = parser.build_parser().parse_args(
         [
             "migrate",
             "--control",
@@ -53,7 +54,7 @@ def test_every_migration_parameter_has_an_option() -> None:
             "2.5",
         ]
     )
-    parameters = cli._parameters(args)
+    parameters = parser.given_parameters(args)
     assert parameters == {
         "downtime_limit_ms": 50.0,
         "p2p": False,
@@ -84,14 +85,14 @@ def test_a_bare_bandwidth_is_mb_per_s_and_none_clears(
     """Bandwidth options read MB/s (as the progress shows), take units, and ``none``."""
     for command in ("migrate", "set"):
         argv = [command, option, text] + (["--to", "h:1"] if command == "migrate" else [])
-        parameters = cli._parameters(cli.build_parser().parse_args(argv))
+        parameters = parser.given_parameters(parser.build_parser().parse_args(argv))
         assert parameters == {option[2:].replace("-", "_"): bytes_per_s}
 
 
 def test_the_bench_reads_bandwidth_like_every_other_command() -> None:
     """``bench --max-bandwidth`` takes MB/s, units and none as migrate and set do."""
     for text, mbps in (("50", 50.0), ("1GB/s", 1000.0), ("none", None)):
-        args = cli.build_parser().parse_args(["bench", "--max-bandwidth", text])
+        args = parser.build_parser().parse_args(["bench", "--max-bandwidth", text])
         assert bench_command.bench_options(args).max_bandwidth_mbps == mbps
 
 
@@ -101,7 +102,7 @@ def test_a_bandwidth_that_is_none_of_those_is_a_usage_error(
 ) -> None:
     """Zero, negative and unknown units are refused by the parser, naming the forms it takes."""
     with pytest.raises(SystemExit) as exited:
-        cli.build_parser().parse_args(["set", "--max-bandwidth", text])
+        parser.build_parser().parse_args(["set", "--max-bandwidth", text])
     assert exited.value.code == cli.EXIT_USAGE
     assert "--max-bandwidth" in capsys.readouterr().err
 
@@ -111,9 +112,9 @@ def test_numbers_must_be_finite_and_only_optional_ones_take_none(option: str) ->
     """``inf`` is refused everywhere; ``none`` only unsets parameters that may be unset."""
     for text in ("inf", "nan", "none"):
         with pytest.raises(SystemExit):
-            cli.build_parser().parse_args(["set", option, text])
-    args = cli.build_parser().parse_args(["set", "--force-after-s", "none"])
-    assert cli._parameters(args) == {"force_after_s": None}
+            parser.build_parser().parse_args(["set", option, text])
+    args = parser.build_parser().parse_args(["set", "--force-after-s", "none"])
+    assert parser.given_parameters(args) == {"force_after_s": None}
 
 
 def test_help_shows_the_built_in_defaults_of_migration_params(
@@ -155,11 +156,11 @@ def test_the_cli_and_the_config_default_to_one_control_socket(
 ) -> None:
     """Without --control or LIVEMIG_CONTROL the CLI looks where a daemon listens by default."""
     monkeypatch.delenv("LIVEMIG_CONTROL", raising=False)
-    args = cli.build_parser().parse_args(["devices"])
+    args = parser.build_parser().parse_args(["devices"])
     config = parse('[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\n')
     assert Path(args.control) == config.control_socket == Path("/run/livemig/control.sock")
     monkeypatch.setenv("LIVEMIG_CONTROL", "/elsewhere.sock")
-    assert cli.build_parser().parse_args(["devices"]).control == "/elsewhere.sock"
+    assert parser.build_parser().parse_args(["devices"]).control == "/elsewhere.sock"
 
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -191,8 +192,8 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 def test_options_not_given_are_left_to_the_daemon() -> None:
     """Without parameter options nothing is sent: the daemon's config defaults apply."""
-    args = cli.build_parser().parse_args(["set", "--control", "c.sock"])
-    assert cli._parameters(args) == {}
+    args = parser.build_parser().parse_args(["set", "--control", "c.sock"])
+    assert parser.given_parameters(args) == {}
 
 
 def test_a_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
