@@ -65,7 +65,6 @@ LONG_MODULES: dict[str, str] = {
     "orchestrator/service/protocol.py": "the control protocol's one description (its "
     "docstring) and its pure core: requests, replies, events, argument checks",
     # Not split yet (issue 12 is under way): each waits for its own split commit.
-    "orchestrator/service/config.py": "split pending",
     "orchestrator/engine/source.py": "split pending",
     "devices/vfio/device.py": "one device's FSM over the kernel: arcs, recovery, the optional "
     "queries and region I/O share its fds, its state and its arc pool",

@@ -57,7 +57,6 @@ uses. A key it cannot place (inside an inline table, say) is reported at its tab
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import math
 import os
@@ -66,17 +65,18 @@ import socket
 import ssl
 import stat
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from devices.base import MigratableDevice
-from devices.fsm import Feature, State
-from devices.paged import Faults
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.params import MigrationParams
 from orchestrator.service.control import subject_pattern
+from orchestrator.service.devicetables import DeviceConfig as DeviceConfig
+from orchestrator.service.devicetables import device_config
 from orchestrator.service.protocol import DEFAULT_SOCKET
+from orchestrator.service.tomlreader import ConfigError as ConfigError
+from orchestrator.service.tomlreader import KeyPath, Reader
 from transport.address import parse_address
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
 from transport.checks import has_type
@@ -86,20 +86,6 @@ KIB = 1 << 10
 MB = 1_000_000
 #: Shortest pre-shared key accepted, in bytes.
 MIN_PSK_BYTES = 16
-
-KeyPath = tuple[str | int, ...]
-
-
-class ConfigError(Exception):
-    """The config cannot be used; the message names the file, line and key."""
-
-    def __init__(self, file: str, line: int | None, key: str, problem: str) -> None:
-        where = f"{file}:{line}" if line is not None else file
-        super().__init__(f"{where}: {key}: {problem}" if key else f"{where}: {problem}")
-        self.file = file
-        self.line = line
-        self.key = key
-        self.problem = problem
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,31 +143,6 @@ class RemoteControl:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class DeviceConfig:
-    """One ``[[device]]`` entry: the constructor and its arguments, already validated."""
-
-    kind: str
-    name: str
-    line: int | None
-    factory: Callable[..., MigratableDevice]
-    arguments: Mapping[str, Any]
-
-    file: str = "<config>"
-    #: The device exists to receive: it starts idle and is armed while it holds no workload.
-    accept_incoming: bool = False
-
-    def build(self) -> MigratableDevice:
-        """A new device object (not yet opened); ConfigError when its arguments clash."""
-        try:
-            return self.factory(self.name, **self.arguments)
-        except (ValueError, TypeError) as exc:
-            problem = str(exc).removeprefix(f"{self.name}: ")
-            raise ConfigError(
-                self.file, self.line, f"device {self.name!r}", f"({self.kind}) {problem}"
-            ) from None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class DaemonConfig:
     """Everything a daemon needs, validated; ``file`` is where it came from."""
 
@@ -203,124 +164,6 @@ class DaemonConfig:
     max_records: int = 100
     #: An incoming migration's handshake_timeout_s and idle_timeout_s (DestinationMigration).
     incoming_timeouts: Mapping[str, float] = dataclasses.field(default_factory=dict)
-
-
-# -- where keys are ------------------------------------------------------------------------
-
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\[\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_KEY = re.compile(
-    r"""^\s*((?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*'))*)\s*="""
-)
-
-
-def _split_key(text: str) -> tuple[str, ...]:
-    parts = re.findall(r"""[A-Za-z0-9_-]+|"[^"]*"|'[^']*'""", text)
-    return tuple(p.strip("\"'") for p in parts)
-
-
-class _KeyLines:
-    """Line numbers of the tables and keys in a TOML text (1-based)."""
-
-    def __init__(self, text: str) -> None:
-        self.lines: dict[KeyPath, int] = {}
-        counts: dict[tuple[str, ...], int] = {}
-        table: KeyPath = ()
-        in_string: str | None = None
-        for number, line in enumerate(text.splitlines(), start=1):
-            if in_string is not None:
-                if line.count(in_string) % 2:
-                    in_string = None
-                continue
-            header = _HEADER.match(line)
-            if header:
-                name = _split_key(header.group(2))
-                if header.group(1) == "[[":
-                    index = counts.get(name, 0)
-                    counts[name] = index + 1
-                    table = (*name, index)
-                else:
-                    table = name
-                self.lines.setdefault(table, number)
-                continue
-            key = _KEY.match(line)
-            if key:
-                self.lines.setdefault((*table, *_split_key(key.group(1))), number)
-                rest = line[key.end() :]
-                for quote in ('"""', "'''"):
-                    if rest.count(quote) % 2:
-                        in_string = quote
-
-    def line(self, path: KeyPath) -> int | None:
-        """The line of ``path``, else of its nearest enclosing key or table."""
-        for end in range(len(path), 0, -1):
-            if path[:end] in self.lines:
-                return self.lines[path[:end]]
-        return None
-
-
-def _dotted(path: KeyPath) -> str:
-    text = ""
-    for part in path:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
-    return text
-
-
-class _Reader:
-    """Typed access to the parsed document that raises ConfigError at the right line."""
-
-    def __init__(self, file: str, text: str) -> None:
-        self.file = file
-        self.where = _KeyLines(text)
-
-    def error(self, path: KeyPath, problem: str) -> ConfigError:
-        return ConfigError(self.file, self.where.line(path), _dotted(path), problem)
-
-    def refuse_unknown(self, table: Mapping[str, Any], path: KeyPath, known: set[str]) -> None:
-        for key in table:
-            if key not in known:
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                choices = ", ".join(sorted(known))
-                raise self.error((*path, key), f"unknown key{hint}; known keys: {choices}")
-
-    def get(
-        self,
-        table: Mapping[str, Any],
-        path: KeyPath,
-        key: str,
-        kind: type | tuple[type, ...],
-        default: Any = ...,
-    ) -> Any:
-        if key not in table:
-            if default is ...:
-                raise self.error(path, f"missing required key {key!r}")
-            return default
-        value = table[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if not has_type(value, kinds):
-            names = " or ".join(_TYPE_NAMES.get(k, k.__name__) for k in kinds)
-            raise self.error(
-                (*path, key), f"must be {names}, got {_TYPE_NAMES.get(type(value), '?')} {value!r}"
-            )
-        return value
-
-    def positive(
-        self, table: Mapping[str, Any], path: KeyPath, key: str, default: Any = ...
-    ) -> Any:
-        value = self.get(table, path, key, (int, float), default)
-        if value is not None and value is not default and not value > 0:
-            raise self.error((*path, key), f"must be > 0, got {value!r}")
-        return value
-
-
-_TYPE_NAMES: dict[type, str] = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    list: "an array",
-    dict: "a table",
-}
 
 
 # -- loading --------------------------------------------------------------------------------
@@ -361,7 +204,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         raise ConfigError(
             file, int(line.group(1)) if line else None, "", f"not valid TOML: {exc}"
         ) from exc
-    reader = _Reader(file, text)
+    reader = Reader(file, text)
     base = Path(file).resolve().parent if file != "<config>" else Path.cwd()
     reader.refuse_unknown(document, (), _TOP_KEYS)
 
@@ -398,7 +241,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
             raise reader.error(("daemon", key), f"must be a number of seconds > 0, got {value}")
         incoming_timeouts[key] = float(value)
     entries = reader.get(document, (), "device", list, [])
-    devices = tuple(_device(reader, entry, index) for index, entry in enumerate(entries))
+    devices = tuple(device_config(reader, entry, index) for index, entry in enumerate(entries))
     seen: dict[str, int] = {}
     for index, device in enumerate(devices):
         if device.name in seen:
@@ -424,7 +267,7 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     )
 
 
-def _refuse_open_listeners(reader: _Reader, listen: list[str], auth: AuthSettings) -> None:
+def _refuse_open_listeners(reader: Reader, listen: list[str], auth: AuthSettings) -> None:
     """A listen address off loopback needs [auth]: else anyone there may send migrations."""
     if auth.method != "none" or auth.insecure:
         return
@@ -449,7 +292,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_address(reader: _Reader, path: KeyPath, address: str) -> None:
+def _check_address(reader: Reader, path: KeyPath, address: str) -> None:
     """An address the transport accepts: ``HOST:PORT``, ``tcp:HOST:PORT`` or ``unix:PATH``."""
     try:
         parse_address(address)
@@ -463,7 +306,7 @@ def _absolute(address: str, base: Path) -> str:
     return address
 
 
-def _metrics(reader: _Reader, value: object) -> tuple[str, int] | None:
+def _metrics(reader: Reader, value: object) -> tuple[str, int] | None:
     if value is None:
         return None
     if has_type(value, int):
@@ -477,7 +320,7 @@ def _metrics(reader: _Reader, value: object) -> tuple[str, int] | None:
     return host, port
 
 
-def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings:
+def _auth(reader: Reader, table: Mapping[str, Any], base: Path) -> AuthSettings:
     path: KeyPath = ("auth",)
     reader.refuse_unknown(
         table,
@@ -530,7 +373,7 @@ def _auth(reader: _Reader, table: Mapping[str, Any], base: Path) -> AuthSettings
     return settings
 
 
-def _total_bandwidth(reader: _Reader, document: Mapping[str, Any]) -> float | None:
+def _total_bandwidth(reader: Reader, document: Mapping[str, Any]) -> float | None:
     value = reader.positive(document, (), "max_total_bandwidth", None)
     if value is not None and not math.isfinite(value):
         raise reader.error(("max_total_bandwidth",), f"must be finite, got {value!r}")
@@ -538,7 +381,7 @@ def _total_bandwidth(reader: _Reader, document: Mapping[str, Any]) -> float | No
 
 
 def _remote_control(
-    reader: _Reader, table: Mapping[str, Any] | None, base: Path
+    reader: Reader, table: Mapping[str, Any] | None, base: Path
 ) -> RemoteControl | None:
     """``[control]``: a TCP address, never without mutual TLS and an allow-list."""
     if table is None:
@@ -584,7 +427,7 @@ def _remote_control(
     return settings
 
 
-def _migration(reader: _Reader, table: Mapping[str, Any]) -> MigrationParams:
+def _migration(reader: Reader, table: Mapping[str, Any]) -> MigrationParams:
     """MigrationParams' own validation, its complaint placed at the key it names."""
     path: KeyPath = ("migration",)
     known = set(MigrationParams().as_dict())
@@ -594,206 +437,3 @@ def _migration(reader: _Reader, table: Mapping[str, Any]) -> MigrationParams:
     except MigrationBlocked as exc:
         named = exc.parameter if exc.parameter in table else None
         raise reader.error((*path, named) if named else path, str(exc)) from None
-
-
-# -- devices --------------------------------------------------------------------------------
-
-#: A device key: the constructor argument it sets and how to turn the TOML value into it.
-_Convert = Callable[[Any], Any]
-_Key = tuple[str, type | tuple[type, ...], _Convert]
-_NUMBER = (int, float)
-
-
-def _features(value: list[Any]) -> Feature:
-    flags = Feature(0)
-    for name in value:
-        try:
-            flags |= Feature[str(name).upper()]
-        except KeyError:
-            known = ", ".join(f.name for f in Feature if f.name)
-            raise ValueError(f"unknown feature {name!r} (known: {known})") from None
-    return flags
-
-
-def _faults(value: dict[str, Any]) -> Faults:
-    known = {f.name for f in dataclasses.fields(Faults)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    arcs = []
-    for text in value.get("fail_arcs", []):
-        start, _, end = str(text).partition("->")
-        try:
-            arcs.append((State[start.strip().upper()], State[end.strip().upper()]))
-        except KeyError:
-            raise ValueError(f"fail_arcs entry {text!r} is not STATE->STATE") from None
-    for name in ("fail_read_after", "stall_read_after"):
-        count = value.get(name)
-        if count is not None and (type(count) is not int or count < 0):
-            raise ValueError(f"{name} must be a byte count (an integer >= 0), got {count!r}")
-    if not isinstance(value.get("corrupt_validation", False), bool):
-        raise ValueError("corrupt_validation must be true or false")
-    return Faults(**(dict(value) | {"fail_arcs": frozenset(arcs)}))
-
-
-def _mib(value: float) -> int:
-    return round(value * MIB)
-
-
-def _mbps(value: float) -> float:
-    return float(value) * MB
-
-
-_COMMON: dict[str, _Key] = {
-    "features": ("features", list, _features),
-    "seed": ("seed", int, int),
-    "dirty_rate": ("dirty_rate", _NUMBER, float),
-    "dirty_mbps": ("dirty_rate", _NUMBER, _mbps),
-    "chunk_size": ("chunk_size", int, int),
-    "chunk_kib": ("chunk_size", _NUMBER, lambda v: round(v * KIB)),
-    "faults": ("faults", dict, _faults),
-}
-
-_SIMULATED: dict[str, _Key] = _COMMON | {
-    "state_size": ("state_size", int, int),
-    "state_mib": ("state_size", _NUMBER, _mib),
-    "block_size": ("block_size", int, int),
-    "hot_set": ("hot_set", _NUMBER, float),
-}
-
-_RAM: dict[str, _Key] = _COMMON | {
-    "size": ("size", int, int),
-    "size_mib": ("size", _NUMBER, _mib),
-    "page_size": ("page_size", int, int),
-    "working_set": ("working_set", int, int),
-    "working_set_mib": ("working_set", _NUMBER, _mib),
-    "zero_outside": ("zero_outside", bool, bool),
-}
-
-
-def _fault_flags(faults: type, value: dict[str, Any]) -> Any:
-    """A ``faults`` table (fault injection, for tests) as ``faults``, a dataclass of flags."""
-    known = {f.name for f in dataclasses.fields(faults)}
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    for key, flag in value.items():
-        if not isinstance(flag, bool):
-            raise ValueError(f"fault {key!r} must be true or false, got {flag!r}")
-    return faults(**value)
-
-
-def _vfio_faults(value: dict[str, Any]) -> Any:
-    """A VFIO device's ``faults`` table: VfioFaults."""
-    from devices.vfio import VfioFaults
-
-    return _fault_flags(VfioFaults, value)
-
-
-_VFIO: dict[str, _Key] = {
-    "device": ("spec", str, str),
-    "features": ("features", list, _features),
-    "faults": ("faults", dict, _vfio_faults),  # fault injection, for tests
-}
-
-
-def _vfio(
-    name: str, *, spec: str, features: Feature | None = None, faults: Any = None
-) -> MigratableDevice:
-    """Open a VFIO device (an mdev UUID, a PCI address or a sysfs path)."""
-    from devices.vfio import VfioDevice
-
-    return VfioDevice.from_config(spec, name=name, features=features, faults=faults)
-
-
-def _vfio_user_faults(value: dict[str, Any]) -> Any:
-    """A vfio-user device's ``faults`` table: VfioUserFaults."""
-    from devices.vfio_user import VfioUserFaults
-
-    return _fault_flags(VfioUserFaults, value)
-
-
-def _socket_path(value: str) -> str:
-    if not value.startswith("/"):
-        raise ValueError(f"must be an absolute path to the server's UNIX socket, got {value!r}")
-    return value
-
-
-def _positive_seconds(value: float) -> float:
-    if not value > 0:
-        raise ValueError(f"must be > 0 seconds, got {value!r}")
-    return float(value)
-
-
-_VFIO_USER: dict[str, _Key] = {
-    "socket": ("socket", str, _socket_path),
-    "features": ("features", list, _features),
-    "timeout_s": ("timeout_s", _NUMBER, _positive_seconds),
-    "faults": ("faults", dict, _vfio_user_faults),  # fault injection, for tests
-}
-
-
-def _vfio_user(name: str, **arguments: Any) -> MigratableDevice:
-    """A device served by a vfio-user server at a UNIX socket (connected by ``open``)."""
-    from devices.vfio_user import VfioUserDevice
-
-    return VfioUserDevice(name, **arguments)
-
-
-def _device_kinds() -> dict[str, tuple[Callable[..., MigratableDevice], dict[str, _Key]]]:
-    """The kinds a config may name: the constructor and the keys each takes."""
-    from devices.ram import RamDevice
-    from devices.simulated import SimulatedDevice
-
-    return {
-        "simulated": (SimulatedDevice, _SIMULATED),
-        "ram": (RamDevice, _RAM),
-        "vfio": (_vfio, _VFIO),
-        "vfio-user": (_vfio_user, _VFIO_USER),
-    }
-
-
-def _device(reader: _Reader, entry: object, index: int) -> DeviceConfig:
-    path: KeyPath = ("device", index)
-    if not isinstance(entry, dict):
-        raise reader.error(path, "must be a table ([[device]])")
-    kind = reader.get(entry, path, "kind", str)
-    kinds = _device_kinds()
-    if kind not in kinds:
-        raise reader.error(
-            (*path, "kind"), f"unknown device kind {kind!r}; known: {', '.join(sorted(kinds))}"
-        )
-    name = reader.get(entry, path, "name", str)
-    if not name or len(name) > 64 or not name.isprintable():
-        raise reader.error((*path, "name"), "must be 1 to 64 printable characters")
-    factory, keys = kinds[kind]
-    accept_incoming = reader.get(entry, path, "accept_incoming", bool, False)
-    rest = {k: v for k, v in entry.items() if k not in ("kind", "name", "accept_incoming")}
-    arguments: dict[str, Any] = {}
-    reader.refuse_unknown(rest, path, set(keys) | {"kind", "name"})
-    given: dict[str, str] = {}
-    for key, value in rest.items():
-        argument, kinds_allowed, convert = keys[key]
-        if argument in given:
-            raise reader.error(
-                (*path, key), f"sets {argument} like {given[argument]!r} does; keep one"
-            )
-        given[argument] = key
-        reader.get(rest, path, key, kinds_allowed)
-        if has_type(value, (int, float)) and value < 0:
-            raise reader.error((*path, key), f"must not be negative, got {value!r}")
-        try:
-            arguments[argument] = convert(value)
-        except (ValueError, TypeError) as exc:
-            raise reader.error((*path, key), str(exc)) from None
-    if kind == "vfio-user" and "socket" not in arguments:
-        raise reader.error(path, "missing required key 'socket' (the vfio-user server's socket)")
-    if kind == "vfio" and "spec" not in arguments:
-        raise reader.error(path, "missing required key 'device' (mdev UUID, PCI address or path)")
-    return DeviceConfig(
-        kind, name, reader.where.line(path), factory, arguments, reader.file, accept_incoming
-    )
