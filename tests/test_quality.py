@@ -64,8 +64,10 @@ LONG_MODULES: dict[str, str] = {
     "events it emits: split, every half would reach into the other's records",
     "orchestrator/service/protocol.py": "the control protocol's one description (its "
     "docstring) and its pure core: requests, replies, events, argument checks",
-    # Not split yet (issue 12 is under way): each waits for its own split commit.
-    "orchestrator/engine/source.py": "split pending",
+    # Not split (issue 12): its seams (setup, pre-copy, switchover, rollback) are methods
+    # of one object sharing ~20 attributes (session, tasks, meters, phases); mixins across
+    # files would spread that state rather than divide the work. A follow-up.
+    "orchestrator/engine/source.py": "one migration's state, shared by all its stages",
     "devices/vfio/device.py": "one device's FSM over the kernel: arcs, recovery, the optional "
     "queries and region I/O share its fds, its state and its arc pool",
     "transport/session.py": "one state: routing what arrives, sending, liveness, teardown",
@@ -139,7 +141,8 @@ def test_no_production_module_imports_a_benchmark_when_loaded() -> None:
 
 
 def test_production_modules_stay_short() -> None:
-    """No production module is past MAX_LINES lines unless LONG_MODULES says why."""
+    """No production module is past MAX_LINES lines unless LONG_MODULES says why (and the
+    list names none that is short)."""
     long = {
         str(path.relative_to(ROOT)): len(path.read_text().splitlines())
         for module, path in _modules().items()
@@ -147,6 +150,7 @@ def test_production_modules_stay_short() -> None:
     }
     long = {path: lines for path, lines in long.items() if lines > MAX_LINES}
     assert set(long) <= set(LONG_MODULES), long
+    assert set(LONG_MODULES) <= set(long), "listed but short now (drop them from the list)"
 
 
 def test_the_transport_knows_nothing_of_devices() -> None:
