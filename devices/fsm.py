@@ -226,7 +226,7 @@ class ArcDriven(Protocol):
         """Bring the device to a fresh RUNNING state whatever it was doing (VFIO_DEVICE_RESET)."""
 
 
-def _session_lost(start: State, now: State) -> bool:
+def session_lost(start: State, now: State) -> bool:
     """Whether walking from ``start`` to ``now`` closed the data session ``start`` had."""
     left_saving = start in SAVING_GROUP and now not in SAVING_GROUP
     left_resuming = start == State.RESUMING and now != State.RESUMING
@@ -286,7 +286,7 @@ async def _unwind(device: ArcDriven, start: State) -> None:
     """Best-effort walk back to ``start`` after a failed arc; ERROR if it cannot be done."""
     if device.state == State.ERROR:
         return
-    if _session_lost(start, device.state):
+    if session_lost(start, device.state):
         device.state = State.ERROR
         return
     while device.state != start:

@@ -132,13 +132,6 @@ class RegionInfo(NamedTuple):
     offset: int
 
 
-def _session_lost(start: State, now: State) -> bool:
-    """Whether going from ``start`` to ``now`` ended the data session ``start`` had."""
-    left_saving = start in SAVING_GROUP and now not in SAVING_GROUP
-    left_resuming = start == State.RESUMING and now != State.RESUMING
-    return left_saving or left_resuming
-
-
 class _ArcPool:
     """Threads for blocking arcs: one worker per open device, so every arc can overlap.
 
@@ -470,7 +463,7 @@ class VfioDevice(MigratableDevice):
         walked_to = now = self._read_state()
         steps: list[str] = []
         attempts = 0
-        while now not in (start, State.ERROR) and not _session_lost(start, now):
+        while now not in (start, State.ERROR) and not fsm.session_lost(start, now):
             if attempts == RECOVERY_ATTEMPTS:
                 break
             attempts += 1
@@ -489,7 +482,7 @@ class VfioDevice(MigratableDevice):
             now = self._read_state()
         if now == start:
             recovery = "; ".join(steps) or "none needed"
-        elif now != State.ERROR and _session_lost(start, now):
+        elif now != State.ERROR and fsm.session_lost(start, now):
             recovery = "; ".join([*steps, f"stayed in {now.name} (data session gone)"])
         else:
             steps.append("device in ERROR" if now == State.ERROR else "gave up")
@@ -507,7 +500,7 @@ class VfioDevice(MigratableDevice):
     ) -> TransitionError:
         """On the loop thread: apply a recovery's outcome; return the error to raise."""
         final = outcome.final
-        if _session_lost(start, final) or final == State.ERROR:
+        if fsm.session_lost(start, final) or final == State.ERROR:
             self._drop_channel()
         log.warning(
             "vfio_set_state_failed",

@@ -96,12 +96,6 @@ class VfioUserFaults:
     corrupt_stream: bool = False
 
 
-def _session_lost(start: State, now: State) -> bool:
-    return (start in SAVING_GROUP and now not in SAVING_GROUP) or (
-        start == State.RESUMING and now != State.RESUMING
-    )
-
-
 class VfioUserSaveChannel(SaveChannel):
     """The saving stream: MIG_DATA_READ until 0 bytes (see the module's rule)."""
 
@@ -385,7 +379,7 @@ class VfioUserDevice(MigratableDevice):
             walked = State.ERROR
         final = walked
         if walked not in (start, State.ERROR):
-            if _session_lost(start, walked):
+            if fsm.session_lost(start, walked):
                 recovery = f"stayed in {walked.name} (data session gone)"
             else:
                 recovery = f"requested {start.name}"
@@ -395,7 +389,7 @@ class VfioUserDevice(MigratableDevice):
                 final = await self._get_state()
             except DeviceError:
                 final = State.ERROR
-        if final == State.ERROR or _session_lost(start, final):
+        if final == State.ERROR or fsm.session_lost(start, final):
             self._drop_channel()
         self.state = final
         log.warning(
