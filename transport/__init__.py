@@ -33,7 +33,7 @@ from transport.frames import (
     FrameDecoder,
     Tag,
     encode_header,
-    require,
+    typed_field,
 )
 from transport.limits import Limits
 from transport.server import Server, serve
@@ -65,7 +65,7 @@ __all__ = [
     "connect",
     "encode_header",
     "parse_address",
-    "require",
     "serve",
     "server_tls_context",
+    "typed_field",
 ]

@@ -236,7 +236,7 @@ def unpack_fields(payload: Buffer, what: str) -> dict[str, Any]:
     return value
 
 
-def require(fields: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+def typed_field(fields: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     """``fields[key]`` if it has type ``kind``, else ProtocolError naming ``key``."""
     value = fields.get(key)
     if not has_type(value, kind):

@@ -22,7 +22,7 @@ from transport.frames import (
     PROTOCOL_VERSION,
     Frame,
     Tag,
-    require,
+    typed_field,
 )
 from transport.limits import Limits
 
@@ -61,7 +61,7 @@ def raise_if_cancel(frame: Frame, expected: Tag) -> None:
 
 
 def _bytes_field(fields: Mapping[str, Any], key: str, size: int) -> bytes:
-    value: bytes = require(fields, key, bytes)
+    value: bytes = typed_field(fields, key, bytes)
     if len(value) != size:
         raise ProtocolError(key, f"expected {size} bytes, got {len(value)}")
     return value
@@ -76,7 +76,7 @@ def _checksum_field(fields: Mapping[str, Any]) -> bool:
 
 
 def _name_field(fields: Mapping[str, Any], limits: Limits) -> str:
-    name: str = require(fields, "name", str)
+    name: str = typed_field(fields, "name", str)
     if len(name) > limits.max_name_length:
         raise LimitExceeded("name", len(name), limits.max_name_length)
     return name
@@ -133,7 +133,7 @@ async def client_handshake(
     ):
         refuse(channel, "auth", "authentication failed")
         raise AuthenticationError("the destination failed to prove the pre-shared key")
-    max_payload = require(accepted, "max_payload", int)
+    max_payload = typed_field(accepted, "max_payload", int)
     return _name_field(accepted, limits), max_payload
 
 
@@ -159,10 +159,10 @@ async def server_handshake(
     if version != PROTOCOL_VERSION:
         refuse(channel, "version", f"protocol version {PROTOCOL_VERSION} only")
         raise ProtocolError("version", f"peer speaks {version!r}, not {PROTOCOL_VERSION}")
-    channels = require(fields, "channels", int)
+    channels = typed_field(fields, "channels", int)
     if not 1 <= channels <= limits.max_channels:
         raise LimitExceeded("channels", channels, limits.max_channels)
-    index = require(fields, "channel", int)
+    index = typed_field(fields, "channel", int)
     if not 0 <= index < channels:
         raise ProtocolError("channel", f"{index} is not in 0..{channels - 1}")
     hello = Hello(
@@ -170,7 +170,7 @@ async def server_handshake(
         session=_bytes_field(fields, "session", SESSION_ID_SIZE),
         channel=index,
         channels=channels,
-        max_payload=require(fields, "max_payload", int),
+        max_payload=typed_field(fields, "max_payload", int),
     )
     source_nonce = _bytes_field(fields, "nonce", NONCE_SIZE)
     nonce = new_nonce()

@@ -43,7 +43,7 @@ from transport.frames import (
     Frame,
     Tag,
     encode_fields,
-    require,
+    typed_field,
 )
 from transport.handshake import peer_cancelled
 from transport.limits import Limits
@@ -134,7 +134,7 @@ class Session:
             raise ProtocolError("tag", f"a {self.role} does not accept {tag.name}")
         if tag is Tag.PING:
             fields = frame.fields()
-            stamp = require(fields, "id", int)
+            stamp = typed_field(fields, "id", int)
             if fields.get("reply") is False:
                 return  # a keep-alive: its arrival was the point
             if channel.backlog() > PONG_BACKLOG_LIMIT:
@@ -145,9 +145,9 @@ class Session:
             channel.send_control(Tag.PONG, {"id": stamp, "t": time.monotonic()})
         elif tag is Tag.PONG:
             fields = frame.fields()
-            waiter = self._pings.pop(require(fields, "id", int), None)
+            waiter = self._pings.pop(typed_field(fields, "id", int), None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(float(require(fields, "t", (int, float))))
+                waiter.set_result(float(typed_field(fields, "t", (int, float))))
         elif tag is Tag.CANCEL:
             raise peer_cancelled(frame, "destination" if self.role == "source" else "source")
         elif tag is Tag.END_OF_STREAM:

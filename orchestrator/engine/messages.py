@@ -23,7 +23,7 @@ from typing import Any
 from devices.base import DeviceDescriptor
 from devices.fsm import Feature
 from transport.errors import LimitExceeded, ProtocolError
-from transport.frames import require
+from transport.frames import typed_field
 from transport.limits import Limits
 
 _U32 = 1 << 32
@@ -39,7 +39,7 @@ def boot_id() -> str:
 
 def stamps(fields: Mapping[str, Any], name: str) -> dict[str, float]:
     """A mapping of mark name to timestamp, validated."""
-    raw = require(fields, name, dict)
+    raw = typed_field(fields, name, dict)
     result: dict[str, float] = {}
     for key, value in raw.items():
         if not isinstance(key, str) or not isinstance(value, int | float):
@@ -65,13 +65,13 @@ class Verdict:
     @classmethod
     def parse(cls, fields: Mapping[str, Any]) -> Verdict:
         """Validate a VERDICT message."""
-        stage = require(fields, "stage", str)
+        stage = typed_field(fields, "stage", str)
         if stage not in cls.STAGES:
             raise ProtocolError("stage", f"unknown value {stage!r:.60}")
         device = fields.get("device")
         if device is not None and not isinstance(device, str):
             raise ProtocolError("device", "is not a string")
-        per_device = require(fields, "device_marks", dict)
+        per_device = typed_field(fields, "device_marks", dict)
         device_marks = {str(name): stamps(per_device, name) for name in per_device}
         raw_results = fields.get("results", {})
         if not isinstance(raw_results, dict) or not all(
@@ -109,7 +109,7 @@ MIGRATION_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUV
 
 def migration_id(fields: Mapping[str, Any]) -> str:
     """The ``migration_id`` of a DEVICES message, validated (1..64 of [A-Za-z0-9._-])."""
-    value: str = require(fields, "migration_id", str)
+    value: str = typed_field(fields, "migration_id", str)
     if not 0 < len(value) <= 64 or not set(value) <= MIGRATION_ID_CHARS:
         raise ProtocolError("migration_id", f"must be 1..64 of [A-Za-z0-9._-], got {value!r:.70}")
     return value
@@ -138,7 +138,7 @@ def decode_devices(
     a name's length.
     """
     limits = limits or Limits()
-    devices = fields if isinstance(fields, list) else require(fields, "devices", list)
+    devices = fields if isinstance(fields, list) else typed_field(fields, "devices", list)
     if len(devices) > limits.max_devices:
         raise LimitExceeded("devices", len(devices), limits.max_devices)
     known = sum(int(flag) for flag in Feature)
@@ -150,12 +150,12 @@ def decode_devices(
             raise ProtocolError(where, "expected a map")
         texts = []
         for key in ("name", "kind"):
-            text = require(entry, key, str)
+            text = typed_field(entry, key, str)
             if len(text) > limits.max_name_length:
                 raise LimitExceeded(f"{where}.{key}", len(text), limits.max_name_length)
             texts.append(text)
-        version = require(entry, "format_version", int)
-        features = require(entry, "features", int)
+        version = typed_field(entry, "format_version", int)
+        features = typed_field(entry, "features", int)
         if not 0 <= version < _U32:
             raise ProtocolError(f"{where}.format_version", f"{version} is out of range")
         if features < 0 or features & ~known:
@@ -189,9 +189,9 @@ class Devices:
         """Validate a DEVICES message (ProtocolError or LimitExceeded naming the field)."""
         return cls(
             devices=tuple(decode_devices(fields, limits)),
-            p2p=bool(require(fields, "p2p", bool)),
-            switchover_ack=bool(require(fields, "switchover_ack", bool)),
-            precopy_devices=int(require(fields, "precopy_devices", int)),
+            p2p=bool(typed_field(fields, "p2p", bool)),
+            switchover_ack=bool(typed_field(fields, "switchover_ack", bool)),
+            precopy_devices=int(typed_field(fields, "precopy_devices", int)),
             boot_id=str(fields.get("boot_id", "")),
             migration_id=migration_id(fields),
         )

@@ -91,7 +91,7 @@ class Incoming:
         }
 
 
-class _Claims(Mapping[str, MigratableDevice]):
+class _ClaimOnLookup(Mapping[str, MigratableDevice]):
     """The devices an incoming migration may take: looking one up claims it.
 
     DestinationMigration looks up the offered names and refuses the lot when one is
@@ -178,7 +178,7 @@ class Service:
         record = Incoming(claim, session.peer_name, asyncio.current_task())
         migration = DestinationMigration(
             session,
-            _Claims(self, claim),
+            _ClaimOnLookup(self, claim),
             gate=_IncomingGate(self, record),
             **self.config.incoming_timeouts,
         )
@@ -241,7 +241,7 @@ class Service:
         ]
         if problems:
             raise Refused("; ".join(problems))
-        for name in offer.devices:  # _Claims took them under the claim id: rename it
+        for name in offer.devices:  # _ClaimOnLookup took them under the claim id: rename it
             if self.owners.get(name) == record.id:
                 self.owners[name] = offer.migration_id
         record.id = offer.migration_id

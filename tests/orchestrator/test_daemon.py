@@ -23,7 +23,7 @@ from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.service.client import ControlClient
 from orchestrator.service.config import parse
-from orchestrator.service.service import Service, _Claims
+from orchestrator.service.service import Service, _ClaimOnLookup
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0
@@ -388,7 +388,7 @@ async def test_a_device_another_migration_loaded_is_not_offered_to_a_second_one(
     )
     device = config.devices[0].build()
     service = Service(config, [device])
-    first, second = _Claims(service, "first"), _Claims(service, "second")
+    first, second = _ClaimOnLookup(service, "first"), _ClaimOnLookup(service, "second")
     assert first.get("sim0") is device
     await device.set_state(State.STOP)  # loaded and validated; waiting for COMMIT
     assert second.get("sim0") is None
