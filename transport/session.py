@@ -97,7 +97,7 @@ class Session:
         self.peer_max_payload = peer_max_payload
         self.limits = limits
         self.session_id = session_id
-        self.channels = len(channels)
+        self.channel_count = len(channels)
         self.error: TransportError | None = None
         self._chans = list(channels)
         self._receives = _RECEIVES[role]
@@ -121,7 +121,7 @@ class Session:
         for index, channel in enumerate(self._chans):
             channel.heard = time.monotonic()
             channel.adopt(self, index)
-        self._log.info("session_opened", channels=self.channels)
+        self._log.info("session_opened", channels=self.channel_count)
         if self.error is None:
             self._schedule_keepalive()
 
@@ -156,7 +156,7 @@ class Session:
             self._ended.add(channel.index)
             if channel.index == 0:
                 self._end_frame = frame
-            if len(self._ended) == self.channels:
+            if len(self._ended) == self.channel_count:
                 assert self._end_frame is not None
                 self._enqueue(self._chans[0], self._end_frame)
         elif tag is Tag.SYNC:
@@ -172,7 +172,7 @@ class Session:
                 for each in self._chans:
                     each.decoder.announced = True
             elif tag in DEVICE_TAGS:
-                expected = frame.device % self.channels
+                expected = frame.device % self.channel_count
                 if channel.index != expected:
                     raise ProtocolError(
                         "device",
@@ -269,7 +269,7 @@ class Session:
                 channel.send(tag, 0, (payload,), len(payload))
         else:
             if tag in DEVICE_TAGS:
-                targets = [self._chans[device % self.channels]]
+                targets = [self._chans[device % self.channel_count]]
             else:
                 targets, device = [self._chans[0]], 0
             targets[0].send(tag, device, (payload,), len(payload))
@@ -294,7 +294,7 @@ class Session:
         length = sum(memoryview(part).nbytes for part in chunk)
         if length > self.peer_max_payload:
             raise ValueError(f"chunk of {length} bytes exceeds the peer's max_payload")
-        channel = self._chans[device % self.channels]
+        channel = self._chans[device % self.channel_count]
         channel.send(tag, device, chunk, length)
         self._bucket.take(length)
         await channel.drain()

@@ -26,7 +26,7 @@ from transport.auth import proof
 async def test_matching_keys_authenticate(server: Server) -> None:
     """Both sides holding the key get a session with each other's names."""
     session = await connect(server.address, name="source", auth=AuthConfig(psk=PSK), channels=2)
-    assert (session.peer_name, session.channels) == ("dest", 2)
+    assert (session.peer_name, session.channel_count) == ("dest", 2)
     await session.close()
 
 

@@ -58,7 +58,7 @@ async def test_multi_channel_keeps_per_device_order(
 ) -> None:
     """Over several channels every device's chunks arrive in send order, and all arrive."""
     session = await open_source(server, channels)
-    assert session.channels == channels
+    assert session.channel_count == channels
     await session.send_control(Tag.DEVICES, announce(5))
     for i in range(200):
         await session.send_chunk(Tag.PRECOPY_DATA, i % 5, (i.to_bytes(4, "big") * 300,))
