@@ -81,9 +81,6 @@ from transport.address import parse_address
 from transport.auth import AuthConfig, client_tls_context, server_tls_context
 from transport.checks import has_type
 
-MIB = 1 << 20
-KIB = 1 << 10
-MB = 1_000_000
 #: Shortest pre-shared key accepted, in bytes.
 MIN_PSK_BYTES = 16
 

@@ -15,8 +15,6 @@ from transport.checks import has_type
 MIB = 1 << 20
 KIB = 1 << 10
 MB = 1_000_000
-#: Shortest pre-shared key accepted, in bytes.
-MIN_PSK_BYTES = 16
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
