@@ -173,6 +173,15 @@ class Channel(asyncio.BufferedProtocol):
 
     # -- reading ---------------------------------------------------------------------
 
+    def hang_up(self, *, graceful: bool = False) -> None:
+        """End this connection from our side: closing, then close (graceful) or abort."""
+        self.closing = True
+        if self.transport is not None:
+            if graceful:
+                self.transport.close()
+            else:
+                self.transport.abort()
+
     def fail(self, exc: TransportError) -> None:
         """Record the first error and hand it to the session, if one owns the channel."""
         if self.error is None:

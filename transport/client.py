@@ -131,9 +131,7 @@ async def _connect_once(
             )
     except BaseException as exc:
         for channel in opened:
-            channel.closing = True
-            if channel.transport is not None:
-                channel.transport.abort()
+            channel.hang_up()
         if isinstance(exc, ConnectionLost) and isinstance(exc.__cause__, ssl.SSLError):
             raise AuthenticationError(f"TLS with {address} failed: {exc.__cause__}") from exc
         if isinstance(exc, ConnectionLost) and auth.ssl_context and not opened[-1].decoder.frames:
@@ -148,6 +146,3 @@ async def _connect_once(
             raise ConnectionLost(f"cannot connect to {address}: {exc}") from exc
         raise
     return opened, peer, peer_max, session
-
-
-# -- serve -------------------------------------------------------------------------------

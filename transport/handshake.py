@@ -33,9 +33,7 @@ def refuse(channel: Channel, code: str, reason: str) -> None:
     """Send the peer a refusal and nothing else, then close."""
     with contextlib.suppress(TransportError):
         channel.send_control(Tag.CANCEL, {"reason": reason, "code": code})
-    channel.closing = True
-    if channel.transport is not None:
-        channel.transport.close()
+    channel.hang_up(graceful=True)
 
 
 def peer_cancelled(frame: Frame, peer: str) -> PeerCancelled:
@@ -197,6 +195,3 @@ async def server_handshake(
         reply["proof"] = proof(auth.psk, "dest", hello.session, index, source_nonce, nonce)
     channel.send_control(Tag.AUTH, reply)
     return hello
-
-
-# -- connect -----------------------------------------------------------------------------

@@ -122,8 +122,7 @@ class Server:
         assert channel.transport is not None
         if not self._make_room(channel.peer_host):
             self.refusals.note("full of authenticated channels", channel.peer_host)
-            channel.closing = True
-            channel.transport.abort()
+            channel.hang_up()
             return
         self._pending[channel] = None
         channel.on_lost = self._lost
@@ -166,9 +165,7 @@ class Server:
     def _drop(self, channel: Channel) -> None:
         """Hang up on a pending connection and forget it."""
         self._pending.pop(channel, None)
-        channel.closing = True
-        if channel.transport is not None:
-            channel.transport.abort()
+        channel.hang_up()
         if channel.task is not None:
             channel.task.cancel()
 

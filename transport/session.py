@@ -392,9 +392,7 @@ class Session:
             if tell is not None:
                 channel.cancel_and_linger(tell, min(CANCEL_LINGER_S, self.link_timeout_s))
             else:
-                channel.closing = True
-                if channel.transport is not None:
-                    channel.transport.abort()
+                channel.hang_up()
         self._wake_all()
 
     def _drop_queue(self) -> None:
@@ -459,6 +457,3 @@ class Session:
                 # A lingering channel is delivering a CANCEL; its own timer ends it.
                 if channel.transport is not None and not channel.lingering:
                     channel.transport.abort()
-
-
-# -- handshake -------------------------------------------------------------------------
