@@ -48,6 +48,7 @@ from orchestrator.engine.messages import Devices, Verdict, boot_id
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, MigrationParams
 from orchestrator.engine.phases import (
+    FINAL_PHASES,
     REVERSIBLE_PHASES,
     STATUS_OF,
     Phase,
@@ -248,6 +249,12 @@ class SourceMigration(Phased):
 
     def _requested_cancel(self) -> str | None:
         return self._cancel_reason
+
+    def record_crash(self, exc: BaseException) -> None:
+        """A bug escaped ``run()``: end FAILED with the error, through the phase's writer."""
+        if self.phase not in FINAL_PHASES:
+            self.stats.error = self.stats.error or f"internal error: {exc!r}"
+            self._set_phase(Phase.FAILED)
 
     def check(self) -> None:
         """MigrationBlocked if this migration cannot work, checked once: the daemon asks

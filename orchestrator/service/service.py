@@ -445,8 +445,7 @@ class Service:
             pass  # the stats say why; SourceMigration logged it
         except Exception as exc:  # a bug: record it as the migration's failure
             log.exception("migration_crashed", migration_id=stats.migration_id)
-            stats.error = stats.error or f"internal error: {exc!r}"
-            stats.status = Status.FAILED
+            migration.record_crash(exc)
         finally:
             self._outgoing_ended(migration)
             self._release(stats.migration_id)

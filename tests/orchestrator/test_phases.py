@@ -104,3 +104,18 @@ async def test_the_guard_names_the_current_and_the_required_phases(make_ends) ->
     assert caught.value.current is Phase.COMPLETED
     assert Phase.SWITCHOVER in caught.value.required
     assert "cannot cancel: the migration is completed" in str(caught.value)
+
+
+async def test_a_crash_the_daemon_caught_ends_failed_through_the_one_writer(make_ends) -> None:
+    """record_crash (the daemon's last resort for a bug) sets FAILED by the phase writer,
+    so the status follows; a migration already ended keeps its end."""
+    ends = await make_ends(sims(1))
+    migration = ends.migration()
+    migration.record_crash(RuntimeError("a bug"))
+    assert migration.phases == [N, Phase.FAILED]
+    assert migration.stats.status == Status.FAILED
+    assert migration.stats.error == "internal error: RuntimeError('a bug')"
+    done = ends.migration()
+    await done.run()
+    done.record_crash(RuntimeError("late"))
+    assert (done.phase, done.stats.error) == (Phase.COMPLETED, None)
