@@ -168,7 +168,8 @@ class _Segment:
     __slots__ = ("buffer", "held", "view")
 
     def __init__(self, size: int) -> None:
-        self.buffer = mmap.mmap(-1, size)
+        # A zero-length mapping is EINVAL: the empty segment of a discarded decoder.
+        self.buffer: mmap.mmap | bytearray = mmap.mmap(-1, size) if size else bytearray()
         self.view = memoryview(self.buffer)
         self.held = 0
 

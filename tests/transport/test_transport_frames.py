@@ -380,3 +380,18 @@ def test_missing_counts_the_rest_of_the_frame_once_its_header_is_known() -> None
     decoder.feed(wire[300:])
     assert decoder.next_frame() is not None
     assert decoder.missing == 0
+
+
+def test_discarding_the_buffers_keeps_handed_out_frames_and_does_not_fail() -> None:
+    """discard() (a closed connection) lets go of the buffers without an error, and a
+    data frame handed out before stays readable."""
+    decoder = FrameDecoder()
+    decoder.device_count = 1
+    payload = b"p" * 1000
+    for part in encode_frame(Tag.PRECOPY_DATA, 0, 0, (payload,)):
+        decoder.feed(bytes(part))
+    frame = decoder.next_frame()
+    assert frame is not None
+    decoder.discard()
+    assert bytes(frame.payload) == payload
+    decoder.release(frame)
