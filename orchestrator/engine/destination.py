@@ -236,7 +236,7 @@ class DestinationMigration(Phased):
         if missing:
             raise transport.ProtocolError(f"stream ended before devices {missing} finished")
 
-        self._set_phase(Phase.SWITCHOVER)
+        self._phases.set(Phase.SWITCHOVER, in_window=True)
         await self._transition(State.STOP, mark=Downtime.LOAD)
         self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
@@ -244,10 +244,11 @@ class DestinationMigration(Phased):
         if commit.tag != Tag.COMMIT:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
         self.marks[Downtime.COMMIT] = time.monotonic()
-        self._set_phase(Phase.COMMITTED)
+        self._phases.set(Phase.COMMITTED, in_window=True)
         started = time.monotonic()
         self.results = await self._resume(p2p)
         self.marks[Downtime.RESUME] = time.monotonic()
+        self._phases.announce()
         for marks in self.device_marks.values():
             marks[Downtime.RESUME] = (self.marks[Downtime.RESUME] - started) * 1e3
         if self.gate is not None:

@@ -83,16 +83,36 @@ class PhaseMachine:
         self._log = log
         self._on_change = on_change
         self._changed = asyncio.Event()
+        #: Changes made inside the downtime window, announced by ``announce``.
+        self._unannounced: list[tuple[Phase, Phase]] = []
 
-    def set(self, phase: Phase) -> None:
-        """Enter ``phase``: log it, tell the owner, wake the waiters."""
+    def set(self, phase: Phase, *, in_window: bool = False) -> None:
+        """Enter ``phase``: log it, tell the owner, wake the waiters.
+
+        ``in_window``: the change takes effect now (phase, history, waiters) but its log
+        line and the owner's listeners (events, metrics) wait for ``announce``, after the
+        downtime window: they cost a tenth of a millisecond each, all of it downtime.
+        """
         old, self.phase = self.phase, phase
         self.history.append(phase)
+        if in_window:
+            self._unannounced.append((old, phase))
+        else:
+            self.announce()
+            self._tell(old, phase)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def announce(self) -> None:
+        """Log and report the changes made inside the window, in order."""
+        pending, self._unannounced = self._unannounced, []
+        for old, phase in pending:
+            self._tell(old, phase)
+
+    def _tell(self, old: Phase, phase: Phase) -> None:
         self._log.info("phase_changed", phase=phase.value, previous=old.value)
         if self._on_change is not None:
             self._on_change(old, phase)
-        self._changed.set()
-        self._changed = asyncio.Event()
 
     def require(self, action: str, phases: frozenset[Phase]) -> None:
         """PhaseError naming the current and the required phases, unless in one of them."""

@@ -619,8 +619,9 @@ class SourceMigration(Phased):
                 "destination is stalled or slower than estimated; the source runs again"
             ) from None
         assert self._session is not None
-        self._set_phase(Phase.COMMITTED)
+        self._phases.set(Phase.COMMITTED, in_window=True)
         await self._session.send_control(Tag.COMMIT)
+        self._phases.announce()
         try:
             resumed = await self._verdict("resumed")
         except MigrationError as exc:
