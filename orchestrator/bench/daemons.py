@@ -192,16 +192,23 @@ def device_tables(options: BenchOptions, *, workload: bool) -> str:
     return "\n".join(tables)
 
 
-def write_configs(folder: Path, options: BenchOptions) -> tuple[Path, Path]:
-    """A PSK file and the two daemons' configs in ``folder``; their paths."""
+def write_configs(
+    folder: Path,
+    options: BenchOptions,
+    *,
+    prefix: str = "bench",
+    destination_listen: str = "127.0.0.1:0",
+) -> tuple[Path, Path]:
+    """A PSK file and the two daemons' configs in ``folder`` (named ``PREFIX-source`` and
+    ``PREFIX-destination``, the destination listening on ``destination_listen``)."""
     psk = folder / "psk"
     psk.write_text(secrets.token_hex(32) + "\n")
     psk.chmod(0o600)
     paths = []
     for role in ("source", "destination"):
-        listen = '["127.0.0.1:0"]' if role == "destination" else "[]"
+        listen = f'["{destination_listen}"]' if role == "destination" else "[]"
         text = (
-            f'name = "bench-{role}"\n'
+            f'name = "{prefix}-{role}"\n'
             f'control_socket = "{role}.sock"\n'
             f"listen = {listen}\n\n"
             '[auth]\npsk_file = "psk"\n\n' + device_tables(options, workload=role == "source")
@@ -214,11 +221,16 @@ def write_configs(folder: Path, options: BenchOptions) -> tuple[Path, Path]:
 
 @contextlib.asynccontextmanager
 async def daemon_pair(
-    folder: Path, source_config: Path, destination_config: Path
+    folder: Path,
+    source_config: Path,
+    destination_config: Path,
+    *,
+    prefixes: tuple[Sequence[str], Sequence[str]] = ((), ()),
 ) -> AsyncIterator[tuple[DaemonProcess, DaemonProcess]]:
-    """Both daemons started (and stopped with SIGTERM on the way out)."""
-    source = DaemonProcess(source_config, name="source")
-    destination = DaemonProcess(destination_config, name="destination")
+    """Both daemons started (and stopped with SIGTERM on the way out); ``prefixes`` run
+    each elsewhere (``ip netns exec NS``: on another host)."""
+    source = DaemonProcess(source_config, name="source", prefix=prefixes[0])
+    destination = DaemonProcess(destination_config, name="destination", prefix=prefixes[1])
     try:
         await asyncio.gather(
             source.start(folder / "source.sock"), destination.start(folder / "destination.sock")
