@@ -289,12 +289,8 @@ class Channel(asyncio.BufferedProtocol):
         take longer than link_timeout_s."""
         if self._socket is None:
             return
-        try:
-            raw = fcntl.ioctl(self._socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        except OSError:
-            return
-        waiting = int.from_bytes(raw, sys.byteorder, signed=True)
-        if waiting != self._kernel_waiting:
+        waiting = _kernel_queue(self._socket, termios.FIONREAD)
+        if waiting is not None and waiting != self._kernel_waiting:
             self._kernel_waiting = waiting
             self.heard = now
 
@@ -351,7 +347,15 @@ class Channel(asyncio.BufferedProtocol):
         """
         queued = self.backlog()
         if self._stream_socket is not None:
-            with contextlib.suppress(OSError, ValueError):
-                raw = fcntl.ioctl(self._stream_socket.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-                queued += int.from_bytes(raw, sys.byteorder, signed=True)
+            queued += _kernel_queue(self._stream_socket, termios.TIOCOUTQ) or 0
         return queued
+
+
+def _kernel_queue(sock: socket.socket, request: int) -> int | None:
+    """Bytes in a socket's kernel queue: FIONREAD (to read) or TIOCOUTQ (not yet
+    acknowledged); None when the socket cannot say (closed, or not a stream)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), request, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
+    return int.from_bytes(raw, sys.byteorder, signed=True)
