@@ -166,11 +166,7 @@ class Commands:
         if not devices or not all(isinstance(n, str) for n in devices):
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
         chosen = [self.service._device(name) for name in devices]
-        busy = [
-            f"{n} (migration {self.service.owners[n]})" for n in devices if n in self.service.owners
-        ]
-        if busy:
-            raise ControlError("DeviceBusy", f"devices in a migration: {', '.join(busy)}")
+        self.service.refuse_busy(devices)
         fenced = [d.name for d in chosen if self.service.book.get(d.name).owner in FENCED_OWNERS]
         if fenced and not force:
             details = ", ".join(f"{n} ({self._owner_text(n)})" for n in fenced)
@@ -243,11 +239,7 @@ class Commands:
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
         for name in names:
             self.service._device(name)
-        busy = [
-            f"{n} (migration {self.service.owners[n]})" for n in names if n in self.service.owners
-        ]
-        if busy:
-            raise ControlError("DeviceBusy", f"devices in a migration: {', '.join(busy)}")
+        self.service.refuse_busy(names)
         if timeout_s is not None and (
             not has_type(timeout_s, (int, float)) or not 0 < timeout_s < 1e9
         ):

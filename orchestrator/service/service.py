@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,6 +280,13 @@ class Service:
                     reason=why,
                 )
 
+    def refuse_busy(self, names: Iterable[str], *, another: bool = False) -> None:
+        """DeviceBusy naming each of ``names`` that a migration holds, with that migration."""
+        busy = [f"{n} (migration {self.owners[n]})" for n in names if n in self.owners]
+        if busy:
+            which = "another migration" if another else "a migration"
+            raise ControlError("DeviceBusy", f"devices in {which}: {', '.join(busy)}")
+
     def _release(self, migration_id: str) -> None:
         for name in [n for n, owner in self.owners.items() if owner == migration_id]:
             del self.owners[name]
@@ -301,9 +308,7 @@ class Service:
         if not names:
             raise ControlError("InvalidParameter", "devices: the list is empty")
         devices = [self._device(name) for name in names]
-        busy = [f"{n} (migration {self.owners[n]})" for n in names if n in self.owners]
-        if busy:
-            raise ControlError("DeviceBusy", f"devices in another migration: {', '.join(busy)}")
+        self.refuse_busy(names, another=True)
         idle = [
             f"{n} ({self.book.get(n).owner.value})"
             for n in names
