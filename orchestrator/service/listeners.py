@@ -9,6 +9,7 @@ import contextlib
 import ipaddress
 import os
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -99,18 +100,25 @@ def is_local(host: str) -> bool:
     return True
 
 
-def listens_on(uri: str, listening: list[str]) -> bool:
-    """Whether ``uri`` names one of the bound addresses (a wildcard host matches any)."""
+def listens_on(address: str, listening: Iterable[str]) -> bool:
+    """Whether ``address`` reaches one of ``listening`` (a daemon's bound addresses).
+
+    The same address, or a TCP address on the same port whose host is the one bound
+    (loopback names alike), a wildcard (it reaches this host), or any local address
+    when a wildcard was bound. Host names other than ``localhost`` and our own are not
+    resolved here.
+    """
     try:
-        kind, host, port = transport.parse_address(uri)
+        kind, host, port = transport.parse_address(address)
     except ValueError:
         return False
-    for address in listening:
-        there = transport.parse_address(address)
-        if kind != there[0] or port != there[2]:
-            continue
-        if kind == "unix" or host == there[1] or host in ("0.0.0.0", "::", ""):
+    for bound in listening:
+        own = transport.parse_address(bound)
+        if (kind, host, port) == own:
             return True
-        if there[1] in ("0.0.0.0", "::", ""):
-            return True
+        if kind == own[0] == "tcp" and port == own[2]:
+            if same_host(host, own[1]) or host in WILDCARDS:
+                return True
+            if own[1] in WILDCARDS and is_local(host):
+                return True
     return False

@@ -29,13 +29,7 @@ from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
 from orchestrator.service.config import DaemonConfig
 from orchestrator.service.control import ControlServer
-from orchestrator.service.listeners import (
-    WILDCARDS,
-    Listener,
-    MigrationListener,
-    is_local,
-    same_host,
-)
+from orchestrator.service.listeners import Listener, MigrationListener, listens_on
 from orchestrator.service.metrics import Metrics
 from orchestrator.service.ownership import (
     FENCED_OWNERS,
@@ -398,21 +392,13 @@ class Service:
         one we bound, or any local address when we bound a wildcard. Host names other
         than ``localhost`` and our own are not resolved here.
         """
-        kind, host, port = transport.parse_address(destination)
-        for listener in self.listeners:
-            if not isinstance(listener, MigrationListener):
-                continue
-            own = transport.parse_address(listener.address)
-            if (kind, host, port) == own or (
-                kind == own[0] == "tcp"
-                and port == own[2]
-                and (same_host(host, own[1]) or (own[1] in WILDCARDS and is_local(host)))
-            ):
-                raise ControlError(
-                    "InvalidParameter",
-                    f"destination {destination} is this daemon ({self.config.name}) itself: "
-                    "migrate to the listen address of another daemon",
-                )
+        bound = [x.address for x in self.listeners if isinstance(x, MigrationListener)]
+        if listens_on(destination, bound):
+            raise ControlError(
+                "InvalidParameter",
+                f"destination {destination} is this daemon ({self.config.name}) itself: "
+                "migrate to the listen address of another daemon",
+            )
 
     def _device(self, name: str) -> MigratableDevice:
         try:
