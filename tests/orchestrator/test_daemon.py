@@ -65,6 +65,20 @@ def write_config(folder: Path, role: str, *, psk: str = "psk", listen: str = "")
     return path
 
 
+def write_pair(folder: Path, *, destination_sim0: str = "") -> tuple[Path, Path]:
+    """A PSK and the standard pair's configs; ``destination_sim0``: extra lines for the
+    destination's sim0 table (fault injection)."""
+    write_psk(folder / "psk", "a" * 32)
+    source = write_config(folder, "source")
+    destination = write_config(folder, "destination", listen='"127.0.0.1:0"')
+    if destination_sim0:
+        text = destination.read_text()
+        destination.write_text(
+            text.replace('name = "sim0"\n', f'name = "sim0"\n{destination_sim0}\n', 1)
+        )
+    return source, destination
+
+
 def write_psk(path: Path, key: str) -> None:
     path.write_text(key + "\n")
     path.chmod(0o600)

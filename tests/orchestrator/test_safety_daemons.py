@@ -13,8 +13,7 @@ from tests.orchestrator.test_daemon import (
     Pair,
     running_pair,
     start_pair,
-    write_config,
-    write_psk,
+    write_pair,
 )
 
 NAMES = ("sim0", "idle0", "ram0")
@@ -32,10 +31,9 @@ def with_workload(path: Path) -> None:
     path.write_text(path.read_text().replace("dirty_mbps = 0", "dirty_mbps = 4"))
 
 
-async def unarmed_pair(folder: Path):  # type: ignore[no-untyped-def]
-    write_psk(folder / "psk", "a" * 32)
-    source = write_config(folder, "source")
-    destination = write_config(folder, "destination", listen='"127.0.0.1:0"')
+def unarmed_pair(folder: Path) -> tuple[Path, Path]:
+    """The standard pair's configs, the destination's devices running a workload."""
+    source, destination = write_pair(folder)
     with_workload(destination)
     return source, destination
 
@@ -43,7 +41,7 @@ async def unarmed_pair(folder: Path):  # type: ignore[no-untyped-def]
 async def test_an_unarmed_destination_refuses_before_touching_its_devices(tmp_path: Path) -> None:
     """Without arming the destination refuses at the handshake; its running devices keep
     their own state, the source keeps running, and the source prints the reason."""
-    source, destination = await unarmed_pair(tmp_path)
+    source, destination = unarmed_pair(tmp_path)
     async with running_pair(tmp_path, source, destination, arm=False) as pair:
         await pair.dst.execute("query-digests")
         code, _, err = await pair.cli("migrate", "--to", pair.address, "--json")
@@ -62,7 +60,7 @@ async def test_an_unarmed_destination_refuses_before_touching_its_devices(tmp_pa
 async def test_an_arm_admits_one_named_sender_once(tmp_path: Path) -> None:
     """An arm for another sender refuses; the right one admits one migration, then the
     devices are ``received`` and a second migration without a new arm is refused."""
-    source, destination = await unarmed_pair(tmp_path)
+    source, destination = unarmed_pair(tmp_path)
     async with running_pair(tmp_path, source, destination, arm=False) as pair:
         await pair.dst.execute("migrate-incoming", devices=list(NAMES), **{"from": "elsewhere"})
         code, _, err = await pair.cli("migrate", "--to", pair.address)
@@ -132,9 +130,7 @@ async def test_a_device_whose_outcome_is_unknown_is_never_overwritten_unarmed(
 ) -> None:
     """A device fenced as 'outcome unknown' (its stopped state may be the only copy) is
     refused to an incoming migration that was not armed for it, and stays stopped."""
-    write_psk(tmp_path / "psk", "a" * 32)
-    source = write_config(tmp_path, "source")
-    destination = write_config(tmp_path, "destination", listen='"127.0.0.1:0"')
+    source, destination = write_pair(tmp_path)
     unknown = {
         "owner": "outcome unknown",
         "peer": "127.0.0.1:9",
@@ -160,7 +156,7 @@ async def test_a_device_whose_outcome_is_unknown_is_never_overwritten_unarmed(
 
 async def test_livemig_incoming_arms_from_the_command_line(tmp_path: Path) -> None:
     """``livemig incoming`` arms the named devices (or the idle ones) and says so."""
-    source, destination = await unarmed_pair(tmp_path)
+    source, destination = unarmed_pair(tmp_path)
     async with running_pair(tmp_path, source, destination, arm=False) as pair:
         target = Pair(tmp_path, pair.destination, pair.destination)
         target.folder = tmp_path / "as-destination"
@@ -183,9 +179,7 @@ async def test_livemig_incoming_arms_from_the_command_line(tmp_path: Path) -> No
 
 async def test_a_size_mismatch_is_refused_at_the_handshake(tmp_path: Path) -> None:
     """Devices of different state sizes are refused before anything moves, naming both."""
-    write_psk(tmp_path / "psk", "a" * 32)
-    source = write_config(tmp_path, "source")
-    destination = write_config(tmp_path, "destination", listen='"127.0.0.1:0"')
+    source, destination = write_pair(tmp_path)
     destination.write_text(destination.read_text().replace("state_mib = 1\n", "state_mib = 2\n", 1))
     async with running_pair(tmp_path, source, destination) as pair:
         code, _, err = await pair.cli("migrate", "--to", pair.address)

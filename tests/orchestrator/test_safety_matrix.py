@@ -33,6 +33,7 @@ from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Status
 from tests.faultproxy import FaultProxy
 from tests.orchestrator.conftest import Spec, VerdictGate
+from tests.orchestrator.test_daemon import running_pair, start_pair, write_pair
 
 FAULTS = (
     "link cut",
@@ -470,7 +471,6 @@ def matrix_table() -> str:
 
 async def test_real_daemons_kill_the_destination_in_precopy(tmp_path: Path) -> None:
     """Pre-copy, destination SIGKILLed: the source daemon rolls back, devices RUNNING."""
-    from tests.orchestrator.test_daemon import start_pair
 
     async for pair in start_pair(tmp_path):
         started: dict[str, str] = await pair.src.execute(
@@ -494,15 +494,9 @@ async def test_real_daemons_kill_the_destination_in_precopy(tmp_path: Path) -> N
 
 async def test_real_daemons_refusal_at_load_rolls_back(tmp_path: Path) -> None:
     """Switchover before COMMIT: a destination device rejects its state; source RUNNING."""
-    from tests.orchestrator.test_daemon import running_pair, write_config, write_psk
-
-    write_psk(tmp_path / "psk", "a" * 32)
-    source = write_config(tmp_path, "source")
-    destination = write_config(tmp_path, "destination", listen='"127.0.0.1:0"')
-    text = destination.read_text().replace(
-        'name = "sim0"\n', 'name = "sim0"\nfaults = { corrupt_validation = true }\n'
+    source, destination = write_pair(
+        tmp_path, destination_sim0="faults = { corrupt_validation = true }"
     )
-    destination.write_text(text)
     async with running_pair(tmp_path, source, destination) as pair:
         code, _, err = await pair.cli("migrate", "--to", pair.address, "--json")
         assert code == 1, err
@@ -514,15 +508,9 @@ async def test_real_daemons_refusal_at_load_rolls_back(tmp_path: Path) -> None:
 
 async def test_real_daemons_split_after_commit(tmp_path: Path) -> None:
     """After COMMIT a destination device cannot run: exit 8, nothing rolls back, named."""
-    from tests.orchestrator.test_daemon import running_pair, write_config, write_psk
-
-    write_psk(tmp_path / "psk", "a" * 32)
-    source = write_config(tmp_path, "source")
-    destination = write_config(tmp_path, "destination", listen='"127.0.0.1:0"')
-    text = destination.read_text().replace(
-        'name = "sim0"\n', 'name = "sim0"\nfaults = { fail_arcs = ["RUNNING_P2P->RUNNING"] }\n'
+    source, destination = write_pair(
+        tmp_path, destination_sim0='faults = { fail_arcs = ["RUNNING_P2P->RUNNING"] }'
     )
-    destination.write_text(text)
     async with running_pair(tmp_path, source, destination) as pair:
         code, _, err = await pair.cli("migrate", "--to", pair.address, "--json")
         assert code == 8, err
