@@ -314,12 +314,15 @@ class Session:
         self._bucket.set_rate(bytes_per_second)
         self._bucket_changed.set()
 
+    def submitted(self) -> int:
+        """Bytes written to the channels so far (a sum of counters, no system call)."""
+        return sum(channel.submitted for channel in self._chans)
+
     def delivery(self) -> tuple[int, int]:
         """``(delivered, unacknowledged)`` bytes over all channels: what reached the peer
         and what still waits in our buffers or the kernel's (see Channel.unacknowledged)."""
         waiting = sum(channel.unacknowledged() for channel in self._chans)
-        submitted = sum(channel.submitted for channel in self._chans)
-        return submitted - waiting, waiting
+        return self.submitted() - waiting, waiting
 
     async def ping(self) -> tuple[float, float, float]:
         """``(sent, peer, received)`` time.monotonic() stamps of one PING/PONG."""

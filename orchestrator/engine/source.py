@@ -46,6 +46,7 @@ from orchestrator.engine.errors import (
 )
 from orchestrator.engine.messages import Devices, Verdict, boot_id
 from orchestrator.engine.p2p import resume_in_order
+from orchestrator.engine.pacing import Pacer
 from orchestrator.engine.params import LIVE_PARAMETERS, MigrationParams
 from orchestrator.engine.phases import (
     FINAL_PHASES,
@@ -156,10 +157,15 @@ class SourceMigration(Phased):
         self._link_meter = LinkMeter(self._link)
         self._clock_offset = 0.0
         self._arc_overhead_s = 0.0
+        #: When the last iteration sample was taken, and each device's pre-copy bytes then.
+        self._last_sample: tuple[float, list[int]] | None = None
         self._precopy_indices = [
             i for i, d in enumerate(self.devices) if d.features & Feature.PRE_COPY
         ]
         self._passes = [convergence.StreamPasses() for _ in self.devices]
+        #: Bytes read from each device's save channel in pre-copy, counted as read (a
+        #: chunk may wait in send_chunk while the figures are sampled).
+        self._read_bytes = [0 for _ in self.devices]
 
     @property
     def _want_ack(self) -> bool:
@@ -316,14 +322,22 @@ class SourceMigration(Phased):
         await self._measure_clock(answer.fields().get("boot_id") == boot_id())
         self._receiver = asyncio.create_task(self._receive(), name="migration-receiver")
 
-        started = time.monotonic()
-        await self._transition(
+        # What the arcs themselves took (first start to last end), not the loop's other
+        # work before they started (on a daemon, a millisecond or more of it).
+        self._arc_overhead_s = await self._transition(
             [d for d in self.devices if d.features & Feature.PRE_COPY], State.PRE_COPY
         )
-        self._arc_overhead_s = time.monotonic() - started
         # Nothing flowed in the window before the readers start: saying so gives the first
         # iteration a full window, so progress shows a rate as soon as bytes move.
         self._meter.sample(self.stats.transferred_bytes, time.monotonic() - self._meter.window_s)
+        session = self._session
+        assert session is not None
+        self._pacer = Pacer(
+            self._link_meter.measured,
+            lambda: self.stats.rtt_ms / 1e3,
+            session.submitted,
+            lambda: session.delivery()[1],
+        )
         self._readers = [
             asyncio.create_task(self._precopy_reader(i), name=f"precopy-{self.devices[i].name}")
             for i in self._precopy_indices
@@ -460,8 +474,11 @@ class SourceMigration(Phased):
         # Quiesce and stop on the source, load and resume on the destination: about
         # four rounds of arcs, each costing what entering PRE_COPY cost; and the window's
         # crossings of the link (WINDOW_ROUND_TRIPS round trips).
-        fixed = 4 * self._arc_overhead_s + WINDOW_ROUND_TRIPS * self.stats.rtt_ms / 1e3
-        est = convergence.estimate(progress, assumed, fixed)
+        rtt_s = self.stats.rtt_ms / 1e3
+        fixed = 4 * self._arc_overhead_s + WINDOW_ROUND_TRIPS * rtt_s
+        in_pipe = 0 if self._session is None else self._session.delivery()[1]
+        syncing = convergence.dirtied_while_syncing(self.stats.dirty_rate, in_pipe, assumed, rtt_s)
+        est = convergence.estimate(progress, assumed, fixed, syncing)
         self.stats.expected_downtime_ms = est.expected_downtime_s * 1e3
         return est
 
@@ -471,12 +488,22 @@ class SourceMigration(Phased):
         previous: list[DeviceProgress] | None,
         est: convergence.Estimate,
     ) -> None:
-        if previous is not None:
-            # Dirty bytes produced = growth of the dirty figure + what was re-sent of it.
+        now = time.monotonic()
+        read = list(self._read_bytes)
+        if previous is not None and self._last_sample is not None:
+            # Bytes dirtied = growth of what is pending + what was read meanwhile (a
+            # read lowers the pending figures by what it carries).
+            then, read_then = self._last_sample
             produced = 0
-            for now, before in zip(progress, previous, strict=True):
-                produced += max(0, now.dirty_bytes - before.dirty_bytes)
-            self.stats.dirty_rate = produced / self.params.iteration_s
+            for after, before, read_now, read_before in zip(
+                progress, previous, read, read_then, strict=True
+            ):
+                growth = after.initial_bytes + after.dirty_bytes
+                growth -= before.initial_bytes + before.dirty_bytes
+                produced += max(0, growth + read_now - read_before)
+            if now > then:
+                self.stats.dirty_rate = produced / (now - then)
+        self._last_sample = (now, read)
         self.stats.history.append(
             IterationSample(
                 t_s=self.stats.elapsed_s(),
@@ -503,6 +530,9 @@ class SourceMigration(Phased):
                 if announce and self._initial_sent(index):
                     await session.send_chunk(Tag.INITIAL_DATA_SENT, index, ())
                     announce = False
+                await self._pacer.wait(self._stop_readers)
+                if self._stop_readers.is_set():
+                    break
                 chunk = await channel.read()
                 if chunk is None:
                     passes.pause()
@@ -513,6 +543,7 @@ class SourceMigration(Phased):
                         continue  # announce before a wait that may be long
                     await _first_of(channel.wait_readable(), self._stop_readers.wait())
                     continue
+                self._read_bytes[index] += sum(memoryview(part).nbytes for part in chunk)
                 if not busy:
                     self._link.start()
                     busy = True
@@ -815,22 +846,30 @@ class SourceMigration(Phased):
         *,
         marks: dict[str, dict[str, float]] | None = None,
         mark: str = "",
-    ) -> None:
-        """Move devices in parallel; shielded so a cancel never interrupts an arc midway."""
+    ) -> float:
+        """Move devices in parallel; shielded so a cancel never interrupts an arc midway.
+
+        Returns the seconds during which at least one arc ran: the union of their
+        spans, so arcs that overlap (in threads) count once, arcs that run one after
+        the other (inline) add up, and the loop's other work between them is left out.
+        """
         devices = list(devices)
+        spans: list[tuple[float, float]] = []
 
         async def move(device: MigratableDevice) -> None:
             goal = target[device.name] if isinstance(target, dict) else target
             started = time.monotonic()
             await device.set_state(goal)
+            spans.append((started, time.monotonic()))
             if marks is not None:
-                marks[device.name][mark] = (time.monotonic() - started) * 1e3
+                marks[device.name][mark] = (spans[-1][1] - started) * 1e3
 
         self._inflight = asyncio.gather(*(move(d) for d in devices), return_exceptions=True)
         results = await asyncio.shield(self._inflight)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise MigrationError(_describe(failures[0])) from failures[0]
+        return _covered(spans)
 
     async def _fail(self, error: MigrationError) -> MigrationStats:
         """Roll back (unless committed), record why, and raise ``error``."""
@@ -925,6 +964,16 @@ async def _first_of(*waits: Awaitable[Any]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of ``(start, end)`` spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _destination_failure(verdict: Verdict) -> DestinationFailed:

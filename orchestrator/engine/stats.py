@@ -121,11 +121,16 @@ class LinkMeter:
                 self._seconds += now - then
         self._last = (now, delivered, waiting)
 
-    def rate(self) -> float:
-        """Bytes per second of the saturated link, else the fallback's rate."""
+    def measured(self) -> float | None:
+        """Bytes per second of the saturated link; None until it was seen saturated."""
         if self._seconds >= self.MIN_SECONDS:
             return self._bytes / self._seconds
-        return self.fallback.rate()
+        return None
+
+    def rate(self) -> float:
+        """Bytes per second of the saturated link, else the fallback's rate."""
+        measured = self.measured()
+        return self.fallback.rate() if measured is None else measured
 
 
 class BusyMeter:

@@ -69,6 +69,18 @@ def test_fixed_overhead_counts_against_the_limit() -> None:
     assert est.fits(0.3)
 
 
+def test_what_the_sync_wait_lets_the_devices_dirty_is_charged() -> None:
+    """The pipe's drain plus a round trip, times the dirty rate, joins the stop-copy:
+    1.5 MB in the pipe at 12.5 MB/s and 2 MB/s of dirtying is 240 KB more."""
+    syncing = convergence.dirtied_while_syncing(2 * MB, 1_500_000, 12.5 * MB, 0.0)
+    assert syncing == 240_000
+    assert convergence.dirtied_while_syncing(2 * MB, 0, 12.5 * MB, 0.01) == 20_000
+    assert convergence.dirtied_while_syncing(2 * MB, 1_500_000, 0.0, 0.01) == 0
+    est = convergence.estimate([progress(0, 10_000)], 12.5 * MB, 0.0, syncing)
+    assert est.remaining_bytes == 250_000
+    assert est.expected_downtime_s == pytest.approx(0.02)
+
+
 def test_zero_bandwidth_never_fits_with_data_pending() -> None:
     """Without any measured bandwidth pending bytes cannot be promised to fit."""
     assert convergence.estimate([progress(0, 1)], 0.0, 0.0).expected_downtime_s == float("inf")

@@ -63,7 +63,8 @@ def test_bad_link_specs_name_the_problem(text: str, problem: str) -> None:
 
 async def test_a_capped_link_migration_is_byte_exact_and_the_bed_is_removed() -> None:
     """Two daemons in two namespaces over a 100 Mbit/s link: byte-exact, the average and
-    the switchover's bandwidth estimate within 15% of the cap, no namespace left behind."""
+    the switchover's bandwidth estimate within 15% of the cap, a small stop-copy, no
+    namespace left behind."""
     link = LinkSpec.parse("rate=100mbit")
     bed_or_skip(link)
     from orchestrator.bench import netbench
@@ -77,6 +78,13 @@ async def test_a_capped_link_migration_is_byte_exact_and_the_bed_is_removed() ->
     # The estimate the switchover decision used, not only the whole-run average.
     estimate = stats["switchover_bandwidth_bps"]
     assert 0.85 * cap <= estimate <= 1.15 * cap, estimate
+    # Paced pre-copy: the switchover came with a shallow pipe, so the devices dirtied
+    # little while the SYNC barrier waited. Unpaced, the pipe held 13 MB at the decision
+    # and the stop-copy carried 260-430 KB (20-35 ms here); paced, 12-25 KB.
+    stop_copy = sum(device["stopcopy_bytes"] for device in stats["devices"])
+    assert stop_copy <= 128 * 1024, stop_copy
+    # The dirty rate the estimate charges is the workload's (2 x 1 MB/s).
+    assert 1e6 <= stats["dirty_rate_bps"] <= 4e6, stats["dirty_rate_bps"]
     assert namespaces() == []
 
 
