@@ -339,6 +339,17 @@ class Channel(asyncio.BufferedProtocol):
         """Bytes written but still in the transport's buffer (not taken by the kernel)."""
         return 0 if self.transport is None else self.transport.get_write_buffer_size()
 
+    def limit_unsent(self, nbytes: int) -> None:
+        """Let the kernel hold at most about ``nbytes`` not yet sent (TCP_NOTSENT_LOWAT).
+
+        What is in flight stays TCP's to govern, and its send buffer keeps autotuning
+        (the socket reports itself full, which is what makes the kernel grow it); only
+        the queue behind the congestion window is bounded. Plain TCP only.
+        """
+        if self._socket is not None:
+            with contextlib.suppress(OSError):  # closing: connection_lost follows
+                self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, nbytes)
+
     def unacknowledged(self) -> int:
         """Bytes written here that the peer has not acknowledged: ours and the kernel's.
 

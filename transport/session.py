@@ -318,6 +318,15 @@ class Session:
         """Bytes written to the channels so far (a sum of counters, no system call)."""
         return sum(channel.submitted for channel in self._chans)
 
+    def backlog(self) -> int:
+        """Bytes written to the channels still in our buffers (no system call)."""
+        return sum(channel.backlog() for channel in self._chans)
+
+    def limit_unsent(self, nbytes: int) -> None:
+        """Bound what each channel's kernel queue holds unsent (Channel.limit_unsent)."""
+        for channel in self._chans:
+            channel.limit_unsent(nbytes)
+
     def delivery(self) -> tuple[int, int]:
         """``(delivered, unacknowledged)`` bytes over all channels: what reached the peer
         and what still waits in our buffers or the kernel's (see Channel.unacknowledged)."""

@@ -332,12 +332,7 @@ class SourceMigration(Phased):
         self._meter.sample(self.stats.transferred_bytes, time.monotonic() - self._meter.window_s)
         session = self._session
         assert session is not None
-        self._pacer = Pacer(
-            self._link_meter.measured,
-            lambda: self.stats.rtt_ms / 1e3,
-            session.submitted,
-            lambda: session.delivery()[1],
-        )
+        self._pacer = Pacer(self._link_meter.measured, session.backlog, session.limit_unsent)
         self._readers = [
             asyncio.create_task(self._precopy_reader(i), name=f"precopy-{self.devices[i].name}")
             for i in self._precopy_indices
@@ -471,11 +466,12 @@ class SourceMigration(Phased):
             if (cap := self._cap()) is not None:
                 assumed = min(assumed, cap)
         self.stats.switchover_bandwidth = assumed
-        # Quiesce and stop on the source, load and resume on the destination: about
-        # four rounds of arcs, each costing what entering PRE_COPY cost; and the window's
-        # crossings of the link (WINDOW_ROUND_TRIPS round trips).
+        # Rounds of arcs, each costing about what entering PRE_COPY cost: quiesce and
+        # stop here, load (RESUMING -> STOP) and resume there (through RUNNING_P2P with
+        # p2p); and the window's crossings of the link (WINDOW_ROUND_TRIPS round trips).
         rtt_s = self.stats.rtt_ms / 1e3
-        fixed = 4 * self._arc_overhead_s + WINDOW_ROUND_TRIPS * rtt_s
+        rounds = 5 if self.params.p2p else 3
+        fixed = rounds * self._arc_overhead_s + WINDOW_ROUND_TRIPS * rtt_s
         in_pipe = 0 if self._session is None else self._session.delivery()[1]
         syncing = convergence.dirtied_while_syncing(self.stats.dirty_rate, in_pipe, assumed, rtt_s)
         est = convergence.estimate(progress, assumed, fixed, syncing)

@@ -241,3 +241,14 @@ async def test_device_frames_are_checked_against_the_count_the_application_sets(
         error = await errors.get()
         assert desc in str(error)
         await peer.close()
+
+
+async def test_limit_unsent_bounds_every_channel_in_the_kernel(server: Server) -> None:
+    """Pacing's kernel bound reaches each channel's socket as TCP_NOTSENT_LOWAT."""
+    session = await open_source(server)
+    session.limit_unsent(64 * 1024)
+    sockets = [channel.transport.get_extra_info("socket") for channel in session._chans]
+    assert sockets
+    for sock in sockets:
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 64 * 1024
+    await session.close()
