@@ -344,11 +344,13 @@ class Channel(asyncio.BufferedProtocol):
 
         What is in flight stays TCP's to govern, and its send buffer keeps autotuning
         (the socket reports itself full, which is what makes the kernel grow it); only
-        the queue behind the congestion window is bounded. Plain TCP only.
+        the queue behind the congestion window is bounded. TCP only (TLS included:
+        its records queue there the same way).
         """
-        if self._socket is not None:
+        sock = self._stream_socket
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):  # closing: connection_lost follows
-                self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, nbytes)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, nbytes)
 
     def unacknowledged(self) -> int:
         """Bytes written here that the peer has not acknowledged: ours and the kernel's.

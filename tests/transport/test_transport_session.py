@@ -6,10 +6,12 @@ import asyncio
 import os
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 from transport_helpers import PSK, RawPeer, Recorder, announce
 
+from tests.pki import make_pki
 from transport import (
     AuthConfig,
     ProtocolError,
@@ -20,6 +22,7 @@ from transport import (
     connect,
     serve,
 )
+from transport.auth import client_tls_context, server_tls_context
 from transport.channel import READ_LOW_WATER
 from transport.limits import MiB
 
@@ -243,12 +246,30 @@ async def test_device_frames_are_checked_against_the_count_the_application_sets(
         await peer.close()
 
 
+def _unsent_bounds(session: Session) -> list[int]:
+    sockets = [channel.transport.get_extra_info("socket") for channel in session._chans]
+    return [sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) for sock in sockets]
+
+
 async def test_limit_unsent_bounds_every_channel_in_the_kernel(server: Server) -> None:
     """Pacing's kernel bound reaches each channel's socket as TCP_NOTSENT_LOWAT."""
     session = await open_source(server)
     session.limit_unsent(64 * 1024)
-    sockets = [channel.transport.get_extra_info("socket") for channel in session._chans]
-    assert sockets
-    for sock in sockets:
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 64 * 1024
+    assert _unsent_bounds(session) == [64 * 1024] * session.channel_count
     await session.close()
+
+
+async def test_limit_unsent_reaches_the_socket_under_tls(tmp_path: Path) -> None:
+    """Under TLS the bound lands on the TCP socket below the records too."""
+    pki = make_pki(tmp_path, ("server",))
+    server_auth = AuthConfig(
+        psk=PSK, ssl_context=server_tls_context(pki / "server.crt", pki / "server.key")
+    )
+    client_auth = AuthConfig(
+        psk=PSK, ssl_context=client_tls_context(pki / "ca.crt"), server_hostname="localhost"
+    )
+    async with await serve("127.0.0.1:0", Recorder(), name="dest", auth=server_auth) as server:
+        session = await connect(server.address, name="source", auth=client_auth, channels=2)
+        session.limit_unsent(96 * 1024)
+        assert _unsent_bounds(session) == [96 * 1024, 96 * 1024]
+        await session.close()
