@@ -305,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--max-bandwidth", type=_bandwidth, metavar="RATE", help="bandwidth cap (MB/s, or a unit)"
     )
-    bench.add_argument("--channels", type=int, help="connections (default: 4, one per device)")
+    bench.add_argument(
+        "--channels", type=int, help="connections (default: 1, at most one per device)"
+    )
     bench.add_argument(
         "--repeat", type=int, default=1, metavar="K", help="runs (min/median/p90/max)"
     )

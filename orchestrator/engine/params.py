@@ -48,8 +48,10 @@ class MigrationParams:
     #: Bandwidth in bytes/s to assume at switchover instead of the measured one.
     switchover_bandwidth: float | None = None
     #: Parallel connections; each device is pinned to one, so at most one per device is
-    #: opened. Four moved the most data in ``livemig bench transport`` on a 2-core host.
-    channels: int = 4
+    #: opened. One: it filled every link measured (loopback, 1 Gbit/s, a 100 Mbit/s
+    #: 30 ms RTT long fat pipe) with less CPU than four; more are for links a single
+    #: TCP flow cannot fill (README, Real networks).
+    channels: int = 1
     #: Quiesce every device in a P2P state before any device stops.
     p2p: bool = True
     #: Wait for the destination to confirm it loaded the initial pre-copy data.

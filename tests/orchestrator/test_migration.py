@@ -38,11 +38,12 @@ def sims(count: int, **kw: object) -> list[Spec]:
     return [Spec(f"sim{i}", seed=i + 1, **kw) for i in range(count)]  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("count", [1, 4, 16])
-async def test_migration_is_byte_exact(make_ends, count: int) -> None:
-    """N simulated devices and a RAM device, all dirtying, arrive byte-identical."""
+@pytest.mark.parametrize(("count", "channels"), [(1, 1), (4, 1), (4, 4), (16, 4)])
+async def test_migration_is_byte_exact(make_ends, count: int, channels: int) -> None:
+    """N simulated devices and a RAM device, all dirtying, arrive byte-identical over
+    one channel or several (devices spread over them)."""
     ends = await make_ends([*sims(count, size=MIB), Spec("ram0", kind="ram", size=4 * MIB)])
-    stats = await ends.migration(downtime_limit_ms=200).run()
+    stats = await ends.migration(downtime_limit_ms=200, channels=channels).run()
     assert stats.status == Status.COMPLETED
     await ends.assert_migrated()
     assert ends.outcomes == [True]
