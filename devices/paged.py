@@ -287,7 +287,6 @@ class PagedDevice(ArcDevice):
             log.warning("state_rejected", device=self.name, kind=self.kind, problem=problem)
             self.state = State.ERROR  # the stream is consumed: there is nothing to go back to
             raise StateValidationError(self.name, f"{self.kind} state rejected: {problem}")
-        log.info("state_loaded", device=self.name, kind=self.kind, bytes=self.state_size)
 
     async def hard_reset(self) -> None:
         """Drop any session; the content stays what it was (a device reset is no wipe)."""

@@ -29,6 +29,7 @@ import transport
 from devices.base import DeviceDescriptor, MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
+from orchestrator.engine import fanout
 from orchestrator.engine.messages import Devices, Verdict, boot_id
 from orchestrator.engine.phases import Phase, Phased, PhaseMachine
 from orchestrator.engine.stats import Downtime
@@ -206,31 +207,36 @@ class DestinationMigration(Phased):
         channels = [d.resume_channel() for d in self.devices]
         initial_loaded: set[int] = set()
         ended: set[int] = set()
-        while True:
-            frame = await asyncio.wait_for(session.recv(), self.idle_timeout_s)
-            tag, index = frame.tag, frame.device
-            if tag in (Tag.PRECOPY_DATA, Tag.STOPCOPY_DATA):
-                if index in ended:
-                    raise transport.ProtocolError(
-                        f"data for device {self.devices[index].name} after its END_OF_DEVICE"
-                    )
-                await channels[index].write(frame.payload)
-                self.received_bytes += len(frame.payload)
-            elif tag == Tag.INITIAL_DATA_SENT:
-                initial_loaded.add(index)
-                if want_ack and len(initial_loaded) == precopy_devices:
-                    await session.send_control(Tag.SWITCHOVER_ACK)
-                    self.log.info("switchover_ack_sent")
-            elif tag == Tag.END_OF_DEVICE:
-                ended.add(index)
-            elif tag == Tag.SYNC:
-                if self.gate is not None:
-                    self.gate.prepare(offer)
-                await session.send_control(Tag.SYNC_ACK)
-            elif tag == Tag.END_OF_STREAM:
-                break
-            else:
-                raise transport.ProtocolError(f"unexpected {tag.name} during the stream")
+        loop = asyncio.get_running_loop()
+        # One deadline moved on at every frame: wait_for would start a task per frame,
+        # thousands in pre-copy and one per device and frame in the downtime window.
+        async with asyncio.timeout(None) as idle:
+            while True:
+                idle.reschedule(loop.time() + self.idle_timeout_s)
+                frame = await session.recv()
+                tag, index = frame.tag, frame.device
+                if tag in (Tag.PRECOPY_DATA, Tag.STOPCOPY_DATA):
+                    if index in ended:
+                        raise transport.ProtocolError(
+                            f"data for device {self.devices[index].name} after its END_OF_DEVICE"
+                        )
+                    await channels[index].write(frame.payload)
+                    self.received_bytes += len(frame.payload)
+                elif tag == Tag.INITIAL_DATA_SENT:
+                    initial_loaded.add(index)
+                    if want_ack and len(initial_loaded) == precopy_devices:
+                        await session.send_control(Tag.SWITCHOVER_ACK)
+                        self.log.info("switchover_ack_sent")
+                elif tag == Tag.END_OF_DEVICE:
+                    ended.add(index)
+                elif tag == Tag.SYNC:
+                    if self.gate is not None:
+                        self.gate.prepare(offer)
+                    await session.send_control(Tag.SYNC_ACK)
+                elif tag == Tag.END_OF_STREAM:
+                    break
+                else:
+                    raise transport.ProtocolError(f"unexpected {tag.name} during the stream")
         self.marks[Downtime.WIRE] = time.monotonic()
         missing = [d.name for i, d in enumerate(self.devices) if i not in ended]
         if missing:
@@ -259,7 +265,11 @@ class DestinationMigration(Phased):
         failed = {n: why for n, why in self.results.items() if why}
         if failed:
             self.log.critical("devices_not_resumed", failed=failed)
-        self.log.info("migration_resumed", received_bytes=self.received_bytes)
+        self.log.info(
+            "migration_resumed",
+            devices=len(self.devices),
+            received_bytes=self.received_bytes,
+        )
         # The devices run the workload now: losing the source from here on is no reason
         # to stop them (it keeps its devices stopped when it cannot hear this verdict).
         try:
@@ -301,15 +311,17 @@ class DestinationMigration(Phased):
             if mark:
                 self.device_marks[device.name][mark] = (time.monotonic() - started) * 1e3
 
-        results = await asyncio.gather(*(move(d) for d in self.devices), return_exceptions=True)
-        for result in results:
+        for result in await fanout.each(self.devices, move):
             if isinstance(result, BaseException):
                 raise result
 
     async def _send_verdict(
         self, stage: str, *, reason: str = "", device: str | None = None
     ) -> None:
-        verdict = Verdict(stage, reason, device, self.marks, self.device_marks, self.results)
+        # The per-device marks travel with "resumed", after the window: "loaded" is inside
+        # it, where encoding and parsing a map per device would be downtime.
+        device_marks = {} if stage == "loaded" else self.device_marks
+        verdict = Verdict(stage, reason, device, self.marks, device_marks, self.results)
         await self.session.send_control(Tag.VERDICT, verdict.to_fields())
 
     async def _give_up(self, reason: str, device: Any) -> None:
@@ -347,7 +359,7 @@ async def _move_all(
     devices: Sequence[MigratableDevice], target: State
 ) -> list[tuple[MigratableDevice, str]]:
     """Move ``devices`` to ``target`` in parallel; the ones that failed, with why."""
-    results = await asyncio.gather(*(d.set_state(target) for d in devices), return_exceptions=True)
+    results = await fanout.each(devices, lambda device: device.set_state(target))
     failed = []
     for device, result in zip(devices, results, strict=True):
         if isinstance(result, BaseException):

@@ -32,7 +32,7 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError, Unsupported
 from devices.fsm import Feature, State
-from orchestrator.engine import convergence
+from orchestrator.engine import convergence, fanout
 from orchestrator.engine.convergence import Action, DeviceProgress
 from orchestrator.engine.errors import (
     ConvergenceFailed,
@@ -826,7 +826,7 @@ class SourceMigration(Phased):
             if marks is not None:
                 marks[device.name][mark] = (time.monotonic() - started) * 1e3
 
-        self._inflight = asyncio.gather(*(move(d) for d in devices), return_exceptions=True)
+        self._inflight = asyncio.ensure_future(fanout.each(devices, move))
         results = await asyncio.shield(self._inflight)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
