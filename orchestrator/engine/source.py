@@ -706,6 +706,7 @@ class SourceMigration(Phased):
 
     async def _stop_and_drain(self, clock: DowntimeClock) -> None:
         """Quiesce all, stop all, drain every channel, then mark the end of the stream."""
+        self._phases.hold()  # reports of the devices' changes wait for the window's end
         source_marks: dict[str, dict[str, float]] = {d.name: {} for d in self.devices}
         self._source_marks = source_marks
         if self.params.p2p:
