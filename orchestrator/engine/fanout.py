@@ -35,11 +35,12 @@ async def each(devices: Sequence[D], step: Callable[[D], Awaitable[T]]) -> list[
     the others do, and the answers come in the order of ``devices``.
     """
     answers: dict[int, T | BaseException] = {}
-    overlapped = [i for i, d in enumerate(devices) if not isinstance(d, ArcDevice)]
+    inline = [isinstance(d, ArcDevice) for d in devices]
+    overlapped = [i for i, model in enumerate(inline) if not model]
     tasks = asyncio.gather(*(step(devices[i]) for i in overlapped), return_exceptions=True)
     try:
         for index, device in enumerate(devices):
-            if isinstance(device, ArcDevice):
+            if inline[index]:
                 try:
                     answers[index] = await step(device)
                 except Exception as exc:

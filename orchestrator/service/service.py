@@ -14,6 +14,7 @@ import gc
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -158,12 +159,16 @@ class Service:
 
     def _device_state_changed(self, device: MigratableDevice, old: State, new: State) -> None:
         migration = self.owners.get(device.name)
-        data = {"device": device.name, "old": old.name, "new": new.name, "migration": migration}
         record = self.outgoing.get(migration) or self.incoming.get(migration) if migration else None
+        report = partial(self._emit_device_state, device.name, old, new, migration)
         if record is None or record.migration is None:
-            self.emit("DEVICE_STATE", data)
+            report()
         else:
-            record.migration.after_window(lambda: self.emit("DEVICE_STATE", data))
+            record.migration.after_window(report)
+
+    def _emit_device_state(self, name: str, old: State, new: State, migration: str | None) -> None:
+        data = {"device": name, "old": old.name, "new": new.name, "migration": migration}
+        self.emit("DEVICE_STATE", data)
 
     # -- incoming ---------------------------------------------------------------------------
 
