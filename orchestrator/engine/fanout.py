@@ -27,6 +27,9 @@ from devices.base import ArcDevice, MigratableDevice
 D = TypeVar("D", bound=MigratableDevice)
 T = TypeVar("T")
 
+#: Whether a device class moves inline: an ABC's isinstance costs 0.2 us a device.
+_INLINE: dict[type, bool] = {}
+
 
 async def each(devices: Sequence[D], step: Callable[[D], Awaitable[T]]) -> list[T | BaseException]:
     """Run ``step(device)`` for every device together; each one's result or exception.
@@ -34,19 +37,30 @@ async def each(devices: Sequence[D], step: Callable[[D], Awaitable[T]]) -> list[
     Like ``gather(..., return_exceptions=True)``: every device takes its step whatever
     the others do, and the answers come in the order of ``devices``.
     """
-    answers: dict[int, T | BaseException] = {}
-    inline = [isinstance(d, ArcDevice) for d in devices]
+    inline = [_inline(type(d)) for d in devices]
     overlapped = [i for i, model in enumerate(inline) if not model]
     tasks = asyncio.gather(*(step(devices[i]) for i in overlapped), return_exceptions=True)
+    answers: list[T | BaseException] = []
     try:
-        for index, device in enumerate(devices):
-            if inline[index]:
+        for device, model in zip(devices, inline, strict=True):
+            if model:
                 try:
-                    answers[index] = await step(device)
+                    answers.append(await step(device))
                 except Exception as exc:
-                    answers[index] = exc
-        answers.update(zip(overlapped, await tasks, strict=True))
+                    answers.append(exc)
+        if overlapped:
+            waited = await tasks
+            for index, answer in zip(overlapped, waited, strict=True):
+                answers.insert(index, answer)
     except BaseException:
         tasks.cancel()  # only a cancel or an interpreter exit gets here
         raise
-    return [answers[i] for i in range(len(devices))]
+    return answers
+
+
+def _inline(kind: type) -> bool:
+    """Whether devices of class ``kind`` are models (see the module's docstring)."""
+    model = _INLINE.get(kind)
+    if model is None:
+        model = _INLINE[kind] = issubclass(kind, ArcDevice)
+    return model
