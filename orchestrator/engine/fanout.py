@@ -6,14 +6,16 @@ window. Devices come in two kinds here:
 
 * Models (:class:`devices.base.ArcDevice`): their arc handlers are plain calls, so a
   state change never waits. They move one after another in the caller's task: a task
-  and a gather slot per model cost more than its arc (64 models: a task each added
-  about 3 us per device and arc, twice that in a loaded loop's scheduling).
+  and a gather slot per model cost about as much as its arc (64 models, measured: 7.7
+  us a device and arc through gather, 5.2 inline, 2.5 inline now that an arc logs
+  nothing).
 * Every other device (VFIO, whose arcs block in the kernel and run in a thread pool;
   vfio-user, whose arcs are messages to a server) gets a task of its own, so the N
   devices' arcs overlap as before.
 
-Mixed sets start the tasks first and run the models while they go. A model that did
-wait would only be serialised, never broken.
+Mixed sets start the tasks first and run the models while they go (the tasks take
+their first step once the models are done). A model that did wait would only be
+serialised, never broken.
 """
 
 from __future__ import annotations
