@@ -828,8 +828,12 @@ class SourceMigration(Phased):
             if marks is not None:
                 marks[device.name][mark] = (time.monotonic() - started) * 1e3
 
-        self._inflight = asyncio.ensure_future(fanout.each(devices, move))
-        results = await asyncio.shield(self._inflight)
+        if fanout.never_waits(devices):
+            # Nothing to shield: the arcs run to their end before anything else can.
+            results = await fanout.each(devices, move)
+        else:
+            self._inflight = asyncio.ensure_future(fanout.each(devices, move))
+            results = await asyncio.shield(self._inflight)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise MigrationError(_describe(failures[0])) from failures[0]

@@ -68,6 +68,13 @@ async def test_models_move_without_a_task_each() -> None:
     assert all(d.state == State.STOP for d in devices)
 
 
+async def test_only_a_set_of_models_never_waits() -> None:
+    """A set of models moves without yielding to the loop; one blocking device spoils it."""
+    devices = models(2)
+    assert fanout.never_waits(devices)
+    assert not fanout.never_waits([*devices, Blocking("vfio0", asyncio.Event())])
+
+
 async def test_a_failing_model_leaves_the_others_moving() -> None:
     """A model whose arc fails answers with its error; the ones after it still move."""
     devices = models(3)
