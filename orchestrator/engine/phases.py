@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -106,9 +107,11 @@ class PhaseMachine:
         self._changed = asyncio.Event()
 
     def hold(self) -> None:
-        """The downtime window is open: from now on ``later`` defers until ``announce``."""
+        """The downtime window is open: from now on ``later`` defers until ``announce``,
+        and the cyclic garbage collector waits (see :class:`_CollectorPause`)."""
         if self._held is None:
             self._held = []
+            _COLLECTOR.pause()
 
     def later(self, report: Callable[[], None]) -> None:
         """Call ``report`` now, or at ``announce`` while the downtime window is open.
@@ -123,7 +126,10 @@ class PhaseMachine:
 
     def announce(self) -> None:
         """Close the window: make the reports it held, in order."""
-        held, self._held = self._held or [], None
+        held, self._held = self._held, None
+        if held is None:
+            return
+        _COLLECTOR.resume()
         for report in held:
             report()
 
@@ -142,6 +148,39 @@ class PhaseMachine:
         while self.phase not in phases:
             await self._changed.wait()
         return self.phase
+
+
+class _CollectorPause:
+    """The cyclic garbage collector off while a downtime window of this process is open.
+
+    A collection is due whenever enough objects were allocated, wherever that is: a
+    daemon's older generations hold ~35k objects, and one collection of them took
+    1.5 ms of a 1-device switchover's 0.2 ms quiesce, landing there or not by the
+    allocation count alone. A window lasts milliseconds (bounded by max_stop_ms) and
+    every migration ends with a phase change that closes it; the daemon also collects
+    in full after each migration, so memory stays bounded even if one never closed.
+    """
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.paused = False
+
+    def pause(self) -> None:
+        """One more window is open; the first turns the collector off if it was on."""
+        self.open += 1
+        if self.open == 1 and gc.isenabled():
+            gc.disable()
+            self.paused = True
+
+    def resume(self) -> None:
+        """One window closed; the last turns the collector back on if it turned it off."""
+        self.open -= 1
+        if self.open == 0 and self.paused:
+            gc.enable()
+            self.paused = False
+
+
+_COLLECTOR = _CollectorPause()
 
 
 class Phased:

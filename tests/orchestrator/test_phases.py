@@ -7,6 +7,7 @@ cut by the fault proxy): each end's phase history, in order, and the state guard
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 import structlog
@@ -140,3 +141,24 @@ async def test_reports_made_in_the_window_wait_for_its_end_in_order() -> None:
     machine.later(lambda: told.append("rollback"))
     machine.set(Phase.FAILED)
     assert told[-2:] == ["rollback", "failed"]
+
+
+async def test_the_collector_waits_while_any_window_is_open() -> None:
+    """The cyclic GC is off from the first window's open to the last one's close, and a
+    collector someone else turned off stays off."""
+    first, second = (PhaseMachine(structlog.get_logger()) for _ in range(2))
+    assert gc.isenabled()
+    first.hold()
+    second.hold()
+    assert not gc.isenabled()
+    first.announce()
+    assert not gc.isenabled()
+    second.set(Phase.FAILED)  # a phase change out of the window closes it too
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        first.hold()
+        first.announce()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
