@@ -152,6 +152,7 @@ class PagedDevice(ArcDevice):
         self._credit = 0.0
         self._clock = clock
         self._now: Callable[[], float] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0
         self.add_state_listener(self._on_state_change)
@@ -213,22 +214,33 @@ class PagedDevice(ArcDevice):
         """Start the workload's clock, and its timer if it dirties anything."""
         if self._now is not None:
             return
-        loop = asyncio.get_running_loop()
-        self._now = self._clock or loop.time
+        self._loop = asyncio.get_running_loop()
+        self._now = self._clock or self._loop.time
         self._last = self._now()
-        if self.dirty_rate:
-            self._timer = loop.call_later(WORKLOAD_TICK, self._tick, loop)
+        self._arm()
 
     async def close(self) -> None:
         """Stop the workload."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._now = None
+        self._now = self._loop = None
 
-    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _arm(self) -> None:
+        """Start the timer if the workload writes and is not ticking yet.
+
+        Only while the device runs: a stopped device (64 of them after a switchover,
+        each ticking 100 times a second) has nothing to write.
+        """
+        if self._loop is None or self._timer is not None or not self.dirty_rate:
+            return
+        if self._state in RUNNING_STATES:
+            self._timer = self._loop.call_later(WORKLOAD_TICK, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
         self._catch_up(self._state in RUNNING_STATES)
-        self._timer = loop.call_later(WORKLOAD_TICK, self._tick, loop)
+        self._arm()
 
     def _catch_up(self, running: bool) -> None:
         """Run the workload for the clock time since the last catch-up, if it was running."""
@@ -241,6 +253,7 @@ class PagedDevice(ArcDevice):
 
     def _on_state_change(self, device: MigratableDevice, old: State, new: State) -> None:
         self._catch_up(old in RUNNING_STATES)  # time until now ran in the old state
+        self._arm()
         self._wakeup.set()
 
     # -- the FSM -------------------------------------------------------------------------
@@ -287,7 +300,6 @@ class PagedDevice(ArcDevice):
             log.warning("state_rejected", device=self.name, kind=self.kind, problem=problem)
             self.state = State.ERROR  # the stream is consumed: there is nothing to go back to
             raise StateValidationError(self.name, f"{self.kind} state rejected: {problem}")
-        log.info("state_loaded", device=self.name, kind=self.kind, bytes=self.state_size)
 
     async def hard_reset(self) -> None:
         """Drop any session; the content stays what it was (a device reset is no wipe)."""

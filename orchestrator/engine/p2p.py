@@ -14,7 +14,6 @@ device took its step, since a reset drops the device's state and lands in RUNNIN
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import structlog
@@ -22,6 +21,7 @@ import structlog
 from devices.base import MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
+from orchestrator.engine import fanout
 
 #: States in which a device's P2P DMA was never quiesced.
 UNQUIESCED = frozenset({State.RUNNING, State.PRE_COPY})
@@ -66,8 +66,15 @@ async def _reach_all(
     log: structlog.typing.FilteringBoundLogger,
 ) -> list[tuple[MigratableDevice, str]]:
     """Move ``devices`` to ``target`` in parallel; those that could not, with why."""
-    errors = await asyncio.gather(*(_reach(d, target, log) for d in devices))
-    return [(d, e) for d, e in zip(devices, errors, strict=True) if e is not None]
+    failed = []
+    for device, error in zip(
+        devices, await fanout.each(devices, lambda d: _reach(d, target, log)), strict=True
+    ):
+        if isinstance(error, BaseException):
+            raise error  # _reach answers a device's failure; anything else is not one
+        if error is not None:
+            failed.append((device, error))
+    return failed
 
 
 async def _reach(

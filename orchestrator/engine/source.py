@@ -32,7 +32,7 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError, Unsupported
 from devices.fsm import Feature, State
-from orchestrator.engine import convergence
+from orchestrator.engine import convergence, fanout
 from orchestrator.engine.convergence import Action, DeviceProgress
 from orchestrator.engine.errors import (
     ConvergenceFailed,
@@ -166,6 +166,8 @@ class SourceMigration(Phased):
         #: Bytes read from each device's save channel in pre-copy, counted as read (a
         #: chunk may wait in send_chunk while the figures are sampled).
         self._read_bytes = [0 for _ in self.devices]
+        #: The devices the switchover quiesces first (flag tests cost 0.5 us a device).
+        self._quiescible = [d for d in self.devices if d.features & Feature.P2P]
 
     @property
     def _want_ack(self) -> bool:
@@ -733,15 +735,15 @@ class SourceMigration(Phased):
 
     async def _stop_and_drain(self, clock: DowntimeClock) -> None:
         """Quiesce all, stop all, drain every channel, then mark the end of the stream."""
+        self._phases.hold()  # reports of the devices' changes wait for the window's end
         source_marks: dict[str, dict[str, float]] = {d.name: {} for d in self.devices}
         self._source_marks = source_marks
         if self.params.p2p:
-            quiescible = [d for d in self.devices if d.features & Feature.P2P]
             await self._transition(
-                quiescible,
+                self._quiescible,
                 {
                     d.name: State.PRE_COPY_P2P if d.state == State.PRE_COPY else State.RUNNING_P2P
-                    for d in quiescible
+                    for d in self._quiescible
                 },
                 marks=source_marks,
                 mark=Downtime.QUIESCE,
@@ -860,8 +862,12 @@ class SourceMigration(Phased):
             if marks is not None:
                 marks[device.name][mark] = (spans[-1][1] - started) * 1e3
 
-        self._inflight = asyncio.gather(*(move(d) for d in devices), return_exceptions=True)
-        results = await asyncio.shield(self._inflight)
+        if fanout.never_waits(devices):
+            # Nothing to shield: the arcs run to their end before anything else can.
+            results = await fanout.each(devices, move)
+        else:
+            self._inflight = asyncio.ensure_future(fanout.each(devices, move))
+            results = await asyncio.shield(self._inflight)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise MigrationError(_describe(failures[0])) from failures[0]

@@ -14,6 +14,7 @@ import gc
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -64,6 +65,8 @@ class Incoming:
     id: str
     peer: str
     task: asyncio.Task[Any] | None
+    #: While it runs: the migration (its downtime window holds the DEVICE_STATE events).
+    migration: DestinationMigration | None = None
     status: str = "active"
     devices: list[str] = field(default_factory=list)
     received_bytes: int = 0
@@ -156,10 +159,16 @@ class Service:
 
     def _device_state_changed(self, device: MigratableDevice, old: State, new: State) -> None:
         migration = self.owners.get(device.name)
-        self.emit(
-            "DEVICE_STATE",
-            {"device": device.name, "old": old.name, "new": new.name, "migration": migration},
-        )
+        record = self.outgoing.get(migration) or self.incoming.get(migration) if migration else None
+        report = partial(self._emit_device_state, device.name, old, new, migration)
+        if record is None or record.migration is None:
+            report()
+        else:
+            record.migration.after_window(report)
+
+    def _emit_device_state(self, name: str, old: State, new: State, migration: str | None) -> None:
+        data = {"device": name, "old": old.name, "new": new.name, "migration": migration}
+        self.emit("DEVICE_STATE", data)
 
     # -- incoming ---------------------------------------------------------------------------
 
@@ -176,9 +185,11 @@ class Service:
             gate=_IncomingGate(self, record),
             **self.config.incoming_timeouts,
         )
+        record.migration = migration
         try:
             resumed = await migration.run()
         finally:
+            record.migration = None
             record.devices = [d.name for d in migration.devices]
             record.received_bytes = migration.received_bytes
             self._release(claim)

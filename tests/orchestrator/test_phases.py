@@ -7,14 +7,16 @@ cut by the fault proxy): each end's phase history, in order, and the state guard
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
-from conftest import Spec
+import structlog
 
 from devices.fsm import State
 from orchestrator.engine.errors import MigrationCancelled, MigrationError, OutcomeUnknown
-from orchestrator.engine.phases import Phase, PhaseError
+from orchestrator.engine.phases import Phase, PhaseError, PhaseMachine
 from orchestrator.engine.stats import Status
+from tests.orchestrator.conftest import Spec
 
 N, S, P, PA, SW, C = (
     Phase.NEW,
@@ -119,3 +121,44 @@ async def test_a_crash_the_daemon_caught_ends_failed_through_the_one_writer(make
     await done.run()
     done.record_crash(RuntimeError("late"))
     assert (done.phase, done.stats.error) == (Phase.COMPLETED, None)
+
+
+async def test_reports_made_in_the_window_wait_for_its_end_in_order() -> None:
+    """Inside the downtime window a report waits; announce, or the next phase change out
+    of the window, makes the held ones in order; outside it a report is made at once."""
+    told: list[str] = []
+    machine = PhaseMachine(structlog.get_logger(), lambda old, new: told.append(new.value))
+    machine.set(SW)
+    machine.later(lambda: told.append("before"))
+    machine.hold()
+    machine.later(lambda: told.append("device"))
+    machine.set(C, in_window=True)
+    assert machine.phase is C
+    assert told == ["switchover", "before"]
+    machine.announce()
+    assert told == ["switchover", "before", "device", "committed"]
+    machine.hold()
+    machine.later(lambda: told.append("rollback"))
+    machine.set(Phase.FAILED)
+    assert told[-2:] == ["rollback", "failed"]
+
+
+async def test_the_collector_waits_while_any_window_is_open() -> None:
+    """The cyclic GC is off from the first window's open to the last one's close, and a
+    collector someone else turned off stays off."""
+    first, second = (PhaseMachine(structlog.get_logger()) for _ in range(2))
+    assert gc.isenabled()
+    first.hold()
+    second.hold()
+    assert not gc.isenabled()
+    first.announce()
+    assert not gc.isenabled()
+    second.set(Phase.FAILED)  # a phase change out of the window closes it too
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        first.hold()
+        first.announce()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -1,0 +1,71 @@
+"""One step on many devices at once, at a cost that does not grow by a task per device.
+
+A switchover moves every device through the same arcs (quiesce and stop on the source,
+load and resume on the destination) and waits for all of them, inside the downtime
+window. Devices come in two kinds here:
+
+* Models (:class:`devices.base.ArcDevice`): their arc handlers are plain calls, so a
+  state change never waits. They move one after another in the caller's task: a task
+  and a gather slot per model cost about as much as its arc (64 models, measured: 7.7
+  us a device and arc through gather, 5.2 inline, 2.5 inline now that an arc logs
+  nothing).
+* Every other device (VFIO, whose arcs block in the kernel and run in a thread pool;
+  vfio-user, whose arcs are messages to a server) gets a task of its own, so the N
+  devices' arcs overlap as before.
+
+Mixed sets start the tasks first and run the models while they go (the tasks take
+their first step once the models are done). A model that did wait would only be
+serialised, never broken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from devices.base import ArcDevice, MigratableDevice
+
+D = TypeVar("D", bound=MigratableDevice)
+T = TypeVar("T")
+
+
+async def each(devices: Sequence[D], step: Callable[[D], Awaitable[T]]) -> list[T | BaseException]:
+    """Run ``step(device)`` for every device together; each one's result or exception.
+
+    Like ``gather(..., return_exceptions=True)``: every device takes its step whatever
+    the others do, and the answers come in the order of ``devices``.
+    """
+    inline = [_inline(type(d)) for d in devices]
+    overlapped = [i for i, model in enumerate(inline) if not model]
+    tasks = asyncio.gather(*(step(devices[i]) for i in overlapped), return_exceptions=True)
+    answers: list[T | BaseException] = []
+    try:
+        for device, model in zip(devices, inline, strict=True):
+            if model:
+                try:
+                    answers.append(await step(device))
+                except Exception as exc:
+                    answers.append(exc)
+        if overlapped:
+            waited = await tasks
+            for index, answer in zip(overlapped, waited, strict=True):
+                answers.insert(index, answer)
+    except BaseException:
+        tasks.cancel()  # only a cancel or an interpreter exit gets here
+        raise
+    return answers
+
+
+def never_waits(devices: Sequence[MigratableDevice]) -> bool:
+    """Whether ``each`` over ``devices`` completes without yielding to the loop (all
+    models): then no cancel can come between two of their arcs."""
+    return all(_inline(type(d)) for d in devices)
+
+
+@functools.lru_cache(maxsize=64)
+def _inline(kind: type) -> bool:
+    """Whether devices of class ``kind`` are models (see the module's docstring); cached,
+    since an ABC's isinstance costs 0.2 us a device."""
+    return issubclass(kind, ArcDevice)
