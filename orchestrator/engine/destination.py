@@ -211,6 +211,7 @@ class DestinationMigration(Phased):
         channels = [d.resume_channel() for d in self.devices]
         initial_loaded: set[int] = set()
         ended: set[int] = set()
+        prepared = False
         loop = asyncio.get_running_loop()
         # One deadline moved on at every frame: wait_for would start a task per frame,
         # thousands in pre-copy and one per device and frame in the downtime window.
@@ -234,8 +235,9 @@ class DestinationMigration(Phased):
                 elif tag == Tag.END_OF_DEVICE:
                     ended.add(index)
                 elif tag == Tag.SYNC:
-                    if self.gate is not None:
-                        self.gate.prepare(offer)
+                    if self.gate is not None and not prepared:
+                        self.gate.prepare(offer)  # once: the source sends two barriers
+                        prepared = True
                     await session.send_control(Tag.SYNC_ACK)
                 elif tag == Tag.END_OF_STREAM:
                     break

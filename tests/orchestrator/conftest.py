@@ -16,7 +16,7 @@ from devices.paged import Faults, PagedDevice
 from devices.ram import RamDevice
 from devices.simulated import SimulatedDevice
 from devices.testing import ArcTrace
-from orchestrator.engine.destination import DestinationMigration
+from orchestrator.engine.destination import DestinationMigration, Gate
 from orchestrator.engine.params import MigrationParams
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Status
@@ -134,9 +134,14 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
     devices: list[PagedDevice] = []
 
     async def make(
-        specs: Sequence[Spec], *, hold_verdicts: bool | str = False, link_timeout_s: float = 5.0
+        specs: Sequence[Spec],
+        *,
+        hold_verdicts: bool | str = False,
+        link_timeout_s: float = 5.0,
+        gate: Gate | None = None,
     ) -> Ends:
-        """``hold_verdicts``: hold every verdict (True) or those of one stage."""
+        """``hold_verdicts``: hold every verdict (True) or those of one stage; ``gate``:
+        the destination's say (a daemon's arming and records), none by default."""
         sources = [s.build(source=True) for s in specs]
         targets = [s.build(source=False) for s in specs]
         trace, target_trace = ArcTrace(), ArcTrace()
@@ -154,11 +159,11 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
         async def accept(session: transport.Session) -> None:
             if hold_verdicts:
                 stage = hold_verdicts if isinstance(hold_verdicts, str) else None
-                gate = VerdictGate(session, stage)
-                gates.append(gate)
+                held = VerdictGate(session, stage)
+                gates.append(held)
                 gate_made.set()
-                session = gate
-            incoming.append(DestinationMigration(session, by_name))
+                session = held
+            incoming.append(DestinationMigration(session, by_name, gate=gate))
             outcomes.append(await incoming[-1].run())
 
         auth = transport.AuthConfig()
