@@ -628,6 +628,9 @@ class SourceMigration(Phased):
         await self._sync()
         await self._stop_precopy_readers()
         await self._sync()
+        # The devices' last figures before they stop (the stats' final pending bytes);
+        # a model also runs its workload up to now here, not in the quiesce arc.
+        self._progress()
         self.stats.switchover_at_s = self.stats.elapsed_s()
         clock = DowntimeClock()
         self._clock = clock
