@@ -6,18 +6,15 @@ import os
 from pathlib import Path
 
 from structlog.testing import capture_logs
-from transport_helpers import PSK, RawPeer, Recorder, hello_fields
+from transport_helpers import PSK, RawPeer, Recorder, hello_fields, tls_auth
 
-from tests.pki import make_pki
 from transport import (
     AuthConfig,
     Limits,
     Server,
     Tag,
-    client_tls_context,
     connect,
     serve,
-    server_tls_context,
 )
 from transport.auth import proof
 
@@ -110,13 +107,7 @@ async def first_of_two_channels(server: Server) -> RawPeer:
 
 async def test_stalled_tls_handshakes_do_not_keep_a_source_out(tmp_path: Path) -> None:
     """Connections that never start TLS take no admission slot; a source still gets in."""
-    pki = make_pki(tmp_path, ("server",))
-    server_auth = AuthConfig(
-        psk=PSK, ssl_context=server_tls_context(pki / "server.crt", pki / "server.key")
-    )
-    client_auth = AuthConfig(
-        psk=PSK, ssl_context=client_tls_context(pki / "ca.crt"), server_hostname="localhost"
-    )
+    server_auth, client_auth = tls_auth(tmp_path)
     limits = Limits(max_pending_per_peer=2, max_pending_handshakes=2)
     async with await serve(
         "127.0.0.1:0", Recorder(), name="dest", auth=server_auth, limits=limits

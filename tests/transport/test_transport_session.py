@@ -9,9 +9,8 @@ import ssl
 from pathlib import Path
 
 import pytest
-from transport_helpers import PSK, RawPeer, Recorder, announce
+from transport_helpers import PSK, RawPeer, Recorder, announce, tls_auth
 
-from tests.pki import make_pki
 from transport import (
     AuthConfig,
     ProtocolError,
@@ -22,7 +21,6 @@ from transport import (
     connect,
     serve,
 )
-from transport.auth import client_tls_context, server_tls_context
 from transport.channel import READ_LOW_WATER
 from transport.limits import MiB
 
@@ -261,13 +259,7 @@ async def test_limit_unsent_bounds_every_channel_in_the_kernel(server: Server) -
 
 async def test_limit_unsent_reaches_the_socket_under_tls(tmp_path: Path) -> None:
     """Under TLS the bound lands on the TCP socket below the records too."""
-    pki = make_pki(tmp_path, ("server",))
-    server_auth = AuthConfig(
-        psk=PSK, ssl_context=server_tls_context(pki / "server.crt", pki / "server.key")
-    )
-    client_auth = AuthConfig(
-        psk=PSK, ssl_context=client_tls_context(pki / "ca.crt"), server_hostname="localhost"
-    )
+    server_auth, client_auth = tls_auth(tmp_path)
     async with await serve("127.0.0.1:0", Recorder(), name="dest", auth=server_auth) as server:
         session = await connect(server.address, name="source", auth=client_auth, channels=2)
         session.limit_unsent(96 * 1024)

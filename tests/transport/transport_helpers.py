@@ -7,13 +7,27 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from tests.pki import make_pki
 from transport import Frame, FrameDecoder, Session, Tag, TransportError, parse_address
-from transport.auth import proof
+from transport.auth import AuthConfig, client_tls_context, proof, server_tls_context
 from transport.frames import encode_fields, encode_frame
 
 PSK = b"test pre-shared key"
+
+
+def tls_auth(folder: Path) -> tuple[AuthConfig, AuthConfig]:
+    """(server, client) authentication over TLS with the PSK, from a fresh PKI in folder."""
+    pki = make_pki(folder, ("server",))
+    server = AuthConfig(
+        psk=PSK, ssl_context=server_tls_context(pki / "server.crt", pki / "server.key")
+    )
+    client = AuthConfig(
+        psk=PSK, ssl_context=client_tls_context(pki / "ca.crt"), server_hostname="localhost"
+    )
+    return server, client
 
 
 def announce(count: int) -> dict[str, Any]:
