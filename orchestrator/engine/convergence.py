@@ -88,7 +88,9 @@ def dirtied_while_syncing(
     1.5 MB, the kernel's autotuned buffers, takes 120 ms to drain, and two devices
     dirtying 1 MB/s each leave 240 KB, about 20 ms of stop-copy, for an estimate that
     said 2 ms. Counting it makes the estimate honest and lets :func:`at_floor` hold the
-    switchover until the pipe has drained (the estimate falls as it drains).
+    switchover until the pipe has drained (the estimate falls as it drains). It is a
+    bound: the readers stream through the first of the switchover's two barriers, so
+    much of that dirt crosses before the window.
     """
     if bandwidth <= 0:
         return 0

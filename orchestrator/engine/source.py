@@ -324,7 +324,7 @@ class SourceMigration(Phased):
         await self._measure_clock(answer.fields().get("boot_id") == boot_id())
         self._receiver = asyncio.create_task(self._receive(), name="migration-receiver")
 
-        # What the arcs themselves took (first start to last end), not the loop's other
+        # What the arcs themselves took (the union of their spans), not the loop's other
         # work before they started (on a daemon, a millisecond or more of it).
         self._arc_overhead_s = await self._transition(
             [d for d in self.devices if d.features & Feature.PRE_COPY], State.PRE_COPY
