@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,22 @@ class _Group:
         self.hello = hello
         self.timer = timer
         self.channels: dict[int, Channel] = {}
+
+
+class _TlsHandshake:
+    """A connection accepted but still in its TLS handshake: it holds an admission slot
+    like a channel in the HELLO handshake, and can be evicted the same way."""
+
+    admitted = False
+
+    def __init__(self, sock: socket.socket, host: str) -> None:
+        self.sock = sock
+        self.peer_host = host
+        self.task: asyncio.Task[None] | None = None
+
+    def hang_up(self) -> None:
+        """Drop the connection (the handshake task, if running, is cancelled too)."""
+        self.sock.close()
 
 
 class _RefusalLog:
@@ -76,7 +93,7 @@ class _RefusalLog:
 class Server:
     """A listening socket that runs ``handler(session)`` once per incoming session.
 
-    Admission: a connection is *pending* from accept (after TLS, with TLS) until its
+    Admission: a connection is *pending* from accept (TLS handshake included) until its
     session has every channel. At most ``max_pending_per_peer`` are pending per peer
     address and ``max_pending_handshakes`` in all; past either, the oldest connection
     still in the handshake from that address (or from the address holding the most) is
@@ -103,8 +120,12 @@ class Server:
         self._limits = limits
         self._server: asyncio.AbstractServer | None = None
         self._groups: dict[bytes, _Group] = {}
-        #: Connections without a session yet, oldest first.
-        self._pending: dict[Channel, None] = {}
+        #: Connections without a session yet (in TLS, HELLO, or waiting for their
+        #: session's other channels), oldest first.
+        self._pending: dict[Channel | _TlsHandshake, None] = {}
+        #: With TLS on TCP the server accepts itself, so a connection counts from accept.
+        self._listener: socket.socket | None = None
+        self._acceptor: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[None]] = set()
         self._log = log.bind(server=name)
@@ -118,12 +139,57 @@ class Server:
     def _protocol(self) -> Channel:
         return Channel(self._limits, on_made=self._accepted)
 
+    async def _accept_tls(self, listener: socket.socket, tls_timeout: float) -> None:
+        """Accept TCP connections and take each through TLS, counted from the start."""
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, peer = await loop.sock_accept(listener)
+            entry = _TlsHandshake(sock, str(peer[0]))
+            if not self._make_room(entry.peer_host):
+                self.refusals.note("full of authenticated channels", entry.peer_host)
+                sock.close()
+                continue
+            self._pending[entry] = None
+            entry.task = loop.create_task(self._tls_up(entry, tls_timeout))
+            self._handshakes.add(entry.task)
+            entry.task.add_done_callback(self._handshakes.discard)
+
+    async def _tls_up(self, entry: _TlsHandshake, tls_timeout: float) -> None:
+        """The TLS handshake of one accepted connection; then its channel takes the slot."""
+
+        def protocol() -> Channel:
+            return Channel(self._limits, on_made=lambda channel: self._admit(channel, entry))
+
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                protocol, entry.sock, ssl=self._auth.ssl_context, ssl_handshake_timeout=tls_timeout
+            )
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self.refusals.note("TLS handshake failed", entry.peer_host, str(exc))
+            self._pending.pop(entry, None)
+            entry.hang_up()
+        except asyncio.CancelledError:  # close() or eviction: the connection goes too
+            self._pending.pop(entry, None)
+            entry.hang_up()
+            raise
+
+    def _admit(self, channel: Channel, entry: _TlsHandshake) -> None:
+        """TLS is up: the channel takes its connection's slot and starts HELLO."""
+        if self._pending.pop(entry, False) is False:
+            channel.hang_up()  # evicted while the handshake finished
+            return
+        self._start(channel)
+
     def _accepted(self, channel: Channel) -> None:
         assert channel.transport is not None
         if not self._make_room(channel.peer_host):
             self.refusals.note("full of authenticated channels", channel.peer_host)
             channel.hang_up()
             return
+        self._start(channel)
+
+    def _start(self, channel: Channel) -> None:
+        """Count the channel as pending and run its HELLO handshake."""
         self._pending[channel] = None
         channel.on_lost = self._lost
         task = asyncio.get_running_loop().create_task(self._handshake(channel))
@@ -162,7 +228,7 @@ class Server:
                 for member in group.channels.values():
                     self._drop(member)
 
-    def _drop(self, channel: Channel) -> None:
+    def _drop(self, channel: Channel | _TlsHandshake) -> None:
         """Hang up on a pending connection and forget it."""
         self._pending.pop(channel, None)
         channel.hang_up()
@@ -243,6 +309,10 @@ class Server:
         """Stop listening; cancel handshakes in progress and running handlers."""
         if self._server is not None:
             self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.cancel()
+        if self._listener is not None:
+            self._listener.close()
         for task in (*self._handshakes, *self._handlers):
             task.cancel()
         for session in list(self._groups):
@@ -255,6 +325,8 @@ class Server:
         """Wait until the listener and every handler have finished."""
         if self._server is not None:
             await self._server.wait_closed()
+        if self._acceptor is not None:
+            await asyncio.gather(self._acceptor, return_exceptions=True)
         await asyncio.gather(*self._handshakes, *self._handlers, return_exceptions=True)
 
     async def __aenter__(self) -> Server:
@@ -276,10 +348,11 @@ async def serve(
 ) -> Server:
     """Listen on ``address`` (port 0 picks one: see ``Server.address``).
 
-    With TLS, a connection reaches the admission limits once its TLS handshake is
-    done; until then only ``handshake_timeout`` bounds it (layering TLS ourselves with
-    ``loop.start_tls`` would count it earlier, but server-side start_tls stalls under
-    uvloop 0.23).
+    With TLS on TCP the server accepts connections itself and runs each TLS handshake
+    with ``loop.connect_accepted_socket``, so a connection holds an admission slot
+    from accept: a peer that opens connections and never finishes TLS is evicted like
+    one that never sends HELLO. (``loop.start_tls`` on an accepted transport would do
+    the same, but server-side it stalls under uvloop 0.23.)
     """
     limits = limits or Limits()
     if not link_timeout_s > 0:
@@ -295,10 +368,16 @@ async def serve(
             server._protocol, host, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
         )
         server.address = format_address("unix", host, 0)
+    elif auth.ssl_context is not None and tls_timeout is not None:
+        family, _, _, _, where = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
+        listener = socket.create_server(where[:2], family=family)
+        listener.setblocking(False)
+        server._listener = listener
+        server._acceptor = loop.create_task(server._accept_tls(listener, tls_timeout))
+        bound = listener.getsockname()
+        server.address = format_address("tcp", bound[0], bound[1])
     else:
-        server._server = await loop.create_server(
-            server._protocol, host, port, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
-        )
+        server._server = await loop.create_server(server._protocol, host, port)
         bound = server._server.sockets[0].getsockname()
         server.address = format_address("tcp", bound[0], bound[1])
     server._log.info("server_listening", address=server.address)

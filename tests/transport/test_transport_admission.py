@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -105,14 +106,21 @@ async def first_of_two_channels(server: Server) -> RawPeer:
     return peer
 
 
-async def test_stalled_tls_handshakes_do_not_keep_a_source_out(tmp_path: Path) -> None:
-    """Connections that never start TLS take no admission slot; a source still gets in."""
+async def test_stalled_tls_handshakes_hold_slots_and_do_not_keep_a_source_out(
+    tmp_path: Path,
+) -> None:
+    """Connections that never start TLS count from accept, so past the limit the oldest
+    are evicted (the server closes them); a source that completes TLS still gets in."""
     server_auth, client_auth = tls_auth(tmp_path)
     limits = Limits(max_pending_per_peer=2, max_pending_handshakes=2)
     async with await serve(
         "127.0.0.1:0", Recorder(), name="dest", auth=server_auth, limits=limits
     ) as server:
         stalled = [await RawPeer.open(server.address) for _ in range(20)]
+        async with asyncio.timeout(10):
+            for peer in stalled[:18]:
+                assert await peer.read_frame() is None  # evicted: closed by the server
+        assert server.pending == 2
         session = await connect(server.address, name="source", auth=client_auth, channels=2)
         await session.send_control(Tag.END_OF_STREAM)
         assert (await session.recv()).tag is Tag.VERDICT
