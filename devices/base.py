@@ -121,6 +121,8 @@ class MigratableDevice(abc.ABC):
         self.features = features
         self._state = State.RUNNING
         self._listeners: list[StateListener] = []
+        #: The data session of the saving group or of RESUMING; None outside them.
+        self._channel: Channel | None = None
 
     @property
     def state(self) -> State:
@@ -156,13 +158,23 @@ class MigratableDevice(abc.ABC):
     async def reset(self) -> None:
         """Take any state, ERROR included, back to RUNNING (losing any data session)."""
 
-    @abc.abstractmethod
     def save_channel(self) -> SaveChannel:
         """The current saving session; InvalidStateError outside the saving group."""
+        self.require(*SAVING_GROUP, what="the saving data channel")
+        assert isinstance(self._channel, SaveChannel)
+        return self._channel
 
-    @abc.abstractmethod
     def resume_channel(self) -> ResumeChannel:
         """The current resuming session; InvalidStateError outside RESUMING."""
+        self.require(State.RESUMING, what="the resuming data channel")
+        assert isinstance(self._channel, ResumeChannel)
+        return self._channel
+
+    def _drop_channel(self) -> None:
+        """End the data session, if there is one."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     @abc.abstractmethod
     def precopy_info(self) -> PrecopyInfo:
@@ -215,7 +227,6 @@ class ArcDevice(MigratableDevice):
 
     def __init__(self, name: str, features: Feature) -> None:
         super().__init__(name, features)
-        self._channel: Channel | None = None
         self.add_state_listener(self._end_session_on_error)
         self._actions = self.arc_actions()
         missing = fsm.ARCS[features] - self._actions.keys()
@@ -264,24 +275,9 @@ class ArcDevice(MigratableDevice):
         if new == State.ERROR:
             self._drop_channel()
 
-    def _drop_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
     async def hard_reset(self) -> None:
         """Drop any data session; subclasses extend this to reset their own machinery."""
         self._drop_channel()
 
     async def reset(self) -> None:
         await fsm.reset(self)
-
-    def save_channel(self) -> SaveChannel:
-        self.require(*SAVING_GROUP, what="the saving data channel")
-        assert isinstance(self._channel, SaveChannel)
-        return self._channel
-
-    def resume_channel(self) -> ResumeChannel:
-        self.require(State.RESUMING, what="the resuming data channel")
-        assert isinstance(self._channel, ResumeChannel)
-        return self._channel

@@ -228,7 +228,6 @@ class VfioDevice(MigratableDevice):
         self.fds = fds
         #: Faults injected for tests (none by default).
         self.faults = faults or VfioFaults()
-        self._channel: VfioSaveChannel | VfioResumeChannel | None = None
         #: (stream offset, OSError) of every failed write in the current RESUMING session.
         self._failed_writes: list[tuple[int, OSError]] = []
         #: Why VFIO_MIG_GET_PRECOPY_INFO / MIG_DATA_SIZE are not offered, once known.
@@ -538,11 +537,6 @@ class VfioDevice(MigratableDevice):
         self._reset_device()
         return self._get_state()
 
-    def _drop_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
     def write_failed(self, offset: int, exc: OSError) -> None:
         """Remember a failed write of the resuming stream (RESUMING -> STOP will refuse)."""
         self._failed_writes.append((offset, exc))
@@ -555,16 +549,6 @@ class VfioDevice(MigratableDevice):
 
     # --- data and queries ---
 
-    def save_channel(self) -> VfioSaveChannel:
-        self.require(*SAVING_GROUP, what="the saving data channel")
-        assert isinstance(self._channel, VfioSaveChannel)
-        return self._channel
-
-    def resume_channel(self) -> VfioResumeChannel:
-        self.require(State.RESUMING, what="the resuming data channel")
-        assert isinstance(self._channel, VfioResumeChannel)
-        return self._channel
-
     def precopy_info(self) -> PrecopyInfo:
         """VFIO_MIG_GET_PRECOPY_INFO; Unsupported once the driver said it has none (ENOTTY)."""
         self.require(
@@ -572,9 +556,11 @@ class VfioDevice(MigratableDevice):
         )
         if self._no_precopy_info is not None:
             raise Unsupported(self.name, self._no_precopy_info)
+        channel = self.save_channel()
+        assert isinstance(channel, VfioSaveChannel)
         request = bytearray(PRECOPY_INFO.pack(PRECOPY_INFO.size, 0, 0, 0))
         try:
-            uapi.ioctl(self.save_channel().fd, VFIO_MIG_GET_PRECOPY_INFO, request)
+            uapi.ioctl(channel.fd, VFIO_MIG_GET_PRECOPY_INFO, request)
         except OSError as exc:
             if exc.errno in ABSENT:
                 # The ioctl is optional in the uAPI: remember, the answer will not change.

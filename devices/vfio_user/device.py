@@ -206,7 +206,6 @@ class VfioUserDevice(MigratableDevice):
         self.server_features = DEFAULT_FEATURES
         self._conn: p.Connection | None = None
         self._connecting = asyncio.Lock()
-        self._channel: VfioUserSaveChannel | VfioUserResumeChannel | None = None
         self._model = "unknown"
 
     # --- the connection ---
@@ -426,11 +425,6 @@ class VfioUserDevice(MigratableDevice):
         self.state = await self._get_state()
         log.info("vfio_user_device_reset", device=self.name, found=found.name)
 
-    def _drop_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
     # --- data ---
 
     async def mig_data_read(self) -> memoryview:
@@ -459,16 +453,6 @@ class VfioUserDevice(MigratableDevice):
             )
         except DeviceError as exc:
             raise ChannelIOError(self.name, _reason(exc)) from exc
-
-    def save_channel(self) -> VfioUserSaveChannel:
-        self.require(*SAVING_GROUP, what="the saving data channel")
-        assert isinstance(self._channel, VfioUserSaveChannel)
-        return self._channel
-
-    def resume_channel(self) -> VfioUserResumeChannel:
-        self.require(State.RESUMING, what="the resuming data channel")
-        assert isinstance(self._channel, VfioUserResumeChannel)
-        return self._channel
 
     def precopy_info(self) -> PrecopyInfo:
         raise Unsupported(self.name, "vfio-user has no precopy info (initial/dirty bytes)")
