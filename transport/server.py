@@ -139,22 +139,21 @@ class Server:
     def _protocol(self) -> Channel:
         return Channel(self._limits, on_made=self._accepted)
 
-    async def _accept_tls(self, listener: socket.socket, tls_timeout: float) -> None:
+    async def _accept_tls(self, listener: socket.socket) -> None:
         """Accept TCP connections and take each through TLS, counted from the start."""
         loop = asyncio.get_running_loop()
         while True:
             sock, peer = await loop.sock_accept(listener)
             entry = _TlsHandshake(sock, str(peer[0]))
-            if not self._make_room(entry.peer_host):
-                self.refusals.note("full of authenticated channels", entry.peer_host)
+            if not self._admissible(entry.peer_host):
                 sock.close()
                 continue
             self._pending[entry] = None
-            entry.task = loop.create_task(self._tls_up(entry, tls_timeout))
+            entry.task = loop.create_task(self._tls_up(entry))
             self._handshakes.add(entry.task)
             entry.task.add_done_callback(self._handshakes.discard)
 
-    async def _tls_up(self, entry: _TlsHandshake, tls_timeout: float) -> None:
+    async def _tls_up(self, entry: _TlsHandshake) -> None:
         """The TLS handshake of one accepted connection; then its channel takes the slot."""
 
         def protocol() -> Channel:
@@ -162,7 +161,10 @@ class Server:
 
         try:
             await asyncio.get_running_loop().connect_accepted_socket(
-                protocol, entry.sock, ssl=self._auth.ssl_context, ssl_handshake_timeout=tls_timeout
+                protocol,
+                entry.sock,
+                ssl=self._auth.ssl_context,
+                ssl_handshake_timeout=self._limits.handshake_timeout,
             )
         except (OSError, ConnectionError, TimeoutError) as exc:
             self.refusals.note("TLS handshake failed", entry.peer_host, str(exc))
@@ -182,11 +184,18 @@ class Server:
 
     def _accepted(self, channel: Channel) -> None:
         assert channel.transport is not None
-        if not self._make_room(channel.peer_host):
-            self.refusals.note("full of authenticated channels", channel.peer_host)
+        if not self._admissible(channel.peer_host):
             channel.hang_up()
             return
         self._start(channel)
+
+    def _admissible(self, host: str) -> bool:
+        """Room for one more pending connection from ``host`` (evicting one if a limit is
+        reached); when there is none, the refusal is counted."""
+        if self._make_room(host):
+            return True
+        self.refusals.note("full of authenticated channels", host)
+        return False
 
     def _start(self, channel: Channel) -> None:
         """Count the channel as pending and run its HELLO handshake."""
@@ -368,12 +377,12 @@ async def serve(
             server._protocol, host, ssl=auth.ssl_context, ssl_handshake_timeout=tls_timeout
         )
         server.address = format_address("unix", host, 0)
-    elif auth.ssl_context is not None and tls_timeout is not None:
+    elif auth.ssl_context is not None:
         family, _, _, _, where = (await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM))[0]
         listener = socket.create_server(where[:2], family=family)
         listener.setblocking(False)
         server._listener = listener
-        server._acceptor = loop.create_task(server._accept_tls(listener, tls_timeout))
+        server._acceptor = loop.create_task(server._accept_tls(listener))
         bound = listener.getsockname()
         server.address = format_address("tcp", bound[0], bound[1])
     else:

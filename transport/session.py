@@ -314,10 +314,6 @@ class Session:
         self._bucket.set_rate(bytes_per_second)
         self._bucket_changed.set()
 
-    def submitted(self) -> int:
-        """Bytes written to the channels so far (a sum of counters, no system call)."""
-        return sum(channel.submitted for channel in self._chans)
-
     def backlog(self) -> int:
         """Bytes written to the channels still in our buffers (no system call)."""
         return sum(channel.backlog() for channel in self._chans)
@@ -331,7 +327,8 @@ class Session:
         """``(delivered, unacknowledged)`` bytes over all channels: what reached the peer
         and what still waits in our buffers or the kernel's (see Channel.unacknowledged)."""
         waiting = sum(channel.unacknowledged() for channel in self._chans)
-        return self.submitted() - waiting, waiting
+        submitted = sum(channel.submitted for channel in self._chans)
+        return submitted - waiting, waiting
 
     async def ping(self) -> tuple[float, float, float]:
         """``(sent, peer, received)`` time.monotonic() stamps of one PING/PONG."""

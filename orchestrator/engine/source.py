@@ -459,11 +459,13 @@ class SourceMigration(Phased):
     def _estimate(self, progress: list[DeviceProgress]) -> convergence.Estimate:
         rate = self._meter.sample(self.stats.transferred_bytes)
         self.stats.bandwidth = rate
+        # One reading of every channel's kernel queue serves the meter and the pipe.
+        delivered, in_pipe = (0, 0) if self._session is None else self._session.delivery()
         if self.params.switchover_bandwidth is not None:
             assumed = self.params.switchover_bandwidth
         else:
             if self._session is not None:
-                self._link_meter.sample(*self._session.delivery())
+                self._link_meter.sample(delivered, in_pipe)
             assumed = self._link_meter.rate()
             if (cap := self._cap()) is not None:
                 assumed = min(assumed, cap)
@@ -474,7 +476,6 @@ class SourceMigration(Phased):
         rtt_s = self.stats.rtt_ms / 1e3
         rounds = 5 if self.params.p2p else 3
         fixed = rounds * self._arc_overhead_s + WINDOW_ROUND_TRIPS * rtt_s
-        in_pipe = 0 if self._session is None else self._session.delivery()[1]
         syncing = convergence.dirtied_while_syncing(self.stats.dirty_rate, in_pipe, assumed, rtt_s)
         est = convergence.estimate(progress, assumed, fixed, syncing)
         self.stats.expected_downtime_ms = est.expected_downtime_s * 1e3
