@@ -53,6 +53,16 @@ def write_configs(folder: Path, source_devices: str, destination_devices: str) -
     return paths[0], paths[1]
 
 
+def start_pair(
+    folder: Path, started: list[Server], *, size: int = 4 * MIB, rate: int = 500
+) -> tuple[Server, Server]:
+    """A source test device dirtying at ``rate`` and an idle target of the same size."""
+    source = servers.start_testdev(folder / "src-dev.sock", size=size, rate=rate, seed=1)
+    target = servers.start_testdev(folder / "dst-dev.sock", size=size, seed=2)
+    started.extend([source, target])
+    return source, target
+
+
 def vfio_user_entry(name: str, socket: Path, extra: str = "") -> str:
     return f'\n[[device]]\nkind = "vfio-user"\nname = "{name}"\nsocket = "{socket}"\n{extra}'
 
@@ -60,9 +70,7 @@ def vfio_user_entry(name: str, socket: Path, extra: str = "") -> str:
 @pytest.fixture
 async def pair64(tmp_path: Path, started: list[Server]) -> AsyncIterator[Pair]:
     """Daemons over two test devices of 64 MiB; the source's writer dirties 4000 pages/s."""
-    source = servers.start_testdev(tmp_path / "src-dev.sock", size=64 * MIB, rate=4000, seed=1)
-    target = servers.start_testdev(tmp_path / "dst-dev.sock", size=64 * MIB, seed=2)
-    started.extend([source, target])
+    source, target = start_pair(tmp_path, started, size=64 * MIB, rate=4000)
     configs = write_configs(
         tmp_path,
         vfio_user_entry("vu0", source.socket),
@@ -114,9 +122,7 @@ async def test_a_corrupt_stream_is_refused_at_load_and_the_source_kept(
     tmp_path: Path, started: list[Server]
 ) -> None:
     """A source stream corrupted in device data is refused by the destination's server."""
-    source = servers.start_testdev(tmp_path / "src-dev.sock", size=4 * MIB, rate=500, seed=1)
-    target = servers.start_testdev(tmp_path / "dst-dev.sock", size=4 * MIB, seed=2)
-    started.extend([source, target])
+    source, target = start_pair(tmp_path, started)
     configs = write_configs(
         tmp_path,
         vfio_user_entry("vu0", source.socket, "faults = { corrupt_stream = true }\n"),
@@ -144,9 +150,7 @@ async def test_a_mixed_migration_meets_the_p2p_blocker(
     tmp_path: Path, started: list[Server]
 ) -> None:
     """vfio-user + simulated: refused with p2p on (no P2P states), completes with p2p off."""
-    source = servers.start_testdev(tmp_path / "src-dev.sock", size=4 * MIB, rate=500, seed=1)
-    target = servers.start_testdev(tmp_path / "dst-dev.sock", size=4 * MIB, seed=2)
-    started.extend([source, target])
+    source, target = start_pair(tmp_path, started)
     simulated = '\n[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\nseed = 3\n'
     configs = write_configs(
         tmp_path,
@@ -169,9 +173,7 @@ async def test_a_daemon_killed_mid_precopy_finds_its_device_running_on_restart(
     tmp_path: Path, started: list[Server]
 ) -> None:
     """SIGKILL in pre-copy: the server outlives the daemon; the next one ends the session."""
-    source = servers.start_testdev(tmp_path / "src-dev.sock", size=4 * MIB, rate=500, seed=1)
-    target = servers.start_testdev(tmp_path / "dst-dev.sock", size=4 * MIB, seed=2)
-    started.extend([source, target])
+    source, target = start_pair(tmp_path, started)
     source_config, destination_config = write_configs(
         tmp_path,
         vfio_user_entry("vu0", source.socket),
@@ -208,9 +210,7 @@ async def test_a_features_mask_migrates_stop_copy_only(
     tmp_path: Path, started: list[Server]
 ) -> None:
     """features = ["STOP_COPY"] in the config: no pre-copy, the state crosses stopped."""
-    source = servers.start_testdev(tmp_path / "src-dev.sock", size=4 * MIB, rate=500, seed=1)
-    target = servers.start_testdev(tmp_path / "dst-dev.sock", size=4 * MIB, seed=2)
-    started.extend([source, target])
+    source, target = start_pair(tmp_path, started)
     mask = 'features = ["STOP_COPY"]\n'
     configs = write_configs(
         tmp_path,
