@@ -38,12 +38,17 @@ def test_workload_writes_only_the_hot_set() -> None:
 
 
 async def test_workload_runs_on_the_clock_only_while_the_device_runs() -> None:
-    """Time spent in STOP writes nothing; time spent RUNNING writes at the dirty rate."""
+    """Time spent stopped writes nothing, across stopped-to-stopped arcs too; time spent
+    RUNNING writes at the dirty rate."""
     clock = ManualClock()
     device = small(dirty_rate=40 * KIB, clock=clock)
     async with opened(device):
         await device.set_state(State.STOP)
         clock.advance(10.0)
+        await device.set_state(State.STOP_COPY)
+        clock.advance(5.0)
+        await device.set_state(State.STOP)
+        clock.advance(5.0)
         await device.set_state(State.RUNNING)
         assert device.writes == 0
         clock.advance(1.0)
