@@ -13,6 +13,12 @@ data xxh3 runs at ~50 GB/s here (0.02 s/GB), yet in the send loop it costs 0.06-
 s/GB, before the write or after it alike: the kernel's copy of a 1 MiB chunk into
 socket buffers evicts it from the 2 MiB L2, so the hash reads it from further away.
 Integrity costs one more pass over the bytes, whatever hash makes it.
+
+A migration source does not send one chunk over and over: it reads each chunk out of
+the device's state first. The last two ways do that (a copy out of a 256 MiB state,
+as ``paged`` devices read), without and with hashing the chunk while it is hot; their
+difference is what the checksum costs a real source: 0.022 s/GB of 0.376-0.398 here
+(6%), against 0.06-0.07 s/GB on the static chunk.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import time
 
 import xxhash
 
-MODES = ("none", "hash before write", "hash after write", "copy")
+MODES = ("none", "hash before write", "hash after write", "copy", "read", "read, hash")
+STATE_BYTES = 256 << 20
 
 
 def _reader(address: tuple[str, int]) -> None:
@@ -35,15 +42,19 @@ def _reader(address: tuple[str, int]) -> None:
         pass
 
 
-def run(mode: str, chunk: memoryview, volume: int) -> tuple[float, float]:
+def run(mode: str, chunk: memoryview, volume: int, state: memoryview) -> tuple[float, float]:
     """(sender CPU s/GB, MB/s) of one way."""
     server = socket.create_server(("127.0.0.1", 0))
     reader = multiprocessing.Process(target=_reader, args=(server.getsockname(),))
     reader.start()
     sock, _ = server.accept()
     cpu, wall, sent = time.process_time(), time.perf_counter(), 0
+    reads = mode.startswith("read")
     while sent < volume:
-        if mode == "hash before write":
+        if reads:
+            offset = sent % (len(state) - len(chunk) + 1)
+            chunk[:] = state[offset : offset + len(chunk)]
+        if mode in ("hash before write", "read, hash"):
             xxhash.xxh3_64_intdigest(chunk)
         sock.sendall(chunk)
         if mode == "hash after write":
@@ -63,7 +74,8 @@ def main() -> None:
     parser.add_argument("--volume-gib", type=float, default=2.0)
     parser.add_argument("--chunk-kib", type=int, default=1024)
     args = parser.parse_args()
-    chunk = memoryview(os.urandom(args.chunk_kib * 1024))
+    chunk = memoryview(bytearray(os.urandom(args.chunk_kib * 1024)))
+    state = memoryview(bytearray(os.urandom(STATE_BYTES)))
     volume = int(args.volume_gib * (1 << 30))
     started = time.perf_counter()
     rounds = max(1, (1 << 31) // len(chunk))
@@ -72,7 +84,7 @@ def main() -> None:
     hot = rounds * len(chunk) / (time.perf_counter() - started) / 1e9
     print(f"xxh3-64 on a {args.chunk_kib} KiB chunk in cache: {hot:.1f} GB/s")
     for mode in MODES:
-        cpu_s_per_gb, mbps = run(mode, chunk, volume)
+        cpu_s_per_gb, mbps = run(mode, chunk, volume, state)
         print(f"{mode:18s} sender CPU {cpu_s_per_gb:.3f} s/GB, {mbps:.0f} MB/s")
 
 
