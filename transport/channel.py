@@ -20,6 +20,7 @@ import structlog
 
 from transport.errors import (
     ConnectionLost,
+    PeerHungUp,
     ProtocolError,
     SessionClosed,
     TransportError,
@@ -153,7 +154,8 @@ class Channel(asyncio.BufferedProtocol):
             else "peer closed the connection"
         )
         if not self.closing:
-            lost = ConnectionLost(f"channel {self.index}: {cause}")
+            hung_up = exc is None and not unread
+            lost = (PeerHungUp if hung_up else ConnectionLost)(f"channel {self.index}: {cause}")
             lost.__cause__ = cause
             self.fail(lost)
         if self._session is None and self.on_lost is not None:

@@ -51,6 +51,12 @@ class ConnectionLost(TransportError):
     """The connection to the peer ended unexpectedly; ``__cause__`` says how."""
 
 
+class PeerHungUp(ConnectionLost):
+    """The peer closed its end between two frames: how a peer that said all it had to
+    leaves, and also how a crashed one's kernel ends it. Whether more was due is the
+    caller's call, so the session does not warn about it."""
+
+
 class PeerCancelled(TransportError):
     """The peer cancelled the session; ``reason`` is the text it gave, ``code`` its kind.
 

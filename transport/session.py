@@ -32,6 +32,7 @@ from transport.channel import WRITE_HIGH_WATER, Channel
 from transport.errors import (
     ConnectionLost,
     LimitExceeded,
+    PeerHungUp,
     ProtocolError,
     SessionClosed,
     TransportError,
@@ -392,7 +393,7 @@ class Session:
             self._keepalive = None
         if not isinstance(exc, ConnectionLost):
             self._drop_queue()
-        level = "info" if isinstance(exc, SessionClosed) else "warning"
+        level = "info" if isinstance(exc, (SessionClosed, PeerHungUp)) else "warning"
         getattr(self._log, level)("session_aborted", error=str(exc), kind=type(exc).__name__)
         if tell is None and isinstance(exc, ProtocolError):
             code = "limit" if isinstance(exc, LimitExceeded) else "protocol"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import structlog
 
 from devices.base import DeviceDescriptor
 from devices.fsm import Feature, State
@@ -56,6 +57,17 @@ async def test_migration_is_byte_exact(make_ends, count: int, channels: int) -> 
     }  # fmt: skip
     assert report["transferred_bytes"] >= (count + 2) * MIB  # RAM: half its pages are zero
     assert report["cpu_s_per_gb"] > 0
+
+
+async def test_a_completed_migration_warns_about_nothing(make_ends) -> None:
+    """Neither end logs a warning or an error when all went well: the destination hanging
+    up after its last verdict ends the conversation; it is no lost peer."""
+    ends = await make_ends(sims(2, size=MIB))
+    with structlog.testing.capture_logs() as logs:
+        stats = await ends.migration(downtime_limit_ms=200).run()
+        await ends.assert_migrated()
+    assert stats.status == Status.COMPLETED
+    assert [e for e in logs if e["log_level"] in ("warning", "error", "critical")] == []
 
 
 async def test_device_without_precopy_joins_at_stop_copy(make_ends) -> None:

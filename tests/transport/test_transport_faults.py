@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 from transport_helpers import PSK, RawPeer, Recorder, announce, hello_fields
 
 from tests.pki import make_pki
@@ -27,6 +28,7 @@ from transport import (
     serve,
     server_tls_context,
 )
+from transport.errors import PeerHungUp
 from transport.frames import encode_header
 
 
@@ -78,15 +80,19 @@ async def test_source_cancel_reaches_the_receiving_destination(
 async def test_source_vanishing_mid_frame_is_connection_lost(
     server: Server, recorder: Recorder
 ) -> None:
-    """Half a frame then a hang-up ends the destination's session with ConnectionLost."""
+    """Half a frame then a hang-up ends the destination's session with ConnectionLost,
+    and the session warns: data was cut off."""
     peer = await RawPeer.open(server.address)
     assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
     await peer.send(Tag.DEVICES, announce(1))
     frame = peer.encode(Tag.PRECOPY_DATA, device=0, payload=b"p" * 10000)
-    peer.writer.write(frame[: len(frame) // 2])
-    await peer.close()
-    await recorder.done.wait()
+    with capture_logs() as logs:
+        peer.writer.write(frame[: len(frame) // 2])
+        await peer.close()
+        await recorder.done.wait()
     assert isinstance(recorder.error, ConnectionLost)
+    assert not isinstance(recorder.error, PeerHungUp)
+    assert [e["log_level"] for e in logs if e["event"] == "session_aborted"] == ["warning"]
     assert isinstance(recorder.error.__cause__, EOFError)
     assert "mid-frame" in str(recorder.error.__cause__)
     session = await source(server)
@@ -111,7 +117,9 @@ async def test_destination_vanishing_is_connection_lost_at_the_source(
 
 
 async def test_frames_before_a_clean_hang_up_are_delivered(recorder: Recorder) -> None:
-    """The verdict sent just before the destination closes still reaches the source."""
+    """The verdict sent just before the destination closes still reaches the source; the
+    hang-up after it is PeerHungUp, which the session notes without a warning (the
+    engine knows whether more was due)."""
 
     async def verdict_then_close(session: Session) -> None:
         await session.recv()
@@ -121,10 +129,12 @@ async def test_frames_before_a_clean_hang_up_are_delivered(recorder: Recorder) -
         "127.0.0.1:0", verdict_then_close, name="dest", auth=AuthConfig(psk=PSK)
     ) as server:
         session = await source(server)
-        verdict = await session.recv()
-        assert verdict.fields()["reason"] == "refused"
-        with pytest.raises(ConnectionLost):
-            await session.recv()
+        with capture_logs() as logs:
+            verdict = await session.recv()
+            assert verdict.fields()["reason"] == "refused"
+            with pytest.raises(PeerHungUp):
+                await session.recv()
+    assert [e["log_level"] for e in logs if e["event"] == "session_aborted"] == ["info"]
 
 
 async def test_failing_handler_aborts_only_its_session(recorder: Recorder) -> None:
