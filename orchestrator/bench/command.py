@@ -77,8 +77,9 @@ _PERCENTILES = ("min", "median", "p90", "max")
 def _bench_report(
     args: argparse.Namespace, runs: list[dict[str, Any]], summary: dict[str, Any]
 ) -> int:
-    for stats in runs:
-        stats.pop("history", None)
+    if not (args.json and args.history):
+        for stats in runs:
+            stats.pop("history", None)
     if args.json:
         cli._print_json(runs[0] if len(runs) == 1 else {"summary": summary, "runs": runs})
     elif len(runs) > 1:

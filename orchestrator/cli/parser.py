@@ -313,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the convergence")
     bench.add_argument(
+        "--history",
+        action="store_true",
+        help="with --json: keep each run's pre-copy iterations (what the switchover rule saw)",
+    )
+    bench.add_argument(
         "--in-process",
         action="store_true",
         help="both ends in this process (bench/inprocess.py)",

@@ -96,6 +96,22 @@ def test_the_bench_reads_bandwidth_like_every_other_command() -> None:
         assert bench_command.bench_options(args).max_bandwidth_mbps == mbps
 
 
+def test_bench_json_keeps_the_iterations_only_when_asked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``bench --json --history`` gives each run the pre-copy samples the switchover rule
+    saw; plain ``--json`` leaves them out."""
+    small = ["bench", "--in-process", "--devices", "1", "--state-mib", "1", "--repeat", "2"]
+    assert cli.main([*small, "--json", "--history"]) == cli.EXIT_OK
+    runs = json.loads(capsys.readouterr().out)["runs"]
+    assert len(runs) == 2
+    for run in runs:
+        assert run["history"], "each run has its iterations"
+        assert {"t_s", "pending_bytes", "expected_downtime_ms"} <= run["history"][0].keys()
+    assert cli.main([*small, "--json"]) == cli.EXIT_OK
+    assert all("history" not in run for run in json.loads(capsys.readouterr().out)["runs"])
+
+
 @pytest.mark.parametrize("text", ["0", "-5", "fast", "10 furlongs/s", "inf"])
 def test_a_bandwidth_that_is_none_of_those_is_a_usage_error(
     text: str, capsys: pytest.CaptureFixture[str]
