@@ -31,9 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
+import structlog
+
 from devices import fsm
 from devices.errors import ArcFailed, ChannelClosedError, InvalidStateError
 from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
+
+log = structlog.get_logger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 #: One chunk of the device's migration stream: buffers sent back to back.
@@ -91,6 +95,46 @@ class SaveChannel(Channel):
     @abc.abstractmethod
     async def wait_readable(self) -> None:
         """Return once a read may yield data or the permanent end (poll for POLLIN)."""
+
+
+class DriverSaveChannel(SaveChannel):
+    """A saving session read piece by piece from a driver (VFIO's data fd, a vfio-user
+    server): what each read's bytes mean for the stream, the same for both drivers."""
+
+    #: Which byte of the stream's first piece the corrupt_stream fault flips.
+    spoil_at: ClassVar[int] = 0
+
+    def __init__(self, device: MigratableDevice) -> None:
+        super().__init__(device)
+        #: Whether the permanent end of stream was read (STOP_COPY).
+        self.ended = False
+        #: Bytes of the stream returned so far.
+        self.offset = 0
+        #: Fault injection (corrupt_stream): spoil the stream's first piece.
+        self.corrupt = False
+        self._idle = False
+
+    def took(self, data: Buffer, state: State) -> Chunk | None:
+        """What a read that got ``data`` while the device was in ``state`` returns: the
+        chunk; at no data, the permanent end ``()`` in STOP_COPY, else None (nothing now)."""
+        if data:
+            self._idle = False
+            if self.offset == 0 and self.corrupt:
+                spoiled = bytearray(data)
+                spoiled[self.spoil_at] ^= 0xFF
+                data = spoiled
+                log.warning("fault_corrupt_stream", device=self.device.name)
+            self.offset += len(data)
+            return (data,)
+        if state == State.STOP_COPY:
+            self.ended = True
+            return ()
+        self._idle = True
+        return None
+
+    def waits_idle(self) -> bool:
+        """Whether the last read found nothing for now, so a wait should not spin."""
+        return self._idle and self.device.state != State.STOP_COPY
 
 
 class ResumeChannel(Channel):

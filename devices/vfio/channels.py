@@ -8,13 +8,11 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import structlog
-
 from devices.base import (
     Buffer,
     Chunk,
+    DriverSaveChannel,
     ResumeChannel,
-    SaveChannel,
 )
 from devices.errors import (
     ChannelIOError,
@@ -25,7 +23,6 @@ from devices.vfio.uapi import os_error
 if TYPE_CHECKING:
     from devices.vfio.device import VfioDevice
 
-log = structlog.get_logger(__name__)
 
 #: Largest piece read from a saving data fd at once.
 READ_SIZE = 1 << 20
@@ -103,24 +100,19 @@ class _FdChannel:
         self.fd = -1
 
 
-class VfioSaveChannel(SaveChannel):
+class VfioSaveChannel(DriverSaveChannel):
     """The saving data fd: PRE_COPY, PRE_COPY_P2P and STOP_COPY share it."""
 
     #: After a "nothing now" read, how long wait_readable waits at least: drivers
     #: without a poll handler (mtty) report the fd readable all the time, and the
     #: caller would spin.
     idle_wait = 0.02
+    #: The corrupt_stream fault flips the first byte (mtty checks its header's magic).
+    spoil_at = 0
 
     def __init__(self, device: VfioDevice, fd: int) -> None:
         super().__init__(device)
         self.io = _FdChannel(fd)
-        self._idle = False
-        #: Whether the permanent end of stream was read (STOP_COPY).
-        self.ended = False
-        #: Bytes of the stream returned so far.
-        self.offset = 0
-        #: Fault injection (VfioFaults.corrupt_stream): corrupt the stream's first byte.
-        self.corrupt = False
 
     @property
     def fd(self) -> int:
@@ -138,29 +130,17 @@ class VfioSaveChannel(SaveChannel):
                 continue
             except OSError as exc:
                 if exc.errno == errno.ENOMSG and state != State.STOP_COPY:
-                    self._idle = True
-                    return None
+                    return self.took(b"", state)
                 raise os_error(
                     self.device.name, "read(data_fd)", state, exc, ChannelIOError
                 ) from exc
-            if data:
-                self._idle = False
-                if self.offset == 0 and self.corrupt:
-                    data = bytes([data[0] ^ 0xFF]) + data[1:]
-                    log.warning("vfio_fault_corrupt_stream", device=self.device.name)
-                self.offset += len(data)
-                return (data,)
-            if state == State.STOP_COPY:
-                self.ended = True
-                return ()
-            self._idle = True
-            return None
+            return self.took(data, state)
 
     async def wait_readable(self) -> None:
         self.check_open()
         loop = asyncio.get_running_loop()
-        idle = self._idle and self.device.state != State.STOP_COPY
-        await self.io.wait(loop.add_reader, loop.remove_reader, self.idle_wait if idle else 0.0)
+        idle_wait = self.idle_wait if self.waits_idle() else 0.0
+        await self.io.wait(loop.add_reader, loop.remove_reader, idle_wait)
         self.check_open()
 
     def replace_fd(self, fd: int) -> None:

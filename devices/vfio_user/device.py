@@ -63,10 +63,10 @@ from devices.base import (
     Buffer,
     Chunk,
     DeviceDescriptor,
+    DriverSaveChannel,
     MigratableDevice,
     PrecopyInfo,
     ResumeChannel,
-    SaveChannel,
 )
 from devices.errors import (
     ChannelIOError,
@@ -96,18 +96,17 @@ class VfioUserFaults:
     corrupt_stream: bool = False
 
 
-class VfioUserSaveChannel(SaveChannel):
+class VfioUserSaveChannel(DriverSaveChannel):
     """The saving stream: MIG_DATA_READ until 0 bytes (see the module's rule)."""
 
     #: How long a reader at the temporary end waits before polling again, in seconds.
     idle_wait = 0.01
+    #: The corrupt_stream fault flips the first piece's last byte (see VfioUserFaults).
+    spoil_at = -1
 
     def __init__(self, device: VfioUserDevice) -> None:
         super().__init__(device)
         self.vu = device
-        self.offset = 0
-        self.ended = False
-        self._idle = False
         self._torn = False
         self._changed = asyncio.Event()
         self.corrupt = device.faults.corrupt_stream
@@ -125,24 +124,11 @@ class VfioUserSaveChannel(SaveChannel):
             self._torn = True
             raise
         self.check_open()
-        if data:
-            self._idle = False
-            if self.offset == 0 and self.corrupt:
-                spoiled = bytearray(data)
-                spoiled[-1] ^= 0xFF
-                data = memoryview(spoiled)
-                log.warning("vfio_user_fault_corrupt_stream", device=self.device.name)
-            self.offset += len(data)
-            return (data,)
-        if state == State.STOP_COPY:
-            self.ended = True
-            return ()
-        self._idle = True
-        return None
+        return self.took(data, state)
 
     async def wait_readable(self) -> None:
         self.check_open()
-        if self._idle and self.device.state != State.STOP_COPY:
+        if self.waits_idle():
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self.idle_wait)
