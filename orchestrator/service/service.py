@@ -489,6 +489,21 @@ class Service:
         return [r for r in self.outgoing.values() if r.migration.stats.status not in FINAL_STATUSES]
 
     def _active(self, migration_id: str | None) -> Outgoing:
+        """The outgoing migration a command acts on (cancel, continue, set), still running.
+
+        An incoming migration, named or the only one running when none goes out, is
+        refused with WrongState sending the operator to its source, which drives it.
+        """
+        active = [r for r in self.incoming.values() if r.status == "active"]
+        incoming = self.incoming.get(migration_id or "")
+        if migration_id is None and not self._running() and len(active) == 1:
+            incoming = active[0]
+        if incoming is not None:
+            raise ControlError(
+                "WrongState",
+                f"migration {incoming.id} is incoming from {incoming.peer} ({incoming.status}); "
+                "its source drives it: cancel it on its source (livemig cancel there)",
+            )
         record = self._outgoing(migration_id)
         if record.migration.stats.status in FINAL_STATUSES:
             raise ControlError(

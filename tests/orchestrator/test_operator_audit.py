@@ -98,10 +98,6 @@ async def restart_source(pair: Pair, log_name: str) -> None:
 # -- races with a running migration -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: cancel on the destination of an incoming migration says 'no migration'",
-)
 async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path) -> None:
     """While a migration runs, a second migrate, resume, arming, a fixed parameter or a
     continue is refused on either host naming the migration, and nothing moves; cancel
