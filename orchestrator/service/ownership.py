@@ -14,6 +14,11 @@ for it (``migrate-incoming``), or devices configured with ``accept_incoming = tr
 while they hold no workload here (idle or migrated away). An arm is spent when a
 migration into the device commits; a failed attempt before COMMIT leaves it armed, so
 the source may retry.
+
+One daemon per state file: a book holds an exclusive lock on ``.NAME.lock`` beside it
+until closed (the kernel drops it when the process dies), since two daemons writing
+one file would overwrite each other's fences. Records of devices the config no longer
+names are kept in the file, so a device left out for one restart finds its fence again.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import fcntl
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -138,11 +145,44 @@ class OwnershipBook:
         self.accept_incoming = frozenset(accept_incoming)
         self.records: dict[str, Record] = {}
         self.arms: dict[str, Arm] = {}
-        stored = self._load()
-        for name in devices:
-            default = Owner.IDLE if name in self.accept_incoming else Owner.RUNNING_HERE
-            self.records[name] = stored.get(name, Record(default))
-        self._save()
+        self._unlock = self._lock()
+        try:
+            stored = self._load()
+            for name in devices:
+                default = Owner.IDLE if name in self.accept_incoming else Owner.RUNNING_HERE
+                self.records[name] = stored.get(name, Record(default))
+            #: Records of devices the config does not name: kept, never acted on.
+            self._unconfigured = {n: r for n, r in stored.items() if n not in self.records}
+            if self._unconfigured:
+                log.warning("owner_records_kept", devices=sorted(self._unconfigured))
+            self._save()
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock(self) -> Callable[[], None]:
+        """Lock the state file for this book; ValueError naming it when a daemon holds it."""
+        if self.path is None:
+            return lambda: None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"state file {self.path} is in use by another daemon (pid {holder}); "
+                "give each daemon its own state_file"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return weakref.finalize(self, os.close, fd)
+
+    def close(self) -> None:
+        """Release the state file (idempotent; also when the book is collected)."""
+        self._unlock()
 
     def _load(self) -> dict[str, Record]:
         """The records of the state file; ValueError naming the file when it is damaged."""
@@ -165,9 +205,11 @@ class OwnershipBook:
             return
         document = {
             "version": STATE_FILE_VERSION,
-            "devices": {name: record.as_dict() for name, record in self.records.items()},
+            "devices": {
+                name: record.as_dict()
+                for name, record in (self._unconfigured | self.records).items()
+            },
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         with open(temporary, "w", encoding="utf-8") as file:
             json.dump(document, file, indent=1)

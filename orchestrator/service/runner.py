@@ -3,8 +3,8 @@
 :class:`Runner` builds and opens the devices, starts the listeners (the control socket
 last, so a client that reaches it finds a ready daemon), tells systemd it is ready,
 waits for SIGTERM/SIGINT, then cancels the migrations in flight (source devices
-RUNNING again), stops the listeners in reverse order collecting their errors, and
-closes the devices.
+RUNNING again), stops the listeners in reverse order collecting their errors, closes
+the devices and releases the state file.
 """
 
 from __future__ import annotations
@@ -145,6 +145,8 @@ class Runner:
                 errors.append((device.name, exc))
         states = {d.name: d.state.name for d in self.devices}
         self.devices.clear()
+        if self.service is not None:
+            self.service.book.close()  # the state file is free for the next daemon
         for what, error in errors:
             log.error("cleanup_failed", what=what, error=repr(error))
         if states:

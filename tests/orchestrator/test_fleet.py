@@ -147,9 +147,9 @@ async def test_the_evacuation_example_empties_a_host_byte_exact() -> None:
     assert all(line.endswith("byte-exact") for line in finals)
 
 
-def test_the_budget_is_split_max_min_fair() -> None:
+def test_the_budget_is_split_max_min_fair(tmp_path: Path) -> None:
     """Equal parts, except that a migration capped lower leaves its unused part to the rest."""
-    config = parse(f"max_total_bandwidth = {30 * MB}\n")
+    config = parse(f'control_socket = "{tmp_path}/c.sock"\nmax_total_bandwidth = {30 * MB}\n')
     service = Service(config, [])
     caps = {"a": None, "b": 2 * MB, "c": None}
     for name, cap in caps.items():

@@ -252,7 +252,6 @@ async def test_a_source_killed_in_the_switchover_stays_fenced_until_the_operator
 # -- config and state-file mistakes ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hole: nothing stops two daemons sharing a state file")
 async def test_a_second_daemon_on_the_same_state_file_is_refused(tmp_path: Path) -> None:
     """Two daemons sharing a state file would overwrite each other's fences: the second
     refuses to start naming the file, and the first one's records stay."""
@@ -277,7 +276,6 @@ async def test_a_second_daemon_on_the_same_state_file_is_refused(tmp_path: Path)
         await second.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: nothing stops two daemons sharing a state file")
 def test_one_state_file_admits_one_book_at_a_time(tmp_path: Path) -> None:
     """An ownership book holds its state file until closed; another is refused meanwhile."""
     path = tmp_path / "owners.json"
@@ -288,9 +286,6 @@ def test_one_state_file_admits_one_book_at_a_time(tmp_path: Path) -> None:
     OwnershipBook(path, ["a"]).close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: a restart drops the records of devices not in the config"
-)
 def test_a_fence_outlives_a_config_that_left_its_device_out(tmp_path: Path) -> None:
     """A device left out of the config for one restart keeps its record for the next:
     dropping it would let a migrated-away device start running here again."""

@@ -17,6 +17,7 @@ def test_records_survive_a_new_book_on_the_same_file(tmp_path: Path) -> None:
     assert book.get("a").owner == Owner.RUNNING_HERE
     assert book.get("b").owner == Owner.IDLE
     book.set(["a"], Owner.OUTCOME_UNKNOWN, peer="dst:7070", migration_id="m1", reason="r")
+    book.close()  # the daemon exited
     again = OwnershipBook(path, ["a", "b", "c"])
     assert again.get("a").owner == Owner.OUTCOME_UNKNOWN
     assert again.get("a").peer == "dst:7070"
