@@ -38,6 +38,13 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
         return cli._fail(args, cli.EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
+    if args.devices < 0 or (args.devices == 0 and not args.ram_mib):
+        return cli._fail(
+            args,
+            cli.EXIT_USAGE,
+            "InvalidParameter",
+            "--devices must be at least 1 (or 0 with --ram-mib)",
+        )
     if args.net is not None:
         try:
             args.net = LinkSpec.parse(args.net)

@@ -107,6 +107,22 @@ def _number(kind: type[int] | type[float], optional: bool) -> Callable[[str], An
     return parse
 
 
+def _positive(kind: type[int] | type[float]) -> Callable[[str], Any]:
+    """An argparse type: a finite number > 0 (a count, a size, a timeout)."""
+    name = "a whole number" if kind is int else "a number"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be {name} > 0, got {text!r}")
+        return value
+
+    return parse
+
+
 def _unit(name: str) -> str:
     if "bandwidth" in name:
         return "MB/s, or 500MB/s, 1GiB/s, ...; "
@@ -286,17 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="devices to arm (default: every idle or migrated-away device)",
     )
     incoming.add_argument("--from", dest="peer", metavar="NAME", help="only this source daemon")
-    incoming.add_argument("--timeout-s", type=float, metavar="S", help="the arm lapses after S")
+    incoming.add_argument(
+        "--timeout-s", type=_positive(float), metavar="S", help="the arm lapses after S"
+    )
 
     events = command("events", "print the daemon's events as they come")
     events.add_argument(
         "--event", action="append", dest="events", metavar="NAME", help="only these (repeatable)"
     )
-    events.add_argument("--count", type=int, help="stop after this many events")
+    events.add_argument("--count", type=_positive(int), help="stop after this many events")
 
     bench = command("bench", "a whole migration between two local daemons", control=False)
     bench.add_argument("--devices", type=int, default=4, help="simulated devices (default 4)")
-    bench.add_argument("--state-mib", type=float, default=16, help="state per device (MiB)")
+    bench.add_argument(
+        "--state-mib", type=_positive(float), default=16, help="state per device (MiB)"
+    )
     bench.add_argument("--dirty-mbps", type=float, default=10, help="dirty rate per device")
     bench.add_argument("--ram-mib", type=float, default=0, help="add a RAM device this big")
     bench.add_argument("--ram-dirty-mbps", type=float, default=0)

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
+from orchestrator.cli.commands import main
 from orchestrator.cli.parser import build_parser
 from orchestrator.service.config import ConfigError, parse
 from orchestrator.service.ownership import Owner, OwnershipBook
 from orchestrator.service.protocol import ControlError
-from tests.orchestrator.test_daemon import DEADLINE, Pair, running_pair, write_pair, write_psk
+from tests.orchestrator.test_daemon import DEADLINE, Pair, running_pair, write_pair
 from tests.pki import make_pki
 
 NAMES = ("sim0", "idle0", "ram0")
@@ -316,7 +317,6 @@ def test_a_tls_certificate_that_does_not_match_its_key_is_named(tmp_path: Path) 
 def test_a_psk_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     """A psk_file that is a folder (unreadable as a key) is refused naming it and why."""
     (tmp_path / "keys").mkdir()
-    write_psk(tmp_path / "psk", "a" * 32)
     text = f'control_socket = "{tmp_path}/c.sock"\n[auth]\npsk_file = "keys"\n'
     with pytest.raises(ConfigError) as refused:
         parse(text, file=str(tmp_path / "d.toml"))
@@ -326,28 +326,13 @@ def test_a_psk_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        pytest.param(
-            ["events", "--count", "0"],
-            "--count: must be a whole number > 0, got '0'",
-            marks=pytest.mark.xfail(strict=True, reason="hole: the parser takes any number"),
-        ),
-        pytest.param(
-            ["events", "--count", "-3"],
-            "--count: must be a whole number > 0, got '-3'",
-            marks=pytest.mark.xfail(strict=True, reason="hole: the parser takes any number"),
-        ),
-        pytest.param(
-            ["incoming", "--timeout-s", "-1"],
-            "--timeout-s: must be a number > 0, got '-1'",
-            marks=pytest.mark.xfail(strict=True, reason="hole: the parser takes any number"),
-        ),
-        pytest.param(
-            ["incoming", "--timeout-s", "nan"],
-            "--timeout-s: must be a number > 0, got 'nan'",
-            marks=pytest.mark.xfail(strict=True, reason="hole: the parser takes any number"),
-        ),
+        (["events", "--count", "0"], "--count: must be a whole number > 0, got '0'"),
+        (["events", "--count", "-3"], "--count: must be a whole number > 0, got '-3'"),
+        (["incoming", "--timeout-s", "-1"], "--timeout-s: must be a number > 0, got '-1'"),
+        (["incoming", "--timeout-s", "nan"], "--timeout-s: must be a number > 0, got 'nan'"),
         (["incoming", "--devices", "a,,b"], "empty device name in 'a,,b'"),
         (["resume"], "the following arguments are required: DEVICE"),
+        (["bench", "--state-mib", "0"], "--state-mib: must be a number > 0, got '0'"),
     ],
 )
 def test_command_line_values_out_of_range_are_usage_errors(
@@ -358,3 +343,9 @@ def test_command_line_values_out_of_range_are_usage_errors(
         build_parser().parse_args(argv)
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_bench_of_no_devices_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench --devices 0`` without a RAM device exits 2 saying so (it raised a traceback)."""
+    assert main(["bench", "--devices", "0"]) == 2
+    assert "--devices must be at least 1 (or 0 with --ram-mib)" in capsys.readouterr().err
