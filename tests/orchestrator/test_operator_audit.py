@@ -323,6 +323,33 @@ def test_a_psk_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     assert f"auth.psk_file: cannot read {tmp_path / 'keys'}: Is a directory" in str(refused.value)
 
 
+@pytest.mark.xfail(strict=True, reason="hole: the bind fails later blaming another process")
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            'listen = ["127.0.0.1:7391", "127.0.0.1:7391"]',
+            "listen: 127.0.0.1:7391 is also listen: each of this daemon's listeners needs",
+        ),
+        (
+            'listen = ["0.0.0.0:7391"]\nmetrics = 7391\n[auth]\ninsecure = true',
+            "metrics: 127.0.0.1:7391 is also listen (0.0.0.0:7391)",
+        ),
+        ('listen = ["unix:c.sock"]', "control_socket: unix:{folder}/c.sock is also listen"),
+    ],
+    ids=["listen-twice", "metrics-on-listen", "control-socket-on-listen"],
+)
+def test_a_daemon_listening_twice_on_one_address_is_named(
+    tmp_path: Path, lines: str, message: str
+) -> None:
+    """Two of a daemon's own listeners on one address are a config mistake named at its
+    key, not a bind error at start that blames another process."""
+    text = f'control_socket = "c.sock"\n{lines}\n'
+    with pytest.raises(ConfigError) as refused:
+        parse(text, file=str(tmp_path / "d.toml"))
+    assert message.format(folder=tmp_path) in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
