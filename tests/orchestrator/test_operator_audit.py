@@ -323,7 +323,6 @@ def test_a_psk_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     assert f"auth.psk_file: cannot read {tmp_path / 'keys'}: Is a directory" in str(refused.value)
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the bind fails later blaming another process")
 @pytest.mark.parametrize(
     ("lines", "message"),
     [
