@@ -181,6 +181,14 @@ async def test_cancel_in_the_switchover_before_commit_rolls_the_fence_back(
         assert await owners(pair.src) == dict.fromkeys(NAMES, ("PRE_COPY", "outcome unknown"))
         refused = await refusal(pair.src, "migrate-continue")
         assert refused.error_class == "WrongState"
+        # Mid-switchover a live parameter is taken (the stop bound in force stays the
+        # one set when the switchover began); a fixed one is refused by name.
+        changed = await pair.src.execute(
+            "migrate-set-parameters", parameters={"downtime_limit_ms": 5000, "max_stop_ms": 9000}
+        )
+        assert (changed["downtime_limit_ms"], changed["max_stop_ms"]) == (5000, 9000)
+        refused = await refusal(pair.src, "migrate-set-parameters", parameters={"channels": 2})
+        assert "channels cannot change during a migration" in refused.desc
         await pair.src.execute("migrate-cancel")
         await pair.migration_event("cancelled")
         assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
@@ -248,6 +256,43 @@ async def test_a_source_killed_in_the_switchover_stays_fenced_until_the_operator
         assert code == 0, err
         assert json.loads(out) == dict.fromkeys(NAMES, "RUNNING")
         assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+
+
+async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of the destination before COMMIT: the source rolls back with its records
+    restored; the restarted destination holds nothing as received, and its arms did not
+    survive the restart, so a retry needs the operator's consent again."""
+    async with killable_pair(tmp_path) as pair:
+        parameters = {"pause_before_switchover": True, "link_timeout_s": 30}
+        await pair.src.execute("migrate", destination=pair.address, parameters=parameters)
+        await pair.migration_event("pre-switchover")
+        pair.destination.signal(signal.SIGSTOP)
+        await pair.src.execute("migrate-continue")
+        await pair.migration_event("device")
+        await pair.destination.kill()
+        failed = await pair.migration_event("failed")
+        assert failed["data"]["stats"]["outcome"] == "source"
+        assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+        with contextlib.suppress(Exception):
+            await pair.dst.close()
+        pair.destination = DaemonProcess(
+            pair.destination.config,
+            name="destination-again",
+            log_file=tmp_path / "destination-again.log",
+        )
+        await pair.destination.start(tmp_path / "destination.sock")
+        pair.dst = await pair.destination.client()
+        assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+        pair.address = (await pair.dst.execute("query-daemon"))["listen"][0]
+        code, _, err = await pair.cli("migrate", "--to", pair.address)
+        assert code == 1
+        assert "sim0 is not armed to receive (owner here: running here)" in err
+        await pair.dst.execute("migrate-incoming", devices=list(NAMES), **{"from": "source"})
+        code, _, err = await pair.cli("migrate", "--to", pair.address)
+        assert code == 0, err
+        assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "received"))
 
 
 # -- config and state-file mistakes ------------------------------------------------------------
