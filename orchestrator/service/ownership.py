@@ -199,28 +199,35 @@ class OwnershipBook:
         except (OSError, ValueError, AttributeError) as exc:
             raise ValueError(f"state file {self.path}: {exc}") from exc
 
-    def _save(self) -> None:
-        """Write every record atomically, durable before returning."""
+    def _save(self, records: Mapping[str, Record] | None = None) -> None:
+        """Write every record (``records``: those about to be) atomically, durable before
+        returning; OSError naming the state file when it cannot be written."""
         if self.path is None:
             return
+        records = self.records if records is None else records
         document = {
             "version": STATE_FILE_VERSION,
             "devices": {
-                name: record.as_dict()
-                for name, record in (self._unconfigured | self.records).items()
+                name: record.as_dict() for name, record in {**self._unconfigured, **records}.items()
             },
         }
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(temporary, "w", encoding="utf-8") as file:
-            json.dump(document, file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, self.path)
-        folder = os.open(self.path.parent, os.O_RDONLY)
         try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(temporary, "w", encoding="utf-8") as file:
+                json.dump(document, file, indent=1)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, self.path)
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"cannot write the state file {self.path}: {exc.strerror or exc}"
+            ) from exc
 
     def get(self, name: str) -> Record:
         """A device's record."""
@@ -228,8 +235,9 @@ class OwnershipBook:
 
     def restore(self, records: Mapping[str, Record]) -> None:
         """Put earlier records back (a switchover that rolled back) and make it durable."""
-        self.records.update(records)
-        self._save()
+        updated = self.records | dict(records)
+        self._save(updated)
+        self.records = updated
         log.info("owner_restored", devices=list(records))
 
     def set(
@@ -241,12 +249,13 @@ class OwnershipBook:
         migration_id: str | None = None,
         reason: str | None = None,
     ) -> None:
-        """Change the records of ``names`` and make the change durable."""
+        """Change the records of ``names`` and make the change durable; on OSError (the
+        state file cannot be written) the records stay as they were."""
         at = now_iso()
         names = list(names)
-        for name in names:
-            self.records[name] = Record(owner, peer, migration_id, at, reason)
-        self._save()
+        updated = self.records | {n: Record(owner, peer, migration_id, at, reason) for n in names}
+        self._save(updated)
+        self.records = updated
         log.info(
             "owner_changed",
             devices=names,

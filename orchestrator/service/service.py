@@ -449,7 +449,10 @@ class Service:
             log.exception("migration_crashed", migration_id=stats.migration_id)
             migration.record_crash(exc)
         finally:
-            self._outgoing_ended(migration)
+            try:
+                self._outgoing_ended(migration)
+            except OSError as exc:  # the records keep their fence; the devices must be freed
+                log.critical("owner_record_failed", migration_id=stats.migration_id, error=str(exc))
             self._release(stats.migration_id)
             self._share_bandwidth()
             if self.metrics is not None:

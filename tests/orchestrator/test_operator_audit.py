@@ -295,7 +295,6 @@ async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
         assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "received"))
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a failed record write kills the migration task")
 async def test_a_fence_that_cannot_be_written_keeps_the_workload_at_the_source(
     tmp_path: Path,
 ) -> None:
