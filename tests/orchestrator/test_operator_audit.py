@@ -106,10 +106,24 @@ async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path)
     source, destination = write_pair(tmp_path)
     async with running_pair(tmp_path, source, destination) as pair:
         await pair.dst.subscribe(["INCOMING_MIGRATION"])
-        started = await pair.src.execute(
-            "migrate", destination=pair.address, parameters=NEVER_CONVERGES
+        refused = await refusal(pair.src, "migrate", destination=pair.address, devices=["sim0"] * 2)
+        assert "device names must be unique" in refused.desc
+        # Two operators at once, on two connections, for the same devices: one wins.
+        other = await pair.source.client()
+        both = await asyncio.gather(
+            *(
+                client.execute("migrate", destination=pair.address, parameters=NEVER_CONVERGES)
+                for client in (pair.src, other)
+            ),
+            return_exceptions=True,
         )
+        await other.close()
+        started = next(r for r in both if isinstance(r, dict))
+        lost = next(r for r in both if not isinstance(r, dict))
+        assert isinstance(lost, ControlError), lost
+        assert lost.error_class == "DeviceBusy"
         mid = started["id"]
+        assert f"(migration {mid})" in lost.desc
         await pair.src.next_event(lambda m: m["event"] == "MIGRATION_PASS", DEADLINE)
         busy = f"(migration {mid})"
         on_source = [
