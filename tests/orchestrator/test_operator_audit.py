@@ -272,6 +272,35 @@ async def test_a_source_killed_in_the_switchover_stays_fenced_until_the_operator
         assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
 
 
+async def test_sigterm_at_the_switchover_barrier_rolls_back_before_exiting(tmp_path: Path) -> None:
+    """SIGTERM while the switchover waits at its barrier (fence written, no COMMIT): the
+    source daemon rolls back, puts its records back, exits 0, and restarts running."""
+    async with killable_pair(tmp_path) as pair:
+        parameters = {"pause_before_switchover": True, "link_timeout_s": 30}
+        await pair.src.execute("migrate", destination=pair.address, parameters=parameters)
+        await pair.migration_event("pre-switchover")
+        pair.destination.signal(signal.SIGSTOP)
+        await pair.src.execute("migrate-continue")
+        await pair.migration_event("device")
+        pair.source.signal(signal.SIGTERM)
+        cancelled = await pair.migration_event("cancelled")
+        assert "SIGTERM" in cancelled["data"]["error"]
+        assert cancelled["data"]["stats"]["outcome"] == "source"
+        assert await pair.source.wait() == 0
+        stored = json.loads((tmp_path / "source.owners.json").read_text())
+        assert {r["owner"] for r in stored["devices"].values()} == {"running here"}
+        pair.destination.signal(signal.SIGCONT)
+        assert (await incoming_ended(pair))["status"] == "failed"
+        with contextlib.suppress(Exception):
+            await pair.src.close()
+        pair.source = DaemonProcess(
+            pair.source.config, name="source-again", log_file=tmp_path / "source-again.log"
+        )
+        await pair.source.start(tmp_path / "source.sock")
+        pair.src = await pair.source.client()
+        assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+
+
 async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
     tmp_path: Path,
 ) -> None:
