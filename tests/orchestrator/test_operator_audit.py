@@ -180,6 +180,42 @@ async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path)
         assert all(a is not None and a["peer"] == "source" for a in armed.values()), armed
 
 
+@pytest.mark.xfail(strict=True, reason="hole: the source is told the device does not exist")
+async def test_an_offer_for_a_device_a_migration_holds_there_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """A source offering a device that an outgoing migration on the destination holds
+    (still connecting, the device RUNNING) is refused as busy with that migration, not
+    told the device does not exist; nothing moves on either side."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    source, destination = write_pair(tmp_path)
+    try:
+        async with running_pair(tmp_path, source, destination) as pair:
+            outgoing = await pair.dst.execute(
+                "migrate",
+                destination=f"127.0.0.1:{port}",
+                devices=["sim0"],
+                parameters={"connect_timeout_s": 60},
+            )
+            code, _, err = await pair.cli("migrate", "--to", pair.address)
+            assert code == 1
+            assert f"sim0: busy (migration {outgoing['id']} holds it here)" in err
+            assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+            await pair.dst.execute("migrate-cancel")
+            assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+    finally:
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
 async def test_cancel_in_the_switchover_before_commit_rolls_the_fence_back(
     tmp_path: Path,
 ) -> None:
