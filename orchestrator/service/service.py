@@ -94,8 +94,9 @@ class _ClaimOnLookup(Mapping[str, MigratableDevice]):
     DestinationMigration looks up the offered names and refuses the lot when one is
     missing or neither RUNNING nor STOP; a device claimed by another migration in one of
     those two states (that migration has not moved it yet, or has loaded it and waits
-    for COMMIT) is hidden, so two migrations never both take it. Claims are released
-    when the incoming migration ends.
+    for COMMIT) is refused as busy with that migration, so two migrations never both
+    take it and the source is told why. Claims are released when the incoming
+    migration ends.
     """
 
     def __init__(self, service: Service, migration_id: str) -> None:
@@ -106,7 +107,7 @@ class _ClaimOnLookup(Mapping[str, MigratableDevice]):
         device = self._service.devices[name]
         owner = self._service.owners.setdefault(name, self._id)
         if owner != self._id and device.state in (State.RUNNING, State.STOP):
-            raise KeyError(name)
+            raise Refused(f"{name}: busy (migration {owner} holds it here)")
         return device
 
     def __iter__(self) -> Iterator[str]:

@@ -21,6 +21,7 @@ import pytest
 
 from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
+from orchestrator.engine.destination import Refused
 from orchestrator.service.client import ControlClient
 from orchestrator.service.config import parse
 from orchestrator.service.service import Service, _ClaimOnLookup
@@ -405,5 +406,6 @@ async def test_a_device_another_migration_loaded_is_not_offered_to_a_second_one(
     first, second = _ClaimOnLookup(service, "first"), _ClaimOnLookup(service, "second")
     assert first.get("sim0") is device
     await device.set_state(State.STOP)  # loaded and validated; waiting for COMMIT
-    assert second.get("sim0") is None
+    with pytest.raises(Refused, match=r"sim0: busy \(migration first holds it here\)"):
+        second.get("sim0")
     assert service.owners == {"sim0": "first"}

@@ -180,7 +180,6 @@ async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path)
         assert all(a is not None and a["peer"] == "source" for a in armed.values()), armed
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the source is told the device does not exist")
 async def test_an_offer_for_a_device_a_migration_holds_there_is_refused_naming_it(
     tmp_path: Path,
 ) -> None:
