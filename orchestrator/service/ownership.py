@@ -304,12 +304,12 @@ class OwnershipBook:
             self.arms.pop(name, None)
 
     def armed(self) -> dict[str, dict[str, Any]]:
-        """The current arms, for query-devices."""
+        """The arms that admit now, for query-devices (a lapsed one is not shown)."""
         now = self._clock()
         result = {}
         for name in self.records:
             arm = self.arm_of(name)
-            if arm is None:
+            if arm is None or (arm.expires is not None and now > arm.expires):
                 continue
             expires_in = None if arm.expires is None else round(arm.expires - now, 3)
             result[name] = {"peer": arm.peer, "expires_in_s": expires_in, "standing": arm.standing}

@@ -446,7 +446,6 @@ def test_a_fence_outlives_a_config_that_left_its_device_out(tmp_path: Path) -> N
     again.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: livemig devices shows a lapsed arm as armed")
 def test_a_lapsed_arm_is_not_shown_as_armed() -> None:
     """Once an arm's timeout passed, ``query-devices`` (``livemig devices``) no longer
     shows the device armed, while a source that tries is still told the arm expired."""
