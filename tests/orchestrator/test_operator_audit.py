@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 
+from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli.commands import main
 from orchestrator.cli.parser import build_parser
 from orchestrator.service.config import ConfigError, parse
 from orchestrator.service.ownership import Owner, OwnershipBook
 from orchestrator.service.protocol import ControlError
+from orchestrator.service.service import Service
 from tests.orchestrator.test_daemon import DEADLINE, Pair, running_pair, write_pair
 from tests.pki import make_pki
 
@@ -444,6 +446,32 @@ def test_a_fence_outlives_a_config_that_left_its_device_out(tmp_path: Path) -> N
     assert again.get("a").owner == Owner.MIGRATED_AWAY
     assert again.get("a").migration_id == "m1"
     again.close()
+
+
+@pytest.mark.xfail(strict=True, reason="hole: a fenced device found in PRE_COPY keeps running")
+async def test_a_restart_stops_a_fenced_device_it_finds_running_in_precopy(
+    tmp_path: Path,
+) -> None:
+    """A device whose record says its workload is elsewhere is stopped at start in any
+    running state, PRE_COPY too (a backend whose device outlived a killed daemon)."""
+    config = parse(
+        f'control_socket = "{tmp_path}/c.sock"\n'
+        '[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\n'
+    )
+    assert config.state_file is not None
+    book = OwnershipBook(config.state_file, ["sim0"])
+    book.set(["sim0"], Owner.MIGRATED_AWAY, peer="dst:7070", migration_id="m1")
+    book.close()
+    device = config.devices[0].build()
+    await device.open()
+    try:
+        await device.set_state(State.PRE_COPY)  # as the daemon killed mid-migration left it
+        service = Service(config, [device])
+        await service.fence()
+        assert device.state == State.STOP
+        service.book.close()
+    finally:
+        await device.close()
 
 
 def test_a_lapsed_arm_is_not_shown_as_armed() -> None:
