@@ -22,7 +22,7 @@ import structlog
 import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError
-from devices.fsm import State
+from devices.fsm import RUNNING_STATES, State
 from orchestrator.engine.destination import DestinationMigration, Offer, Refused
 from orchestrator.engine.errors import MigrationBlocked, MigrationError
 from orchestrator.engine.phases import PhaseError
@@ -521,7 +521,7 @@ class Service:
         """At start: a device whose workload is elsewhere (by the record) must not run here."""
         for name, device in self.devices.items():
             record = self.book.get(name)
-            if record.owner in FENCED_OWNERS and device.state in (State.RUNNING, State.RUNNING_P2P):
+            if record.owner in FENCED_OWNERS and device.state in RUNNING_STATES:
                 log.warning("device_fenced", device=name, record=record.as_dict())
                 try:
                     await device.set_state(State.STOP)

@@ -448,7 +448,6 @@ def test_a_fence_outlives_a_config_that_left_its_device_out(tmp_path: Path) -> N
     again.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a fenced device found in PRE_COPY keeps running")
 async def test_a_restart_stops_a_fenced_device_it_finds_running_in_precopy(
     tmp_path: Path,
 ) -> None:
