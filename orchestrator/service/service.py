@@ -506,7 +506,7 @@ class Service:
             raise ControlError(
                 "WrongState",
                 f"migration {incoming.id} is incoming from {incoming.peer} ({incoming.status}); "
-                "its source drives it: cancel it on its source (livemig cancel there)",
+                "its source drives it: cancel, continue or set it on its source",
             )
         record = self._outgoing(migration_id)
         if record.migration.stats.status in FINAL_STATUSES:

@@ -159,8 +159,15 @@ async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path)
             ("migrate-incoming", {"devices": ["sim0"]}, "DeviceBusy", busy),
             ("migrate", {"destination": "127.0.0.1:9", "devices": ["sim0"]}, "DeviceBusy", busy),
             # The incoming migration is the source's to cancel: say so, not "no migration".
-            ("migrate-cancel", {"id": mid}, "WrongState", "cancel it on its source"),
-            ("migrate-cancel", {}, "WrongState", "cancel it on its source"),
+            ("migrate-cancel", {"id": mid}, "WrongState", "it on its source"),
+            ("migrate-cancel", {}, "WrongState", f"migration {mid} is incoming from source"),
+            ("migrate-continue", {}, "WrongState", "cancel, continue or set it on its source"),
+            (
+                "migrate-set-parameters",
+                {"id": mid, "parameters": {"downtime_limit_ms": 5}},
+                "WrongState",
+                "cancel, continue or set it on its source",
+            ),
         ]
         for command, arguments, error_class, text in on_destination:
             refused = await refusal(pair.dst, command, **arguments)
