@@ -306,9 +306,15 @@ class Service:
         if self.stopping:
             raise ControlError("WrongState", "the daemon is shutting down")
         try:
-            transport.parse_address(destination)
+            kind, _, port = transport.parse_address(destination)
         except ValueError as exc:
             raise ControlError("InvalidParameter", f"destination: {exc}") from None
+        if kind == "tcp" and port == 0:
+            raise ControlError(
+                "InvalidParameter",
+                f"destination: port 0 in {destination!r} is no daemon's port; give the port "
+                "the destination listens on (livemig status there)",
+            )
         self._refuse_self(destination)
         names = list(self.devices) if names is None else names
         if not names:

@@ -255,7 +255,6 @@ async def test_cancel_in_the_switchover_before_commit_rolls_the_fence_back(
         assert {owner for _, owner in (await owners(pair.dst)).values()} <= {"idle", "running here"}
 
 
-@pytest.mark.xfail(strict=True, reason="hole: port 0 is taken as a destination and retried")
 async def test_a_destination_on_port_zero_is_refused_before_anything_starts(
     tmp_path: Path,
 ) -> None:
