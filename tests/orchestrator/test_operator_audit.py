@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,12 @@ from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli.commands import main
 from orchestrator.cli.parser import build_parser
+from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, parse
 from orchestrator.service.ownership import Owner, OwnershipBook
 from orchestrator.service.protocol import ControlError
 from orchestrator.service.service import Service
+from tests.orchestrator.conftest import Spec
 from tests.orchestrator.test_daemon import DEADLINE, Pair, running_pair, write_pair
 from tests.pki import make_pki
 
@@ -266,6 +268,39 @@ async def test_a_destination_on_port_zero_is_refused_before_anything_starts(
         assert refused.error_class == "InvalidParameter"
         assert "destination: port 0" in refused.desc
         assert await pair.src.execute("query-migrations") == []
+
+
+async def test_cancel_and_resume_just_after_commit_are_refused(
+    make_ends: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Once COMMIT is sent (the destination holds its "resumed" verdict), ``cancel`` is
+    refused as past the point of no return and ``resume --force`` as busy; the migration
+    then completes and the source's records say migrated away."""
+    ends = await make_ends([Spec("sim0", seed=1), Spec("sim1", seed=2)], hold_verdicts="resumed")
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), ends.sources)
+    commands = Commands(service)
+    try:
+        record = service.start_migration(ends.address, None, {})
+        gate = await ends.held_verdict()
+        with pytest.raises(ControlError) as refused:
+            await commands.migrate_cancel()
+        assert refused.value.error_class == "WrongState"
+        assert "past the point of no return" in refused.value.desc
+        with pytest.raises(ControlError) as busy:
+            await commands.device_resume(["sim0"], force=True)
+        assert busy.value.error_class == "DeviceBusy"
+        gate.open.set()
+        assert record.task is not None
+        await record.task
+        assert record.migration.stats.status == "completed"
+        assert {service.book.get(n).owner for n in ("sim0", "sim1")} == {Owner.MIGRATED_AWAY}
+        with pytest.raises(ControlError) as late:
+            await commands.migrate_cancel()
+        assert f"migration {record.migration.stats.migration_id} is already completed" in (
+            late.value.desc
+        )
+    finally:
+        service.book.close()
 
 
 # -- a daemon killed and restarted ---------------------------------------------------------------
