@@ -74,6 +74,7 @@ from orchestrator.engine.params import MigrationParams
 from orchestrator.service.control import subject_pattern
 from orchestrator.service.devicetables import DeviceConfig as DeviceConfig
 from orchestrator.service.devicetables import device_config
+from orchestrator.service.listeners import shared_address
 from orchestrator.service.protocol import DEFAULT_SOCKET
 from orchestrator.service.tomlreader import ConfigError as ConfigError
 from orchestrator.service.tomlreader import KeyPath, Reader
@@ -223,15 +224,12 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
         document, (), "state_file", str, str(control.parent / f"{name}.owners.json")
     )
     remote = _remote_control(reader, reader.get(document, (), "control", dict, None), base)
-    _refuse_shared_addresses(
-        reader,
-        [
-            *((("listen",), a) for a in listen),
-            *([(("metrics",), f"{metrics[0]}:{metrics[1]}")] if metrics else []),
-            *([(("control", "tcp"), remote.address)] if remote else []),
-            (("control_socket",), f"unix:{control}"),
-        ],
-    )
+    bound = [("listen", a) for a in listen] + [("control_socket", f"unix:{control}")]
+    bound += [("metrics", f"{metrics[0]}:{metrics[1]}")] if metrics else []
+    bound += [("control.tcp", remote.address)] if remote else []
+    shared = shared_address(bound)
+    if shared is not None:  # else the bind fails at start, as if another process held it
+        raise reader.error(tuple(shared[0].split(".")), shared[1])
     migration = _migration(reader, reader.get(document, (), "migration", dict, {}))
     daemon = reader.get(document, (), "daemon", dict, {})
     reader.refuse_unknown(
@@ -287,29 +285,6 @@ def _refuse_open_listeners(reader: Reader, listen: list[str], auth: AuthSettings
             "peer could send migrations here; add psk_file or TLS under [auth], or set "
             "[auth] insecure = true to accept that",
         )
-
-
-def _refuse_shared_addresses(reader: Reader, bound: list[tuple[KeyPath, str]]) -> None:
-    """Two of this daemon's listeners on one address: name both (the bind would fail at
-    start saying the address is in use, as if another process held it)."""
-    seen: list[tuple[KeyPath, str, tuple[str, str, int]]] = []
-    for path, address in bound:
-        kind, host, port = parse_address(address)
-        for other_path, other, (other_kind, other_host, other_port) in seen:
-            if kind != other_kind or (kind == "tcp" and (port == 0 or port != other_port)):
-                continue
-            wildcard = "" in (host, other_host) or {host, other_host} & {"0.0.0.0", "::"}
-            loopback = _is_loopback(host) and _is_loopback(other_host)
-            if host == other_host or wildcard or (kind == "tcp" and loopback):
-                also = ".".join(map(str, other_path))
-                if other != address:
-                    also += f" ({other})"
-                raise reader.error(
-                    path,
-                    f"{address} is also {also}: each of this daemon's listeners needs "
-                    "its own address",
-                )
-        seen.append((path, address, (kind, host, port)))
 
 
 def _is_loopback(host: str) -> bool:

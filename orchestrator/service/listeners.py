@@ -9,7 +9,7 @@ import contextlib
 import ipaddress
 import os
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -122,3 +122,27 @@ def listens_on(address: str, listening: Iterable[str]) -> bool:
             if own[1] in WILDCARDS and is_local(host):
                 return True
     return False
+
+
+def shared_address(bound: Sequence[tuple[str, str]]) -> tuple[str, str] | None:
+    """The first (key, why) of ``bound`` (key, address) pairs whose listener could not
+    bind beside an earlier one, naming both; None when they all can."""
+    for index, (key, address) in enumerate(bound):
+        for other_key, other in bound[:index]:
+            if clashes(address, other):
+                also = other_key if other == address else f"{other_key} ({other})"
+                return key, f"{address} is also {also}: each listener needs its own address"
+    return None
+
+
+def clashes(address: str, other: str) -> bool:
+    """Whether listeners on ``address`` and ``other`` (both valid) could not both bind."""
+    kind, host, port = transport.parse_address(address)
+    other_kind, other_host, other_port = transport.parse_address(other)
+    if kind != other_kind:
+        return False
+    if kind == "unix":
+        return host == other_host
+    if port == 0 or port != other_port:
+        return False
+    return same_host(host, other_host) or host in WILDCARDS or other_host in WILDCARDS

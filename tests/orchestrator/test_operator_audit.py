@@ -567,7 +567,7 @@ def test_a_psk_file_that_cannot_be_read_is_named(tmp_path: Path) -> None:
     [
         (
             'listen = ["127.0.0.1:7391", "127.0.0.1:7391"]',
-            "listen: 127.0.0.1:7391 is also listen: each of this daemon's listeners needs",
+            "listen: 127.0.0.1:7391 is also listen: each listener needs its own address",
         ),
         (
             'listen = ["0.0.0.0:7391"]\nmetrics = 7391\n[auth]\ninsecure = true',
