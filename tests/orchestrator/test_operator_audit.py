@@ -21,12 +21,13 @@ from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli.commands import main
 from orchestrator.cli.parser import build_parser
+from orchestrator.engine.stats import Status
 from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, parse
 from orchestrator.service.ownership import Owner, OwnershipBook
 from orchestrator.service.protocol import ControlError
 from orchestrator.service.service import Service
-from tests.orchestrator.conftest import Spec
+from tests.orchestrator.conftest import Spec, wait_status
 from tests.orchestrator.test_daemon import DEADLINE, Pair, running_pair, write_pair
 from tests.pki import make_pki
 
@@ -299,6 +300,32 @@ async def test_cancel_and_resume_just_after_commit_are_refused(
         assert f"migration {record.migration.stats.migration_id} is already completed" in (
             late.value.desc
         )
+    finally:
+        service.book.close()
+
+
+@pytest.mark.xfail(
+    strict=True, reason="hole: migrate-switchover on a paused migration does nothing"
+)
+async def test_force_switchover_on_a_paused_migration_points_to_continue(
+    make_ends: Callable[..., Any], tmp_path: Path
+) -> None:
+    """``migrate-switchover`` while paused before the switchover would do nothing (the
+    pause waits for continue): it is refused saying so; ``continue`` then completes."""
+    ends = await make_ends([Spec("sim0", seed=1)])
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), ends.sources)
+    commands = Commands(service)
+    try:
+        record = service.start_migration(ends.address, None, {"pause_before_switchover": True})
+        await wait_status(record.migration, Status.PRE_SWITCHOVER)
+        with pytest.raises(ControlError) as refused:
+            await commands.migrate_switchover()
+        assert refused.value.error_class == "WrongState"
+        assert "paused before the switchover: migrate-continue" in refused.value.desc
+        await commands.migrate_continue()
+        assert record.task is not None
+        await record.task
+        assert record.migration.stats.status == Status.COMPLETED
     finally:
         service.book.close()
 
