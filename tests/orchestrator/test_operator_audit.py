@@ -17,10 +17,13 @@ from typing import Any
 
 import pytest
 
+import transport
 from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli.commands import main
 from orchestrator.cli.parser import build_parser
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Status
 from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, parse
@@ -30,6 +33,7 @@ from orchestrator.service.service import Service
 from tests.orchestrator.conftest import Spec, wait_status
 from tests.orchestrator.test_daemon import DEADLINE, Pair, running_pair, write_pair
 from tests.pki import make_pki
+from transport import AuthConfig
 
 NAMES = ("sim0", "idle0", "ram0")
 #: Pre-copy that never converges, and a link that outlives a frozen peer for the test.
@@ -329,6 +333,49 @@ async def test_force_switchover_on_a_paused_migration_waits_for_continue(
         assert record.migration.stats.status == Status.COMPLETED
     finally:
         service.book.close()
+
+
+@pytest.mark.xfail(strict=True, reason="hole: shutdown cancels an incoming migration past COMMIT")
+async def test_stopping_a_destination_just_after_commit_lets_it_resume(tmp_path: Path) -> None:
+    """SIGTERM on the destination while it resumes devices after COMMIT does not cancel
+    that migration (the source has given the workload away): the devices reach RUNNING,
+    the record says received, and the source completes."""
+    spec = Spec("sim0", seed=1)
+    source, target = spec.build(source=True), spec.build(source=False)
+    for device in (source, target):
+        await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
+    service.book.arm(["sim0"], None, None)
+    resuming, release = asyncio.Event(), asyncio.Event()
+    set_state = target.set_state
+
+    async def held_resume(state: State) -> None:
+        if target.state == State.STOP and state in (State.RUNNING_P2P, State.RUNNING):
+            resuming.set()  # only after COMMIT does the destination resume
+            await release.wait()
+        await set_state(state)
+
+    target.set_state = held_resume  # type: ignore[method-assign]
+    server = await transport.serve("127.0.0.1:0", service.accept, name="dst", auth=AuthConfig())
+    migration = SourceMigration([source], server.address, MigrationParams(), auth=AuthConfig())
+    try:
+        run = asyncio.create_task(migration.run())
+        await resuming.wait()
+        stopping = asyncio.create_task(service.shutdown("SIGTERM"))
+        await asyncio.sleep(0)  # one turn: shutdown runs to its first await (its decision)
+        release.set()
+        await stopping
+        stats = await run
+        assert stats.outcome == "destination"
+        assert target.state == State.RUNNING
+        assert service.book.get("sim0").owner == Owner.RECEIVED
+    finally:
+        release.set()
+        server.close()
+        await server.wait_closed()
+        service.book.close()
+        for device in (source, target):
+            await device.close()
 
 
 # -- a daemon killed and restarted ---------------------------------------------------------------
