@@ -537,7 +537,9 @@ class Service:
     # -- shutdown -----------------------------------------------------------------------------
 
     async def shutdown(self, reason: str) -> None:
-        """Cancel every migration in flight and wait for the rollbacks."""
+        """Cancel every migration in flight and wait for the rollbacks; one past COMMIT
+        (either way) is left to finish, since the workload then belongs to the
+        destination."""
         self.stopping = True
         tasks: list[asyncio.Task[Any]] = []
         for record in self.outgoing.values():
@@ -551,9 +553,14 @@ class Service:
                     )
                 tasks.append(record.task)
         for incoming in self.incoming.values():
-            if incoming.task is not None and not incoming.task.done():
+            if incoming.task is None or incoming.task.done():
+                continue
+            if incoming.migration is not None and incoming.migration.committed:
+                # The source gave the workload away: let the resume finish, never cancel it.
+                log.warning("incoming_past_commit_at_shutdown", migration_id=incoming.id)
+            else:
                 incoming.task.cancel()
-                tasks.append(incoming.task)
+            tasks.append(incoming.task)
         if tasks:
             log.info("cancelling_migrations", count=len(tasks), reason=reason)
             _, pending = await asyncio.wait(tasks, timeout=30)

@@ -335,7 +335,6 @@ async def test_force_switchover_on_a_paused_migration_waits_for_continue(
         service.book.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: shutdown cancels an incoming migration past COMMIT")
 async def test_stopping_a_destination_just_after_commit_lets_it_resume(tmp_path: Path) -> None:
     """SIGTERM on the destination while it resumes devices after COMMIT does not cancel
     that migration (the source has given the workload away): the devices reach RUNNING,
