@@ -22,6 +22,7 @@ from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli.commands import main
 from orchestrator.cli.parser import build_parser
+from orchestrator.engine.destination import Refused
 from orchestrator.engine.params import MigrationParams
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Status
@@ -29,7 +30,7 @@ from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, parse
 from orchestrator.service.ownership import Owner, OwnershipBook
 from orchestrator.service.protocol import ControlError
-from orchestrator.service.service import Service
+from orchestrator.service.service import Service, _ClaimOnLookup
 from tests.orchestrator.conftest import Spec, wait_status
 from tests.orchestrator.test_daemon import DEADLINE, Pair, running_pair, write_pair
 from tests.pki import make_pki
@@ -375,6 +376,47 @@ async def test_stopping_a_destination_just_after_commit_lets_it_resume(tmp_path:
         service.book.close()
         for device in (source, target):
             await device.close()
+
+
+@pytest.mark.xfail(strict=True, reason="hole: a device being resumed is free for a migration")
+async def test_a_device_the_operator_is_resuming_is_busy_for_migrations(tmp_path: Path) -> None:
+    """While ``resume`` walks a device back to RUNNING (a real backend's arcs take time),
+    an arm, an outgoing migration or an incoming offer for it is refused as busy, so
+    two walks never drive one device at once."""
+    device = Spec("sim0", seed=1).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    commands = Commands(service)
+    await device.set_state(State.STOP)
+    service.book.set(["sim0"], Owner.OUTCOME_UNKNOWN, peer="dst:7070", migration_id="m1")
+    walking, release = asyncio.Event(), asyncio.Event()
+    set_state = device.set_state
+
+    async def slow_arc(state: State) -> None:
+        walking.set()
+        await release.wait()
+        await set_state(state)
+
+    device.set_state = slow_arc  # type: ignore[method-assign]
+    try:
+        resume = asyncio.create_task(commands.device_resume(["sim0"], force=True))
+        await walking.wait()
+        with pytest.raises(ControlError) as armed:
+            await commands.migrate_incoming(devices=["sim0"])
+        assert armed.value.error_class == "DeviceBusy"
+        with pytest.raises(ControlError) as outgoing:
+            service.start_migration("127.0.0.1:9", ["sim0"], {})
+        assert outgoing.value.error_class == "DeviceBusy"
+        with pytest.raises(Refused, match="sim0: busy"):
+            _ClaimOnLookup(service, "incoming")["sim0"]
+        release.set()
+        assert await resume == {"sim0": "RUNNING"}
+        assert service.owners == {}
+        assert service.book.get("sim0").owner == Owner.RUNNING_HERE
+    finally:
+        release.set()
+        service.book.close()
+        await device.close()
 
 
 # -- a daemon killed and restarted ---------------------------------------------------------------
