@@ -22,6 +22,8 @@ from transport.checks import has_type
 
 log = structlog.get_logger(__name__)
 
+#: What holds a device in Service.owners while ``device-resume`` walks it to RUNNING.
+RESUMING_TOKEN = "operator-resume"
 #: Events the daemon emits; ``subscribe`` takes any subset.
 EVENTS = ("MIGRATION", "MIGRATION_PASS", "INCOMING_MIGRATION", "DEVICE_STATE", "SHUTDOWN")
 
@@ -180,18 +182,25 @@ class Commands:
             log.critical(
                 "device_resume_forced", device=name, record=self.service.book.get(name).as_dict()
             )
-        notes = await resume_in_order(chosen, log)
-        taken_back = [
-            d.name
-            for d in chosen
-            if self.service.book.get(d.name).owner in (*FENCED_OWNERS, Owner.STOPPED)
-        ]
-        if taken_back:
-            self.service.book.set(
-                taken_back,
-                Owner.RUNNING_HERE,
-                reason="resumed by the operator" + (" (forced)" if fenced else ""),
-            )
+        # Held like a migration's while the arcs run, so no arm, migration or offer
+        # drives these devices at the same time.
+        for device in chosen:
+            self.service.owners[device.name] = RESUMING_TOKEN
+        try:
+            notes = await resume_in_order(chosen, log)
+            taken_back = [
+                d.name
+                for d in chosen
+                if self.service.book.get(d.name).owner in (*FENCED_OWNERS, Owner.STOPPED)
+            ]
+            if taken_back:
+                self.service.book.set(
+                    taken_back,
+                    Owner.RUNNING_HERE,
+                    reason="resumed by the operator" + (" (forced)" if fenced else ""),
+                )
+        finally:
+            self.service._release(RESUMING_TOKEN)
         for device in chosen:
             log.warning(
                 "device_resumed_by_operator", device=device.name, note=notes.get(device.name)

@@ -378,7 +378,6 @@ async def test_stopping_a_destination_just_after_commit_lets_it_resume(tmp_path:
             await device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a device being resumed is free for a migration")
 async def test_a_device_the_operator_is_resuming_is_busy_for_migrations(tmp_path: Path) -> None:
     """While ``resume`` walks a device back to RUNNING (a real backend's arcs take time),
     an arm, an outgoing migration or an incoming offer for it is refused as busy, so
