@@ -109,6 +109,7 @@ async def restart_source(pair: Pair, log_name: str) -> None:
 # -- races with a running migration -----------------------------------------------------------
 
 
+@pytest.mark.xfail(strict=True, reason="hole: digests of a device a migration holds are taken")
 async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path) -> None:
     """While a migration runs, a second migrate, resume, arming, a fixed parameter or a
     continue is refused on either host naming the migration, and nothing moves; cancel
@@ -141,6 +142,7 @@ async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path)
             ("migrate", {"destination": "127.0.0.1:9", "devices": ["idle0"]}, "DeviceBusy", busy),
             ("device-resume", {"devices": ["sim0"], "force": True}, "DeviceBusy", busy),
             ("migrate-incoming", {"devices": ["sim0"]}, "DeviceBusy", busy),
+            ("query-digests", {"devices": ["sim0"]}, "DeviceBusy", busy),
             (
                 "migrate-set-parameters",
                 {"parameters": {"channels": 4}},
@@ -166,6 +168,7 @@ async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path)
             ("device-resume", {"devices": ["sim0"], "force": True}, "DeviceBusy", busy),
             ("migrate-incoming", {"devices": ["sim0"]}, "DeviceBusy", busy),
             ("migrate", {"destination": "127.0.0.1:9", "devices": ["sim0"]}, "DeviceBusy", busy),
+            ("query-digests", {"devices": ["sim0"]}, "DeviceBusy", busy),
             # The incoming migration is the source's to cancel: say so, not "no migration".
             ("migrate-cancel", {"id": mid}, "WrongState", "it on its source"),
             ("migrate-cancel", {}, "WrongState", f"migration {mid} is incoming from source"),
@@ -412,6 +415,46 @@ async def test_a_device_the_operator_is_resuming_is_busy_for_migrations(tmp_path
         assert await resume == {"sim0": "RUNNING"}
         assert service.owners == {}
         assert service.book.get("sim0").owner == Owner.RUNNING_HERE
+    finally:
+        release.set()
+        service.book.close()
+        await device.close()
+
+
+@pytest.mark.xfail(strict=True, reason="hole: a digest walks a device a migration may take")
+async def test_a_device_being_digested_is_busy_for_migrations(tmp_path: Path) -> None:
+    """``digests`` walks a real device aside (to STOP_COPY and back): meanwhile an arm,
+    an outgoing migration, a resume or a second digest of it is refused as busy."""
+    device = Spec("sim0", seed=1).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    commands = Commands(service)
+    walking, release = asyncio.Event(), asyncio.Event()
+    digest = device.digest
+
+    async def slow_digest() -> bytes:
+        walking.set()
+        await release.wait()
+        return await digest()
+
+    device.digest = slow_digest  # type: ignore[method-assign]
+    try:
+        first = asyncio.create_task(commands.query_digests(["sim0"]))
+        await walking.wait()
+        for attempt in (
+            commands.migrate_incoming(devices=["sim0"]),
+            commands.device_resume(["sim0"]),
+            commands.query_digests(["sim0"]),
+        ):
+            with pytest.raises(ControlError) as busy:
+                await attempt
+            assert busy.value.error_class == "DeviceBusy"
+        with pytest.raises(ControlError) as outgoing:
+            service.start_migration("127.0.0.1:9", ["sim0"], {})
+        assert outgoing.value.error_class == "DeviceBusy"
+        release.set()
+        assert set(await first) == {"sim0"}
+        assert service.owners == {}
     finally:
         release.set()
         service.book.close()
