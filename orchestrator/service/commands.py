@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 
 import structlog
@@ -22,10 +23,13 @@ from transport.checks import has_type
 
 log = structlog.get_logger(__name__)
 
-#: What holds a device in Service.owners while ``device-resume`` walks it to RUNNING.
-RESUMING_TOKEN = "operator-resume"
 #: Events the daemon emits; ``subscribe`` takes any subset.
 EVENTS = ("MIGRATION", "MIGRATION_PASS", "INCOMING_MIGRATION", "DEVICE_STATE", "SHUTDOWN")
+
+
+def _hold_token(what: str) -> str:
+    """A holder for Service.owners while a command walks devices (not a migration id)."""
+    return f"{what}-{uuid.uuid4().hex[:6]}"
 
 
 class Commands:
@@ -153,9 +157,20 @@ class Commands:
         ]
 
     async def query_digests(self, devices: list[str] | None = None) -> dict[str, str]:
-        """SHA-256 of each device's whole state (to prove a migration byte-exact)."""
+        """SHA-256 of each device's whole state (to prove a migration byte-exact).
+
+        A real device is walked aside to take it, so a device that a migration may
+        still move is refused (DeviceBusy), and the devices are held meanwhile.
+        """
         chosen = [self.service._device(str(n)) for n in (devices or list(self.service.devices))]
-        return {d.name: (await d.digest()).hex() for d in chosen}
+        self.service.refuse_busy([d.name for d in chosen if self.service.may_move(d.name)])
+        token = _hold_token("digest")
+        for device in chosen:  # from an incoming migration past its resume, too
+            self.service.owners[device.name] = token
+        try:
+            return {d.name: (await d.digest()).hex() for d in chosen}
+        finally:
+            self.service._release(token)
 
     async def device_resume(self, devices: list[Any], force: bool = False) -> dict[str, str]:
         """Bring devices no migration holds back to RUNNING in P2P order; states by name.
@@ -184,8 +199,9 @@ class Commands:
             )
         # Held like a migration's while the arcs run, so no arm, migration or offer
         # drives these devices at the same time.
+        token = _hold_token("operator-resume")
         for device in chosen:
-            self.service.owners[device.name] = RESUMING_TOKEN
+            self.service.owners[device.name] = token
         try:
             notes = await resume_in_order(chosen, log)
             taken_back = [
@@ -200,7 +216,7 @@ class Commands:
                     reason="resumed by the operator" + (" (forced)" if fenced else ""),
                 )
         finally:
-            self.service._release(RESUMING_TOKEN)
+            self.service._release(token)
         for device in chosen:
             log.warning(
                 "device_resumed_by_operator", device=device.name, note=notes.get(device.name)

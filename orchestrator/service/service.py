@@ -293,6 +293,19 @@ class Service:
             which = "another migration" if another else "a migration"
             raise ControlError("DeviceBusy", f"devices in {which}: {', '.join(busy)}")
 
+    def may_move(self, name: str) -> bool:
+        """Whether what holds ``name`` may still change its state: anything but an
+        incoming migration past its resume (it only closes its session now)."""
+        holder = self.owners.get(name)
+        if holder is None:
+            return False
+        incoming = self.incoming.get(holder)
+        if incoming is None:
+            return True
+        return incoming.migration is not None and not (
+            incoming.migration.committed and incoming.migration.results
+        )
+
     def _release(self, migration_id: str) -> None:
         for name in [n for n, owner in self.owners.items() if owner == migration_id]:
             del self.owners[name]

@@ -109,7 +109,6 @@ async def restart_source(pair: Pair, log_name: str) -> None:
 # -- races with a running migration -----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hole: digests of a device a migration holds are taken")
 async def test_commands_racing_a_migration_are_refused_naming_it(tmp_path: Path) -> None:
     """While a migration runs, a second migrate, resume, arming, a fixed parameter or a
     continue is refused on either host naming the migration, and nothing moves; cancel
@@ -421,7 +420,6 @@ async def test_a_device_the_operator_is_resuming_is_busy_for_migrations(tmp_path
         await device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a digest walks a device a migration may take")
 async def test_a_device_being_digested_is_busy_for_migrations(tmp_path: Path) -> None:
     """``digests`` walks a real device aside (to STOP_COPY and back): meanwhile an arm,
     an outgoing migration, a resume or a second digest of it is refused as busy."""
