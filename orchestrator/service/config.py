@@ -209,6 +209,10 @@ def parse(text: str, *, file: str = "<config>") -> DaemonConfig:
     name = reader.get(document, (), "name", str, socket.gethostname())
     if not name or len(name) > 64:
         raise reader.error(("name",), "must be 1 to 64 characters")
+    if not re.fullmatch(r"[\w.-]+", name, re.ASCII) or name.startswith("."):
+        raise reader.error(
+            ("name",), f"must be letters, digits, '.', '-' or '_' (a host name), got {name!r}"
+        )
     control = base / reader.get(document, (), "control_socket", str, str(DEFAULT_SOCKET))
     listen_value = reader.get(document, (), "listen", (str, list), [])
     listen = [listen_value] if isinstance(listen_value, str) else listen_value

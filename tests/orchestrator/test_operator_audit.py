@@ -744,7 +744,6 @@ def test_a_daemon_listening_twice_on_one_address_is_named(
     assert message.format(folder=tmp_path) in str(refused.value)
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a name with a slash moves the state file")
 @pytest.mark.parametrize("name", ["a/b", "../x", "two words", "tab\\there"])
 def test_a_daemon_name_that_is_no_plain_name_is_refused(tmp_path: Path, name: str) -> None:
     """The name picks the default state file (NAME.owners.json) and travels in
