@@ -459,6 +459,27 @@ async def test_a_device_being_digested_is_busy_for_migrations(tmp_path: Path) ->
         await device.close()
 
 
+@pytest.mark.xfail(strict=True, reason="hole: arming a device that runs a workload is silent")
+async def test_arming_a_device_that_runs_a_workload_here_says_what_it_risks(
+    tmp_path: Path,
+) -> None:
+    """``livemig incoming --devices`` naming a device that runs a workload here (a typo
+    for another device, say) arms it, as documented, and warns that a migration into
+    it replaces that workload's state."""
+    source, destination = write_pair(tmp_path)
+    async with running_pair(tmp_path, source, destination, arm=False) as pair:
+        code, out, err = await pair.cli("incoming", "--devices", "sim0,idle0", "--from", "x")
+        assert code == 0, err
+        assert out.strip() == "armed sim0, idle0 to receive one migration from x"
+        assert (
+            "warning: sim0, idle0 run a workload here (owner: running here); a migration "
+            "into them replaces its state" in err
+        )
+        armed = {d["name"]: d["armed"] for d in await pair.src.execute("query-devices")}
+        assert armed["sim0"] is not None
+        assert armed["ram0"] is None
+
+
 # -- a daemon killed and restarted ---------------------------------------------------------------
 
 
