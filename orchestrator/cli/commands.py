@@ -34,6 +34,8 @@ EXIT_OUTCOME_UNKNOWN = 7
 EXIT_SPLIT = 8
 EXIT_INTERRUPTED = 130
 
+#: Owners (query-devices) whose device runs a workload on the daemon's host.
+_WORKLOAD_OWNERS = ("running here", "received")
 _STATUS_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 _OUTCOME_EXIT = {"unknown": EXIT_OUTCOME_UNKNOWN, "split": EXIT_SPLIT}
 
@@ -316,6 +318,18 @@ async def _cmd_incoming(args: argparse.Namespace, client: Any) -> int:
     else:
         sender = f" from {result['from']}" if result["from"] else ""
         print(f"armed {', '.join(result['armed'])} to receive one migration{sender}")
+    # Only named devices can be running a workload here: say what arming them risks.
+    devices = await client.execute("query-devices")
+    running = [
+        d for d in devices if d["name"] in result["armed"] and d["owner"] in _WORKLOAD_OWNERS
+    ]
+    if running:
+        owners = ", ".join(sorted({d["owner"] for d in running}))
+        print(
+            f"livemig incoming: warning: {', '.join(d['name'] for d in running)} run a "
+            f"workload here (owner: {owners}); a migration into them replaces its state",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -459,7 +459,6 @@ async def test_a_device_being_digested_is_busy_for_migrations(tmp_path: Path) ->
         await device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: arming a device that runs a workload is silent")
 async def test_arming_a_device_that_runs_a_workload_here_says_what_it_risks(
     tmp_path: Path,
 ) -> None:
