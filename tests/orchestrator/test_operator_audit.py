@@ -479,6 +479,23 @@ async def test_arming_a_device_that_runs_a_workload_here_says_what_it_risks(
         assert armed["ram0"] is None
 
 
+@pytest.mark.xfail(strict=True, reason="hole: set on the defaults reads like a live change")
+async def test_set_says_when_it_changed_the_defaults_rather_than_a_migration(
+    tmp_path: Path,
+) -> None:
+    """``livemig set`` on a daemon that sends no migration (its destination, say, while
+    one arrives) changes the defaults for the next one and says so, not only the
+    values, which read like a live change."""
+    source, destination = write_pair(tmp_path)
+    async with running_pair(tmp_path, source, destination) as pair:
+        code, out, err = await pair.cli("set", "--downtime-limit-ms", "70")
+        assert code == 0, err
+        assert out.splitlines()[0] == (
+            "no migration runs from this daemon: these are the defaults of the next one"
+        )
+        assert "downtime_limit_ms" in out.splitlines()[1]
+
+
 # -- a daemon killed and restarted ---------------------------------------------------------------
 
 
