@@ -265,10 +265,20 @@ async def _cmd_set(args: argparse.Namespace, client: Any) -> int:
     result = await client.execute("migrate-set-parameters", **arguments)
     if args.json:
         _print_json(result)
-    else:
-        for key in parameters:
-            print(param_line(key, result[key]))
+        return EXIT_OK
+    # Without --id and with nothing going out the daemon changed its defaults: say so,
+    # since the values alone read like a change to the migration one may be watching.
+    if args.id is None and not await _sending(client):
+        print("no migration runs from this daemon: these are the defaults of the next one")
+    for key in parameters:
+        print(param_line(key, result[key]))
     return EXIT_OK
+
+
+async def _sending(client: Any) -> bool:
+    """Whether an outgoing migration of this daemon still runs."""
+    migrations = await client.execute("query-migrations")
+    return any(m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT for m in migrations)
 
 
 async def _cmd_params(args: argparse.Namespace, client: Any) -> int:

@@ -479,7 +479,6 @@ async def test_arming_a_device_that_runs_a_workload_here_says_what_it_risks(
         assert armed["ram0"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="hole: set on the defaults reads like a live change")
 async def test_set_says_when_it_changed_the_defaults_rather_than_a_migration(
     tmp_path: Path,
 ) -> None:
