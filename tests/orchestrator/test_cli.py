@@ -11,12 +11,11 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from importlib import metadata
 from pathlib import Path
 
 import pytest
-import structlog
 
 from orchestrator.bench import command as bench_command
 from orchestrator.cli import commands as cli
@@ -25,13 +24,6 @@ from orchestrator.engine.params import MigrationParams
 from orchestrator.service.config import parse
 from orchestrator.service.protocol import ControlError
 from tests.orchestrator.test_daemon import DEADLINE, ROOT, Pair, start_pair
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``main`` configures structlog for the process; put the defaults back for other tests."""
-    yield
-    structlog.reset_defaults()
 
 
 def test_every_migration_parameter_has_an_option() -> None:

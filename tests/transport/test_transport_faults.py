@@ -134,7 +134,7 @@ async def test_frames_before_a_clean_hang_up_are_delivered(recorder: Recorder) -
             assert verdict.fields()["reason"] == "refused"
             with pytest.raises(PeerHungUp):
                 await session.recv()
-    assert [e["log_level"] for e in logs if e["event"] == "session_aborted"] == ["info"]
+    assert [e for e in logs if e["log_level"] in ("warning", "error", "critical")] == []
 
 
 async def test_failing_handler_aborts_only_its_session(recorder: Recorder) -> None:
