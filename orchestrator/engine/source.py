@@ -142,6 +142,10 @@ class SourceMigration(Phased):
         self._synced = asyncio.Event()
         self._continue = asyncio.Event()
         self._verdicts: asyncio.Queue[Verdict | BaseException] = asyncio.Queue()
+        #: The verdict the destination may send now ("loaded" once END_OF_STREAM went,
+        #: "resumed" once COMMIT went), one each: any other but "failed" is a protocol
+        #: error, or a stray "loaded" queued early would answer the window's wait.
+        self._expected_verdict: str | None = None
         self._link_error: BaseException | None = None
         self._reader_error: BaseException | None = None
         self._body: asyncio.Task[None] | None = None
@@ -574,6 +578,15 @@ class SourceMigration(Phased):
                     self._wakeup.set()
                 elif frame.tag == Tag.VERDICT:
                     verdict = Verdict.parse(frame.fields())
+                    if verdict.stage != "failed":
+                        if verdict.stage != self._expected_verdict:
+                            raise transport.ProtocolError(
+                                "verdict",
+                                f"{verdict.stage!r} when none was asked for"
+                                if self._expected_verdict is None
+                                else f"{verdict.stage!r} when {self._expected_verdict!r} was due",
+                            )
+                        self._expected_verdict = None
                     self._verdicts.put_nowait(verdict)
                     if verdict.stage == "failed":
                         # Keep the destination's reason, not the hang-up that follows it.
@@ -660,6 +673,7 @@ class SourceMigration(Phased):
             ) from None
         assert self._session is not None
         self._phases.set(Phase.COMMITTED, in_window=True)
+        self._expected_verdict = "resumed"
         await self._session.send_control(Tag.COMMIT)
         self._phases.announce()
         try:
@@ -767,6 +781,7 @@ class SourceMigration(Phased):
         clock.mark(Downtime.STOP)
         await asyncio.gather(*(self._drain(i, source_marks) for i in range(len(self.devices))))
         assert self._session is not None
+        self._expected_verdict = "loaded"
         await self._session.send_control(Tag.END_OF_STREAM)
         clock.mark(Downtime.DRAIN)
 

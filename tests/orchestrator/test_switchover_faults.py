@@ -268,18 +268,7 @@ WRONG_ANSWERS = {
 }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            case,
-            marks=pytest.mark.xfail(strict=True, reason="hole: OutcomeUnknown without guidance"),
-        )
-        if case == "loaded instead of resumed"
-        else case
-        for case in WRONG_ANSWERS
-    ],
-)
+@pytest.mark.parametrize("case", list(WRONG_ANSWERS))
 async def test_a_wrong_answer_from_the_destination(make_pair: Any, case: str) -> None:
     """A missing, doubled or misplaced answer to a barrier or a verdict ends in one of
     the allowed outcomes: rolled back before COMMIT, migrated, or (after COMMIT)
@@ -304,10 +293,6 @@ async def test_a_wrong_answer_from_the_destination(make_pair: Any, case: str) ->
         await pair.assert_unknown(migration, error)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hole: a premature 'loaded' verdict is queued and taken as the answer in the window",
-)
 async def test_a_loaded_verdict_sent_before_the_stream_ended_is_not_taken(make_pair: Any) -> None:
     """A "loaded" verdict that comes before the source even sent the end of the stream
     (here while pre-copy runs) is no answer to it: the source must not COMMIT on it.
