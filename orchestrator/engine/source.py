@@ -943,15 +943,18 @@ class SourceMigration(Phased):
         if self._inflight is not None:
             await asyncio.gather(self._inflight, return_exceptions=True)
         await self._stop_background()
+        for device in self.devices:
+            if device.can_throttle():
+                device.set_throttle(0.0)
+        # The devices first: COMMIT was not sent, so the destination cannot run them, and
+        # the goodbye waits on the link (a second and more when it stalls with data
+        # unsent), which would all be stop time past max_stop_ms.
+        notes = await resume_in_order(self.devices, self.log)
+        self.log.info("source_devices_restored", reset=notes)
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._session.cancel(self.stats.error or "failed"), 2.0)
             self._session.abort()
-        for device in self.devices:
-            if device.can_throttle():
-                device.set_throttle(0.0)
-        notes = await resume_in_order(self.devices, self.log)
-        self.log.info("source_devices_restored", reset=notes)
         return notes
 
     async def _close_session(self) -> None:

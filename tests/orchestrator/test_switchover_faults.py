@@ -501,9 +501,6 @@ def longest_stop(trace: ArcTrace) -> float:
     return longest
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: the rollback waits on the link before restoring the devices"
-)
 async def test_a_rollback_restores_the_devices_before_saying_goodbye(make_pair: Any) -> None:
     """The rollback brings the source devices back before it waits on the link to tell
     the destination (over a stalled link that wait lasts seconds, all of it added to the
@@ -531,7 +528,6 @@ async def test_a_rollback_restores_the_devices_before_saying_goodbye(make_pair: 
     await pair.assert_rolled_back(migration)
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a stalled link adds the 1 s goodbye to the stop")
 async def test_a_stalled_link_in_the_window_keeps_the_stop_bounded(
     make_pair: Any, proxy_to: Any
 ) -> None:
