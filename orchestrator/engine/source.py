@@ -79,6 +79,11 @@ WINDOW_ROUND_TRIPS = 1.5
 #: Called with the device names before the downtime window opens, from which point the
 #: devices may be given away; must make the fence durable (it costs no downtime there).
 FenceHook = Callable[[list[str]], None]
+#: What every OutcomeUnknown tells the operator to do.
+UNKNOWN_ADVICE = (
+    "the destination may be running the devices, so the source devices stay stopped; "
+    "resume them (livemig resume --force) only if the destination did not take over"
+)
 
 
 def check_blockers(devices: Sequence[MigratableDevice], params: MigrationParams) -> None:
@@ -231,33 +236,46 @@ class SourceMigration(Phased):
     # -- the migration -----------------------------------------------------------------
 
     async def run(self) -> MigrationStats:
-        """Migrate; return the final stats or raise a MigrationError saying why not."""
+        """Migrate; return the final stats or raise a MigrationError saying why not.
+
+        When our caller is cancelled, the rollback (or, past COMMIT, the stop) still runs
+        to its end before the CancelledError propagates.
+        """
         if self._cancel_reason is not None:
-            return await self._fail(MigrationCancelled(self._cancel_reason))
+            return await self._end(MigrationCancelled(self._cancel_reason))
         self._body = asyncio.create_task(self._migrate(), name="migration")
         try:
             await asyncio.shield(self._body)
         except asyncio.CancelledError:
             reason = self._requested_cancel()  # set by cancel() while we awaited
             if self._body.done() and reason is not None:
-                return await self._fail(MigrationCancelled(reason))
+                return await self._end(MigrationCancelled(reason))
             # Our caller is being cancelled (daemon shutdown): roll back, then propagate.
             self._cancel_reason = self._cancel_reason or "daemon shutting down"
             self._body.cancel()
+            await _wait_out(self._body)
             with contextlib.suppress(BaseException):
-                await self._body
+                self._body.result()  # its end is the cancel we asked for, or what _end says
             with contextlib.suppress(MigrationError):
-                await asyncio.shield(self._fail(MigrationCancelled(self._cancel_reason)))
+                await self._end(MigrationCancelled(self._cancel_reason))
             raise
         except MigrationError as exc:
-            return await self._fail(exc)
+            return await self._end(exc)
         except Exception as exc:  # a device, the link, or a bug here: the source must survive
             if not isinstance(exc, DeviceError | transport.TransportError | OSError | TimeoutError):
                 self.log.exception("migration_internal_error")
-            if self.phase is Phase.COMMITTED:
-                return await self._fail(OutcomeUnknown(f"failed after COMMIT: {_describe(exc)}"))
-            return await self._fail(MigrationError(_describe(exc)))
+            return await self._end(MigrationError(_describe(exc)))
         return self.stats
+
+    async def _end(self, error: MigrationError) -> MigrationStats:
+        """``_fail(error)`` run to its end even if our caller is cancelled meanwhile: a
+        rollback cut short leaves the devices stopped and the downtime window open (the
+        collector off). The cancel propagates once it is done."""
+        ending = asyncio.ensure_future(self._fail(error))
+        if await _wait_out(ending):
+            ending.exception()  # the failure is recorded in the stats; the caller gets the cancel
+            raise asyncio.CancelledError
+        return ending.result()
 
     def _requested_cancel(self) -> str | None:
         return self._cancel_reason
@@ -680,9 +698,8 @@ class SourceMigration(Phased):
             resumed = await self._verdict("resumed")
         except MigrationError as exc:
             raise OutcomeUnknown(
-                f"no word from the destination after telling it to resume ({exc}); it may be "
-                "running the devices, so the source devices stay stopped; resume them "
-                "(livemig resume --force) only if the destination did not take over"
+                f"no word from the destination after telling it to resume ({exc}); "
+                + UNKNOWN_ADVICE
             ) from exc
         self._account_downtime(clock, loaded, resumed)
         failed = resumed.failed_devices()
@@ -901,7 +918,17 @@ class SourceMigration(Phased):
         return _covered(spans)
 
     async def _fail(self, error: MigrationError) -> MigrationStats:
-        """Roll back (unless committed), record why, and raise ``error``."""
+        """Roll back (unless committed), record why, and raise ``error``.
+
+        Past COMMIT every error is an OutcomeUnknown (unless a SplitOutcome) that says
+        what the operator must do: a cancel or a crash there rolls nothing back.
+        """
+        if self.phase not in REVERSIBLE_PHASES and not isinstance(
+            error, OutcomeUnknown | SplitOutcome
+        ):
+            unknown = OutcomeUnknown(f"after COMMIT: {error}; {UNKNOWN_ADVICE}")
+            unknown.__cause__ = error
+            error = unknown
         self.stats.error = str(error)
         self.log.error("migration_failed", reason=str(error), error_type=type(error).__name__)
         if self.phase in REVERSIBLE_PHASES:
@@ -983,6 +1010,17 @@ class SourceMigration(Phased):
                 listener(self.stats)
             except Exception:  # an observer's bug must not stop a migration halfway
                 self.log.exception("listener_failed", listener=repr(listener))
+
+
+async def _wait_out(task: asyncio.Future[Any]) -> bool:
+    """Wait until ``task`` is done, through cancels of our own; whether one came."""
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
 
 
 async def _first_of(*waits: Awaitable[Any]) -> None:

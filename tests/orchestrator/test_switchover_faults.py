@@ -555,7 +555,6 @@ async def test_a_stalled_link_in_the_window_keeps_the_stop_bounded(
 # -- the caller cancelled at the worst moments ----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a cancel of run() interrupts the rollback")
 async def test_a_shutdown_during_the_rollback_still_finishes_it(make_pair: Any) -> None:
     """The daemon cancels the migration's task while it rolls back (here as it says
     goodbye to the destination): the rollback still ends, with the phase FAILED, the
@@ -582,9 +581,6 @@ async def test_a_shutdown_during_the_rollback_still_finishes_it(make_pair: Any) 
     await pair.assert_rolled_back(migration)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: a shutdown after COMMIT ends CANCELLED, without guidance"
-)
 async def test_a_shutdown_after_commit_is_an_unknown_outcome(make_pair: Any) -> None:
     """The daemon cancels the migration's task while it waits for "resumed" after
     COMMIT: nothing rolls back, and the end is reported as failed with an unknown
