@@ -55,6 +55,7 @@ from orchestrator.engine.phases import (
     Phase,
     Phased,
     PhaseMachine,
+    wait_out,
 )
 from orchestrator.engine.stats import (
     BusyMeter,
@@ -253,7 +254,7 @@ class SourceMigration(Phased):
             # Our caller is being cancelled (daemon shutdown): roll back, then propagate.
             self._cancel_reason = self._cancel_reason or "daemon shutting down"
             self._body.cancel()
-            await _wait_out(self._body)
+            await wait_out(self._body)
             with contextlib.suppress(BaseException):
                 self._body.result()  # its end is the cancel we asked for, or what _end says
             with contextlib.suppress(MigrationError):
@@ -272,7 +273,7 @@ class SourceMigration(Phased):
         rollback cut short leaves the devices stopped and the downtime window open (the
         collector off). The cancel propagates once it is done."""
         ending = asyncio.ensure_future(self._fail(error))
-        if await _wait_out(ending):
+        if await wait_out(ending):
             ending.exception()  # the failure is recorded in the stats; the caller gets the cancel
             raise asyncio.CancelledError
         return ending.result()
@@ -931,28 +932,31 @@ class SourceMigration(Phased):
             error = unknown
         self.stats.error = str(error)
         self.log.error("migration_failed", reason=str(error), error_type=type(error).__name__)
-        if self.phase in REVERSIBLE_PHASES:
-            notes = await self._rollback()
-            self.stats.outcome = "source"
-            self.stats.placement = {d.name: notes.get(d.name, "source") for d in self.devices}
-        else:
-            await self._stop_background()
-            if self._session is not None:
-                self._session.abort()
-            # Keep them stopped but release the data sessions.
-            with contextlib.suppress(MigrationError):
-                await self._transition(self.devices, State.STOP)
-            if isinstance(error, SplitOutcome):
-                self.stats.outcome = "split"
+        try:
+            if self.phase in REVERSIBLE_PHASES:
+                notes = await self._rollback()
+                self.stats.outcome = "source"
+                self.stats.placement = {d.name: notes.get(d.name, "source") for d in self.devices}
             else:
-                self.stats.outcome = "unknown"
-                self.stats.placement = {
-                    d.name: "unknown: stopped here, the destination may run it"
-                    for d in self.devices
-                }
-        self._end_clock()
-        cancelled = isinstance(error, MigrationCancelled)
-        self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
+                await self._stop_background()
+                if self._session is not None:
+                    self._session.abort()
+                # Keep them stopped but release the data sessions.
+                with contextlib.suppress(MigrationError):
+                    await self._transition(self.devices, State.STOP)
+                if isinstance(error, SplitOutcome):
+                    self.stats.outcome = "split"
+                else:
+                    self.stats.outcome = "unknown"
+                    self.stats.placement = {
+                        d.name: "unknown: stopped here, the destination may run it"
+                        for d in self.devices
+                    }
+        finally:
+            # Even when a bug broke the rollback: the migration ends, its window closes.
+            self._end_clock()
+            cancelled = isinstance(error, MigrationCancelled)
+            self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
         raise error
 
     async def _stop_background(self) -> None:
@@ -1010,17 +1014,6 @@ class SourceMigration(Phased):
                 listener(self.stats)
             except Exception:  # an observer's bug must not stop a migration halfway
                 self.log.exception("listener_failed", listener=repr(listener))
-
-
-async def _wait_out(task: asyncio.Future[Any]) -> bool:
-    """Wait until ``task`` is done, through cancels of our own; whether one came."""
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait((task,))
-        except asyncio.CancelledError:
-            cancelled = True
-    return cancelled
 
 
 async def _first_of(*waits: Awaitable[Any]) -> None:

@@ -660,12 +660,10 @@ async def test_an_operator_acting_inside_the_window(make_pair: Any, step: str, a
 # -- the ends' own failures while they close the window -----------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: a crash in the rollback leaves the phase and the window open"
-)
 async def test_a_rollback_that_crashes_still_ends_the_migration(make_pair: Any) -> None:
     """A bug in a device's arc during the rollback (not a DeviceError) escapes run(),
-    but the migration ends FAILED, its window closed, the other device restored."""
+    but the migration ends FAILED, its window closed, the other device restored and
+    the crashed one stopped with its state."""
     bad = Spec("b", seed=2, target_faults=Faults(corrupt_validation=True))
     pair = await make_pair([Spec("a", seed=1), bad])
     migration = pair.migration()
@@ -683,8 +681,12 @@ async def test_a_rollback_that_crashes_still_ends_the_migration(make_pair: Any) 
             await migration.run()
     assert migration.phase is Phase.FAILED
     assert pair.ends.sources[1].state == State.RUNNING
+    # The crashed device stays stopped with its state: no reset mends a bug.
+    assert broken.state == State.STOP_COPY
     broken.set_state = original  # type: ignore[method-assign]
     await pair.settle()
+    await broken.set_state(State.RUNNING)
+    await pair.ends.assert_source_intact()
 
 
 class _FailingRecords:
