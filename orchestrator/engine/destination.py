@@ -31,7 +31,7 @@ from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator.engine import fanout
 from orchestrator.engine.messages import Devices, Verdict, boot_id
-from orchestrator.engine.phases import Phase, Phased, PhaseMachine
+from orchestrator.engine.phases import Phase, Phased, PhaseMachine, wait_out
 from orchestrator.engine.stats import Downtime
 from transport import Tag
 
@@ -163,20 +163,35 @@ class DestinationMigration(Phased):
             self._set_phase(Phase.FAILED)
             return False
         except asyncio.CancelledError:
-            await asyncio.shield(self._give_up("destination daemon shutting down", None))
-            self._set_phase(Phase.FAILED if self.committed else Phase.CANCELLED)
+            ending = Phase.FAILED if self.committed else Phase.CANCELLED
+            await self._end("destination daemon shutting down", None, ending)
             raise
         except Exception as exc:
-            device = getattr(exc, "device", None)
-            await self._give_up(str(exc) or type(exc).__name__, device)
             cancelled = isinstance(exc, transport.PeerCancelled) and not self.committed
-            self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
+            ending = Phase.CANCELLED if cancelled else Phase.FAILED
+            if await self._end(
+                str(exc) or type(exc).__name__, getattr(exc, "device", None), ending
+            ):
+                raise asyncio.CancelledError from None
             return False
         failed = {n: why for n, why in self.results.items() if why}
         if failed:
             self.error = "; ".join(f"{n}: {why}" for n, why in failed.items())
         self._set_phase(Phase.FAILED if failed else Phase.COMPLETED)
         return not failed
+
+    async def _end(self, reason: str, device: Any, phase: Phase) -> bool:
+        """Give up and end in ``phase``, through cancels: cut short, the devices would stay
+        loaded and the downtime window open. Whether a cancel came meanwhile (the caller
+        re-raises it); an error of the give-up itself (the gate's records) propagates,
+        the phase set all the same."""
+        giving_up = asyncio.ensure_future(self._give_up(reason, device))
+        try:
+            cancelled = await wait_out(giving_up)
+            giving_up.result()
+        finally:
+            self._set_phase(phase)
+        return cancelled
 
     async def _receive(self) -> None:
         session = self.session

@@ -705,7 +705,6 @@ class _FailingRecords:
         raise OSError(28, "No space left on device")
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a gate error in the give-up leaves the window open")
 async def test_a_destination_whose_records_fail_in_the_window_closes_it(make_pair: Any) -> None:
     """The destination rejects the state at load (in its window) and then cannot write
     its records: its error escapes, but it ends FAILED with the window closed, the
@@ -721,7 +720,6 @@ async def test_a_destination_whose_records_fail_in_the_window_closes_it(make_pai
     await pair.assert_rolled_back(migration)
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a second cancel skips the final phase")
 async def test_a_destination_cancelled_twice_in_its_window_still_ends(make_pair: Any) -> None:
     """The destination daemon cancels the incoming migration in its window (before
     COMMIT), then again while it gives up: the give-up finishes (devices reset), the
