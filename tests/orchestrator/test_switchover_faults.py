@@ -745,3 +745,70 @@ async def test_a_destination_cancelled_twice_in_its_window_still_ends(make_pair:
         await asyncio.gather(task, return_exceptions=True)
     assert destination.phase is Phase.CANCELLED
     await pair.assert_rolled_back(migration)
+
+
+class _FailingFence(_FailingRecords):
+    """A destination gate whose note at the first barrier cannot be written."""
+
+    def prepare(self, offer: Any) -> None:
+        raise OSError(5, "Input/output error")
+
+    def finished(self, offer: Any, results: Any) -> None:
+        pass
+
+
+async def test_a_destination_fence_that_cannot_be_written_rolls_back(make_pair: Any) -> None:
+    """The destination's note at the first barrier (its fsync) fails: it answers
+    "failed" instead of the barrier's ack, and the source rolls back."""
+    pair = await make_pair(two(), gate=_FailingFence())
+    migration = pair.migration()
+    error = await run_to_end(migration)
+    assert isinstance(error, DestinationFailed), repr(error)
+    assert "Input/output error" in str(error)
+    await pair.assert_rolled_back(migration)
+
+
+# -- reports held in the window --------------------------------------------------------------
+
+REPORT_CASES = {
+    "migrated": (Script(), {}),
+    "rolled back in the window": (Script(), {"a": Faults(corrupt_validation=True)}),
+    "bound expired": (Script(hold_verdict="loaded"), {}),
+    "failed after COMMIT": (Script(resumed_as="failed"), {}),
+    "split after COMMIT": (
+        Script(),
+        {"a": Faults(fail_arcs=frozenset({(State.RUNNING_P2P, State.RUNNING)}))},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REPORT_CASES))
+async def test_reports_held_in_the_window_are_made_once_in_order(make_pair: Any, case: str) -> None:
+    """Every device change reported through after_window (the daemon's DEVICE_STATE
+    events), on both ends, is made exactly once and in order, whatever the outcome."""
+    script, target_faults = REPORT_CASES[case]
+    specs = [Spec(s.name, seed=s.seed, target_faults=target_faults.get(s.name)) for s in two()]
+    pair = await make_pair(specs, script)
+    migration = pair.migration(max_stop_ms=300, verdict_timeout_s=10.0)
+    made: list[tuple[str, State, State]] = []
+    made_there: list[tuple[str, State, State]] = []
+
+    def report_here(device: Any, old: State, new: State) -> None:
+        migration.after_window(lambda: made.append((device.name, old, new)))
+
+    def report_there(device: Any, old: State, new: State) -> None:
+        incoming = pair.ends.incoming
+        change = (device.name, old, new)
+        if incoming:
+            incoming[-1].after_window(lambda: made_there.append(change))
+        else:
+            made_there.append(change)
+
+    for device in pair.ends.sources:
+        device.add_state_listener(report_here)
+    for device in pair.ends.targets:
+        device.add_state_listener(report_there)
+    await run_to_end(migration)
+    await pair.settle()
+    assert made == [(e.device, e.old, e.new) for e in pair.ends.trace.entries]
+    assert made_there == [(e.device, e.old, e.new) for e in pair.ends.target_trace.entries]
