@@ -139,6 +139,8 @@ class DestinationMigration(Phased):
         self.error: str | None = None
         self.log = log.bind(peer=session.peer_name)
         self._phases = PhaseMachine(self.log)
+        #: A cancel came while the devices resumed after COMMIT (re-raised at the end).
+        self._cancelled = False
 
     @property
     def committed(self) -> bool:
@@ -178,6 +180,8 @@ class DestinationMigration(Phased):
         if failed:
             self.error = "; ".join(f"{n}: {why}" for n, why in failed.items())
         self._set_phase(Phase.FAILED if failed else Phase.COMPLETED)
+        if self._cancelled:
+            raise asyncio.CancelledError  # held back while the devices resumed
         return not failed
 
     async def _end(self, reason: str, device: Any, phase: Phase) -> bool:
@@ -273,7 +277,15 @@ class DestinationMigration(Phased):
         self.marks[Downtime.COMMIT] = time.monotonic()
         self._phases.set(Phase.COMMITTED, in_window=True)
         started = time.monotonic()
-        self.results = await self._resume()
+        if fanout.never_waits(self.devices):
+            self.results = await self._resume()  # no cancel can land between its arcs
+        else:
+            # The devices are ours to run now: a cancel (daemon shutdown) cutting the
+            # resume short would leave some stopped or quiesced, the only copy of the
+            # workload not running. It waits; run() re-raises it at the end.
+            resuming = asyncio.ensure_future(self._resume())
+            self._cancelled = await wait_out(resuming)
+            self.results = resuming.result()
         self.marks[Downtime.RESUME] = time.monotonic()
         self._phases.announce()
         for marks in self.device_marks.values():
