@@ -945,3 +945,36 @@ async def test_a_destination_shut_down_while_it_resumes_still_resumes(make_pair:
     assert destination.phase is Phase.COMPLETED
     assert pair.ends.outcomes == []  # run() re-raised the cancel after the resume
     await pair.ends.assert_migrated()
+
+
+@pytest.mark.xfail(
+    strict=True, reason="hole: a shutdown after 'resumed' reports an unknown outcome"
+)
+async def test_a_shutdown_after_the_destination_resumed_is_a_completed_migration(
+    make_pair: Any,
+) -> None:
+    """The daemon cancels the migration's task after "resumed" arrived, while the
+    source closes its session: the migration is reported completed (outcome
+    destination, devices released), not unknown, and the cancel propagates."""
+    pair = await make_pair(two(), Script(hold_ack=1))
+    migration = pair.migration()
+    run = asyncio.create_task(migration.run())
+    await pair.held()
+    session = migration._session
+    assert session is not None
+    closing = session.close
+
+    async def close(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - the signature wrapped
+        run.cancel()
+        await closing(timeout)
+
+    session.close = close  # type: ignore[method-assign]
+    pair.release()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(20):
+            await run
+    assert migration.phase is Phase.COMPLETED
+    assert migration.stats.outcome == "destination"
+    assert migration.stats.error is None
+    await pair.settle()
+    await pair.ends.assert_migrated()
