@@ -257,6 +257,8 @@ class SourceMigration(Phased):
             await wait_out(self._body)
             with contextlib.suppress(BaseException):
                 self._body.result()  # its end is the cancel we asked for, or what _end says
+            if self.phase is Phase.COMPLETED:
+                raise  # it completed as it was cancelled: nothing to undo or report
             with contextlib.suppress(MigrationError):
                 await self._end(MigrationCancelled(self._cancel_reason))
             raise
@@ -860,13 +862,13 @@ class SourceMigration(Phased):
         """Release the source devices: STOP_COPY -> STOP, outside the downtime window.
 
         The workload already runs on the destination, so a device that fails to leave
-        STOP_COPY is reported but changes nothing: the migration completed.
+        STOP_COPY is reported but changes nothing: the migration completed. A cancel
+        (daemon shutdown) waits for the release and the session's close (bounded by its
+        timeout), so the end is reported as it is; it propagates after.
         """
-        try:
-            await self._transition(self.devices, State.STOP)
-        except MigrationError as exc:
-            self.log.error("source_release_failed", error=str(exc))
-        await self._close_session()
+        releasing = asyncio.ensure_future(self._release())
+        cancelled = await wait_out(releasing)
+        releasing.result()
         self._end_clock()
         self.stats.outcome = "destination"
         self.stats.placement = {d.name: "destination" for d in self.devices}
@@ -879,6 +881,16 @@ class SourceMigration(Phased):
             iterations=self.stats.iterations,
             transferred_bytes=self.stats.transferred_bytes,
         )
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _release(self) -> None:
+        """The source devices to STOP (a failure only logged), then the session closed."""
+        try:
+            await self._transition(self.devices, State.STOP)
+        except MigrationError as exc:
+            self.log.error("source_release_failed", error=str(exc))
+        await self._close_session()
 
     # -- device transitions --------------------------------------------------------------
 

@@ -947,9 +947,6 @@ async def test_a_destination_shut_down_while_it_resumes_still_resumes(make_pair:
     await pair.ends.assert_migrated()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: a shutdown after 'resumed' reports an unknown outcome"
-)
 async def test_a_shutdown_after_the_destination_resumed_is_a_completed_migration(
     make_pair: Any,
 ) -> None:
