@@ -264,6 +264,7 @@ async def make_pair() -> AsyncIterator[Callable[..., Any]]:
         script: Script | None = None,
         gate: Gate | None = None,
         waiting: bool = False,
+        idle_timeout_s: float = 5.0,
     ) -> Pair:
         """``waiting``: every device is an :class:`Awaiting` (not a model)."""
         script = script or Script()
@@ -290,7 +291,9 @@ async def make_pair() -> AsyncIterator[Callable[..., Any]]:
             tasks.append(task)
             scripted.append(Scripted(session, script))
             incoming.append(
-                DestinationMigration(scripted[-1], by_name, gate=gate, idle_timeout_s=5.0)  # type: ignore[arg-type]
+                DestinationMigration(
+                    scripted[-1], by_name, gate=gate, idle_timeout_s=idle_timeout_s
+                )  # type: ignore[arg-type]
             )
             outcomes.append(await incoming[-1].run())
 
@@ -975,3 +978,18 @@ async def test_a_shutdown_after_the_destination_resumed_is_a_completed_migration
     assert migration.stats.error is None
     await pair.settle()
     await pair.ends.assert_migrated()
+
+
+@pytest.mark.xfail(
+    strict=True, reason="hole: the destination's idle timeout says only TimeoutError"
+)
+async def test_the_destination_idle_timeout_names_itself(make_pair: Any) -> None:
+    """The destination hears nothing for idle_timeout_s (the source paused before the
+    switchover with idle devices): the reason the source reports names the timeout."""
+    idle = [Spec(s.name, seed=s.seed, dirty_rate=0.0) for s in two()]
+    pair = await make_pair(idle, idle_timeout_s=0.3)
+    migration = pair.migration(pause_before_switchover=True)
+    error = await run_to_end(migration)
+    assert isinstance(error, DestinationFailed), repr(error)
+    assert "idle_timeout_s" in str(error), str(error)
+    await pair.assert_rolled_back(migration)
