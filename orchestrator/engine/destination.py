@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -234,7 +234,7 @@ class DestinationMigration(Phased):
         loop = asyncio.get_running_loop()
         # One deadline moved on at every frame: wait_for would start a task per frame,
         # thousands in pre-copy and one per device and frame in the downtime window.
-        async with asyncio.timeout(None) as idle:
+        async with _idle_deadline(self.idle_timeout_s) as idle:
             while True:
                 idle.reschedule(loop.time() + self.idle_timeout_s)
                 frame = await session.recv()
@@ -271,7 +271,13 @@ class DestinationMigration(Phased):
         await self._transition(State.STOP, mark=Downtime.LOAD)
         self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
-        commit = await asyncio.wait_for(session.recv(), self.idle_timeout_s)
+        try:
+            commit = await asyncio.wait_for(session.recv(), self.idle_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no COMMIT from the source {self.idle_timeout_s:g} s after 'loaded' "
+                "(idle_timeout_s)"
+            ) from None
         if commit.tag != Tag.COMMIT:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
         self.marks[Downtime.COMMIT] = time.monotonic()
@@ -384,6 +390,20 @@ class DestinationMigration(Phased):
                 )
         if self.gate is not None and self.offer is not None:
             self.gate.finished(self.offer, None)
+
+
+@contextlib.asynccontextmanager
+async def _idle_deadline(seconds: float) -> AsyncIterator[asyncio.Timeout]:
+    """A deadline the stream moves on at every frame; past it, a TimeoutError naming it
+    (the source reports the destination's reason, and a bare one says nothing)."""
+    deadline = asyncio.timeout(None)
+    try:
+        async with deadline:
+            yield deadline
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise TimeoutError(f"no frame from the source for {seconds:g} s (idle_timeout_s)") from None
 
 
 async def _move_all(

@@ -980,9 +980,6 @@ async def test_a_shutdown_after_the_destination_resumed_is_a_completed_migration
     await pair.ends.assert_migrated()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="hole: the destination's idle timeout says only TimeoutError"
-)
 async def test_the_destination_idle_timeout_names_itself(make_pair: Any) -> None:
     """The destination hears nothing for idle_timeout_s (the source paused before the
     switchover with idle devices): the reason the source reports names the timeout."""
@@ -993,3 +990,41 @@ async def test_the_destination_idle_timeout_names_itself(make_pair: Any) -> None
     assert isinstance(error, DestinationFailed), repr(error)
     assert "idle_timeout_s" in str(error), str(error)
     await pair.assert_rolled_back(migration)
+
+
+async def test_a_destination_waiting_for_commit_past_its_idle_timeout_says_so(
+    make_pair: Any,
+) -> None:
+    """The source's COMMIT does not come within idle_timeout_s of "loaded": the
+    destination gives up naming the wait, resumes nothing; the source, which had
+    committed, keeps its devices stopped with their state (outcome unknown)."""
+    pair = await make_pair(two(), Script(hold_ack=1), idle_timeout_s=0.3)
+    migration = pair.migration(verdict_timeout_s=10.0)
+    run = asyncio.create_task(run_to_end(migration))
+    await pair.held()
+    session = migration._session
+    assert session is not None
+    sending = session.send_control
+    late = asyncio.Event()
+
+    async def send_control(tag: Tag, fields: Any = None, **kw: Any) -> None:
+        if tag == Tag.COMMIT:
+            await late.wait()
+        await sending(tag, fields, **kw)
+
+    session.send_control = send_control  # type: ignore[method-assign]
+    pair.release()
+    async with asyncio.timeout(10):  # the destination gives up on its own
+        await asyncio.gather(*pair.tasks, return_exceptions=True)
+    late.set()
+    error = await run
+    assert isinstance(error, OutcomeUnknown), repr(error)
+    destination = pair.ends.incoming[0]
+    assert destination.error is not None
+    assert "no COMMIT from the source 0.3 s after 'loaded' (idle_timeout_s)" in destination.error
+    assert not pair.ends.resumed_on_destination()
+    assert [d.state for d in pair.ends.sources] == [State.STOP, State.STOP]
+    await pair.settle()
+    for device in pair.ends.sources:
+        await device.set_state(State.RUNNING)  # the operator's resume --force
+    await pair.ends.assert_source_intact()
