@@ -722,10 +722,24 @@ class SourceMigration(Phased):
             )
 
     async def _stop_precopy_readers(self) -> None:
-        """End pre-copy streaming; a reader never stops between reading and sending."""
+        """End pre-copy streaming; a reader never stops between reading and sending.
+
+        A reader whose read or send never returns (a device that does not answer) would
+        hold the switchover forever: past verdict_timeout_s it fails, and the rollback
+        cancels the readers.
+        """
         self._stop_readers.set()
-        results = await asyncio.gather(*self._readers, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+        if not self._readers:
+            return
+        timeout = self.params.verdict_timeout_s
+        _, stuck = await asyncio.wait(self._readers, timeout=timeout)
+        if stuck:
+            names = ", ".join(t.get_name().removeprefix("precopy-") for t in stuck)
+            raise MigrationError(
+                f"the pre-copy reader of {names} did not stop within {timeout:g} s "
+                "(verdict_timeout_s): its device's read or the link is stuck"
+            )
+        errors = [e for t in self._readers if not t.cancelled() and (e := t.exception())]
         if errors:
             raise MigrationError(f"pre-copy stream failed: {_describe(errors[0])}")
 

@@ -477,7 +477,6 @@ async def test_a_reader_failing_while_barrier_1_waits_rolls_back(make_pair: Any)
     await pair.assert_rolled_back(migration)
 
 
-@pytest.mark.xfail(strict=True, reason="hole: stopping the readers waits without a bound")
 async def test_a_reader_stuck_in_a_read_at_the_switchover_is_bounded(make_pair: Any) -> None:
     """A pre-copy read that blocks (a device that never answers) as the readers are
     told to stop: the switchover gives up within verdict_timeout_s naming the
