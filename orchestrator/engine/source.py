@@ -695,7 +695,17 @@ class SourceMigration(Phased):
         assert self._session is not None
         self._phases.set(Phase.COMMITTED, in_window=True)
         self._expected_verdict = "resumed"
-        await self._session.send_control(Tag.COMMIT)
+        timeout = self.params.verdict_timeout_s
+        try:
+            # A timer, not a task: the send is inside the window, and with the peer alive
+            # but not reading its wait for the write buffer to drain would never end.
+            async with asyncio.timeout(timeout):
+                await self._session.send_control(Tag.COMMIT)
+        except TimeoutError:
+            raise OutcomeUnknown(
+                f"COMMIT was not taken by the link within {timeout:g} s "
+                f"(verdict_timeout_s); {UNKNOWN_ADVICE}"
+            ) from None
         self._phases.announce()
         try:
             resumed = await self._verdict("resumed")
@@ -750,14 +760,20 @@ class SourceMigration(Phased):
         otherwise the pre-copy data still in socket and receive buffers (tens of MB on
         loopback) would be loaded inside the window.
         """
-        assert self._session is not None
+        session = self._session
+        assert session is not None
         started = time.monotonic()
         self._synced.clear()
-        await self._session.send_control(Tag.SYNC)
+
+        async def barrier() -> None:
+            # The send is in the bound too: with the peer alive but not reading, its
+            # wait for the write buffer to drain would never end.
+            await session.send_control(Tag.SYNC)
+            await self._synced.wait()
+
         try:
             await asyncio.wait_for(
-                _first_of(self._synced.wait(), self._wakeup_on_error()),
-                self.params.verdict_timeout_s,
+                _first_of(barrier(), self._wakeup_on_error()), self.params.verdict_timeout_s
             )
         except TimeoutError:
             raise MigrationError(

@@ -1055,7 +1055,6 @@ async def test_a_destination_waiting_for_commit_past_its_idle_timeout_says_so(
     await pair.ends.assert_source_intact()
 
 
-@pytest.mark.xfail(strict=True, reason="hole: the SYNC and COMMIT sends wait without a bound")
 @pytest.mark.parametrize("tag", [Tag.SYNC, Tag.COMMIT], ids=["SYNC", "COMMIT"])
 async def test_a_send_that_never_returns_is_bounded(make_pair: Any, tag: Tag) -> None:
     """The source's SYNC or COMMIT send never returns (its write buffer full, the peer
