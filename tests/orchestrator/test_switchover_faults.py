@@ -1105,3 +1105,28 @@ def _stick(session: Any, tag: Tag, release: asyncio.Event) -> None:
         await sending(sent, fields, **kw)
 
     session.send_control = send_control
+
+
+@pytest.mark.xfail(strict=True, reason="hole: COMMIT is attempted on a link known dead")
+async def test_a_link_lost_as_loaded_arrives_rolls_back(make_pair: Any) -> None:
+    """The link fails in the turn the "loaded" verdict reaches the switchover, before
+    the receiver has seen the failure: COMMIT cannot leave, so the source rolls back
+    instead of stopping with an unknown outcome."""
+    pair = await make_pair(two())
+    migration = pair.migration()
+    waiting = migration._verdict
+
+    async def verdict(stage: str) -> Verdict:
+        answer = await waiting(stage)
+        if stage == "loaded":
+            assert migration._session is not None
+            migration._session._fail(transport.ConnectionLost("link lost (test)"))
+        return answer
+
+    migration._verdict = verdict  # type: ignore[method-assign]
+    error = await run_to_end(migration)
+    assert error is not None
+    assert not isinstance(error, OutcomeUnknown), repr(error)
+    assert "link lost (test)" in str(error)
+    assert Phase.COMMITTED not in migration.phases
+    await pair.assert_rolled_back(migration)
