@@ -672,11 +672,16 @@ class SourceMigration(Phased):
         start = clock.begin()
         # The bound on the stop holds whatever the link does: past it, roll back.
         deadline = start + bound_s
+        assert self._session is not None
         try:
             async with asyncio.timeout_at(_loop_time_of(deadline)):
                 await self._stop_and_drain(clock)
                 loaded = await self._verdict("loaded")
                 self._raise_background_errors()  # a cancel that raced the verdict wins
+                if (lost := self._session.error) is not None:
+                    # The link failed in this very turn, before the receiver saw it:
+                    # COMMIT cannot leave, so this is still a certain rollback.
+                    raise MigrationError(f"lost the destination: {_describe(lost)}") from lost
             if time.monotonic() > deadline:
                 raise TimeoutError
         except TimeoutError:
@@ -692,7 +697,6 @@ class SourceMigration(Phased):
                 f"devices stopped (max_stop_ms): the link to {self.destination} or the "
                 "destination is stalled or slower than estimated; the source runs again"
             ) from None
-        assert self._session is not None
         self._phases.set(Phase.COMMITTED, in_window=True)
         self._expected_verdict = "resumed"
         timeout = self.params.verdict_timeout_s

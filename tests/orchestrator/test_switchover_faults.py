@@ -1107,7 +1107,6 @@ def _stick(session: Any, tag: Tag, release: asyncio.Event) -> None:
     session.send_control = send_control
 
 
-@pytest.mark.xfail(strict=True, reason="hole: COMMIT is attempted on a link known dead")
 async def test_a_link_lost_as_loaded_arrives_rolls_back(make_pair: Any) -> None:
     """The link fails in the turn the "loaded" verdict reaches the switchover, before
     the receiver has seen the failure: COMMIT cannot leave, so the source rolls back
