@@ -373,9 +373,9 @@ async def test_a_wrong_answer_from_the_destination(make_pair: Any, case: str) ->
 
 
 async def test_a_loaded_verdict_sent_before_the_stream_ended_is_not_taken(make_pair: Any) -> None:
-    """A "loaded" verdict that comes before the source even sent the end of the stream
-    (here while pre-copy runs) is no answer to it: the source must not COMMIT on it.
-    The destination then rejects the state at load, and the source rolls back."""
+    """A "loaded" verdict sent before the source ended the stream (here in pre-copy) is
+    no answer to it: no COMMIT, and when the destination then rejects the state at load
+    the source rolls back."""
     bad = Spec("a", seed=1, target_faults=Faults(corrupt_validation=True))
     pair = await make_pair([bad, Spec("b", seed=2)], Script(early_loaded=True))
     migration = pair.migration()
