@@ -1129,3 +1129,39 @@ async def test_a_link_lost_as_loaded_arrives_rolls_back(make_pair: Any) -> None:
     assert "link lost (test)" in str(error)
     assert Phase.COMMITTED not in migration.phases
     await pair.assert_rolled_back(migration)
+
+
+class _Notes(_FailingRecords):
+    """A destination gate that records its notes."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def prepare(self, offer: Any) -> None:
+        self.notes.append("prepare")
+
+    def committed(self, offer: Any) -> None:
+        self.notes.append("committed")
+
+    def finished(self, offer: Any, results: Any) -> None:
+        self.notes.append("finished")
+
+
+@pytest.mark.xfail(strict=True, reason="hole: a stream without SYNC commits unfenced")
+async def test_a_source_that_skips_the_barriers_is_refused(make_pair: Any) -> None:
+    """A source that ends its stream without any SYNC (so the destination never made
+    its durable note that COMMIT may follow) is refused before the destination loads,
+    and rolls back."""
+    gate = _Notes()
+    pair = await make_pair(two(), gate=gate)
+    migration = pair.migration()
+
+    async def no_barrier() -> None:
+        pass
+
+    migration._sync = no_barrier  # type: ignore[method-assign]
+    error = await run_to_end(migration)
+    assert isinstance(error, DestinationFailed), repr(error)
+    assert "SYNC" in str(error)
+    assert gate.notes == ["finished"]
+    await pair.assert_rolled_back(migration)
