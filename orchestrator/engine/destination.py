@@ -254,11 +254,16 @@ class DestinationMigration(Phased):
                 elif tag == Tag.END_OF_DEVICE:
                     ended.add(index)
                 elif tag == Tag.SYNC:
-                    if self.gate is not None and not prepared:
-                        self.gate.prepare(offer)  # once: the source sends two barriers
+                    if not prepared:
+                        if self.gate is not None:
+                            self.gate.prepare(offer)  # once: the source sends two barriers
                         prepared = True
                     await session.send_control(Tag.SYNC_ACK)
                 elif tag == Tag.END_OF_STREAM:
+                    if not prepared:
+                        # No barrier, so no durable note that COMMIT may follow (the
+                        # gate's prepare): a crash after it would look like nothing came.
+                        raise transport.ProtocolError("END_OF_STREAM before any SYNC")
                     break
                 else:
                     raise transport.ProtocolError(f"unexpected {tag.name} during the stream")

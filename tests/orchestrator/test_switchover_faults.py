@@ -1147,7 +1147,6 @@ class _Notes(_FailingRecords):
         self.notes.append("finished")
 
 
-@pytest.mark.xfail(strict=True, reason="hole: a stream without SYNC commits unfenced")
 async def test_a_source_that_skips_the_barriers_is_refused(make_pair: Any) -> None:
     """A source that ends its stream without any SYNC (so the destination never made
     its durable note that COMMIT may follow) is refused before the destination loads,
