@@ -8,7 +8,7 @@ the real destination's session), an operator or a daemon shutdown acting while a
 barrier's answer is held, a device or a reader failing, the stop bound running out.
 Every test ends with one of the three outcomes the design allows (rolled back;
 migrated; stopped with "outcome unknown" and what to do) and then checks what any
-outcome must leave: the garbage collector on, no window open, no migration task left.
+outcome must leave: the garbage collector on, no window open, no task it started left.
 """
 
 from __future__ import annotations
@@ -132,6 +132,8 @@ class Pair:
     tasks: list[asyncio.Task[Any]]
     #: Set once the first destination session arrived.
     accepted: asyncio.Event
+    #: The tasks there were before the migration (none of its own may outlive it).
+    before: set[asyncio.Task[Any]]
 
     def migration(self, address: str | None = None, **params: Any) -> SourceMigration:
         return self.ends.migration(address, **(PARAMS | params))
@@ -154,9 +156,9 @@ class Pair:
         assert gc.isenabled(), "a downtime window left the garbage collector off"
         assert phases._COLLECTOR.open == 0, "a downtime window was never closed"
         leftover = [
-            t.get_name()
-            for t in asyncio.all_tasks()
-            if t.get_name().startswith(("precopy-", "migration"))
+            f"{t.get_name()}: {t.get_coro()!r}"
+            for t in asyncio.all_tasks() - self.before
+            if t is not asyncio.current_task()
         ]
         assert not leftover, leftover
 
@@ -308,7 +310,7 @@ async def make_pair() -> AsyncIterator[Callable[..., Any]]:
             list(specs), sources, targets, trace, target_trace, server.address,
             outcomes, [], incoming, asyncio.Event(),
         )  # fmt: skip
-        return Pair(ends, script, scripted, tasks, accepted)
+        return Pair(ends, script, scripted, tasks, accepted, asyncio.all_tasks())
 
     yield make
     for server in servers:
