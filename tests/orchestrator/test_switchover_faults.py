@@ -74,6 +74,8 @@ class Script:
     resumed_as: str = "resumed"
     #: Hold the verdict of this stage until the test releases it.
     hold_verdict: str = ""
+    #: Send this frame before the n-th SYNC_ACK (a frame the source does not expect now).
+    extra_at_ack: tuple[int, Tag] | None = None
 
 
 class Scripted:
@@ -103,6 +105,8 @@ class Scripted:
                 await send(Tag.VERDICT, Verdict("loaded", "", None, {}, {}).to_fields())
             if n == script.hold_ack:
                 await self._hold()
+            if script.extra_at_ack is not None and n == script.extra_at_ack[0]:
+                await send(script.extra_at_ack[1], {})
             if n == script.drop_ack:
                 return
             if n == script.fail_at_ack:
@@ -343,6 +347,16 @@ WRONG_ANSWERS = {
     "ack twice to barrier 2": (Script(double_ack=2), "migrated", None),
     "failed instead of ack 1": (Script(fail_at_ack=1), "rolled back", "refused by the test"),
     "failed instead of ack 2": (Script(fail_at_ack=2), "rolled back", "refused by the test"),
+    "DEVICES_ACCEPTED again at barrier 2": (
+        Script(extra_at_ack=(2, Tag.DEVICES_ACCEPTED)),
+        "rolled back",
+        "unexpected DEVICES_ACCEPTED",
+    ),
+    "SWITCHOVER_ACK again at barrier 2": (
+        Script(extra_at_ack=(2, Tag.SWITCHOVER_ACK)),
+        "migrated",
+        None,
+    ),
     "resumed instead of loaded": (Script(loaded_as="resumed"), "rolled back", "resumed"),
     "failed instead of loaded": (Script(loaded_as="failed"), "rolled back", "destination failed"),
     "loaded instead of resumed": (Script(resumed_as="loaded"), "unknown", "loaded"),
