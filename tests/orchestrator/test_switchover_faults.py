@@ -1180,3 +1180,58 @@ async def test_a_source_that_skips_the_barriers_is_refused(make_pair: Any) -> No
     assert "SYNC" in str(error)
     assert gate.notes == ["finished"]
     await pair.assert_rolled_back(migration)
+
+
+SOURCE_EXTRAS = {
+    "COMMIT after barrier 1": (Tag.SYNC, Tag.COMMIT, "rolled back"),
+    "SYNC after END_OF_STREAM": (Tag.END_OF_STREAM, Tag.SYNC, "stopped"),
+    "COMMIT twice": (Tag.COMMIT, Tag.COMMIT, "migrated"),
+}
+
+
+@pytest.mark.parametrize("case", list(SOURCE_EXTRAS))
+async def test_a_source_frame_out_of_place(make_pair: Any, case: str) -> None:
+    """A source's COMMIT before its stream ended, or SYNC after it, is refused by the
+    destination before anything runs there (the source rolls back, or, having sent
+    COMMIT by then, stays stopped with its state); a second COMMIT changes nothing."""
+    after, extra, outcome = SOURCE_EXTRAS[case]
+    pair = await make_pair(two(), Script(hold_ack=1))
+    migration = pair.migration()
+    run = asyncio.create_task(run_to_end(migration))
+    await pair.held()
+    session = migration._session
+    assert session is not None
+    sending = session.send_control
+    sent: list[Tag] = []
+
+    async def send_control(tag: Tag, fields: Any = None, **kw: Any) -> None:
+        await sending(tag, fields, **kw)
+        if tag == after and not sent:
+            sent.append(extra)
+            await sending(extra)
+
+    session.send_control = send_control  # type: ignore[method-assign]
+    pair.release()
+    error = await run
+    assert sent == [extra]
+    if outcome == "migrated":
+        assert error is None, error
+        await pair.settle()
+        await pair.ends.assert_migrated()
+        return
+    assert extra.name in str(error)
+    if outcome == "rolled back" or not isinstance(error, OutcomeUnknown):
+        # (After END_OF_STREAM, the refusal may also beat "loaded" to the source's
+        # check before COMMIT: then it is a plain rollback too.)
+        assert isinstance(error, DestinationFailed), repr(error)
+        await pair.assert_rolled_back(migration)
+        return
+    # The destination gave up before COMMIT reached it; the source, past COMMIT, trusts
+    # no word of it and keeps its devices stopped, their state intact.
+    assert outcome == "stopped"
+    assert not pair.ends.resumed_on_destination()
+    assert [d.state for d in pair.ends.sources] == [State.STOP, State.STOP]
+    await pair.settle()
+    for device in pair.ends.sources:
+        await device.set_state(State.RUNNING)  # the operator's resume --force
+    await pair.ends.assert_source_intact()
