@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from orchestrator.engine import fanout
 from orchestrator.engine.messages import Devices, Verdict, boot_id
-from orchestrator.engine.phases import Phase, Phased, PhaseMachine
+from orchestrator.engine.phases import Phase, Phased, PhaseMachine, wait_out
 from orchestrator.engine.stats import Downtime
 from transport import Tag
 
@@ -139,6 +139,8 @@ class DestinationMigration(Phased):
         self.error: str | None = None
         self.log = log.bind(peer=session.peer_name)
         self._phases = PhaseMachine(self.log)
+        #: A cancel came while the devices resumed after COMMIT (re-raised at the end).
+        self._cancelled = False
 
     @property
     def committed(self) -> bool:
@@ -163,20 +165,37 @@ class DestinationMigration(Phased):
             self._set_phase(Phase.FAILED)
             return False
         except asyncio.CancelledError:
-            await asyncio.shield(self._give_up("destination daemon shutting down", None))
-            self._set_phase(Phase.FAILED if self.committed else Phase.CANCELLED)
+            ending = Phase.FAILED if self.committed else Phase.CANCELLED
+            await self._end("destination daemon shutting down", None, ending)
             raise
         except Exception as exc:
-            device = getattr(exc, "device", None)
-            await self._give_up(str(exc) or type(exc).__name__, device)
             cancelled = isinstance(exc, transport.PeerCancelled) and not self.committed
-            self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
+            ending = Phase.CANCELLED if cancelled else Phase.FAILED
+            if await self._end(
+                str(exc) or type(exc).__name__, getattr(exc, "device", None), ending
+            ):
+                raise asyncio.CancelledError from None
             return False
         failed = {n: why for n, why in self.results.items() if why}
         if failed:
             self.error = "; ".join(f"{n}: {why}" for n, why in failed.items())
         self._set_phase(Phase.FAILED if failed else Phase.COMPLETED)
+        if self._cancelled:
+            raise asyncio.CancelledError  # held back while the devices resumed
         return not failed
+
+    async def _end(self, reason: str, device: Any, phase: Phase) -> bool:
+        """Give up and end in ``phase``, through cancels: cut short, the devices would stay
+        loaded and the downtime window open. Whether a cancel came meanwhile (the caller
+        re-raises it); an error of the give-up itself (the gate's records) propagates,
+        the phase set all the same."""
+        giving_up = asyncio.ensure_future(self._give_up(reason, device))
+        try:
+            cancelled = await wait_out(giving_up)
+            giving_up.result()
+        finally:
+            self._set_phase(phase)
+        return cancelled
 
     async def _receive(self) -> None:
         session = self.session
@@ -215,7 +234,7 @@ class DestinationMigration(Phased):
         loop = asyncio.get_running_loop()
         # One deadline moved on at every frame: wait_for would start a task per frame,
         # thousands in pre-copy and one per device and frame in the downtime window.
-        async with asyncio.timeout(None) as idle:
+        async with _idle_deadline(self.idle_timeout_s) as idle:
             while True:
                 idle.reschedule(loop.time() + self.idle_timeout_s)
                 frame = await session.recv()
@@ -235,11 +254,16 @@ class DestinationMigration(Phased):
                 elif tag == Tag.END_OF_DEVICE:
                     ended.add(index)
                 elif tag == Tag.SYNC:
-                    if self.gate is not None and not prepared:
-                        self.gate.prepare(offer)  # once: the source sends two barriers
+                    if not prepared:
+                        if self.gate is not None:
+                            self.gate.prepare(offer)  # once: the source sends two barriers
                         prepared = True
                     await session.send_control(Tag.SYNC_ACK)
                 elif tag == Tag.END_OF_STREAM:
+                    if not prepared:
+                        # No barrier, so no durable note that COMMIT may follow (the
+                        # gate's prepare): a crash after it would look like nothing came.
+                        raise transport.ProtocolError("END_OF_STREAM before any SYNC")
                     break
                 else:
                     raise transport.ProtocolError(f"unexpected {tag.name} during the stream")
@@ -252,13 +276,27 @@ class DestinationMigration(Phased):
         await self._transition(State.STOP, mark=Downtime.LOAD)
         self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
-        commit = await asyncio.wait_for(session.recv(), self.idle_timeout_s)
+        try:
+            commit = await asyncio.wait_for(session.recv(), self.idle_timeout_s)
+        except TimeoutError:
+            raise TimeoutError(
+                f"no COMMIT from the source {self.idle_timeout_s:g} s after 'loaded' "
+                "(idle_timeout_s)"
+            ) from None
         if commit.tag != Tag.COMMIT:
             raise transport.ProtocolError(f"expected COMMIT, got {commit.tag.name}")
         self.marks[Downtime.COMMIT] = time.monotonic()
         self._phases.set(Phase.COMMITTED, in_window=True)
         started = time.monotonic()
-        self.results = await self._resume()
+        if fanout.never_waits(self.devices):
+            self.results = await self._resume()  # no cancel can land between its arcs
+        else:
+            # The devices are ours to run now: a cancel (daemon shutdown) cutting the
+            # resume short would leave some stopped or quiesced, the only copy of the
+            # workload not running. It waits; run() re-raises it at the end.
+            resuming = asyncio.ensure_future(self._resume())
+            self._cancelled = await wait_out(resuming)
+            self.results = resuming.result()
         self.marks[Downtime.RESUME] = time.monotonic()
         self._phases.announce()
         for marks in self.device_marks.values():
@@ -357,6 +395,20 @@ class DestinationMigration(Phased):
                 )
         if self.gate is not None and self.offer is not None:
             self.gate.finished(self.offer, None)
+
+
+@contextlib.asynccontextmanager
+async def _idle_deadline(seconds: float) -> AsyncIterator[asyncio.Timeout]:
+    """A deadline the stream moves on at every frame; past it, a TimeoutError naming it
+    (the source reports the destination's reason, and a bare one says nothing)."""
+    deadline = asyncio.timeout(None)
+    try:
+        async with deadline:
+            yield deadline
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        raise TimeoutError(f"no frame from the source for {seconds:g} s (idle_timeout_s)") from None
 
 
 async def _move_all(

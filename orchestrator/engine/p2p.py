@@ -38,10 +38,18 @@ async def resume_in_order(
     """
     stopped_capable = [d for d in devices if d.features & Feature.P2P and d.state not in UNQUIESCED]
     broken: dict[str, str] = {}
-    for device, error in await _reach_all(stopped_capable, State.RUNNING_P2P, log):
+    #: Devices whose step raised what is not a device's failure (a bug): they stay where
+    #: they are, with their state, and the first such error is raised once the others
+    #: are back.
+    crashed: dict[str, BaseException] = {}
+    for device, error in await _reach_all(stopped_capable, State.RUNNING_P2P, log, crashed):
         broken[device.name] = error
-    rest = [d for d in devices if d.name not in broken and d.state != State.RUNNING]
-    for device, error in await _reach_all(rest, State.RUNNING, log):
+    rest = [
+        d
+        for d in devices
+        if d.name not in broken and d.name not in crashed and d.state != State.RUNNING
+    ]
+    for device, error in await _reach_all(rest, State.RUNNING, log, crashed):
         broken[device.name] = error
     notes: dict[str, str] = {}
     for device in devices:
@@ -57,6 +65,8 @@ async def resume_in_order(
             notes[device.name] = f"not restored: {exc}"
         else:
             notes[device.name] = f"reset (state lost): {broken[device.name]}"
+    if crashed:
+        raise next(iter(crashed.values()))
     return notes
 
 
@@ -64,15 +74,18 @@ async def _reach_all(
     devices: Sequence[MigratableDevice],
     target: State,
     log: structlog.typing.FilteringBoundLogger,
+    crashed: dict[str, BaseException],
 ) -> list[tuple[MigratableDevice, str]]:
-    """Move ``devices`` to ``target`` in parallel; those that could not, with why."""
+    """Move ``devices`` to ``target`` in parallel; those that could not, with why (and
+    into ``crashed`` those whose step raised: _reach answers a device's failure, so
+    anything else is a bug, which a reset would not mend)."""
     failed = []
     for device, error in zip(
         devices, await fanout.each(devices, lambda d: _reach(d, target, log)), strict=True
     ):
         if isinstance(error, BaseException):
-            raise error  # _reach answers a device's failure; anything else is not one
-        if error is not None:
+            crashed[device.name] = error
+        elif error is not None:
             failed.append((device, error))
     return failed
 

@@ -183,6 +183,21 @@ class _CollectorPause:
 _COLLECTOR = _CollectorPause()
 
 
+async def wait_out(task: asyncio.Future[Any]) -> bool:
+    """Wait until ``task`` is done, through cancels of our own; whether one came.
+
+    For the ends of a migration (a rollback, a give-up): cut short they would leave
+    devices stopped and the downtime window open; the caller re-raises the cancel after.
+    """
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError:
+            cancelled = True
+    return cancelled
+
+
 class Phased:
     """A migration end with a phase machine (``_phases``): what it shows of it."""
 

@@ -55,6 +55,7 @@ from orchestrator.engine.phases import (
     Phase,
     Phased,
     PhaseMachine,
+    wait_out,
 )
 from orchestrator.engine.stats import (
     BusyMeter,
@@ -79,6 +80,11 @@ WINDOW_ROUND_TRIPS = 1.5
 #: Called with the device names before the downtime window opens, from which point the
 #: devices may be given away; must make the fence durable (it costs no downtime there).
 FenceHook = Callable[[list[str]], None]
+#: What every OutcomeUnknown tells the operator to do.
+UNKNOWN_ADVICE = (
+    "the destination may be running the devices, so the source devices stay stopped; "
+    "resume them (livemig resume --force) only if the destination did not take over"
+)
 
 
 def check_blockers(devices: Sequence[MigratableDevice], params: MigrationParams) -> None:
@@ -142,6 +148,10 @@ class SourceMigration(Phased):
         self._synced = asyncio.Event()
         self._continue = asyncio.Event()
         self._verdicts: asyncio.Queue[Verdict | BaseException] = asyncio.Queue()
+        #: The verdict the destination may send now ("loaded" once END_OF_STREAM went,
+        #: "resumed" once COMMIT went), one each: any other but "failed" is a protocol
+        #: error, or a stray "loaded" queued early would answer the window's wait.
+        self._expected_verdict: str | None = None
         self._link_error: BaseException | None = None
         self._reader_error: BaseException | None = None
         self._body: asyncio.Task[None] | None = None
@@ -227,33 +237,48 @@ class SourceMigration(Phased):
     # -- the migration -----------------------------------------------------------------
 
     async def run(self) -> MigrationStats:
-        """Migrate; return the final stats or raise a MigrationError saying why not."""
+        """Migrate; return the final stats or raise a MigrationError saying why not.
+
+        When our caller is cancelled, the rollback (or, past COMMIT, the stop) still runs
+        to its end before the CancelledError propagates.
+        """
         if self._cancel_reason is not None:
-            return await self._fail(MigrationCancelled(self._cancel_reason))
+            return await self._end(MigrationCancelled(self._cancel_reason))
         self._body = asyncio.create_task(self._migrate(), name="migration")
         try:
             await asyncio.shield(self._body)
         except asyncio.CancelledError:
             reason = self._requested_cancel()  # set by cancel() while we awaited
             if self._body.done() and reason is not None:
-                return await self._fail(MigrationCancelled(reason))
+                return await self._end(MigrationCancelled(reason))
             # Our caller is being cancelled (daemon shutdown): roll back, then propagate.
             self._cancel_reason = self._cancel_reason or "daemon shutting down"
             self._body.cancel()
+            await wait_out(self._body)
             with contextlib.suppress(BaseException):
-                await self._body
+                self._body.result()  # its end is the cancel we asked for, or what _end says
+            if self.phase is Phase.COMPLETED:
+                raise  # it completed as it was cancelled: nothing to undo or report
             with contextlib.suppress(MigrationError):
-                await asyncio.shield(self._fail(MigrationCancelled(self._cancel_reason)))
+                await self._end(MigrationCancelled(self._cancel_reason))
             raise
         except MigrationError as exc:
-            return await self._fail(exc)
+            return await self._end(exc)
         except Exception as exc:  # a device, the link, or a bug here: the source must survive
             if not isinstance(exc, DeviceError | transport.TransportError | OSError | TimeoutError):
                 self.log.exception("migration_internal_error")
-            if self.phase is Phase.COMMITTED:
-                return await self._fail(OutcomeUnknown(f"failed after COMMIT: {_describe(exc)}"))
-            return await self._fail(MigrationError(_describe(exc)))
+            return await self._end(MigrationError(_describe(exc)))
         return self.stats
+
+    async def _end(self, error: MigrationError) -> MigrationStats:
+        """``_fail(error)`` run to its end even if our caller is cancelled meanwhile: a
+        rollback cut short leaves the devices stopped and the downtime window open (the
+        collector off). The cancel propagates once it is done."""
+        ending = asyncio.ensure_future(self._fail(error))
+        if await wait_out(ending):
+            ending.exception()  # the failure is recorded in the stats; the caller gets the cancel
+            raise asyncio.CancelledError
+        return ending.result()
 
     def _requested_cancel(self) -> str | None:
         return self._cancel_reason
@@ -574,6 +599,15 @@ class SourceMigration(Phased):
                     self._wakeup.set()
                 elif frame.tag == Tag.VERDICT:
                     verdict = Verdict.parse(frame.fields())
+                    if verdict.stage != "failed":
+                        if verdict.stage != self._expected_verdict:
+                            raise transport.ProtocolError(
+                                "verdict",
+                                f"{verdict.stage!r} when none was asked for"
+                                if self._expected_verdict is None
+                                else f"{verdict.stage!r} when {self._expected_verdict!r} was due",
+                            )
+                        self._expected_verdict = None
                     self._verdicts.put_nowait(verdict)
                     if verdict.stage == "failed":
                         # Keep the destination's reason, not the hang-up that follows it.
@@ -638,11 +672,16 @@ class SourceMigration(Phased):
         start = clock.begin()
         # The bound on the stop holds whatever the link does: past it, roll back.
         deadline = start + bound_s
+        assert self._session is not None
         try:
             async with asyncio.timeout_at(_loop_time_of(deadline)):
                 await self._stop_and_drain(clock)
                 loaded = await self._verdict("loaded")
                 self._raise_background_errors()  # a cancel that raced the verdict wins
+                if (lost := self._session.error) is not None:
+                    # The link failed in this very turn, before the receiver saw it:
+                    # COMMIT cannot leave, so this is still a certain rollback.
+                    raise MigrationError(f"lost the destination: {_describe(lost)}") from lost
             if time.monotonic() > deadline:
                 raise TimeoutError
         except TimeoutError:
@@ -658,17 +697,26 @@ class SourceMigration(Phased):
                 f"devices stopped (max_stop_ms): the link to {self.destination} or the "
                 "destination is stalled or slower than estimated; the source runs again"
             ) from None
-        assert self._session is not None
         self._phases.set(Phase.COMMITTED, in_window=True)
-        await self._session.send_control(Tag.COMMIT)
+        self._expected_verdict = "resumed"
+        timeout = self.params.verdict_timeout_s
+        try:
+            # A timer, not a task: the send is inside the window, and with the peer alive
+            # but not reading its wait for the write buffer to drain would never end.
+            async with asyncio.timeout(timeout):
+                await self._session.send_control(Tag.COMMIT)
+        except TimeoutError:
+            raise OutcomeUnknown(
+                f"COMMIT was not taken by the link within {timeout:g} s "
+                f"(verdict_timeout_s); {UNKNOWN_ADVICE}"
+            ) from None
         self._phases.announce()
         try:
             resumed = await self._verdict("resumed")
         except MigrationError as exc:
             raise OutcomeUnknown(
-                f"no word from the destination after telling it to resume ({exc}); it may be "
-                "running the devices, so the source devices stay stopped; resume them "
-                "(livemig resume --force) only if the destination did not take over"
+                f"no word from the destination after telling it to resume ({exc}); "
+                + UNKNOWN_ADVICE
             ) from exc
         self._account_downtime(clock, loaded, resumed)
         failed = resumed.failed_devices()
@@ -688,10 +736,24 @@ class SourceMigration(Phased):
             )
 
     async def _stop_precopy_readers(self) -> None:
-        """End pre-copy streaming; a reader never stops between reading and sending."""
+        """End pre-copy streaming; a reader never stops between reading and sending.
+
+        A reader whose read or send never returns (a device that does not answer) would
+        hold the switchover forever: past verdict_timeout_s it fails, and the rollback
+        cancels the readers.
+        """
         self._stop_readers.set()
-        results = await asyncio.gather(*self._readers, return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+        if not self._readers:
+            return
+        timeout = self.params.verdict_timeout_s
+        _, stuck = await asyncio.wait(self._readers, timeout=timeout)
+        if stuck:
+            names = ", ".join(t.get_name().removeprefix("precopy-") for t in stuck)
+            raise MigrationError(
+                f"the pre-copy reader of {names} did not stop within {timeout:g} s "
+                "(verdict_timeout_s): its device's read or the link is stuck"
+            )
+        errors = [e for t in self._readers if not t.cancelled() and (e := t.exception())]
         if errors:
             raise MigrationError(f"pre-copy stream failed: {_describe(errors[0])}")
 
@@ -702,14 +764,20 @@ class SourceMigration(Phased):
         otherwise the pre-copy data still in socket and receive buffers (tens of MB on
         loopback) would be loaded inside the window.
         """
-        assert self._session is not None
+        session = self._session
+        assert session is not None
         started = time.monotonic()
         self._synced.clear()
-        await self._session.send_control(Tag.SYNC)
+
+        async def barrier() -> None:
+            # The send is in the bound too: with the peer alive but not reading, its
+            # wait for the write buffer to drain would never end.
+            await session.send_control(Tag.SYNC)
+            await self._synced.wait()
+
         try:
             await asyncio.wait_for(
-                _first_of(self._synced.wait(), self._wakeup_on_error()),
-                self.params.verdict_timeout_s,
+                _first_of(barrier(), self._wakeup_on_error()), self.params.verdict_timeout_s
             )
         except TimeoutError:
             raise MigrationError(
@@ -767,6 +835,7 @@ class SourceMigration(Phased):
         clock.mark(Downtime.STOP)
         await asyncio.gather(*(self._drain(i, source_marks) for i in range(len(self.devices))))
         assert self._session is not None
+        self._expected_verdict = "loaded"
         await self._session.send_control(Tag.END_OF_STREAM)
         clock.mark(Downtime.DRAIN)
 
@@ -827,13 +896,13 @@ class SourceMigration(Phased):
         """Release the source devices: STOP_COPY -> STOP, outside the downtime window.
 
         The workload already runs on the destination, so a device that fails to leave
-        STOP_COPY is reported but changes nothing: the migration completed.
+        STOP_COPY is reported but changes nothing: the migration completed. A cancel
+        (daemon shutdown) waits for the release and the session's close (bounded by its
+        timeout), so the end is reported as it is; it propagates after.
         """
-        try:
-            await self._transition(self.devices, State.STOP)
-        except MigrationError as exc:
-            self.log.error("source_release_failed", error=str(exc))
-        await self._close_session()
+        releasing = asyncio.ensure_future(self._release())
+        cancelled = await wait_out(releasing)
+        releasing.result()
         self._end_clock()
         self.stats.outcome = "destination"
         self.stats.placement = {d.name: "destination" for d in self.devices}
@@ -846,6 +915,16 @@ class SourceMigration(Phased):
             iterations=self.stats.iterations,
             transferred_bytes=self.stats.transferred_bytes,
         )
+        if cancelled:
+            raise asyncio.CancelledError
+
+    async def _release(self) -> None:
+        """The source devices to STOP (a failure only logged), then the session closed."""
+        try:
+            await self._transition(self.devices, State.STOP)
+        except MigrationError as exc:
+            self.log.error("source_release_failed", error=str(exc))
+        await self._close_session()
 
     # -- device transitions --------------------------------------------------------------
 
@@ -886,31 +965,44 @@ class SourceMigration(Phased):
         return _covered(spans)
 
     async def _fail(self, error: MigrationError) -> MigrationStats:
-        """Roll back (unless committed), record why, and raise ``error``."""
+        """Roll back (unless committed), record why, and raise ``error``.
+
+        Past COMMIT every error is an OutcomeUnknown (unless a SplitOutcome) that says
+        what the operator must do: a cancel or a crash there rolls nothing back.
+        """
+        if self.phase not in REVERSIBLE_PHASES and not isinstance(
+            error, OutcomeUnknown | SplitOutcome
+        ):
+            unknown = OutcomeUnknown(f"after COMMIT: {error}; {UNKNOWN_ADVICE}")
+            unknown.__cause__ = error
+            error = unknown
         self.stats.error = str(error)
         self.log.error("migration_failed", reason=str(error), error_type=type(error).__name__)
-        if self.phase in REVERSIBLE_PHASES:
-            notes = await self._rollback()
-            self.stats.outcome = "source"
-            self.stats.placement = {d.name: notes.get(d.name, "source") for d in self.devices}
-        else:
-            await self._stop_background()
-            if self._session is not None:
-                self._session.abort()
-            # Keep them stopped but release the data sessions.
-            with contextlib.suppress(MigrationError):
-                await self._transition(self.devices, State.STOP)
-            if isinstance(error, SplitOutcome):
-                self.stats.outcome = "split"
+        try:
+            if self.phase in REVERSIBLE_PHASES:
+                notes = await self._rollback()
+                self.stats.outcome = "source"
+                self.stats.placement = {d.name: notes.get(d.name, "source") for d in self.devices}
             else:
-                self.stats.outcome = "unknown"
-                self.stats.placement = {
-                    d.name: "unknown: stopped here, the destination may run it"
-                    for d in self.devices
-                }
-        self._end_clock()
-        cancelled = isinstance(error, MigrationCancelled)
-        self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
+                await self._stop_background()
+                if self._session is not None:
+                    self._session.abort()
+                # Keep them stopped but release the data sessions.
+                with contextlib.suppress(MigrationError):
+                    await self._transition(self.devices, State.STOP)
+                if isinstance(error, SplitOutcome):
+                    self.stats.outcome = "split"
+                else:
+                    self.stats.outcome = "unknown"
+                    self.stats.placement = {
+                        d.name: "unknown: stopped here, the destination may run it"
+                        for d in self.devices
+                    }
+        finally:
+            # Even when a bug broke the rollback: the migration ends, its window closes.
+            self._end_clock()
+            cancelled = isinstance(error, MigrationCancelled)
+            self._set_phase(Phase.CANCELLED if cancelled else Phase.FAILED)
         raise error
 
     async def _stop_background(self) -> None:
@@ -928,15 +1020,18 @@ class SourceMigration(Phased):
         if self._inflight is not None:
             await asyncio.gather(self._inflight, return_exceptions=True)
         await self._stop_background()
+        for device in self.devices:
+            if device.can_throttle():
+                device.set_throttle(0.0)
+        # The devices first: COMMIT was not sent, so the destination cannot run them, and
+        # the goodbye waits on the link (a second and more when it stalls with data
+        # unsent), which would all be stop time past max_stop_ms.
+        notes = await resume_in_order(self.devices, self.log)
+        self.log.info("source_devices_restored", reset=notes)
         if self._session is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._session.cancel(self.stats.error or "failed"), 2.0)
             self._session.abort()
-        for device in self.devices:
-            if device.can_throttle():
-                device.set_throttle(0.0)
-        notes = await resume_in_order(self.devices, self.log)
-        self.log.info("source_devices_restored", reset=notes)
         return notes
 
     async def _close_session(self) -> None:
