@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -303,9 +303,10 @@ class DestinationMigration(Phased):
             marks[Downtime.RESUME] = (self.marks[Downtime.RESUME] - started) * 1e3
         if self.gate is not None:
             # The note made at SYNC fenced a crash until now; the records are written
-            # after the window closed, so they cost no downtime.
-            self.gate.committed(offer)
-            self.gate.finished(offer, self.results)
+            # after the window closed, so they cost no downtime. The devices run here
+            # whether or not they can be written: the source must still hear "resumed".
+            self._record(self.gate.committed, offer)
+            self._record(self.gate.finished, offer, self.results)
         failed = {n: why for n, why in self.results.items() if why}
         if failed:
             self.log.critical("devices_not_resumed", failed=failed)
@@ -394,7 +395,22 @@ class DestinationMigration(Phased):
                     "destination_device_reset_failed", device=target.name, error=str(exc)
                 )
         if self.gate is not None and self.offer is not None:
-            self.gate.finished(self.offer, None)
+            self._record(self.gate.finished, self.offer, None)
+
+    def _record(self, write: Callable[..., None], *args: Any) -> None:
+        """Write the daemon's ownership records; a failure (the state file) is logged,
+        not raised: it cannot change where the devices are. What stays on disk is the
+        note made at the first barrier ("outcome unknown"), so a restart keeps the
+        devices stopped for the operator, never running twice."""
+        try:
+            write(*args)
+        except OSError as exc:
+            self.log.critical(
+                "ownership_not_recorded",
+                error=str(exc),
+                devices=[d.name for d in self.devices],
+                committed=self.committed,
+            )
 
 
 @contextlib.asynccontextmanager

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+import structlog
 
 import transport
 from devices.base import MigratableDevice
@@ -824,17 +825,49 @@ class _FailingRecords:
 
 async def test_a_destination_whose_records_fail_in_the_window_closes_it(make_pair: Any) -> None:
     """The destination rejects the state at load (in its window) and then cannot write
-    its records: its error escapes, but it ends FAILED with the window closed, the
-    devices reset, and the source rolled back."""
+    its records: it logs that as critical (no error escapes run(), which says False),
+    ends FAILED with the window closed, the devices reset, and the source rolled back."""
     bad = Spec("a", seed=1, target_faults=Faults(corrupt_validation=True))
     pair = await make_pair([bad, Spec("b", seed=2)], gate=_FailingRecords())
     migration = pair.migration()
-    error = await run_to_end(migration)
+    with structlog.testing.capture_logs() as logs:
+        error = await run_to_end(migration)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*pair.tasks, return_exceptions=True)
     assert isinstance(error, DestinationFailed), repr(error)
-    async with asyncio.timeout(10):
-        await asyncio.gather(*pair.tasks, return_exceptions=True)
+    assert pair.ends.outcomes == [False]
+    assert [e["log_level"] for e in logs if e["event"] == "ownership_not_recorded"] == ["critical"]
     assert pair.ends.incoming[0].phase is Phase.FAILED
     await pair.assert_rolled_back(migration)
+
+
+class _FailingCommitRecords(_FailingRecords):
+    """A destination gate whose records after COMMIT cannot be written."""
+
+    def committed(self, offer: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    def finished(self, offer: Any, results: Any) -> None:
+        pass
+
+
+async def test_a_destination_that_cannot_record_its_commit_still_says_resumed(
+    make_pair: Any,
+) -> None:
+    """The devices run on the destination once COMMIT came, whatever its records say:
+    a failing write after it still sends "resumed" (the source completes, its devices
+    stopped, not "outcome unknown"), and the destination logs it as critical."""
+    pair = await make_pair(two(), gate=_FailingCommitRecords())
+    migration = pair.migration()
+    with structlog.testing.capture_logs() as logs:
+        assert await run_to_end(migration) is None
+        await pair.settle()
+    assert migration.stats.outcome == "destination"
+    await pair.ends.assert_migrated()
+    assert pair.ends.incoming[0].phase is Phase.COMPLETED
+    [record] = [e for e in logs if e["event"] == "ownership_not_recorded"]
+    assert record["log_level"] == "critical"
+    assert "No space left on device" in record["error"]
 
 
 async def test_a_destination_cancelled_twice_in_its_window_still_ends(make_pair: Any) -> None:
