@@ -125,13 +125,20 @@ class PhaseMachine:
             self._held.append(report)
 
     def announce(self) -> None:
-        """Close the window: make the reports it held, in order."""
+        """Close the window: make the reports it held, in order.
+
+        A report that fails is logged and the others are still made: announce runs
+        right after COMMIT, where an observer's bug must not reach the migration.
+        """
         held, self._held = self._held, None
         if held is None:
             return
         _COLLECTOR.resume()
         for report in held:
-            report()
+            try:
+                report()
+            except Exception:
+                self._log.exception("held_report_failed", report=repr(report))
 
     def _tell(self, old: Phase, phase: Phase) -> None:
         self._log.info("phase_changed", phase=phase.value, previous=old.value)

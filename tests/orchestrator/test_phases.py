@@ -143,6 +143,26 @@ async def test_reports_made_in_the_window_wait_for_its_end_in_order() -> None:
     assert told[-2:] == ["rollback", "failed"]
 
 
+async def test_a_held_report_that_fails_is_logged_and_the_others_still_made() -> None:
+    """announce runs right after COMMIT: one report raising must neither reach the
+    migration nor drop the reports after it."""
+    told: list[str] = []
+    machine = PhaseMachine(structlog.get_logger(), lambda old, new: told.append(new.value))
+    machine.set(SW)
+    machine.hold()
+
+    def broken() -> None:
+        raise RuntimeError("observer bug")
+
+    machine.later(broken)
+    machine.later(lambda: told.append("device"))
+    machine.set(C, in_window=True)
+    with structlog.testing.capture_logs() as logs:
+        machine.announce()
+    assert told == ["switchover", "device", "committed"]
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["held_report_failed"]
+
+
 async def test_the_collector_waits_while_any_window_is_open() -> None:
     """The cyclic GC is off from the first window's open to the last one's close, and a
     collector someone else turned off stays off."""
