@@ -24,6 +24,11 @@ log = structlog.get_logger(__name__)
 
 Handler = Callable[["Session"], Awaitable[None]]
 
+#: After accept() failed for want of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM), the
+#: pause before the next try: the failure repeats until something is freed, and the
+#: pending connection keeps the listener readable, so retrying at once would spin.
+ACCEPT_RETRY_S = 1.0
+
 
 class _Group:
     """The channels of one session that passed the handshake so far."""
@@ -143,7 +148,14 @@ class Server:
         """Accept TCP connections and take each through TLS, counted from the start."""
         loop = asyncio.get_running_loop()
         while True:
-            sock, peer = await loop.sock_accept(listener)
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except (ConnectionAbortedError, InterruptedError):
+                continue  # that connection is gone; the next may be fine
+            except OSError as exc:  # out of descriptors or memory: a listener must outlive it
+                self._log.warning("accept_failed", error=str(exc), retry_s=ACCEPT_RETRY_S)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
             entry = _TlsHandshake(sock, str(peer[0]))
             if not self._admissible(entry.peer_host):
                 sock.close()
@@ -362,6 +374,8 @@ async def serve(
     from accept: a peer that opens connections and never finishes TLS is evicted like
     one that never sends HELLO. (``loop.start_tls`` on an accepted transport would do
     the same, but server-side it stalls under uvloop 0.23.)
+    That accept loop, like asyncio's own, outlives accept() failures: running out of
+    descriptors is logged (``accept_failed``) and retried after ``ACCEPT_RETRY_S``.
     """
     limits = limits or Limits()
     if not link_timeout_s > 0:
