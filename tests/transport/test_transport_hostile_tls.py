@@ -345,8 +345,10 @@ def test_a_source_wanting_more_channels_than_allowed_hears_why_at_once(
         ({"checksum": False}, "checksum"),
         ({"name": "other"}, "name"),
         ({"max_payload": 1}, "max_payload"),
+        ({"channels": 3}, "channels"),
+        ({"channel": 0}, "channel 0 joined already"),
     ],
-    ids=["checksum", "name", "max_payload"],
+    ids=["checksum", "name", "max_payload", "channels", "repeated"],
 )
 async def test_a_channel_that_disagrees_with_its_session_is_refused(
     changes: dict[str, Any], field: str
@@ -356,26 +358,30 @@ async def test_a_channel_that_disagrees_with_its_session_is_refused(
     recorder = Recorder()
     auth = AuthConfig(psk=PSK, checksums=False)  # the source's choice decides checksums
     async with await serve("127.0.0.1:0", recorder, name="dest", auth=auth) as server:
-        session, peers, answers = os.urandom(16), [], []
+        session, peers = os.urandom(16), []
         for index, extra in enumerate(({}, changes)):
             peer = await RawPeer.open(server.address)
             nonce = os.urandom(32)
             fields = hello_fields(session, nonce) | {"channel": index, "channels": 2}
-            await peer.send(Tag.HELLO, fields | {"checksum": True} | extra)
+            fields |= {"checksum": True} | extra
+            await peer.send(Tag.HELLO, fields)
             dest_hello = await peer.read_frame()
             assert dest_hello is not None
             dest_nonce = dest_hello.fields()["nonce"]
-            made = proof(PSK, "source", session, index, nonce, dest_nonce)
+            made = proof(PSK, "source", session, fields["channel"], nonce, dest_nonce)
             await peer.send(Tag.AUTH, {"proof": made})
-            answer = await peer.read_frame()
-            assert answer is not None
+            accepted = await peer.read_frame()
+            assert accepted is not None
+            assert accepted.tag is Tag.AUTH  # authenticated; then its session is looked at
             peers.append(peer)
-            answers.append(answer)
+        refusal = await peers[1].read_frame()
         for peer in peers:
             await peer.close()
-    assert answers[0].tag is Tag.AUTH
-    assert answers[1].tag is Tag.CANCEL
-    assert answers[1].fields()["reason"] == f"channel 1 does not fit the session: {field} differs"
+    assert refusal is not None
+    assert refusal.tag is Tag.CANCEL
+    misfit = field if " " in field else f"{field} differs"
+    index = 0 if "channel 0" in field else 1
+    assert refusal.fields()["reason"] == f"channel {index} does not fit the session: {misfit}"
     assert not recorder.done.is_set(), "no session was handed to the handler"
 
 
