@@ -39,6 +39,20 @@ class _Group:
         self.channels: dict[int, Channel] = {}
 
 
+def _misfit(group: _Group, hello: Hello) -> str | None:
+    """Why a channel's HELLO does not fit the session its id names, or None.
+
+    The session is built from its first channel's HELLO and checks each channel's
+    frames as that channel agreed, so every channel must have said the same.
+    """
+    if hello.channel in group.channels:
+        return f"channel {hello.channel} joined already"
+    for field in ("channels", "name", "max_payload", "checksum"):
+        if getattr(hello, field) != getattr(group.hello, field):
+            return f"{field} differs"
+    return None
+
+
 class _TlsHandshake:
     """A connection accepted but still in its TLS handshake: it holds an admission slot
     like a channel in the HELLO handshake, and can be evicted the same way."""
@@ -281,10 +295,12 @@ class Server:
                 self._limits.handshake_timeout, self._expire, hello.session
             )
             group = self._groups[hello.session] = _Group(hello, timer)
-        elif group.hello.channels != hello.channels or hello.channel in group.channels:
+        elif (misfit := _misfit(group, hello)) is not None:
             self.refusals.note("inconsistent channel", channel.peer_host, hello.name)
             self._pending.pop(channel, None)
-            refuse(channel, "protocol", f"channel {hello.channel} does not fit the session")
+            refuse(
+                channel, "protocol", f"channel {hello.channel} does not fit the session: {misfit}"
+            )
             return
         group.channels[hello.channel] = channel
         if len(group.channels) < hello.channels:

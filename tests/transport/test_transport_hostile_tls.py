@@ -338,7 +338,6 @@ def test_a_source_wanting_more_channels_than_allowed_hears_why_at_once(
     run(body())
 
 
-@pytest.mark.xfail(strict=True, reason="only the channel count is compared between channels")
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
