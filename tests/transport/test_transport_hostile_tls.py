@@ -33,6 +33,7 @@ from transport import (
     PeerCancelled,
     ProtocolError,
     Server,
+    Session,
     Tag,
     connect,
     parse_address,
@@ -165,6 +166,48 @@ def test_the_tls_accept_loop_survives_running_out_of_descriptors(
         failed = [e for e in logs if e["event"] == "accept_failed"]
         assert len(failed) == 3
         assert "Too many open files" in failed[0]["error"]
+
+    run(body())
+
+
+# -- closing the server ------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="wait_closed() returns while a CANCEL still lingers")
+@pytest.mark.parametrize("ending", ["aborts", "raises"])
+def test_closing_the_server_waits_out_a_cancel_on_its_way(
+    run: Runner, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    """A handler that ended its session with a reason (abort, or an exception) leaves a
+    connection lingering so the CANCEL is not lost to a reset; a server closing then
+    returns from wait_closed() only once that connection is gone, the CANCEL delivered."""
+    monkeypatch.setattr("transport.session.CANCEL_LINGER_S", 1.0)
+    ended = asyncio.Event()
+
+    async def handler(session: Session) -> None:
+        await session.recv()
+        ended.set()
+        if ending == "raises":
+            raise RuntimeError("handler bug")
+        session.abort("disk full", code="device")
+        await asyncio.Event().wait()  # the server's close ends this handler
+
+    async def body() -> None:
+        before = open_sockets()
+        async with await serve(
+            "127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK)
+        ) as server:
+            peer = await RawPeer.open(server.address)  # authenticates, then reads nothing
+            assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
+            await peer.send(Tag.DEVICES, announce(1))
+            await ended.wait()
+        left = open_sockets() - before
+        cancel = await peer.read_frame()
+        await peer.close()
+        assert left == 1, "only the peer's own socket is left"
+        assert cancel is not None
+        assert cancel.tag is Tag.CANCEL
+        assert cancel.fields()["reason"] in ("disk full", "handler bug")
 
     run(body())
 
