@@ -18,7 +18,7 @@ from transport.errors import (
 )
 from transport.handshake import Hello, refuse, server_handshake
 from transport.limits import Limits
-from transport.session import DEFAULT_LINK_TIMEOUT_S, Session
+from transport.session import CANCEL_LINGER_S, DEFAULT_LINK_TIMEOUT_S, Session
 
 log = structlog.get_logger(__name__)
 
@@ -331,16 +331,20 @@ class Server:
                 refuse(channel, "protocol", "not all channels of the session arrived")
 
     async def _run(self, session: Session) -> None:
+        """Run the handler, then close its session: a CANCEL still going out (see
+        Session.abort) keeps its linger, and this task lasts until the connections are
+        gone, so wait_closed() does not return while one is open."""
         try:
-            await self._handler(session)
+            try:
+                await self._handler(session)
+            except Exception as exc:  # a failing handler ends its session, not the server
+                self._log.warning("handler_failed", error=str(exc), kind=type(exc).__name__)
+                session.abort(str(exc) or type(exc).__name__, code="internal")
+            await session.close()
         except asyncio.CancelledError:
             session.abort()
+            await session.close(CANCEL_LINGER_S)
             raise
-        except Exception as exc:  # a failing handler ends its session, not the server
-            self._log.warning("handler_failed", error=str(exc), kind=type(exc).__name__)
-            session.abort(str(exc) or type(exc).__name__, code="internal")
-        else:
-            await session.close()
 
     def close(self) -> None:
         """Stop listening; cancel handshakes in progress and running handlers."""

@@ -173,7 +173,6 @@ def test_the_tls_accept_loop_survives_running_out_of_descriptors(
 # -- closing the server ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="wait_closed() returns while a CANCEL still lingers")
 @pytest.mark.parametrize("ending", ["aborts", "raises"])
 def test_closing_the_server_waits_out_a_cancel_on_its_way(
     run: Runner, monkeypatch: pytest.MonkeyPatch, ending: str
