@@ -59,9 +59,11 @@ class _TlsHandshake:
 
     admitted = False
 
-    def __init__(self, sock: socket.socket, host: str) -> None:
+    def __init__(self, sock: socket.socket, host: str, deadline: float) -> None:
         self.sock = sock
         self.peer_host = host
+        #: When the handshake budget ends (loop time): TLS and HELLO share it.
+        self.deadline = deadline
         self.task: asyncio.Task[None] | None = None
 
     def hang_up(self) -> None:
@@ -170,7 +172,8 @@ class Server:
                 self._log.warning("accept_failed", error=str(exc), retry_s=ACCEPT_RETRY_S)
                 await asyncio.sleep(ACCEPT_RETRY_S)
                 continue
-            entry = _TlsHandshake(sock, str(peer[0]))
+            deadline = loop.time() + self._limits.handshake_timeout
+            entry = _TlsHandshake(sock, str(peer[0]), deadline)
             if not self._admissible(entry.peer_host):
                 sock.close()
                 continue
@@ -206,14 +209,15 @@ class Server:
         if self._pending.pop(entry, False) is False:
             channel.hang_up()  # evicted while the handshake finished
             return
-        self._start(channel)
+        self._start(channel, entry.deadline)
 
     def _accepted(self, channel: Channel) -> None:
         assert channel.transport is not None
         if not self._admissible(channel.peer_host):
             channel.hang_up()
             return
-        self._start(channel)
+        loop = asyncio.get_running_loop()
+        self._start(channel, loop.time() + self._limits.handshake_timeout)
 
     def _admissible(self, host: str) -> bool:
         """Room for one more pending connection from ``host`` (evicting one if a limit is
@@ -223,11 +227,11 @@ class Server:
         self.refusals.note("full of authenticated channels", host)
         return False
 
-    def _start(self, channel: Channel) -> None:
-        """Count the channel as pending and run its HELLO handshake."""
+    def _start(self, channel: Channel, deadline: float) -> None:
+        """Count the channel as pending and run its HELLO handshake until ``deadline``."""
         self._pending[channel] = None
         channel.on_lost = self._lost
-        task = asyncio.get_running_loop().create_task(self._handshake(channel))
+        task = asyncio.get_running_loop().create_task(self._handshake(channel, deadline))
         channel.task = task
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -270,9 +274,9 @@ class Server:
         if channel.task is not None:
             channel.task.cancel()
 
-    async def _handshake(self, channel: Channel) -> None:
+    async def _handshake(self, channel: Channel, deadline: float) -> None:
         try:
-            async with asyncio.timeout(self._limits.handshake_timeout):
+            async with asyncio.timeout_at(deadline):
                 hello = await server_handshake(
                     channel, name=self._name, auth=self._auth, limits=self._limits
                 )

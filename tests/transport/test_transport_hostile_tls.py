@@ -265,7 +265,6 @@ def test_broken_tls_clients_give_back_every_slot_and_descriptor(
     run(body())
 
 
-@pytest.mark.xfail(strict=True, reason="TLS and HELLO each get the whole handshake_timeout")
 def test_tls_and_hello_share_one_handshake_budget(run: Runner, tmp_path: Path) -> None:
     """A connection has handshake_timeout from accept for TLS and HELLO together: a
     client that finishes TLS just in time and then sends nothing is dropped when the
