@@ -9,10 +9,13 @@ that the buffers stay within the budget while it is held.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import pytest
+import uvloop
 
 from orchestrator.engine import pacing
 from orchestrator.engine.pacing import Pacer
@@ -31,6 +34,8 @@ from transport import (
 )
 from transport.limits import KiB
 
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 PSK = b"pacing faults key"
 CHUNK = 256 * KiB
 LINK = 0.5
@@ -71,7 +76,19 @@ async def paced_reader(session: Session, gate: Pacer) -> TransportError:
         return exc
 
 
-@pytest.fixture
+@pytest.fixture(params=sorted(LOOPS))
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Runs a test's coroutine on a fresh event loop of each kind (daemons run uvloop,
+    whose write buffer the pacer reads as well)."""
+
+    def run(coro: Coroutine[Any, Any, None]) -> None:
+        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
+            runner.run(coro)
+
+    return run
+
+
+@contextlib.asynccontextmanager
 async def stuck() -> AsyncIterator[tuple[str, asyncio.Event]]:
     """A destination that takes DEVICES, then reads no more until the event is set, and
     then aborts its session with a reason (its buffers are small: it stops reading soon)."""
@@ -109,59 +126,65 @@ def gate_for(session: Session) -> tuple[Pacer, Held]:
     return Pacer(lambda: None, held, session.limit_unsent), held
 
 
-async def test_a_destination_that_stops_reading_holds_the_reader_within_budget(
-    stuck: tuple[str, asyncio.Event],
-) -> None:
+def test_a_destination_that_stops_reading_holds_the_reader_within_budget(run: Runner) -> None:
     """While the destination reads nothing the reader is held with our buffers at most a
     chunk over the budget; the destination's abort then ends it with its reason."""
-    address, give_up = stuck
-    session = await source(address)
-    gate, held = gate_for(session)
-    reader = asyncio.create_task(paced_reader(session, gate))
-    await asyncio.wait_for(held.held.wait(), BOUND)
-    assert not reader.done()
-    assert held.peak <= pacing.INITIAL_PIPE + CHUNK + 4 * KiB  # a chunk and its headers
-    give_up.set()
-    error = await asyncio.wait_for(reader, BOUND)
-    assert isinstance(error, PeerCancelled)
-    assert str(error) == "destination refused: disk full"
-    assert session.backlog() == 0
+
+    async def body() -> None:
+        async with stuck() as (address, give_up):
+            session = await source(address)
+            gate, held = gate_for(session)
+            reader = asyncio.create_task(paced_reader(session, gate))
+            await asyncio.wait_for(held.held.wait(), BOUND)
+            assert not reader.done()
+            assert held.peak <= pacing.INITIAL_PIPE + CHUNK + 4 * KiB  # a chunk and headers
+            give_up.set()
+            error = await asyncio.wait_for(reader, BOUND)
+        assert isinstance(error, PeerCancelled)
+        assert str(error) == "destination refused: disk full"
+        assert session.backlog() == 0
+
+    run(body())
 
 
-async def test_a_link_that_stops_ends_a_held_reader_with_the_link_timeout(
-    stuck: tuple[str, asyncio.Event],
-) -> None:
+def test_a_link_that_stops_ends_a_held_reader_with_the_link_timeout(run: Runner) -> None:
     """A link that stops forwarding both ways while the reader is held ends it with
     ConnectionLost naming link_timeout_s, within about that timeout."""
-    address, _ = stuck
-    proxy = FaultProxy(address)
-    try:
-        session = await source(await proxy.start())
-        gate, held = gate_for(session)
-        reader = asyncio.create_task(paced_reader(session, gate))
-        await asyncio.wait_for(held.held.wait(), BOUND)
-        proxy.stall()
-        error = await asyncio.wait_for(reader, BOUND)
-    finally:
-        await proxy.close()
-    assert isinstance(error, ConnectionLost)
-    assert "(link_timeout_s)" in str(error)
+
+    async def body() -> None:
+        async with stuck() as (address, _):
+            proxy = FaultProxy(address)
+            try:
+                session = await source(await proxy.start())
+                gate, held = gate_for(session)
+                reader = asyncio.create_task(paced_reader(session, gate))
+                await asyncio.wait_for(held.held.wait(), BOUND)
+                proxy.stall()
+                error = await asyncio.wait_for(reader, BOUND)
+            finally:
+                await proxy.close()
+        assert isinstance(error, ConnectionLost)
+        assert "(link_timeout_s)" in str(error)
+
+    run(body())
 
 
-async def test_our_own_abort_with_a_reason_frees_a_held_reader_after_the_linger(
-    stuck: tuple[str, asyncio.Event],
-) -> None:
+def test_our_own_abort_with_a_reason_frees_a_held_reader_after_the_linger(run: Runner) -> None:
     """Aborting with a reason lingers to deliver the CANCEL while the peer reads nothing;
     the held reader still gets out, with our reason, once that linger ends."""
-    address, _ = stuck
-    session = await source(address)
-    gate, held = gate_for(session)
-    reader = asyncio.create_task(paced_reader(session, gate))
-    await asyncio.wait_for(held.held.wait(), BOUND)
-    session.abort("operator gave up", code="cancelled")
-    error = await asyncio.wait_for(reader, BOUND)
-    assert isinstance(error, SessionClosed)
-    assert str(error) == "session aborted: operator gave up"
+
+    async def body() -> None:
+        async with stuck() as (address, _):
+            session = await source(address)
+            gate, held = gate_for(session)
+            reader = asyncio.create_task(paced_reader(session, gate))
+            await asyncio.wait_for(held.held.wait(), BOUND)
+            session.abort("operator gave up", code="cancelled")
+            error = await asyncio.wait_for(reader, BOUND)
+        assert isinstance(error, SessionClosed)
+        assert str(error) == "session aborted: operator gave up"
+
+    run(body())
 
 
 async def test_cancelling_a_held_reader_leaves_no_task_and_the_gate_usable() -> None:
