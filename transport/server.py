@@ -16,7 +16,7 @@ from transport.channel import Channel
 from transport.errors import (
     TransportError,
 )
-from transport.handshake import Hello, refuse, server_handshake
+from transport.handshake import Hello, server_handshake
 from transport.limits import Limits
 from transport.session import CANCEL_LINGER_S, DEFAULT_LINK_TIMEOUT_S, Session
 
@@ -302,9 +302,7 @@ class Server:
         elif (misfit := _misfit(group, hello)) is not None:
             self.refusals.note("inconsistent channel", channel.peer_host, hello.name)
             self._pending.pop(channel, None)
-            refuse(
-                channel, "protocol", f"channel {hello.channel} does not fit the session: {misfit}"
-            )
+            self._let_go(channel, f"channel {hello.channel} does not fit the session: {misfit}")
             return
         group.channels[hello.channel] = channel
         if len(group.channels) < hello.channels:
@@ -332,7 +330,14 @@ class Server:
             self._log.warning("session_incomplete", peer=group.hello.name)
             for channel in group.channels.values():
                 self._pending.pop(channel, None)
-                refuse(channel, "protocol", "not all channels of the session arrived")
+                self._let_go(channel, "not all channels of the session arrived")
+
+    def _let_go(self, channel: Channel, reason: str) -> None:
+        """Refuse an authenticated channel: CANCEL, then drop it after a linger (a TLS
+        close would wait up to 30 s for a close_notify from a peer that reads nothing)."""
+        channel.cancel_and_linger(
+            {"reason": reason, "code": "protocol"}, min(CANCEL_LINGER_S, self.link_timeout_s)
+        )
 
     async def _run(self, session: Session) -> None:
         """Run the handler, then close its session: a CANCEL still going out (see

@@ -338,48 +338,51 @@ def test_closing_the_server_mid_handshake_leaves_no_socket_or_task(
     run(body())
 
 
-@pytest.mark.xfail(strict=True, reason="the TLS close waits 30 s for the peer's close_notify")
 def test_an_incomplete_session_refused_to_a_peer_that_reads_nothing_is_let_go(
-    run: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    run: Runner, tmp_path: Path
 ) -> None:
-    """When a session's channels do not all arrive, the ones that did get a CANCEL; over
-    TLS a peer that reads nothing more does not hold the connection open past the
-    CANCEL's linger (a graceful TLS close would wait for its close_notify for 30 s)."""
+    """When a session's channels do not all arrive, the ones that did get a CANCEL saying
+    so; over TLS a peer that reads nothing more does not hold the connection open past
+    the CANCEL's linger (a graceful TLS close waits 30 s for its close_notify)."""
     server_auth, client_auth = tls_auth(tmp_path)
     assert client_auth.ssl_context is not None
     context = client_auth.ssl_context
-    monkeypatch.setattr("transport.session.CANCEL_LINGER_S", 0.5)
+
+    async def first_of_two(address: str) -> RawPeer:
+        peer = await tls_peer(address, context)
+        session, nonce = os.urandom(16), os.urandom(32)
+        await peer.send(Tag.HELLO, hello_fields(session, nonce) | {"channels": 2})
+        dest_hello = await peer.read_frame()
+        assert dest_hello is not None
+        dest_nonce = dest_hello.fields()["nonce"]
+        await peer.send(Tag.AUTH, {"proof": proof(PSK, "source", session, 0, nonce, dest_nonce)})
+        accepted = await peer.read_frame()
+        assert accepted is not None
+        assert accepted.tag is Tag.AUTH
+        return peer
 
     async def body() -> None:
-        limits = Limits(handshake_timeout=0.3)
+        limits = Limits(handshake_timeout=0.5)
         async with await serve(
             "127.0.0.1:0", Recorder(), name="dest", auth=server_auth, limits=limits
         ) as server:
             before = open_sockets()
-            first = await tls_peer(server.address, context)
-            session, nonce = os.urandom(16), os.urandom(32)
-            await first.send(Tag.HELLO, hello_fields(session, nonce) | {"channels": 2})
-            dest_hello = await first.read_frame()
-            assert dest_hello is not None
-            dest_nonce = dest_hello.fields()["nonce"]
-            made = proof(PSK, "source", session, 0, nonce, dest_nonce)
-            await first.send(Tag.AUTH, {"proof": made})
-            accepted = await first.read_frame()
-            assert accepted is not None
-            assert accepted.tag is Tag.AUTH
-            first.writer.transport.pause_reading()  # channel 1 never comes; we read no more
-            try:
+            deaf = await first_of_two(server.address)
+            deaf.writer.transport.pause_reading()  # reads nothing from now on
+            listening = await first_of_two(server.address)
+            refusal = await listening.read_frame()
+            listening.writer.transport.abort()
+            try:  # within CANCEL_LINGER_S (2 s) of the refusal
                 await settled(lambda: open_sockets() <= before + 1, "the server's end closed")
                 let_go = True
             except AssertionError:
                 let_go = False
-            first.writer.transport.resume_reading()  # (which also ends a TLS close waiting)
-            refusal = await first.read_frame()
-            assert await until_closed(first)
-            first.writer.transport.abort()
-        assert let_go, "the server's end stayed open"
+            deaf.writer.transport.resume_reading()  # (which also ends a TLS close waiting)
+            assert await until_closed(deaf)
+            deaf.writer.transport.abort()
         assert refusal is not None
         assert refusal.fields()["reason"] == "not all channels of the session arrived"
+        assert let_go, "the server's end stayed open"
 
     run(body())
 
