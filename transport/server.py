@@ -149,6 +149,8 @@ class Server:
         self._acceptor: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Channels refused after authentication, lingering until their CANCEL is out.
+        self._letting_go: set[Channel] = set()
         self._log = log.bind(server=name)
         self.refusals = _RefusalLog(self._log)
 
@@ -338,6 +340,8 @@ class Server:
         channel.cancel_and_linger(
             {"reason": reason, "code": "protocol"}, min(CANCEL_LINGER_S, self.link_timeout_s)
         )
+        self._letting_go.add(channel)
+        channel.closed.add_done_callback(lambda _: self._letting_go.discard(channel))
 
     async def _run(self, session: Session) -> None:
         """Run the handler, then close its session: a CANCEL still going out (see
@@ -372,12 +376,14 @@ class Server:
         self.refusals.flush()
 
     async def wait_closed(self) -> None:
-        """Wait until the listener and every handler have finished."""
+        """Wait until the listener, every handler and every connection have finished."""
         if self._server is not None:
             await self._server.wait_closed()
         if self._acceptor is not None:
             await asyncio.gather(self._acceptor, return_exceptions=True)
         await asyncio.gather(*self._handshakes, *self._handlers, return_exceptions=True)
+        if self._letting_go:  # each ends within its linger
+            await asyncio.wait([channel.closed for channel in self._letting_go])
 
     async def __aenter__(self) -> Server:
         return self

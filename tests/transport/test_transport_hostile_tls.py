@@ -68,6 +68,23 @@ def open_sockets() -> int:
     return count
 
 
+def server_ends(address: str) -> int:
+    """Our open sockets bound to ``address``'s port: the server's listener and its ends
+    of the connections (their inodes in /proc/self/net/tcp and among our descriptors)."""
+    ours = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                ours.add(link[len("socket:[") : -1])
+    port = parse_address(address)[2]
+    count = 0
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        count += int(fields[1].rpartition(":")[2], 16) == port and fields[9] in ours
+    return count
+
+
 async def settled(condition: Callable[[], bool], what: str) -> None:
     """Until ``condition()`` holds: closing takes a few loop turns with no event to await."""
     try:
@@ -328,10 +345,13 @@ def test_closing_the_server_mid_handshake_leaves_no_socket_or_task(
         assert server.pending == 5
         async with server:
             pass
-        assert server.pending == 0
-        assert [await until_closed(peer) for peer in peers] == [True] * len(peers)
+        left = server_ends(address)
+        hung_up = [await until_closed(peer) for peer in peers]
         for peer in peers:
             peer.writer.transport.abort()
+        assert server.pending == 0
+        assert left == 0, "no end of the server's is open after wait_closed()"
+        assert hung_up == [True] * len(peers)
         assert asyncio.all_tasks() == {asyncio.current_task()}
         await settled(lambda: open_sockets() <= before, "every descriptor closed")
 
