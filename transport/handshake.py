@@ -73,6 +73,14 @@ def _checksum_field(fields: Mapping[str, Any]) -> bool:
     return value
 
 
+def _max_payload_field(fields: Mapping[str, Any]) -> int:
+    """``max_payload``: the largest data payload the peer takes, so at least one byte."""
+    value: int = typed_field(fields, "max_payload", int)
+    if value < 1:
+        raise ProtocolError("max_payload", f"{value} is below 1")
+    return value
+
+
 def _name_field(fields: Mapping[str, Any], limits: Limits) -> str:
     name: str = typed_field(fields, "name", str)
     if len(name) > limits.max_name_length:
@@ -131,8 +139,7 @@ async def client_handshake(
     ):
         refuse(channel, "auth", "authentication failed")
         raise AuthenticationError("the destination failed to prove the pre-shared key")
-    max_payload = typed_field(accepted, "max_payload", int)
-    return _name_field(accepted, limits), max_payload
+    return _name_field(accepted, limits), _max_payload_field(accepted)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,21 +151,21 @@ class Hello:
     channel: int
     channels: int
     max_payload: int
+    #: Whether the source asked for per-chunk checksums.
+    checksum: bool
 
 
-async def server_handshake(
-    channel: Channel, *, name: str, auth: AuthConfig, limits: Limits
-) -> Hello:
-    """Run the destination side of the handshake on one channel."""
-    frame = await channel.next_frame()
-    raise_if_cancel(frame, Tag.HELLO)
-    fields = frame.fields()
+def _parse_hello(fields: Mapping[str, Any], limits: Limits) -> tuple[Hello, bytes]:
+    """A source's HELLO, and its nonce; ProtocolError naming the first field refused."""
     version = fields.get("version")
     if version != PROTOCOL_VERSION:
-        refuse(channel, "version", f"protocol version {PROTOCOL_VERSION} only")
-        raise ProtocolError("version", f"peer speaks {version!r}, not {PROTOCOL_VERSION}")
+        raise ProtocolError(
+            "version", f"{version!r:.20} is not {PROTOCOL_VERSION}, the one spoken here"
+        )
     channels = typed_field(fields, "channels", int)
-    if not 1 <= channels <= limits.max_channels:
+    if channels < 1:
+        raise ProtocolError("channels", f"{channels} is below 1")
+    if channels > limits.max_channels:
         raise LimitExceeded("channels", channels, limits.max_channels)
     index = typed_field(fields, "channel", int)
     if not 0 <= index < channels:
@@ -168,11 +175,31 @@ async def server_handshake(
         session=_bytes_field(fields, "session", SESSION_ID_SIZE),
         channel=index,
         channels=channels,
-        max_payload=typed_field(fields, "max_payload", int),
+        max_payload=_max_payload_field(fields),
+        checksum=_checksum_field(fields),
     )
-    source_nonce = _bytes_field(fields, "nonce", NONCE_SIZE)
+    return hello, _bytes_field(fields, "nonce", NONCE_SIZE)
+
+
+async def server_handshake(
+    channel: Channel, *, name: str, auth: AuthConfig, limits: Limits
+) -> Hello:
+    """Run the destination side of the handshake on one channel.
+
+    A HELLO refused for one of its fields is answered with CANCEL naming the field, so
+    the source reports why rather than a closed connection (which it would retry).
+    """
+    frame = await channel.next_frame()
+    raise_if_cancel(frame, Tag.HELLO)
+    try:
+        hello, source_nonce = _parse_hello(frame.fields(), limits)
+    except ProtocolError as exc:
+        code = "limit" if isinstance(exc, LimitExceeded) else "protocol"
+        refuse(channel, "version" if exc.field == "version" else code, str(exc))
+        raise
+    index = hello.channel
     nonce = new_nonce()
-    channel.checksums = _checksum_field(fields) or auth.requires_checksums
+    channel.checksums = hello.checksum or auth.requires_checksums
     channel.send_control(
         Tag.HELLO,
         {

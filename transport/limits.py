@@ -37,7 +37,8 @@ class Limits:
     max_pending_handshakes: int = 64
     #: The same, per peer address (a session needs at most ``max_channels``).
     max_pending_per_peer: int = 16
-    #: Seconds a connection (or a session's set of channels) has to finish the handshake.
+    #: Seconds a connection (TLS included, from accept) or a session's set of channels
+    #: has to finish the handshake.
     handshake_timeout: float = 5.0
     #: Size of one receive buffer; larger frames get a buffer of their own size.
     receive_segment_size: int = 4 * MiB

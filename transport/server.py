@@ -16,13 +16,18 @@ from transport.channel import Channel
 from transport.errors import (
     TransportError,
 )
-from transport.handshake import Hello, refuse, server_handshake
+from transport.handshake import Hello, server_handshake
 from transport.limits import Limits
-from transport.session import DEFAULT_LINK_TIMEOUT_S, Session
+from transport.session import CANCEL_LINGER_S, DEFAULT_LINK_TIMEOUT_S, Session
 
 log = structlog.get_logger(__name__)
 
 Handler = Callable[["Session"], Awaitable[None]]
+
+#: After accept() failed for want of a resource (EMFILE, ENFILE, ENOBUFS, ENOMEM), the
+#: pause before the next try: the failure repeats until something is freed, and the
+#: pending connection keeps the listener readable, so retrying at once would spin.
+ACCEPT_RETRY_S = 1.0
 
 
 class _Group:
@@ -34,15 +39,31 @@ class _Group:
         self.channels: dict[int, Channel] = {}
 
 
+def _misfit(group: _Group, hello: Hello) -> str | None:
+    """Why a channel's HELLO does not fit the session its id names, or None.
+
+    The session is built from its first channel's HELLO and checks each channel's
+    frames as that channel agreed, so every channel must have said the same.
+    """
+    if hello.channel in group.channels:
+        return f"channel {hello.channel} joined already"
+    for field in ("channels", "name", "max_payload", "checksum"):
+        if getattr(hello, field) != getattr(group.hello, field):
+            return f"{field} differs"
+    return None
+
+
 class _TlsHandshake:
     """A connection accepted but still in its TLS handshake: it holds an admission slot
     like a channel in the HELLO handshake, and can be evicted the same way."""
 
     admitted = False
 
-    def __init__(self, sock: socket.socket, host: str) -> None:
+    def __init__(self, sock: socket.socket, host: str, deadline: float) -> None:
         self.sock = sock
         self.peer_host = host
+        #: When the handshake budget ends (loop time): TLS and HELLO share it.
+        self.deadline = deadline
         self.task: asyncio.Task[None] | None = None
 
     def hang_up(self) -> None:
@@ -128,6 +149,8 @@ class Server:
         self._acceptor: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()
         self._handlers: set[asyncio.Task[None]] = set()
+        #: Channels refused after authentication, lingering until their CANCEL is out.
+        self._letting_go: set[Channel] = set()
         self._log = log.bind(server=name)
         self.refusals = _RefusalLog(self._log)
 
@@ -143,8 +166,16 @@ class Server:
         """Accept TCP connections and take each through TLS, counted from the start."""
         loop = asyncio.get_running_loop()
         while True:
-            sock, peer = await loop.sock_accept(listener)
-            entry = _TlsHandshake(sock, str(peer[0]))
+            try:
+                sock, peer = await loop.sock_accept(listener)
+            except (ConnectionAbortedError, InterruptedError):
+                continue  # that connection is gone; the next may be fine
+            except OSError as exc:  # out of descriptors or memory: a listener must outlive it
+                self._log.warning("accept_failed", error=str(exc), retry_s=ACCEPT_RETRY_S)
+                await asyncio.sleep(ACCEPT_RETRY_S)
+                continue
+            deadline = loop.time() + self._limits.handshake_timeout
+            entry = _TlsHandshake(sock, str(peer[0]), deadline)
             if not self._admissible(entry.peer_host):
                 sock.close()
                 continue
@@ -180,14 +211,15 @@ class Server:
         if self._pending.pop(entry, False) is False:
             channel.hang_up()  # evicted while the handshake finished
             return
-        self._start(channel)
+        self._start(channel, entry.deadline)
 
     def _accepted(self, channel: Channel) -> None:
         assert channel.transport is not None
         if not self._admissible(channel.peer_host):
             channel.hang_up()
             return
-        self._start(channel)
+        loop = asyncio.get_running_loop()
+        self._start(channel, loop.time() + self._limits.handshake_timeout)
 
     def _admissible(self, host: str) -> bool:
         """Room for one more pending connection from ``host`` (evicting one if a limit is
@@ -197,11 +229,11 @@ class Server:
         self.refusals.note("full of authenticated channels", host)
         return False
 
-    def _start(self, channel: Channel) -> None:
-        """Count the channel as pending and run its HELLO handshake."""
+    def _start(self, channel: Channel, deadline: float) -> None:
+        """Count the channel as pending and run its HELLO handshake until ``deadline``."""
         self._pending[channel] = None
         channel.on_lost = self._lost
-        task = asyncio.get_running_loop().create_task(self._handshake(channel))
+        task = asyncio.get_running_loop().create_task(self._handshake(channel, deadline))
         channel.task = task
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
@@ -244,9 +276,9 @@ class Server:
         if channel.task is not None:
             channel.task.cancel()
 
-    async def _handshake(self, channel: Channel) -> None:
+    async def _handshake(self, channel: Channel, deadline: float) -> None:
         try:
-            async with asyncio.timeout(self._limits.handshake_timeout):
+            async with asyncio.timeout_at(deadline):
                 hello = await server_handshake(
                     channel, name=self._name, auth=self._auth, limits=self._limits
                 )
@@ -269,10 +301,10 @@ class Server:
                 self._limits.handshake_timeout, self._expire, hello.session
             )
             group = self._groups[hello.session] = _Group(hello, timer)
-        elif group.hello.channels != hello.channels or hello.channel in group.channels:
+        elif (misfit := _misfit(group, hello)) is not None:
             self.refusals.note("inconsistent channel", channel.peer_host, hello.name)
             self._pending.pop(channel, None)
-            refuse(channel, "protocol", f"channel {hello.channel} does not fit the session")
+            self._let_go(channel, f"channel {hello.channel} does not fit the session: {misfit}")
             return
         group.channels[hello.channel] = channel
         if len(group.channels) < hello.channels:
@@ -300,19 +332,32 @@ class Server:
             self._log.warning("session_incomplete", peer=group.hello.name)
             for channel in group.channels.values():
                 self._pending.pop(channel, None)
-                refuse(channel, "protocol", "not all channels of the session arrived")
+                self._let_go(channel, "not all channels of the session arrived")
+
+    def _let_go(self, channel: Channel, reason: str) -> None:
+        """Refuse an authenticated channel: CANCEL, then drop it after a linger (a TLS
+        close would wait up to 30 s for a close_notify from a peer that reads nothing)."""
+        channel.cancel_and_linger(
+            {"reason": reason, "code": "protocol"}, min(CANCEL_LINGER_S, self.link_timeout_s)
+        )
+        self._letting_go.add(channel)
+        channel.closed.add_done_callback(lambda _: self._letting_go.discard(channel))
 
     async def _run(self, session: Session) -> None:
+        """Run the handler, then close its session: a CANCEL still going out (see
+        Session.abort) keeps its linger, and this task lasts until the connections are
+        gone, so wait_closed() does not return while one is open."""
         try:
-            await self._handler(session)
+            try:
+                await self._handler(session)
+            except Exception as exc:  # a failing handler ends its session, not the server
+                self._log.warning("handler_failed", error=str(exc), kind=type(exc).__name__)
+                session.abort(str(exc) or type(exc).__name__, code="internal")
+            await session.close()
         except asyncio.CancelledError:
             session.abort()
+            await session.close(CANCEL_LINGER_S)
             raise
-        except Exception as exc:  # a failing handler ends its session, not the server
-            self._log.warning("handler_failed", error=str(exc), kind=type(exc).__name__)
-            session.abort(str(exc) or type(exc).__name__, code="internal")
-        else:
-            await session.close()
 
     def close(self) -> None:
         """Stop listening; cancel handshakes in progress and running handlers."""
@@ -331,12 +376,14 @@ class Server:
         self.refusals.flush()
 
     async def wait_closed(self) -> None:
-        """Wait until the listener and every handler have finished."""
+        """Wait until the listener, every handler and every connection have finished."""
         if self._server is not None:
             await self._server.wait_closed()
         if self._acceptor is not None:
             await asyncio.gather(self._acceptor, return_exceptions=True)
         await asyncio.gather(*self._handshakes, *self._handlers, return_exceptions=True)
+        if self._letting_go:  # each ends within its linger
+            await asyncio.wait([channel.closed for channel in self._letting_go])
 
     async def __aenter__(self) -> Server:
         return self
@@ -362,6 +409,8 @@ async def serve(
     from accept: a peer that opens connections and never finishes TLS is evicted like
     one that never sends HELLO. (``loop.start_tls`` on an accepted transport would do
     the same, but server-side it stalls under uvloop 0.23.)
+    That accept loop, like asyncio's own, outlives accept() failures: running out of
+    descriptors is logged (``accept_failed``) and retried after ``ACCEPT_RETRY_S``.
     """
     limits = limits or Limits()
     if not link_timeout_s > 0:

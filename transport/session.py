@@ -448,7 +448,9 @@ class Session:
                 channel.transport.close()
         try:
             async with asyncio.timeout(timeout):
-                await asyncio.gather(*(channel.closed for channel in self._chans))
+                # wait(), not gather(): a cancelled close() must not cancel the channels'
+                # closed futures, which a later close() (or the server) still waits on.
+                await asyncio.wait([channel.closed for channel in self._chans])
         except TimeoutError:
             self.abort()
         self._release_held()
