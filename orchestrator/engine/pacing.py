@@ -54,12 +54,16 @@ class Pacer:
         rate: Callable[[], float | None],
         backlog: Callable[[], int],
         limit_unsent: Callable[[int], None],
+        alive: Callable[[], bool] = lambda: True,
     ) -> None:
         """``rate``: the link's bytes/s (None until measured); ``backlog``: bytes in our
-        buffers; ``limit_unsent``: sets the kernel's bound on unsent bytes."""
+        buffers; ``limit_unsent``: sets the kernel's bound on unsent bytes; ``alive``:
+        whether the session can still send (a failed one's buffers may never drain:
+        a CANCEL lingers up to 2 s for a peer that reads nothing)."""
         self._rate = rate
         self._backlog = backlog
         self._limit_unsent = limit_unsent
+        self._alive = alive
         self._kernel_budget = 0
 
     def budget(self) -> int:
@@ -70,12 +74,13 @@ class Pacer:
         return max(MIN_PIPE, round(rate * PIPE_S))
 
     async def wait(self, stop: asyncio.Event) -> None:
-        """Return once our buffers are within budget, or ``stop`` is set."""
+        """Return once our buffers are within budget, ``stop`` is set, or the session
+        failed (the reader's next send then raises its error)."""
         budget = self.budget()
         if abs(budget - self._kernel_budget) > RESET_FRACTION * self._kernel_budget:
             self._limit_unsent(budget)
             self._kernel_budget = budget
-        while not stop.is_set() and (backlog := self._backlog()) > budget:
+        while not stop.is_set() and self._alive() and (backlog := self._backlog()) > budget:
             rate = self._rate()
             delay = (backlog - budget) / rate if rate else MIN_WAIT_S
             with contextlib.suppress(TimeoutError):

@@ -359,7 +359,12 @@ class SourceMigration(Phased):
         self._meter.sample(self.stats.transferred_bytes, time.monotonic() - self._meter.window_s)
         session = self._session
         assert session is not None
-        self._pacer = Pacer(self._link_meter.measured, session.backlog, session.limit_unsent)
+        self._pacer = Pacer(
+            self._link_meter.measured,
+            session.backlog,
+            session.limit_unsent,
+            lambda: session.error is None,
+        )
         self._readers = [
             asyncio.create_task(self._precopy_reader(i), name=f"precopy-{self.devices[i].name}")
             for i in self._precopy_indices

@@ -123,7 +123,7 @@ async def source(address: str) -> Session:
 def gate_for(session: Session) -> tuple[Pacer, Held]:
     """A pacer on ``session`` before the link's rate is known (budget INITIAL_PIPE)."""
     held = Held(session, pacing.INITIAL_PIPE)
-    return Pacer(lambda: None, held, session.limit_unsent), held
+    return Pacer(lambda: None, held, session.limit_unsent, lambda: session.error is None), held
 
 
 def test_a_destination_that_stops_reading_holds_the_reader_within_budget(run: Runner) -> None:
@@ -169,9 +169,9 @@ def test_a_link_that_stops_ends_a_held_reader_with_the_link_timeout(run: Runner)
     run(body())
 
 
-def test_our_own_abort_with_a_reason_frees_a_held_reader_after_the_linger(run: Runner) -> None:
+def test_our_own_abort_with_a_reason_frees_a_held_reader(run: Runner) -> None:
     """Aborting with a reason lingers to deliver the CANCEL while the peer reads nothing;
-    the held reader still gets out, with our reason, once that linger ends."""
+    the held reader still gets out, with our reason."""
 
     async def body() -> None:
         async with stuck() as (address, _):
@@ -185,6 +185,20 @@ def test_our_own_abort_with_a_reason_frees_a_held_reader_after_the_linger(run: R
         assert str(error) == "session aborted: operator gave up"
 
     run(body())
+
+
+async def test_a_failed_session_frees_a_held_reader_whatever_its_buffers_do() -> None:
+    """A session that failed may never drain (a CANCEL lingering toward a peer that reads
+    nothing holds them up to 2 s): the gate lets its reader go at once, to the send
+    that raises the session's error, instead of waiting for the buffers."""
+    failed = asyncio.Event()
+    gate = Pacer(lambda: None, lambda: 10 * pacing.INITIAL_PIPE, lambda nbytes: None,
+                 lambda: not failed.is_set())  # fmt: skip
+    waiting = asyncio.create_task(gate.wait(asyncio.Event()))
+    await asyncio.sleep(0)  # the reader is at the gate, over budget
+    assert not waiting.done()
+    failed.set()
+    await asyncio.wait_for(waiting, BOUND)
 
 
 async def test_cancelling_a_held_reader_leaves_no_task_and_the_gate_usable() -> None:
