@@ -807,20 +807,31 @@ async def test_a_rollback_that_crashes_still_ends_the_migration(make_pair: Any) 
     await pair.ends.assert_source_intact()
 
 
-class _FailingRecords:
-    """A destination gate whose records cannot be written once the migration ends."""
+class _Gate:
+    """A destination gate that consents, notes each record it is asked to write, and
+    cannot write the one named ``fails`` ("prepare", "committed" or "finished")."""
+
+    def __init__(self, fails: str = "", error: OSError | None = None) -> None:
+        self.fails = fails
+        self.error = error or OSError(28, "No space left on device")
+        self.notes: list[str] = []
+
+    def _write(self, record: str) -> None:
+        if record == self.fails:
+            raise self.error
+        self.notes.append(record)
 
     def admit(self, offer: Any) -> None:
         pass
 
     def prepare(self, offer: Any) -> None:
-        pass
+        self._write("prepare")
 
     def committed(self, offer: Any) -> None:
-        pass
+        self._write("committed")
 
     def finished(self, offer: Any, results: Any) -> None:
-        raise OSError(28, "No space left on device")
+        self._write("finished")
 
 
 async def test_a_destination_whose_records_fail_in_the_window_closes_it(make_pair: Any) -> None:
@@ -828,7 +839,7 @@ async def test_a_destination_whose_records_fail_in_the_window_closes_it(make_pai
     its records: it logs that as critical (no error escapes run(), which says False),
     ends FAILED with the window closed, the devices reset, and the source rolled back."""
     bad = Spec("a", seed=1, target_faults=Faults(corrupt_validation=True))
-    pair = await make_pair([bad, Spec("b", seed=2)], gate=_FailingRecords())
+    pair = await make_pair([bad, Spec("b", seed=2)], gate=_Gate("finished"))
     migration = pair.migration()
     with structlog.testing.capture_logs() as logs:
         error = await run_to_end(migration)
@@ -841,23 +852,13 @@ async def test_a_destination_whose_records_fail_in_the_window_closes_it(make_pai
     await pair.assert_rolled_back(migration)
 
 
-class _FailingCommitRecords(_FailingRecords):
-    """A destination gate whose records after COMMIT cannot be written."""
-
-    def committed(self, offer: Any) -> None:
-        raise OSError(28, "No space left on device")
-
-    def finished(self, offer: Any, results: Any) -> None:
-        pass
-
-
 async def test_a_destination_that_cannot_record_its_commit_still_says_resumed(
     make_pair: Any,
 ) -> None:
     """The devices run on the destination once COMMIT came, whatever its records say:
     a failing write after it still sends "resumed" (the source completes, its devices
     stopped, not "outcome unknown"), and the destination logs it as critical."""
-    pair = await make_pair(two(), gate=_FailingCommitRecords())
+    pair = await make_pair(two(), gate=_Gate("committed"))
     migration = pair.migration()
     with structlog.testing.capture_logs() as logs:
         assert await run_to_end(migration) is None
@@ -897,20 +898,10 @@ async def test_a_destination_cancelled_twice_in_its_window_still_ends(make_pair:
     await pair.assert_rolled_back(migration)
 
 
-class _FailingFence(_FailingRecords):
-    """A destination gate whose note at the first barrier cannot be written."""
-
-    def prepare(self, offer: Any) -> None:
-        raise OSError(5, "Input/output error")
-
-    def finished(self, offer: Any, results: Any) -> None:
-        pass
-
-
 async def test_a_destination_fence_that_cannot_be_written_rolls_back(make_pair: Any) -> None:
     """The destination's note at the first barrier (its fsync) fails: it answers
     "failed" instead of the barrier's ack, and the source rolls back."""
-    pair = await make_pair(two(), gate=_FailingFence())
+    pair = await make_pair(two(), gate=_Gate("prepare", OSError(5, "Input/output error")))
     migration = pair.migration()
     error = await run_to_end(migration)
     assert isinstance(error, DestinationFailed), repr(error)
@@ -1180,27 +1171,11 @@ async def test_a_link_lost_as_loaded_arrives_rolls_back(make_pair: Any) -> None:
     await pair.assert_rolled_back(migration)
 
 
-class _Notes(_FailingRecords):
-    """A destination gate that records its notes."""
-
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-
-    def prepare(self, offer: Any) -> None:
-        self.notes.append("prepare")
-
-    def committed(self, offer: Any) -> None:
-        self.notes.append("committed")
-
-    def finished(self, offer: Any, results: Any) -> None:
-        self.notes.append("finished")
-
-
 async def test_a_source_that_skips_the_barriers_is_refused(make_pair: Any) -> None:
     """A source that ends its stream without any SYNC (so the destination never made
     its durable note that COMMIT may follow) is refused before the destination loads,
     and rolls back."""
-    gate = _Notes()
+    gate = _Gate()
     pair = await make_pair(two(), gate=gate)
     migration = pair.migration()
 
