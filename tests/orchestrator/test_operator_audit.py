@@ -92,6 +92,18 @@ async def killable_pair(folder: Path) -> AsyncIterator[Pair]:
         await pair.destination.kill()
 
 
+async def hold_at_the_barrier(pair: Pair) -> dict[str, Any]:
+    """Start a migration paused, freeze the destination and continue: the source is in
+    its switchover with the fence written, waiting at the barrier. The migrate reply."""
+    parameters = {"pause_before_switchover": True, "link_timeout_s": 30}
+    started = await pair.src.execute("migrate", destination=pair.address, parameters=parameters)
+    await pair.migration_event("pre-switchover")
+    pair.destination.signal(signal.SIGSTOP)  # the barrier waits for it
+    await pair.src.execute("migrate-continue")
+    await pair.migration_event("device")
+    return dict(started)
+
+
 async def restart_source(pair: Pair, log_name: str) -> None:
     """Start the source daemon again on the same config and state file (after SIGKILL)."""
     assert pair.source.process is not None
@@ -240,12 +252,7 @@ async def test_cancel_in_the_switchover_before_commit_rolls_the_fence_back(
     """A cancel while the switchover waits at its barrier (the fence already written)
     puts the source's records back and its devices RUNNING; the destination runs none."""
     async with killable_pair(tmp_path) as pair:
-        parameters = {"pause_before_switchover": True, "link_timeout_s": 30}
-        await pair.src.execute("migrate", destination=pair.address, parameters=parameters)
-        await pair.migration_event("pre-switchover")
-        pair.destination.signal(signal.SIGSTOP)  # the barrier waits for it
-        await pair.src.execute("migrate-continue")
-        await pair.migration_event("device")
+        await hold_at_the_barrier(pair)
         assert await owners(pair.src) == dict.fromkeys(NAMES, ("PRE_COPY", "outcome unknown"))
         refused = await refusal(pair.src, "migrate-continue")
         assert refused.error_class == "WrongState"
@@ -527,12 +534,7 @@ async def test_a_source_killed_in_the_switchover_stays_fenced_until_the_operator
     'outcome unknown' (naming the migration and peer), ``resume`` refuses saying why,
     and once the destination shows it runs nothing, ``resume --force`` runs them."""
     async with killable_pair(tmp_path) as pair:
-        parameters = {"pause_before_switchover": True, "link_timeout_s": 30}
-        started = await pair.src.execute("migrate", destination=pair.address, parameters=parameters)
-        await pair.migration_event("pre-switchover")
-        pair.destination.signal(signal.SIGSTOP)
-        await pair.src.execute("migrate-continue")
-        await pair.migration_event("device")
+        started = await hold_at_the_barrier(pair)
         assert {o for _, o in (await owners(pair.src)).values()} == {"outcome unknown"}
         await pair.source.kill()
         pair.destination.signal(signal.SIGCONT)
@@ -560,12 +562,7 @@ async def test_sigterm_at_the_switchover_barrier_rolls_back_before_exiting(tmp_p
     """SIGTERM while the switchover waits at its barrier (fence written, no COMMIT): the
     source daemon rolls back, puts its records back, exits 0, and restarts running."""
     async with killable_pair(tmp_path) as pair:
-        parameters = {"pause_before_switchover": True, "link_timeout_s": 30}
-        await pair.src.execute("migrate", destination=pair.address, parameters=parameters)
-        await pair.migration_event("pre-switchover")
-        pair.destination.signal(signal.SIGSTOP)
-        await pair.src.execute("migrate-continue")
-        await pair.migration_event("device")
+        await hold_at_the_barrier(pair)
         pair.source.signal(signal.SIGTERM)
         cancelled = await pair.migration_event("cancelled")
         assert "SIGTERM" in cancelled["data"]["error"]
@@ -592,12 +589,7 @@ async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
     restored; the restarted destination holds nothing as received, and its arms did not
     survive the restart, so a retry needs the operator's consent again."""
     async with killable_pair(tmp_path) as pair:
-        parameters = {"pause_before_switchover": True, "link_timeout_s": 30}
-        await pair.src.execute("migrate", destination=pair.address, parameters=parameters)
-        await pair.migration_event("pre-switchover")
-        pair.destination.signal(signal.SIGSTOP)
-        await pair.src.execute("migrate-continue")
-        await pair.migration_event("device")
+        await hold_at_the_barrier(pair)
         await pair.destination.kill()
         failed = await pair.migration_event("failed")
         assert failed["data"]["stats"]["outcome"] == "source"
