@@ -78,6 +78,8 @@ for them. Then, control frames travel on channel 0 and a device's frames on chan
                        application tells the session how many devices it announced)
     DEVICES_ACCEPTED   dest: {} or {error} when a device is incompatible
     SETUP / PRECOPY_DATA / STOPCOPY_DATA / DEVICE_CONFIG    source: raw device bytes
+                       (an empty PRECOPY_DATA carries nothing: a paused source whose
+                       devices have nothing to send says with it that it is there)
     INITIAL_DATA_SENT  source: empty, on the device's channel after its initial data
     SWITCHOVER_ACK     dest: {} (ready for the source to stop the devices)
     END_OF_DEVICE      source: {} (on the device's channel, after all its data)

@@ -797,8 +797,12 @@ class SourceMigration(Phased):
 
         Each iteration_s the figures are taken as in pre-copy (an iteration, a
         MIGRATION_PASS) without a convergence decision, until ``continue`` or an error.
+        An iteration that sent nothing (devices that dirty nothing) sends an empty data
+        frame: a destination gives up after idle_timeout_s without a frame, and a pause
+        may last as long as the operator likes.
         """
         previous: list[DeviceProgress] | None = None
+        sent = self.stats.transferred_bytes
         while not self._continue.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
@@ -809,6 +813,9 @@ class SourceMigration(Phased):
             if self._continue.is_set():
                 return
             self.stats.iterations += 1
+            if self.stats.transferred_bytes == sent and self._session is not None:
+                await self._session.send_chunk(Tag.PRECOPY_DATA, 0, ())
+            sent = self.stats.transferred_bytes
             progress = self._progress()
             self._sample(progress, previous, self._estimate(progress))
             previous = progress

@@ -552,6 +552,39 @@ async def test_a_fence_that_cannot_be_written_rolls_back(make_pair: Any) -> None
     await pair.assert_rolled_back(migration)
 
 
+async def test_a_pause_with_idle_devices_outlasts_the_destination_idle_timeout(
+    make_pair: Any,
+) -> None:
+    """Paused before the switchover with devices that dirty nothing, no data crosses for
+    longer than the destination's idle timeout; the source keeps it from giving up (a
+    pause costs nothing however long it lasts), and ``continue`` then migrates."""
+    idle_s = 0.5
+    idle = [Spec("a", seed=1, dirty_rate=0), Spec("b", seed=2, dirty_rate=0)]
+    pair = await make_pair(idle, idle_timeout_s=idle_s)
+    migration = pair.migration(pause_before_switchover=True, iteration_s=0.1)
+    paused_at: list[int] = []
+    waited = asyncio.Event()
+
+    def watch(stats: Any) -> None:
+        # Paused, the source samples every iteration_s: four idle timeouts' worth.
+        if migration.phase is Phase.PAUSED:
+            paused_at[:] = paused_at or [stats.iterations]
+            if (stats.iterations - paused_at[0]) * 0.1 >= 4 * idle_s:
+                waited.set()
+
+    migration.add_listener(watch)
+    run = asyncio.create_task(run_to_end(migration))
+    waiting = asyncio.create_task(waited.wait())
+    await asyncio.wait({run, waiting}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    assert not run.done(), f"ended while paused: {run.result()!r}"
+    assert waited.is_set()
+    migration.continue_switchover()
+    assert await run is None
+    await pair.settle()
+    await pair.ends.assert_migrated()
+
+
 # -- a device arc failing in the window --------------------------------------------------------
 
 ARCS = {
@@ -1046,11 +1079,11 @@ async def test_a_shutdown_after_the_destination_resumed_is_a_completed_migration
 
 
 async def test_the_destination_idle_timeout_names_itself(make_pair: Any) -> None:
-    """The destination hears nothing for idle_timeout_s (the source paused before the
-    switchover with idle devices): the reason the source reports names the timeout."""
-    idle = [Spec(s.name, seed=s.seed, dirty_rate=0.0) for s in two()]
-    pair = await make_pair(idle, idle_timeout_s=0.3)
-    migration = pair.migration(pause_before_switchover=True)
+    """The destination hears nothing for idle_timeout_s (the source's pre-copy reads
+    stall, so nothing crosses): the reason the source reports names the timeout."""
+    stalled = [Spec(s.name, seed=s.seed, source_faults=Faults(stall_read_after=0)) for s in two()]
+    pair = await make_pair(stalled, idle_timeout_s=0.3)
+    migration = pair.migration()
     error = await run_to_end(migration)
     assert isinstance(error, DestinationFailed), repr(error)
     assert "idle_timeout_s" in str(error), str(error)
