@@ -129,6 +129,10 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
+#: Records that keep a device stopped at start: forgetting one could run it twice.
+_MUST_NOT_RUN = frozenset({Owner.MIGRATED_AWAY, Owner.OUTCOME_UNKNOWN, Owner.STOPPED})
+
+
 class OwnershipBook:
     """Every device's record and arm; records persist in ``path`` (None: memory only)."""
 
@@ -147,6 +151,8 @@ class OwnershipBook:
         self.arms: dict[str, Arm] = {}
         self._unlock = self._lock()
         try:
+            if self.path is not None and not self.path.exists():
+                self._warn_of_other_files(devices)
             stored = self._load()
             for name in devices:
                 default = Owner.IDLE if name in self.accept_incoming else Owner.RUNNING_HERE
@@ -179,6 +185,33 @@ class OwnershipBook:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return weakref.finalize(self, os.close, fd)
+
+    def _warn_of_other_files(self, devices: Iterable[str]) -> None:
+        """A new state file beside one that says some of our devices must not run (the
+        default file is named after the daemon: a renamed daemon starts afresh and would
+        forget that its devices migrated away) is worth a warning naming that file."""
+        assert self.path is not None
+        ours = set(devices)
+        for other in sorted(self.path.parent.glob("*.owners.json")):
+            if other == self.path:
+                continue
+            try:
+                stored = json.loads(other.read_text(encoding="utf-8")).get("devices", {})
+                held = sorted(
+                    name
+                    for name, raw in stored.items()
+                    if name in ours and raw.get("owner") in _MUST_NOT_RUN
+                )
+            except (OSError, ValueError, AttributeError):
+                continue  # not ours to judge; it is never read as this daemon's records
+            if held:
+                log.warning(
+                    "state_file_new_beside_records",
+                    state_file=str(self.path),
+                    other=str(other),
+                    devices=held,
+                    hint="if this daemon was renamed, set state_file to the other file",
+                )
 
     def close(self) -> None:
         """Release the state file (idempotent; also when the book is collected)."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from orchestrator.service.ownership import Owner, OwnershipBook
 
@@ -24,6 +25,26 @@ def test_records_survive_a_new_book_on_the_same_file(tmp_path: Path) -> None:
     assert again.get("a").migration_id == "m1"
     assert again.get("c").owner == Owner.RUNNING_HERE
     assert not list(path.parent.glob(".*.tmp")), "the temporary file is renamed away"
+
+
+def test_a_new_state_file_beside_records_that_keep_our_devices_stopped_warns(
+    tmp_path: Path,
+) -> None:
+    """A daemon renamed without an explicit state_file starts a new, empty one; when a
+    file beside it says one of its devices migrated away, the start warns naming it
+    (records that let devices run, or name other devices, say nothing)."""
+    old = OwnershipBook(tmp_path / "old-name.owners.json", ["a", "b", "c"])
+    old.set(["a"], Owner.MIGRATED_AWAY, peer="dst:7070", migration_id="m1", reason="")
+    old.close()
+    with capture_logs() as logs:
+        OwnershipBook(tmp_path / "new-name.owners.json", ["a", "b"]).close()
+    [warning] = [e for e in logs if e["event"] == "state_file_new_beside_records"]
+    assert warning["other"] == str(tmp_path / "old-name.owners.json")
+    assert warning["devices"] == ["a"]
+    with capture_logs() as logs:
+        OwnershipBook(tmp_path / "third.owners.json", ["b", "c"]).close()
+        OwnershipBook(tmp_path / "new-name.owners.json", ["a", "b"]).close()  # not new now
+    assert not [e for e in logs if e["event"] == "state_file_new_beside_records"]
 
 
 @pytest.mark.parametrize(
