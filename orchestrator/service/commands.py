@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any
 
 import structlog
@@ -16,7 +15,7 @@ from orchestrator.engine.phases import PhaseError
 from orchestrator.service.control import RemoteControlListener
 from orchestrator.service.listeners import MigrationListener, listens_on
 from orchestrator.service.metrics import MetricsListener
-from orchestrator.service.ownership import FENCED_OWNERS, Owner
+from orchestrator.service.ownership import FENCED_OWNERS, KEPT_STOPPED, Owner
 from orchestrator.service.protocol import VERSION, Arg, Command, ControlError, qemu_migration_info
 from orchestrator.service.service import Service
 from transport.checks import has_type
@@ -25,11 +24,6 @@ log = structlog.get_logger(__name__)
 
 #: Events the daemon emits; ``subscribe`` takes any subset.
 EVENTS = ("MIGRATION", "MIGRATION_PASS", "INCOMING_MIGRATION", "DEVICE_STATE", "SHUTDOWN")
-
-
-def _hold_token(what: str) -> str:
-    """A holder for Service.owners while a command walks devices (not a migration id)."""
-    return f"{what}-{uuid.uuid4().hex[:6]}"
 
 
 class Commands:
@@ -164,13 +158,9 @@ class Commands:
         """
         chosen = [self.service._device(str(n)) for n in (devices or list(self.service.devices))]
         self.service.refuse_busy([d.name for d in chosen if self.service.may_move(d.name)])
-        token = _hold_token("digest")
-        for device in chosen:  # from an incoming migration past its resume, too
-            self.service.owners[device.name] = token
-        try:
+        # From an incoming migration past its resume, too.
+        with self.service.holding([d.name for d in chosen], "digest"):
             return {d.name: (await d.digest()).hex() for d in chosen}
-        finally:
-            self.service._release(token)
 
     async def device_resume(self, devices: list[Any], force: bool = False) -> dict[str, str]:
         """Bring devices no migration holds back to RUNNING in P2P order; states by name.
@@ -199,15 +189,10 @@ class Commands:
             )
         # Held like a migration's while the arcs run, so no arm, migration or offer
         # drives these devices at the same time.
-        token = _hold_token("operator-resume")
-        for device in chosen:
-            self.service.owners[device.name] = token
-        try:
+        with self.service.holding(devices, "operator-resume"):
             notes = await resume_in_order(chosen, log)
             taken_back = [
-                d.name
-                for d in chosen
-                if self.service.book.get(d.name).owner in (*FENCED_OWNERS, Owner.STOPPED)
+                d.name for d in chosen if self.service.book.get(d.name).owner in KEPT_STOPPED
             ]
             if taken_back:
                 self.service.book.set(
@@ -215,8 +200,6 @@ class Commands:
                     Owner.RUNNING_HERE,
                     reason="resumed by the operator" + (" (forced)" if fenced else ""),
                 )
-        finally:
-            self.service._release(token)
         for device in chosen:
             log.warning(
                 "device_resumed_by_operator", device=device.name, note=notes.get(device.name)

@@ -63,6 +63,9 @@ class Owner(enum.StrEnum):
 RUNNING_OWNERS = frozenset({Owner.RUNNING_HERE, Owner.RECEIVED})
 #: Owners whose device must not run here without an operator's --force.
 FENCED_OWNERS = frozenset({Owner.MIGRATED_AWAY, Owner.OUTCOME_UNKNOWN})
+#: Owners that keep a device stopped: the fenced ones, and a workload here that did not
+#: resume. Forgetting one could run the device twice, or unasked.
+KEPT_STOPPED = FENCED_OWNERS | {Owner.STOPPED}
 #: Owners a bare ``migrate-incoming`` (no device names) arms.
 ARMABLE_BY_DEFAULT = frozenset({Owner.IDLE, Owner.MIGRATED_AWAY})
 
@@ -127,10 +130,6 @@ class Arm:
 def now_iso() -> str:
     """The current wall-clock time, for records people read."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-
-
-#: Records that keep a device stopped at start: forgetting one could run it twice.
-_MUST_NOT_RUN = frozenset({Owner.MIGRATED_AWAY, Owner.OUTCOME_UNKNOWN, Owner.STOPPED})
 
 
 class OwnershipBook:
@@ -200,7 +199,7 @@ class OwnershipBook:
                 held = sorted(
                     name
                     for name, raw in stored.items()
-                    if name in ours and raw.get("owner") in _MUST_NOT_RUN
+                    if name in ours and raw.get("owner") in KEPT_STOPPED
                 )
             except (OSError, ValueError, AttributeError):
                 continue  # not ours to judge; it is never read as this daemon's records

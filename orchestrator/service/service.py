@@ -10,6 +10,7 @@ restart keeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -305,6 +306,18 @@ class Service:
         return incoming.migration is not None and not (
             incoming.migration.committed and incoming.migration.results
         )
+
+    @contextlib.contextmanager
+    def holding(self, names: Iterable[str], what: str) -> Iterator[None]:
+        """Hold ``names`` in ``owners`` while a command walks them, as a migration does,
+        so no arm, migration or offer drives them meanwhile."""
+        token = f"{what}-{uuid.uuid4().hex[:6]}"
+        for name in names:
+            self.owners[name] = token
+        try:
+            yield
+        finally:
+            self._release(token)
 
     def _release(self, migration_id: str) -> None:
         for name in [n for n, owner in self.owners.items() if owner == migration_id]:
