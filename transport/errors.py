@@ -29,6 +29,9 @@ class ProtocolError(TransportError):
     ``ProtocolError(message)`` is for callers whose message already names the field.
     """
 
+    #: The CANCEL code that tells the peer why its frames were refused.
+    code = "protocol"
+
     def __init__(self, field: str, message: str | None = None) -> None:
         super().__init__(field if message is None else f"{field}: {message}")
         self.field = None if message is None else field
@@ -36,6 +39,8 @@ class ProtocolError(TransportError):
 
 class LimitExceeded(ProtocolError):
     """The peer exceeded a limit; ``limit`` names it, ``value`` is what the peer sent."""
+
+    code = "limit"
 
     def __init__(self, field: str, value: int, limit: int) -> None:
         super().__init__(field, f"{value} exceeds the limit of {limit}")

@@ -194,8 +194,7 @@ async def server_handshake(
     try:
         hello, source_nonce = _parse_hello(frame.fields(), limits)
     except ProtocolError as exc:
-        code = "limit" if isinstance(exc, LimitExceeded) else "protocol"
-        refuse(channel, "version" if exc.field == "version" else code, str(exc))
+        refuse(channel, "version" if exc.field == "version" else exc.code, str(exc))
         raise
     index = hello.channel
     nonce = new_nonce()

@@ -396,8 +396,7 @@ class Session:
         level = "info" if isinstance(exc, (SessionClosed, PeerHungUp)) else "warning"
         getattr(self._log, level)("session_aborted", error=str(exc), kind=type(exc).__name__)
         if tell is None and isinstance(exc, ProtocolError):
-            code = "limit" if isinstance(exc, LimitExceeded) else "protocol"
-            tell = {"reason": str(exc), "code": code}
+            tell = {"reason": str(exc), "code": exc.code}
         for channel in self._chans:
             if tell is not None:
                 channel.cancel_and_linger(tell, min(CANCEL_LINGER_S, self.link_timeout_s))
