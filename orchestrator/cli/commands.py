@@ -172,11 +172,7 @@ async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
 
     daemon = await client.execute("query-daemon")
     devices = await client.execute("query-devices")
-    running = [
-        m["id"]
-        for m in await client.execute("query-migrations")
-        if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
-    ]
+    running = await _sending(client)
     migrations: list[dict[str, Any]] = []
     if args.id is None and len(running) > 1:  # each of them: no guessing
         migrations = [await client.execute("query-migrate", id=i) for i in running]
@@ -275,10 +271,13 @@ async def _cmd_set(args: argparse.Namespace, client: Any) -> int:
     return EXIT_OK
 
 
-async def _sending(client: Any) -> bool:
-    """Whether an outgoing migration of this daemon still runs."""
-    migrations = await client.execute("query-migrations")
-    return any(m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT for m in migrations)
+async def _sending(client: Any) -> list[str]:
+    """The ids of this daemon's outgoing migrations that still run."""
+    return [
+        m["id"]
+        for m in await client.execute("query-migrations")
+        if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
+    ]
 
 
 async def _cmd_params(args: argparse.Namespace, client: Any) -> int:
