@@ -101,8 +101,9 @@ class DriverSaveChannel(SaveChannel):
     """A saving session read piece by piece from a driver (VFIO's data fd, a vfio-user
     server): what each read's bytes mean for the stream, the same for both drivers."""
 
-    #: Which byte of the stream's first piece the corrupt_stream fault flips.
-    spoil_at: ClassVar[int] = 0
+    #: Which byte of the stream's first piece the corrupt_stream fault flips (each
+    #: driver says which its destination can catch).
+    spoil_at: ClassVar[int]
 
     def __init__(self, device: MigratableDevice) -> None:
         super().__init__(device)
