@@ -706,6 +706,29 @@ async def test_a_stalled_link_in_the_window_keeps_the_stop_bounded(
 # -- the caller cancelled at the worst moments ----------------------------------------------------
 
 
+async def shut_down_inside(pair: Pair, migration: SourceMigration, method: str) -> Any:
+    """Run ``migration`` until the destination holds an answer; then release it, and
+    cancel the run's task (a daemon shutdown) from inside the source session's
+    ``method`` when the migration calls it. The CancelledError must propagate; the
+    session is returned."""
+    run = asyncio.create_task(migration.run())
+    await pair.held()
+    session = migration._session
+    assert session is not None
+    wrapped = getattr(session, method)
+
+    async def cancelling(*args: Any, **kwargs: Any) -> Any:
+        run.cancel()
+        return await wrapped(*args, **kwargs)
+
+    setattr(session, method, cancelling)
+    pair.release()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(20):
+            await run
+    return session
+
+
 async def test_a_shutdown_during_the_rollback_still_finishes_it(make_pair: Any) -> None:
     """The daemon cancels the migration's task while it rolls back (here as it says
     goodbye to the destination): the rollback still ends, with the phase FAILED, the
@@ -713,21 +736,7 @@ async def test_a_shutdown_during_the_rollback_still_finishes_it(make_pair: Any) 
     bad = Spec("a", seed=1, target_faults=Faults(corrupt_validation=True))
     pair = await make_pair([bad, Spec("b", seed=2)], Script(hold_ack=1))
     migration = pair.migration()
-    run = asyncio.create_task(migration.run())
-    await pair.held()
-    session = migration._session
-    assert session is not None
-    farewell = session.cancel
-
-    async def goodbye(reason: str) -> None:
-        run.cancel()
-        await farewell(reason)
-
-    session.cancel = goodbye  # type: ignore[method-assign]
-    pair.release()
-    with pytest.raises(asyncio.CancelledError):
-        async with asyncio.timeout(20):
-            await run
+    session = await shut_down_inside(pair, migration, "cancel")
     assert isinstance(session.error, transport.TransportError)
     await pair.assert_rolled_back(migration)
 
@@ -1056,21 +1065,7 @@ async def test_a_shutdown_after_the_destination_resumed_is_a_completed_migration
     destination, devices released), not unknown, and the cancel propagates."""
     pair = await make_pair(two(), Script(hold_ack=1))
     migration = pair.migration()
-    run = asyncio.create_task(migration.run())
-    await pair.held()
-    session = migration._session
-    assert session is not None
-    closing = session.close
-
-    async def close(timeout: float = 5.0) -> None:  # noqa: ASYNC109 - the signature wrapped
-        run.cancel()
-        await closing(timeout)
-
-    session.close = close  # type: ignore[method-assign]
-    pair.release()
-    with pytest.raises(asyncio.CancelledError):
-        async with asyncio.timeout(20):
-            await run
+    await shut_down_inside(pair, migration, "close")
     assert migration.phase is Phase.COMPLETED
     assert migration.stats.outcome == "destination"
     assert migration.stats.error is None
