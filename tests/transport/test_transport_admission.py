@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 
 from structlog.testing import capture_logs
-from transport_helpers import PSK, RawPeer, Recorder, hello_fields, tls_auth
+from transport_helpers import PSK, RawPeer, Recorder, first_of_two_channels, tls_auth
 
 from transport import (
     AuthConfig,
@@ -17,7 +16,6 @@ from transport import (
     connect,
     serve,
 )
-from transport.auth import proof
 
 
 async def half_open(server: Server, local: str, count: int) -> list[RawPeer]:
@@ -80,7 +78,9 @@ async def test_authenticated_channels_waiting_for_their_session_are_never_evicte
         async with await serve(
             "127.0.0.1:0", Recorder(), name="dest", auth=AuthConfig(psk=PSK), limits=limits
         ) as server:
-            waiting = [await first_of_two_channels(server) for _ in range(2)]
+            waiting = [
+                await first_of_two_channels(await RawPeer.open(server.address)) for _ in range(2)
+            ]
             assert server.pending == 2
             newcomer = await RawPeer.open(server.address)
             assert await newcomer.read_frame() is None
@@ -89,21 +89,6 @@ async def test_authenticated_channels_waiting_for_their_session_are_never_evicte
                 await peer.close()
     reasons = [e["reasons"] for e in logs if e["event"] == "connections_refused"]
     assert reasons[0] == {"full of authenticated channels": 1}
-
-
-async def first_of_two_channels(server: Server) -> RawPeer:
-    """Channel 0 of a two-channel session, authenticated; channel 1 never comes."""
-    peer = await RawPeer.open(server.address)
-    session, nonce = os.urandom(16), os.urandom(32)
-    await peer.send(Tag.HELLO, hello_fields(session, nonce) | {"channels": 2})
-    hello = await peer.read_frame()
-    assert hello is not None
-    dest_nonce = hello.fields()["nonce"]
-    await peer.send(Tag.AUTH, {"proof": proof(PSK, "source", session, 0, nonce, dest_nonce)})
-    accepted = await peer.read_frame()
-    assert accepted is not None
-    assert accepted.tag is Tag.AUTH
-    return peer
 
 
 async def test_stalled_tls_handshakes_hold_slots_and_do_not_keep_a_source_out(

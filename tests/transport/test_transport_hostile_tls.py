@@ -23,7 +23,15 @@ from typing import Any
 import pytest
 import uvloop
 from structlog.testing import capture_logs
-from transport_helpers import PSK, RawPeer, Recorder, announce, hello_fields, tls_auth
+from transport_helpers import (
+    PSK,
+    RawPeer,
+    Recorder,
+    announce,
+    first_of_two_channels,
+    hello_fields,
+    tls_auth,
+)
 
 from transport import (
     AuthConfig,
@@ -331,16 +339,7 @@ def test_closing_the_server_mid_handshake_leaves_no_socket_or_task(
         ]
         answered = await tls_peer(address, context)
         await answered.half_open()
-        first = await tls_peer(address, context)
-        session, nonce = os.urandom(16), os.urandom(32)
-        await first.send(Tag.HELLO, hello_fields(session, nonce) | {"channels": 2})
-        dest_hello = await first.read_frame()
-        assert dest_hello is not None
-        dest_nonce = dest_hello.fields()["nonce"]
-        await first.send(Tag.AUTH, {"proof": proof(PSK, "source", session, 0, nonce, dest_nonce)})
-        accepted = await first.read_frame()
-        assert accepted is not None
-        assert accepted.tag is Tag.AUTH
+        first = await first_of_two_channels(await tls_peer(address, context))
         peers += [answered, first]
         assert server.pending == 5
         async with server:
@@ -369,17 +368,7 @@ def test_an_incomplete_session_refused_to_a_peer_that_reads_nothing_is_let_go(
     context = client_auth.ssl_context
 
     async def first_of_two(address: str) -> RawPeer:
-        peer = await tls_peer(address, context)
-        session, nonce = os.urandom(16), os.urandom(32)
-        await peer.send(Tag.HELLO, hello_fields(session, nonce) | {"channels": 2})
-        dest_hello = await peer.read_frame()
-        assert dest_hello is not None
-        dest_nonce = dest_hello.fields()["nonce"]
-        await peer.send(Tag.AUTH, {"proof": proof(PSK, "source", session, 0, nonce, dest_nonce)})
-        accepted = await peer.read_frame()
-        assert accepted is not None
-        assert accepted.tag is Tag.AUTH
-        return peer
+        return await first_of_two_channels(await tls_peer(address, context))
 
     async def body() -> None:
         limits = Limits(handshake_timeout=0.5)

@@ -148,3 +148,18 @@ def hello_fields(session: bytes, nonce: bytes) -> dict[str, Any]:
         "auth": "psk",
         "max_payload": 1 << 20,
     }
+
+
+async def first_of_two_channels(peer: RawPeer) -> RawPeer:
+    """``peer`` authenticated as channel 0 of a two-channel session whose channel 1
+    never comes (the server holds it pending, then refuses the incomplete session)."""
+    session, nonce = os.urandom(16), os.urandom(32)
+    await peer.send(Tag.HELLO, hello_fields(session, nonce) | {"channels": 2})
+    hello = await peer.read_frame()
+    assert hello is not None
+    dest_nonce = hello.fields()["nonce"]
+    await peer.send(Tag.AUTH, {"proof": proof(PSK, "source", session, 0, nonce, dest_nonce)})
+    accepted = await peer.read_frame()
+    assert accepted is not None
+    assert accepted.tag is Tag.AUTH
+    return peer
