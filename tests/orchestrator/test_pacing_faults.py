@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
-import uvloop
 
 from orchestrator.engine import pacing
 from orchestrator.engine.pacing import Pacer
+from tests.conftest import Runner
 from tests.faultproxy import FaultProxy
 from transport import (
     AuthConfig,
@@ -34,8 +33,6 @@ from transport import (
 )
 from transport.limits import KiB
 
-Runner = Callable[[Coroutine[Any, Any, None]], None]
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 PSK = b"pacing faults key"
 CHUNK = 256 * KiB
 LINK = 0.5
@@ -74,18 +71,6 @@ async def paced_reader(session: Session, gate: Pacer) -> TransportError:
             await session.send_chunk(Tag.PRECOPY_DATA, 0, chunk)
     except TransportError as exc:
         return exc
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Runner:
-    """Runs a test's coroutine on a fresh event loop of each kind (daemons run uvloop,
-    whose write buffer the pacer reads as well)."""
-
-    def run(coro: Coroutine[Any, Any, None]) -> None:
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
-            runner.run(coro)
-
-    return run
 
 
 @contextlib.asynccontextmanager

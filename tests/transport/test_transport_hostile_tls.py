@@ -16,12 +16,11 @@ import socket
 import ssl
 import struct
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 from structlog.testing import capture_logs
 from transport_helpers import (
     PSK,
@@ -33,6 +32,7 @@ from transport_helpers import (
     tls_auth,
 )
 
+from tests.conftest import Runner
 from transport import (
     AuthConfig,
     Frame,
@@ -49,22 +49,9 @@ from transport import (
 )
 from transport.auth import proof
 
-Runner = Callable[[Coroutine[Any, Any, None]], None]
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 #: Bound on anything that must happen "soon" (closing, a refusal): generous, as the
 #: machine is shared; every wait below ends on an event well before it.
 SOON_S = 10.0
-
-
-@pytest.fixture(params=sorted(LOOPS))
-def run(request: pytest.FixtureRequest) -> Runner:
-    """Runs a test's coroutine on a fresh event loop of each kind."""
-
-    def run(coro: Coroutine[Any, Any, None]) -> None:
-        with asyncio.Runner(loop_factory=LOOPS[request.param]) as runner:
-            runner.run(coro)
-
-    return run
 
 
 def open_sockets() -> int:
