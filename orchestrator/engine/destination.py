@@ -253,6 +253,13 @@ class DestinationMigration(Phased):
                         self.log.info("switchover_ack_sent")
                 elif tag == Tag.END_OF_DEVICE:
                     ended.add(index)
+                    # The source's window is open (its devices stopped): reports wait.
+                    self._phases.hold()
+                    device = self.devices[index]
+                    if fanout.never_waits((device,)):
+                        # A model loads now, while the source still drains the others:
+                        # per device, that is downtime off the window's end.
+                        await self._move(device, State.STOP, Downtime.LOAD)
                 elif tag == Tag.SYNC:
                     if not prepared:
                         if self.gate is not None:
@@ -273,7 +280,7 @@ class DestinationMigration(Phased):
             raise transport.ProtocolError(f"stream ended before devices {missing} finished")
 
         self._phases.set(Phase.SWITCHOVER, in_window=True)
-        await self._transition(State.STOP, mark=Downtime.LOAD)
+        await self._transition(State.STOP, mark=Downtime.LOAD, only=State.RESUMING)
         self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
         try:
@@ -345,18 +352,22 @@ class DestinationMigration(Phased):
             results[device.name] += f"; and STOP failed: {error}"
         return results
 
-    async def _transition(self, target: State, *, mark: str = "") -> None:
-        """All devices to ``target`` in parallel; the first failure names its device."""
-
-        async def move(device: MigratableDevice) -> None:
-            started = time.monotonic()
-            await device.set_state(target)
-            if mark:
-                self.device_marks[device.name][mark] = (time.monotonic() - started) * 1e3
-
-        for result in await fanout.each(self.devices, move):
+    async def _transition(
+        self, target: State, *, mark: str = "", only: State | None = None
+    ) -> None:
+        """All devices (``only`` those in that state) to ``target`` in parallel; the first
+        failure names its device."""
+        devices = self.devices if only is None else [d for d in self.devices if d.state == only]
+        for result in await fanout.each(devices, lambda d: self._move(d, target, mark)):
             if isinstance(result, BaseException):
                 raise result
+
+    async def _move(self, device: MigratableDevice, target: State, mark: str) -> None:
+        """One device to ``target``, its time kept under ``mark`` (if any)."""
+        started = time.monotonic()
+        await device.set_state(target)
+        if mark:
+            self.device_marks[device.name][mark] = (time.monotonic() - started) * 1e3
 
     async def _send_verdict(
         self, stage: str, *, reason: str = "", device: str | None = None

@@ -139,9 +139,11 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
         hold_verdicts: bool | str = False,
         link_timeout_s: float = 5.0,
         gate: Gate | None = None,
+        wrap: Callable[[transport.Session], Any] | None = None,
     ) -> Ends:
         """``hold_verdicts``: hold every verdict (True) or those of one stage; ``gate``:
-        the destination's say (a daemon's arming and records), none by default."""
+        the destination's say (a daemon's arming and records), none by default; ``wrap``:
+        what the destination reads its session through (to watch what it receives)."""
         sources = [s.build(source=True) for s in specs]
         targets = [s.build(source=False) for s in specs]
         trace, target_trace = ArcTrace(), ArcTrace()
@@ -157,6 +159,8 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
         by_name = {d.name: d for d in targets}
 
         async def accept(session: transport.Session) -> None:
+            if wrap is not None:
+                session = wrap(session)
             if hold_verdicts:
                 stage = hold_verdicts if isinstance(hold_verdicts, str) else None
                 held = VerdictGate(session, stage)

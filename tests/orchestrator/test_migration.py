@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+import transport
 from devices.base import DeviceDescriptor
 from devices.fsm import Feature, State
-from devices.paged import Faults
+from devices.paged import Faults, PagedDevice
 from devices.simulated import SimulatedDevice
 from orchestrator.engine.destination import Offer, Refused, match_devices
 from orchestrator.engine.errors import (
@@ -307,6 +308,32 @@ async def test_p2p_ordering_in_the_arc_trace(make_ends) -> None:
             if entry.new == moment:
                 assert not set(states.values()) & set(forbidden_at), (entry, states)
     assert ends.trace.steps().count(("sim0", State.PRE_COPY_P2P)) == 1
+
+
+async def test_models_load_as_their_streams_end(make_ends) -> None:
+    """A destination model loads (RESUMING -> STOP) when its END_OF_DEVICE arrives, not
+    after the whole stream: its load overlaps the source's drain of the others."""
+    targets: list[PagedDevice] = []
+    at_end: dict[str, State] = {}
+
+    class Watch:
+        def __init__(self, session: transport.Session) -> None:
+            self._session = session
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._session, name)
+
+        async def recv(self) -> transport.Frame:
+            frame = await self._session.recv()
+            if frame.tag == transport.Tag.END_OF_STREAM:
+                at_end.update((d.name, d.state) for d in targets)
+            return frame
+
+    ends = await make_ends(sims(4), wrap=Watch)
+    targets.extend(ends.targets)
+    await ends.migration().run()
+    assert at_end == {d.name: State.STOP for d in ends.targets}
+    await ends.assert_migrated()
 
 
 async def test_multi_device_blocker_and_p2p_off(make_ends) -> None:
