@@ -294,7 +294,7 @@ class ArcDevice(MigratableDevice):
     def fail_arc(self, arc_from: State, arc_to: State) -> None:
         """Hook for fault injection: raise ArcFailed to make an arc fail."""
 
-    async def step(self, arc_from: State, arc_to: State) -> None:
+    def step(self, arc_from: State, arc_to: State) -> None:
         """Run one arc: the device's action plus the data-session bookkeeping."""
         action = self._actions.get((arc_from, arc_to))
         if action is None:
@@ -313,7 +313,12 @@ class ArcDevice(MigratableDevice):
             self._channel = self.new_resume_channel()
 
     async def set_state(self, target: State) -> None:
-        await fsm.set_state(self, target)
+        self.set_state_now(target)
+
+    def set_state_now(self, target: State) -> None:
+        """``set_state`` as a plain call: a model's walk never waits, so a switchover moves
+        many models in one loop without a coroutine per device and arc."""
+        fsm.walk(self, target)
 
     def _end_session_on_error(self, device: MigratableDevice, old: State, new: State) -> None:
         # A device in ERROR has no data session, whether an arc broke it or an unwind failed.

@@ -223,7 +223,7 @@ class DestinationMigration(Phased):
         self._p2p_capable = [d for d in self.devices if p2p and d.features & Feature.P2P]
         self.log.info("migration_incoming", devices=[d.name for d in self.devices])
         self._loading = True
-        await self._transition(State.RESUMING)
+        await self._transition(self.devices, State.RESUMING)
         await session.send_control(Tag.DEVICES_ACCEPTED, {"boot_id": boot_id()})
         self._set_phase(Phase.PRECOPY)
 
@@ -259,7 +259,7 @@ class DestinationMigration(Phased):
                     if fanout.never_waits((device,)):
                         # A model loads now, while the source still drains the others:
                         # per device, that is downtime off the window's end.
-                        await self._move(device, State.STOP, Downtime.LOAD)
+                        await self._transition((device,), State.STOP, mark=Downtime.LOAD)
                 elif tag == Tag.SYNC:
                     if not prepared:
                         if self.gate is not None:
@@ -280,7 +280,8 @@ class DestinationMigration(Phased):
             raise transport.ProtocolError(f"stream ended before devices {missing} finished")
 
         self._phases.set(Phase.SWITCHOVER, in_window=True)
-        await self._transition(State.STOP, mark=Downtime.LOAD, only=State.RESUMING)
+        unloaded = [d for d in self.devices if d.state == State.RESUMING]
+        await self._transition(unloaded, State.STOP, mark=Downtime.LOAD)
         self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
         try:
@@ -339,35 +340,32 @@ class DestinationMigration(Phased):
         since after COMMIT it holds the only running copy's state. Returns each device's
         result: "" when it runs, else the reason.
         """
-        results = {d.name: "" for d in self.devices}
+        failed: dict[str, str] = {}
         for device, error in await _move_all(self._p2p_capable, State.RUNNING_P2P):
-            results[device.name] = f"{State.RUNNING_P2P.name}: {error}"
-        ready = [d for d in self.devices if not results[d.name]]
+            failed[device.name] = f"{State.RUNNING_P2P.name}: {error}"
+        ready = [d for d in self.devices if d.name not in failed] if failed else self.devices
         for device, error in await _move_all(ready, State.RUNNING):
-            results[device.name] = f"{State.RUNNING.name}: {error}"
-        # A device left RUNNING_P2P by a failed last step goes back to STOP: it must not
-        # run half-resumed, and its state stays for the operator.
-        stranded = [d for d in self.devices if results[d.name] and d.state == State.RUNNING_P2P]
-        for device, error in await _move_all(stranded, State.STOP):
-            results[device.name] += f"; and STOP failed: {error}"
-        return results
+            failed[device.name] = f"{State.RUNNING.name}: {error}"
+        if failed:
+            # A device left RUNNING_P2P by a failed last step goes back to STOP: it must
+            # not run half-resumed, and its state stays for the operator.
+            stranded = [
+                d for d in self.devices if d.name in failed and d.state == State.RUNNING_P2P
+            ]
+            for device, error in await _move_all(stranded, State.STOP):
+                failed[device.name] += f"; and STOP failed: {error}"
+        return {d.name: failed.get(d.name, "") for d in self.devices}
 
     async def _transition(
-        self, target: State, *, mark: str = "", only: State | None = None
+        self, devices: Sequence[MigratableDevice], target: State, *, mark: str = ""
     ) -> None:
-        """All devices (``only`` those in that state) to ``target`` in parallel; the first
-        failure names its device."""
-        devices = self.devices if only is None else [d for d in self.devices if d.state == only]
-        for result in await fanout.each(devices, lambda d: self._move(d, target, mark)):
+        """Devices to ``target`` in parallel; the first failure names its device."""
+        results = await fanout.move(devices, target)
+        for device, result in zip(devices, results, strict=True):
             if isinstance(result, BaseException):
                 raise result
-
-    async def _move(self, device: MigratableDevice, target: State, mark: str) -> None:
-        """One device to ``target``, its time kept under ``mark`` (if any)."""
-        started = time.monotonic()
-        await device.set_state(target)
-        if mark:
-            self.device_marks[device.name][mark] = (time.monotonic() - started) * 1e3
+            if mark:
+                self.device_marks[device.name][mark] = (result.ended - result.started) * 1e3
 
     async def _send_verdict(
         self, stage: str, *, reason: str = "", device: str | None = None
@@ -442,7 +440,7 @@ async def _move_all(
     devices: Sequence[MigratableDevice], target: State
 ) -> list[tuple[MigratableDevice, str]]:
     """Move ``devices`` to ``target`` in parallel; the ones that failed, with why."""
-    results = await fanout.each(devices, lambda device: device.set_state(target))
+    results = await fanout.move(devices, target)
     failed = []
     for device, result in zip(devices, results, strict=True):
         if isinstance(result, BaseException):

@@ -23,7 +23,7 @@ import contextlib
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -160,6 +160,10 @@ class SourceMigration(Phased):
         self._force = False
         self._phases = PhaseMachine(self.log, self._phase_changed)
         self._inflight: asyncio.Future[Any] | None = None
+        #: The window's per-device times, in ms by phase (made before the window opens).
+        self._source_marks: dict[str, dict[str, float]] = {}
+        #: The window's arcs by phase, turned into ``_source_marks`` once it closed.
+        self._arc_spans: dict[str, tuple[Sequence[MigratableDevice], list[fanout.Span]]] = {}
         self._meter = RateMeter()
         #: This migration's part of its daemon's host-wide budget (bytes/s), if it has one.
         self.bandwidth_share: float | None = None
@@ -351,8 +355,10 @@ class SourceMigration(Phased):
 
         # What the arcs themselves took (the union of their spans), not the loop's other
         # work before they started (on a daemon, a millisecond or more of it).
-        self._arc_overhead_s = await self._transition(
-            [d for d in self.devices if d.features & Feature.PRE_COPY], State.PRE_COPY
+        self._arc_overhead_s = _covered(
+            await self._transition(
+                [d for d in self.devices if d.features & Feature.PRE_COPY], State.PRE_COPY
+            )
         )
         # Nothing flowed in the window before the readers start: saying so gives the first
         # iteration a full window, so progress shows a rate as soon as bytes move.
@@ -672,6 +678,7 @@ class SourceMigration(Phased):
         # a model also runs its workload up to now here, not in the quiesce arc.
         self._progress()
         self.stats.switchover_at_s = self.stats.elapsed_s()
+        self._source_marks = {d.name: {} for d in self.devices}
         clock = DowntimeClock()
         self._clock = clock
         start = clock.begin()
@@ -828,24 +835,13 @@ class SourceMigration(Phased):
     async def _stop_and_drain(self, clock: DowntimeClock) -> None:
         """Quiesce all, stop all, drain every channel, then mark the end of the stream."""
         self._phases.hold()  # reports of the devices' changes wait for the window's end
-        source_marks: dict[str, dict[str, float]] = {d.name: {} for d in self.devices}
-        self._source_marks = source_marks
         if self.params.p2p:
-            await self._transition(
-                self._quiescible,
-                {
-                    d.name: State.PRE_COPY_P2P if d.state == State.PRE_COPY else State.RUNNING_P2P
-                    for d in self._quiescible
-                },
-                marks=source_marks,
-                mark=Downtime.QUIESCE,
-            )
+            await self._transition(self._quiescible, _quiesced, mark=Downtime.QUIESCE)
         clock.mark(Downtime.QUIESCE)
-        await self._transition(
-            self.devices, State.STOP_COPY, marks=source_marks, mark=Downtime.STOP
-        )
+        await self._transition(self.devices, State.STOP_COPY, mark=Downtime.STOP)
         clock.mark(Downtime.STOP)
-        await asyncio.gather(*(self._drain(i, source_marks) for i in range(len(self.devices))))
+        marks = self._source_marks
+        await asyncio.gather(*(self._drain(i, marks) for i in range(len(self.devices))))
         assert self._session is not None
         self._expected_verdict = "loaded"
         await self._session.send_control(Tag.END_OF_STREAM)
@@ -897,6 +893,9 @@ class SourceMigration(Phased):
         self.stats.downtime_breakdown_ms = clock.breakdown_ms()
         self.stats.window_round_trips = WINDOW_ROUND_TRIPS
         self.stats.downtime_ms = clock.total_ms()
+        for name, (devices, spans) in self._arc_spans.items():
+            for device, span in zip(devices, spans, strict=True):
+                self._source_marks[device.name][name] = (span.ended - span.started) * 1e3
         for dstats in self.stats.devices:
             source_side = self._source_marks.get(dstats.name, {})
             dest_side = loaded.device_marks.get(dstats.name, {}) | resumed.device_marks.get(
@@ -942,39 +941,29 @@ class SourceMigration(Phased):
 
     async def _transition(
         self,
-        devices: Iterable[MigratableDevice],
-        target: State | dict[str, State],
+        devices: Sequence[MigratableDevice],
+        target: State | Callable[[MigratableDevice], State],
         *,
-        marks: dict[str, dict[str, float]] | None = None,
         mark: str = "",
-    ) -> float:
+    ) -> list[fanout.Span]:
         """Move devices in parallel; shielded so a cancel never interrupts an arc midway.
 
-        Returns the seconds during which at least one arc ran: the union of their
-        spans, so arcs that overlap (in threads) count once, arcs that run one after
-        the other (inline) add up, and the loop's other work between them is left out.
+        Returns when each device's arc ran; with ``mark``, those times become the
+        devices' marks of that phase once the window closed (work there is downtime).
         """
-        devices = list(devices)
-        spans: list[tuple[float, float]] = []
-
-        async def move(device: MigratableDevice) -> None:
-            goal = target[device.name] if isinstance(target, dict) else target
-            started = time.monotonic()
-            await device.set_state(goal)
-            spans.append((started, time.monotonic()))
-            if marks is not None:
-                marks[device.name][mark] = (spans[-1][1] - started) * 1e3
-
         if fanout.never_waits(devices):
             # Nothing to shield: the arcs run to their end before anything else can.
-            results = await fanout.each(devices, move)
+            results = await fanout.move(devices, target)
         else:
-            self._inflight = asyncio.ensure_future(fanout.each(devices, move))
+            self._inflight = asyncio.ensure_future(fanout.move(devices, target))
             results = await asyncio.shield(self._inflight)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise MigrationError(_describe(failures[0])) from failures[0]
-        return _covered(spans)
+        spans = [r for r in results if not isinstance(r, BaseException)]
+        if len(spans) < len(results):
+            failure = next(r for r in results if isinstance(r, BaseException))
+            raise MigrationError(_describe(failure)) from failure
+        if mark:
+            self._arc_spans[mark] = (devices, spans)
+        return spans
 
     async def _fail(self, error: MigrationError) -> MigrationStats:
         """Roll back (unless committed), record why, and raise ``error``.
@@ -1087,7 +1076,12 @@ async def _first_of(*waits: Awaitable[Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _covered(spans: list[tuple[float, float]]) -> float:
+def _quiesced(device: MigratableDevice) -> State:
+    """Where the quiesce takes a device: its P2P state, keeping a pre-copy session."""
+    return State.PRE_COPY_P2P if device.state == State.PRE_COPY else State.RUNNING_P2P
+
+
+def _covered(spans: list[fanout.Span]) -> float:
     """The length of the union of ``(start, end)`` spans."""
     total, reach = 0.0, float("-inf")
     for start, end in sorted(spans):

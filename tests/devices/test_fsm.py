@@ -150,7 +150,7 @@ class ScriptedDevice:
     ran: list[tuple[State, State]] = field(default_factory=list)
     resets: int = 0
 
-    async def step(self, arc_from: State, arc_to: State) -> None:
+    def step(self, arc_from: State, arc_to: State) -> None:
         if (arc_from, arc_to) in self.fail:
             if self.fail_to_error:
                 self.state = S.ERROR
@@ -185,7 +185,7 @@ def expected_after_failure(
 
 
 @pytest.mark.parametrize(("features", "start", "target", "position"), multi_arc_failures())
-async def test_unwind_after_failed_arc(
+def test_unwind_after_failed_arc(
     features: Feature, start: State, target: State, position: int
 ) -> None:
     """A failing arc at any position unwinds to the start, or to ERROR when the session is lost."""
@@ -193,7 +193,7 @@ async def test_unwind_after_failed_arc(
     failing = (walk[position], walk[position + 1])
     device = ScriptedDevice(features, start, fail={failing})
     with pytest.raises(TransitionError) as info:
-        await fsm.set_state(device, target)
+        fsm.walk(device, target)
     expected = expected_after_failure(features, start, walk, position)
     assert device.state == expected
     assert info.value.state == expected
@@ -214,25 +214,25 @@ def test_unwind_cases_cover_every_multi_arc_path() -> None:
         assert any(c[0] == features for c in cases)
 
 
-async def test_failed_step_back_ends_in_error() -> None:
+def test_failed_step_back_ends_in_error() -> None:
     """If the walk back itself fails, the device is in ERROR and the original error is raised."""
     full = LEGAL_FEATURE_SETS[-1]
     device = ScriptedDevice(
         full, S.RUNNING, fail={(S.RUNNING_P2P, S.STOP), (S.RUNNING_P2P, S.RUNNING)}
     )
     with pytest.raises(TransitionError, match="RUNNING_P2P -> STOP failed") as info:
-        await fsm.set_state(device, S.STOP)
+        fsm.walk(device, S.STOP)
     assert device.state == S.ERROR
     assert info.value.state == S.ERROR
     assert "RUNNING_P2P->STOP" in str(info.value.__cause__)
 
 
-async def test_arc_that_breaks_the_device_is_not_unwound() -> None:
+def test_arc_that_breaks_the_device_is_not_unwound() -> None:
     """An arc hook that reports ERROR itself leaves the device in ERROR with no walk back."""
     full = LEGAL_FEATURE_SETS[-1]
     device = ScriptedDevice(full, S.RUNNING, fail={(S.RUNNING_P2P, S.STOP)}, fail_to_error=True)
     with pytest.raises(TransitionError):
-        await fsm.set_state(device, S.STOP)
+        fsm.walk(device, S.STOP)
     assert device.state == S.ERROR
     assert device.ran == [(S.RUNNING, S.RUNNING_P2P)]
 
@@ -241,30 +241,30 @@ async def test_arc_that_breaks_the_device_is_not_unwound() -> None:
     (S.STOP_COPY, S.PRE_COPY), (S.STOP_COPY, S.PRE_COPY_P2P), (S.RUNNING, S.ERROR),
     (S.ERROR, S.RUNNING),
 ])  # fmt: skip
-async def test_forbidden_transitions_touch_nothing(start: State, target: State) -> None:
+def test_forbidden_transitions_touch_nothing(start: State, target: State) -> None:
     """A transition the FSM forbids raises TransitionNotAllowed and runs no arc."""
     device = ScriptedDevice(LEGAL_FEATURE_SETS[-1], start)
     with pytest.raises(TransitionNotAllowed, match=f"{start.name} -> {target.name}"):
-        await fsm.set_state(device, target)
+        fsm.walk(device, target)
     assert device.state == start
     assert device.ran == []
 
 
-async def test_unsupported_state_is_not_allowed() -> None:
+def test_unsupported_state_is_not_allowed() -> None:
     """A device without P2P cannot be asked for RUNNING_P2P."""
     device = ScriptedDevice(Feature.STOP_COPY, S.RUNNING)
     with pytest.raises(TransitionNotAllowed):
-        await fsm.set_state(device, S.RUNNING_P2P)
+        fsm.walk(device, S.RUNNING_P2P)
 
 
-async def test_set_state_returns_arcs_taken() -> None:
+def test_walk_returns_arcs_taken() -> None:
     """A successful walk returns exactly the arcs the device ran."""
     device = ScriptedDevice(LEGAL_FEATURE_SETS[-1], S.RESUMING)
-    arcs = await fsm.set_state(device, S.RUNNING)
+    arcs = fsm.walk(device, S.RUNNING)
     assert arcs == ((S.RESUMING, S.STOP), (S.STOP, S.RUNNING_P2P), (S.RUNNING_P2P, S.RUNNING))
     assert device.ran == list(arcs)
     assert device.state == S.RUNNING
-    assert await fsm.set_state(device, S.RUNNING) == ()
+    assert fsm.walk(device, S.RUNNING) == ()
 
 
 @pytest.mark.parametrize("state", list(State))

@@ -120,6 +120,57 @@ async def test_a_cancel_reaches_the_blocking_devices() -> None:
         await moving
 
 
+async def test_move_walks_models_with_plain_calls_and_times_each() -> None:
+    """``move`` takes each model to its own target without a task or a coroutine per
+    device, and answers with when each one's change started and ended, in order."""
+    devices = models(3)
+    await devices[0].set_state(State.PRE_COPY)
+    walked: list[str] = []
+    for device in devices:
+        device.add_state_listener(lambda d, old, new: walked.append(d.name))
+    with counting_tasks() as created:
+        spans = await fanout.move(
+            devices, lambda d: State.PRE_COPY_P2P if d.state == State.PRE_COPY else State.STOP
+        )
+    assert created == []
+    assert [d.state for d in devices] == [State.PRE_COPY_P2P, State.STOP, State.STOP]
+    assert walked == ["sim0", "sim1", "sim1", "sim2", "sim2"]  # one device after the other
+    assert all(isinstance(s, fanout.Span) and s.started <= s.ended for s in spans)
+    assert [s.started for s in spans] == sorted(s.started for s in spans)  # type: ignore[union-attr]
+
+
+async def test_move_answers_a_failing_model_with_its_error() -> None:
+    """A model whose walk fails answers with its TransitionError; the others still move."""
+    devices = models(3)
+    devices[1].faults = Faults(fail_arcs=frozenset({(State.RUNNING, State.RUNNING_P2P)}))
+    answers = await fanout.move(devices, State.STOP)
+    assert isinstance(answers[1], TransitionError)
+    assert [d.state for d in devices] == [State.STOP, State.RUNNING, State.STOP]
+
+
+async def test_a_model_whose_change_waits_gets_a_task() -> None:
+    """A model class that overrides ``set_state`` to wait is not walked by plain calls:
+    ``move`` honours its override, and a set holding it may yield to the loop."""
+    release = asyncio.Event()
+
+    class Waiting(SimulatedDevice):
+        async def set_state(self, target: State) -> None:
+            await release.wait()
+            await super().set_state(target)
+
+    slow = Waiting("slow", state_size=64 << 10)
+    devices = [*models(2), slow]
+    assert not fanout.never_waits(devices)
+    moving = asyncio.ensure_future(fanout.move(devices, State.STOP))
+    await asyncio.sleep(0)
+    assert not moving.done()
+    assert slow.state == State.RUNNING
+    release.set()
+    answers = await moving
+    assert all(isinstance(a, fanout.Span) for a in answers)
+    assert [d.state for d in devices] == [State.STOP] * 3
+
+
 class Tally:
     """Tasks created and log events emitted so far, read at every state change of the
     devices it watches: what a stretch of the switchover cost, by counting."""

@@ -19,6 +19,7 @@ import pytest
 
 import transport
 from devices.fsm import State
+from devices.simulated import SimulatedDevice
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli.commands import main
 from orchestrator.cli.parser import build_parser
@@ -349,22 +350,24 @@ async def test_stopping_a_destination_just_after_commit_lets_it_resume(tmp_path:
     """SIGTERM on the destination while it resumes devices after COMMIT does not cancel
     that migration (the source has given the workload away): the devices reach RUNNING,
     the record says received, and the source completes."""
+    resuming, release = asyncio.Event(), asyncio.Event()
+
+    class HeldResume(SimulatedDevice):
+        """A destination device whose resume waits for the test (a slow real backend)."""
+
+        async def set_state(self, state: State) -> None:
+            if self.state == State.STOP and state in (State.RUNNING_P2P, State.RUNNING):
+                resuming.set()  # only after COMMIT does the destination resume
+                await release.wait()
+            await super().set_state(state)
+
     spec = Spec("sim0", seed=1)
-    source, target = spec.build(source=True), spec.build(source=False)
+    source = spec.build(source=True)
+    target = HeldResume("sim0", state_size=spec.size, features=spec.features, seed=spec.seed)
     for device in (source, target):
         await device.open()
     service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
     service.book.arm(["sim0"], None, None)
-    resuming, release = asyncio.Event(), asyncio.Event()
-    set_state = target.set_state
-
-    async def held_resume(state: State) -> None:
-        if target.state == State.STOP and state in (State.RUNNING_P2P, State.RUNNING):
-            resuming.set()  # only after COMMIT does the destination resume
-            await release.wait()
-        await set_state(state)
-
-    target.set_state = held_resume  # type: ignore[method-assign]
     server = await transport.serve("127.0.0.1:0", service.accept, name="dst", auth=AuthConfig())
     migration = SourceMigration([source], server.address, MigrationParams(), auth=AuthConfig())
     try:
