@@ -143,6 +143,10 @@ class ControlServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    def wants(self, name: str) -> bool:
+        """Whether any connection would receive event ``name`` (else it need not be made)."""
+        return any(c.negotiated and c.wants(name) for c in self._connections)
+
     def broadcast(self, name: str, data: Mapping[str, JSON]) -> None:
         """Send an event to every negotiated connection that wants it."""
         message = event(name, data)

@@ -160,6 +160,10 @@ class Service:
             self.control.broadcast(name, data)
 
     def _device_state_changed(self, device: MigratableDevice, old: State, new: State) -> None:
+        # Nothing when no client listens: a switchover changes every device's state in
+        # its window, where even deferring a report costs a microsecond a device and arc.
+        if self.control is None or not self.control.wants("DEVICE_STATE"):
+            return
         migration = self.owners.get(device.name)
         record = self.outgoing.get(migration) or self.incoming.get(migration) if migration else None
         report = partial(self._emit_device_state, device.name, old, new, migration)

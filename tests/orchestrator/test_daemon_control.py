@@ -86,3 +86,34 @@ async def test_a_reply_larger_than_a_request_line_reaches_the_client(tmp_path) -
         await client.close()
     finally:
         await server.stop()
+
+
+async def test_the_server_says_whether_any_client_wants_an_event(tmp_path) -> None:
+    """An event that no negotiated client wants need not be made (the daemon skips its
+    DEVICE_STATE reports then); one client that did not narrow its events is enough."""
+    from orchestrator.service.client import ControlClient
+    from orchestrator.service.control import ControlServer
+
+    server: ControlServer
+
+    async def subscribe(events: list[str]) -> dict[str, str]:
+        server.current.events = frozenset(events)
+        return {}
+
+    server = ControlServer(
+        tmp_path / "ctl.sock",
+        {"subscribe": Command("subscribe", subscribe, {"events": Arg(list, required=True)})},
+        greeting={"name": "t"},
+    )
+    await server.start()
+    try:
+        assert not server.wants("DEVICE_STATE")  # nobody connected
+        client = await ControlClient.connect(tmp_path / "ctl.sock")
+        assert server.wants("DEVICE_STATE")  # a negotiated client gets every event
+        await client.execute("subscribe", events=["MIGRATION"])
+        assert not server.wants("DEVICE_STATE")
+        await client.execute("subscribe", events=["MIGRATION", "DEVICE_STATE"])
+        assert server.wants("DEVICE_STATE")
+        await client.close()
+    finally:
+        await server.stop()
