@@ -178,6 +178,10 @@ class MigratableDevice(abc.ABC):
     def state(self, new: State) -> None:
         old, self._state = self._state, new
         if old != new:
+            if new == State.ERROR:
+                # The uAPI's ERROR has no data session, whether an arc broke the device
+                # or an unwind failed: the listeners already see none.
+                self._drop_channel()
             for listener in self._listeners:
                 listener(self, old, new)
 
@@ -272,7 +276,6 @@ class ArcDevice(MigratableDevice):
 
     def __init__(self, name: str, features: Feature) -> None:
         super().__init__(name, features)
-        self.add_state_listener(self._end_session_on_error)
         self._actions = self.arc_actions()
         missing = fsm.ARCS[features] - self._actions.keys()
         if missing:
@@ -319,11 +322,6 @@ class ArcDevice(MigratableDevice):
         """``set_state`` as a plain call: a model's walk never waits, so a switchover moves
         many models in one loop without a coroutine per device and arc."""
         fsm.walk(self, target)
-
-    def _end_session_on_error(self, device: MigratableDevice, old: State, new: State) -> None:
-        # A device in ERROR has no data session, whether an arc broke it or an unwind failed.
-        if new == State.ERROR:
-            self._drop_channel()
 
     async def hard_reset(self) -> None:
         """Drop any data session; subclasses extend this to reset their own machinery."""

@@ -285,9 +285,8 @@ def walk(device: ArcDriven, target: State) -> tuple[Arc, ...]:
                 state=device.state,
                 failed_arc=arc,
             ) from exc
-        device.state = arc[1]  # state listeners see every arc (a debug event here cost 2.7 us)
+        current = device.state = arc[1]  # listeners see every arc (a debug event: 2.7 us)
         taken.append(arc)
-        current = device.state
     return tuple(taken)
 
 

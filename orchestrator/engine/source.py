@@ -182,6 +182,8 @@ class SourceMigration(Phased):
         self._read_bytes = [0 for _ in self.devices]
         #: The devices the switchover quiesces first (flag tests cost 0.5 us a device).
         self._quiescible = [d for d in self.devices if d.features & Feature.P2P]
+        #: Whether every device is a model, whose arcs never wait (see fanout).
+        self._models = fanout.never_waits(self.devices)
 
     @property
     def _want_ack(self) -> bool:
@@ -895,7 +897,7 @@ class SourceMigration(Phased):
         self.stats.downtime_ms = clock.total_ms()
         for name, (devices, spans) in self._arc_spans.items():
             for device, span in zip(devices, spans, strict=True):
-                self._source_marks[device.name][name] = (span.ended - span.started) * 1e3
+                self._source_marks[device.name][name] = (span[1] - span[0]) * 1e3
         for dstats in self.stats.devices:
             source_side = self._source_marks.get(dstats.name, {})
             dest_side = loaded.device_marks.get(dstats.name, {}) | resumed.device_marks.get(
@@ -951,9 +953,10 @@ class SourceMigration(Phased):
         Returns when each device's arc ran; with ``mark``, those times become the
         devices' marks of that phase once the window closed (work there is downtime).
         """
-        if fanout.never_waits(devices):
+        results: Sequence[fanout.Span | BaseException]
+        if self._models:
             # Nothing to shield: the arcs run to their end before anything else can.
-            results = await fanout.move(devices, target)
+            results = fanout.walk(devices, target)
         else:
             self._inflight = asyncio.ensure_future(fanout.move(devices, target))
             results = await asyncio.shield(self._inflight)

@@ -145,7 +145,10 @@ class ControlServer:
 
     def wants(self, name: str) -> bool:
         """Whether any connection would receive event ``name`` (else it need not be made)."""
-        return any(c.negotiated and c.wants(name) for c in self._connections)
+        for connection in self._connections:  # a loop: a generator costs 0.3 us an arc
+            if connection.negotiated and connection.wants(name):
+                return True
+        return False
 
     def broadcast(self, name: str, data: Mapping[str, JSON]) -> None:
         """Send an event to every negotiated connection that wants it."""

@@ -135,8 +135,8 @@ async def test_move_walks_models_with_plain_calls_and_times_each() -> None:
     assert created == []
     assert [d.state for d in devices] == [State.PRE_COPY_P2P, State.STOP, State.STOP]
     assert walked == ["sim0", "sim1", "sim1", "sim2", "sim2"]  # one device after the other
-    assert all(isinstance(s, fanout.Span) and s.started <= s.ended for s in spans)
-    assert [s.started for s in spans] == sorted(s.started for s in spans)  # type: ignore[union-attr]
+    times = [t for span in spans for t in span]  # type: ignore[union-attr]
+    assert times == sorted(times)  # each device's start and end, one after the other
 
 
 async def test_move_answers_a_failing_model_with_its_error() -> None:
@@ -167,7 +167,7 @@ async def test_a_model_whose_change_waits_gets_a_task() -> None:
     assert slow.state == State.RUNNING
     release.set()
     answers = await moving
-    assert all(isinstance(a, fanout.Span) for a in answers)
+    assert not [a for a in answers if isinstance(a, BaseException)]
     assert [d.state for d in devices] == [State.STOP] * 3
 
 
