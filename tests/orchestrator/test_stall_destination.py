@@ -1,0 +1,259 @@
+"""A destination that stops reading at one step of a migration, seen from the source.
+
+The destination's application stops taking frames at one step and never comes back (a
+load that hangs, a hostile peer): its transport fills its buffers, pauses reading and
+goes on sending keep-alives, so the link never times out and only the source's own
+bounds end the wait. Each test names the step and the parameter that bounds it, and
+checks how long the source devices stayed out of their running states:
+
+=================================================  ===================  =================
+step where the destination stops reading           source devices       bound
+=================================================  ===================  =================
+SYNC barrier 1 or 2 (before the window)            running              verdict_timeout_s
+STOP_COPY drain (a send blocked on the full pipe)  stopped, rolled back max_stop_ms
+END_OF_DEVICE or END_OF_STREAM, "loaded" awaited   stopped, rolled back max_stop_ms
+after it sent "loaded" (COMMIT out, "resumed")     stopped, unknown     verdict_timeout_s
+=================================================  ===================  =================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import transport
+from devices.fsm import Feature, State
+from devices.paged import PagedDevice
+from devices.testing import ArcTrace
+from orchestrator.engine.destination import DestinationMigration
+from orchestrator.engine.errors import OutcomeUnknown
+from orchestrator.engine.phases import Phase
+from tests.orchestrator.conftest import MIB, Ends, Spec
+from tests.orchestrator.test_switchover_faults import Pair, Script, longest_stop, run_to_end, two
+from tests.transport.transport_helpers import tls_auth
+from transport import Frame, Tag
+
+#: The link timeout on both ends: shorter than the bounds, so a link that fell silent
+#: (no keep-alives) would end these tests with its own error instead of the bound's.
+LINK_S = 0.5
+#: The bound under test: max_stop_ms and verdict_timeout_s alike.
+BOUND_S = 0.8
+PARAMS: dict[str, Any] = {
+    "max_stop_ms": BOUND_S * 1e3,
+    "verdict_timeout_s": BOUND_S,
+    "link_timeout_s": LINK_S,
+}
+#: What a rollback's arcs may add to a bound on a loaded machine (an upper bound).
+SLACK_S = 0.6
+#: Stop-copy data well over what the buffers between the two hold (the source's 8 MiB
+#: write buffer, the kernel's queues, the destination's receive segments), so the
+#: source's drain blocks on a send.
+BIG = Spec("big", size=32 * MIB, features=Feature.STOP_COPY | Feature.P2P)
+#: Small receive buffers at the destination: its reading pauses soon after it stops.
+DEST_LIMITS = transport.Limits(receive_segment_size=1 * MIB, receive_segments=2)
+
+
+class Deaf:
+    """A destination session whose application stops taking frames at one point: the
+    ``count``-th frame of ``tag`` (held, not delivered), or with ``tag`` None the first
+    recv() after it sent "loaded". ``held`` is set then; ``release`` lets it go on.
+
+    While deaf it sends keep-alives itself, as a hostile peer may: our own transport
+    sends none on a channel whose reading it paused, so the source would end the wait
+    with its link timeout instead of the bound under test.
+    """
+
+    def __init__(self, session: transport.Session, tag: Tag | None, count: int) -> None:
+        self._session = session
+        self._tag = tag
+        self._count = count
+        self._seen = 0
+        self._loaded = False
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    async def _deafen(self) -> None:
+        self.held.set()
+        while not self.release.is_set():
+            for channel in self._session._chans:
+                if not channel.closing:
+                    channel.send_control(Tag.PING, {"id": 0, "t": time.monotonic(), "reply": False})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.release.wait(), LINK_S / 4)  # the peer's timer
+
+    async def send_control(self, tag: Tag, fields: Any = None, **kw: Any) -> None:
+        await self._session.send_control(tag, fields, **kw)
+        if tag == Tag.VERDICT and (fields or {}).get("stage") == "loaded":
+            self._loaded = True
+
+    async def recv(self) -> Frame:
+        if self._tag is None and self._loaded and not self.held.is_set():
+            await self._deafen()
+        frame = await self._session.recv()
+        if frame.tag == self._tag:
+            self._seen += 1
+            if self._seen == self._count:
+                await self._deafen()
+        return frame
+
+
+@pytest.fixture
+async def make_deaf(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+    """Factory of migration ends whose destination stops reading as a Deaf says."""
+    servers: list[transport.Server] = []
+    devices: list[PagedDevice] = []
+
+    async def make(
+        specs: Sequence[Spec], tag: Tag | None, count: int = 1, tls: bool = False
+    ) -> Pair:
+        sources: list[Any] = [s.build(source=True) for s in specs]
+        targets: list[Any] = [s.build(source=False) for s in specs]
+        trace, target_trace = ArcTrace(), ArcTrace()
+        trace.watch(*sources)
+        target_trace.watch(*targets)
+        for device in (*sources, *targets):
+            await device.open()
+        devices.extend((*sources, *targets))
+        by_name = {d.name: d for d in targets}
+        deaf: list[Any] = []
+        tasks: list[asyncio.Task[Any]] = []
+        incoming: list[DestinationMigration] = []
+        outcomes: list[bool] = []
+        accepted = asyncio.Event()
+
+        async def accept(session: transport.Session) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.append(task)
+            deaf.append(Deaf(session, tag, count))
+            accepted.set()
+            # Its idle timeout stays long: the source's bounds must end the wait.
+            incoming.append(DestinationMigration(deaf[-1], by_name, idle_timeout_s=60.0))
+            outcomes.append(await incoming[-1].run())
+
+        server_auth, client_auth = tls_auth(tmp_path) if tls else (transport.AuthConfig(),) * 2
+        server = await transport.serve(
+            "127.0.0.1:0", accept, name="test-dst", auth=server_auth,
+            limits=DEST_LIMITS, link_timeout_s=LINK_S,
+        )  # fmt: skip
+        servers.append(server)
+        ends = Ends(
+            list(specs), sources, targets, trace, target_trace, server.address,
+            outcomes, [], incoming, asyncio.Event(), client_auth,
+        )  # fmt: skip
+        return Pair(ends, Script(), deaf, tasks, accepted, asyncio.all_tasks())
+
+    yield make
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+    for device in devices:
+        await device.close()
+
+
+def cut_sends(monkeypatch: pytest.MonkeyPatch) -> list[Tag]:
+    """The tags of the source's sends that a cancel cut short (they were blocked)."""
+    cut: list[Tag] = []
+    connect = transport.connect
+
+    async def connect_and_watch(*args: Any, **kwargs: Any) -> transport.Session:
+        session = await connect(*args, **kwargs)
+        sending = session.send_chunk
+
+        async def send_chunk(tag: Tag, device: int, chunk: Any) -> int:
+            try:
+                return await sending(tag, device, chunk)
+            except asyncio.CancelledError:
+                cut.append(tag)
+                raise
+
+        session.send_chunk = send_chunk  # type: ignore[method-assign]
+        return session
+
+    monkeypatch.setattr(transport, "connect", connect_and_watch)
+    return cut
+
+
+def assert_named(error: BaseException | None, parameter: str) -> None:
+    """The migration failed with an error naming ``parameter``, not the link's timeout."""
+    assert error is not None
+    assert parameter in str(error), str(error)
+    assert "link_timeout_s" not in str(error), str(error)
+
+
+@pytest.mark.parametrize("barrier", [1, 2])
+async def test_a_destination_deaf_at_a_barrier_fails_it_with_the_devices_running(
+    make_deaf: Any, barrier: int
+) -> None:
+    """Stopped reading at a SYNC barrier (the pre-copy readers still streaming at the
+    first): the barrier fails after verdict_timeout_s and the devices never stopped."""
+    pair = await make_deaf(two(), Tag.SYNC, barrier)
+    migration = pair.migration(**PARAMS)
+    error = await run_to_end(migration)
+    assert_named(error, "verdict_timeout_s")
+    assert "did not catch up" in str(error)
+    assert pair.scripted[0].held.is_set()
+    assert longest_stop(pair.ends.trace) == 0.0
+    assert all(e.new in (State.PRE_COPY, State.RUNNING) for e in pair.ends.trace.entries)
+    await pair.assert_rolled_back(migration)
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+async def test_a_destination_deaf_in_the_drain_rolls_back_at_the_stop_bound(
+    make_deaf: Any, monkeypatch: pytest.MonkeyPatch, tls: bool
+) -> None:
+    """Stopped reading at the first stop-copy chunk, with more to send than the pipe
+    holds: the source's drain blocks on a send, and max_stop_ms ends it and rolls back
+    about the bound after the devices stopped."""
+    cut = cut_sends(monkeypatch)
+    pair = await make_deaf([BIG], Tag.STOPCOPY_DATA, tls=tls)
+    migration = pair.migration(**PARAMS)
+    error = await run_to_end(migration)
+    assert_named(error, "max_stop_ms")
+    assert cut == [Tag.STOPCOPY_DATA], "the bound cut a blocked stop-copy send"
+    assert longest_stop(pair.ends.trace) < BOUND_S + SLACK_S
+    await pair.assert_rolled_back(migration)
+
+
+@pytest.mark.parametrize("tag", [Tag.END_OF_DEVICE, Tag.END_OF_STREAM], ids=lambda t: t.name)
+async def test_a_destination_deaf_before_loading_rolls_back_at_the_stop_bound(
+    make_deaf: Any, tag: Tag
+) -> None:
+    """Stopped reading at a device's or the stream's end, so "loaded" never comes: the
+    wait ends at max_stop_ms with a rollback, not at verdict_timeout_s or timeout_s."""
+    pair = await make_deaf(two(), tag)
+    # A verdict timeout far past the stop bound: the stop bound must be what ends it.
+    migration = pair.migration(**(PARAMS | {"verdict_timeout_s": 30.0}))
+    error = await run_to_end(migration)
+    assert_named(error, "max_stop_ms")
+    assert pair.scripted[0].held.is_set()
+    assert longest_stop(pair.ends.trace) < BOUND_S + SLACK_S
+    await pair.assert_rolled_back(migration)
+
+
+async def test_a_destination_deaf_after_loaded_leaves_an_unknown_outcome(make_deaf: Any) -> None:
+    """Stopped reading once it said "loaded": COMMIT went, so the source must not run the
+    devices again; after verdict_timeout_s it reports the outcome unknown, stopped."""
+    pair = await make_deaf(two(), None)
+    migration = pair.migration(**PARAMS)
+    run = asyncio.create_task(run_to_end(migration))
+    await pair.held()
+    held_at = time.monotonic()
+    error = await run
+    waited = time.monotonic() - held_at
+    assert isinstance(error, OutcomeUnknown), repr(error)
+    assert_named(error, "verdict_timeout_s")
+    assert Phase.COMMITTED in migration.phases
+    assert waited < BOUND_S + SLACK_S
+    assert [d.state for d in pair.ends.sources] == [State.STOP, State.STOP]
+    await pair.settle()
+    assert [d.state for d in pair.ends.sources] == [State.STOP, State.STOP]
