@@ -346,7 +346,16 @@ class SourceMigration(Phased):
             raise DestinationFailed(f"destination refused the devices: {verdict.reason}")
         if answer.tag != Tag.DEVICES_ACCEPTED:
             raise transport.ProtocolError(f"expected DEVICES_ACCEPTED, got {answer.tag.name}")
-        await self._measure_clock(answer.fields().get("boot_id") == boot_id())
+        try:
+            # PONGs come from the peer's transport: one that answers none but sends
+            # keep-alives would hold the setup here forever.
+            async with asyncio.timeout(params.connect_timeout_s):
+                await self._measure_clock(answer.fields().get("boot_id") == boot_id())
+        except TimeoutError:
+            raise MigrationError(
+                f"destination {self.destination} answered no PING within "
+                f"{params.connect_timeout_s:g} s (connect_timeout_s)"
+            ) from None
         self._receiver = asyncio.create_task(self._receive(), name="migration-receiver")
 
         # What the arcs themselves took (the union of their spans), not the loop's other
