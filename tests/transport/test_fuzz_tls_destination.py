@@ -14,12 +14,14 @@ and uvloop both run).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import ssl
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_transport_hostile_tls import open_sockets, settled
 from transport_helpers import PSK, RawPeer, tls_auth
 
@@ -157,3 +159,32 @@ def test_a_hostile_destination_ends_every_connect_or_session_with_a_named_error(
     kinds = {type(e).__name__ for e in errors}
     assert {"ProtocolError", "ConnectionLost"} <= kinds, kinds
     assert not unhandled, unhandled
+
+
+@pytest.mark.xfail(strict=True, reason="any hang-up before a whole HELLO blames the certificate")
+async def test_a_destination_hanging_up_mid_hello_is_not_blamed_on_our_certificate(
+    tmp_path: Path,
+) -> None:
+    """A destination that completed TLS, sent part of its HELLO and hung up accepted our
+    certificate (it sent data): the error says what happened, a frame cut short, rather
+    than asking whether our certificate is trusted."""
+    server_auth, client_auth = tls_auth(tmp_path)
+
+    async def destination(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = RawPeer(reader, writer)
+        await peer.read_frame()
+        answer = peer.encode(Tag.HELLO, {"version": 1, "nonce": os.urandom(32), "auth": "psk"})
+        writer.write(answer[:9])
+        writer.close()  # the bytes, then close_notify and FIN: nothing is lost to a reset
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+    listener = await asyncio.start_server(destination, "127.0.0.1", 0, ssl=server_auth.ssl_context)
+    async with listener:
+        address = f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+        try:
+            await connect(address, name="source", auth=client_auth, timeout=CONNECT_S)
+        except TransportError as exc:
+            error: TransportError = exc
+    assert "certificate" not in str(error), str(error)
+    assert "mid-frame (9 bytes of it arrived)" in str(error), str(error)
