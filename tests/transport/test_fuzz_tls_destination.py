@@ -21,7 +21,6 @@ import ssl
 from pathlib import Path
 from typing import Any
 
-import pytest
 from test_transport_hostile_tls import open_sockets, settled
 from transport_helpers import PSK, RawPeer, tls_auth
 
@@ -161,7 +160,6 @@ def test_a_hostile_destination_ends_every_connect_or_session_with_a_named_error(
     assert not unhandled, unhandled
 
 
-@pytest.mark.xfail(strict=True, reason="any hang-up before a whole HELLO blames the certificate")
 async def test_a_destination_hanging_up_mid_hello_is_not_blamed_on_our_certificate(
     tmp_path: Path,
 ) -> None:
