@@ -10,6 +10,9 @@ checks how long the source devices stayed out of their running states:
 step where the destination stops reading           source devices       bound
 =================================================  ===================  =================
 setup: PINGs unanswered (the clock's measure)      running              connect_timeout_s
+paused before the switchover, our buffers full    running              none: the
+                                                                        operator's
+                                                                        continue or cancel
 SYNC barrier 1 or 2 (before the window)            running              verdict_timeout_s
 STOP_COPY drain (a send blocked on the full pipe)  stopped, rolled back max_stop_ms
 END_OF_DEVICE or END_OF_STREAM, "loaded" awaited   stopped, rolled back max_stop_ms
@@ -35,7 +38,7 @@ from devices.testing import ArcTrace
 from orchestrator.engine.destination import DestinationMigration
 from orchestrator.engine.errors import OutcomeUnknown
 from orchestrator.engine.phases import Phase
-from tests.orchestrator.conftest import MIB, Ends, Spec
+from tests.orchestrator.conftest import MB, MIB, Ends, Spec
 from tests.orchestrator.test_switchover_faults import Pair, Script, longest_stop, run_to_end, two
 from tests.transport.transport_helpers import tls_auth
 from transport import Frame, Tag
@@ -76,6 +79,7 @@ class Deaf:
         self._count = count
         self._seen = 0
         self._loaded = False
+        self._now = False
         self.held = asyncio.Event()
         self.release = asyncio.Event()
 
@@ -96,8 +100,13 @@ class Deaf:
         if tag == Tag.VERDICT and (fields or {}).get("stage") == "loaded":
             self._loaded = True
 
+    def deafen(self) -> None:
+        """Stop taking frames from the next recv() on (or the one after the frame that
+        the application waits for now)."""
+        self._now = True
+
     async def recv(self) -> Frame:
-        if self._tag is None and self._loaded and not self.held.is_set():
+        if (self._now or (self._tag is None and self._loaded)) and not self.held.is_set():
             await self._deafen()
         frame = await self._session.recv()
         if frame.tag == self._tag:
@@ -219,6 +228,48 @@ async def test_a_destination_that_answers_no_ping_fails_the_setup_in_time(make_d
         error = await run_to_end(migration)
     assert_named(error, "connect_timeout_s")
     assert "PING" in str(error), str(error)
+    assert longest_stop(pair.ends.trace) == 0.0
+    await pair.assert_rolled_back(migration)
+
+
+@pytest.mark.xfail(strict=True, reason="the pause's empty frame blocks on a full write buffer")
+async def test_a_pause_with_a_destination_that_stops_reading_still_takes_continue(
+    make_deaf: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused before the switchover when the destination stops reading, our write buffer
+    full: the pause goes on sampling (it must not wait on the link to say it is alive)
+    and takes ``continue``; the first barrier then fails at verdict_timeout_s with the
+    devices running."""
+    monkeypatch.setattr("transport.channel.WRITE_HIGH_WATER", 64 * 1024)
+    monkeypatch.setattr("transport.channel.WRITE_LOW_WATER", 16 * 1024)
+    hot = [Spec(name, seed=i, dirty_rate=100 * MB) for i, name in enumerate("ab")]
+    pair = await make_deaf(hot, None)
+    migration = pair.migration(**(PARAMS | {"pause_before_switchover": True}))
+    paused, stalled = asyncio.Event(), asyncio.Event()
+    last: tuple[int, int] = (0, -1)
+    idle_samples = 0
+
+    def watch(stats: Any) -> None:
+        """Count the samples (one an iteration) in which nothing more was sent."""
+        nonlocal last, idle_samples
+        paused.set() if stats.status == "pre-switchover" else None
+        if stats.iterations != last[0]:
+            idle_samples += stats.transferred_bytes == last[1] and pair.scripted[0].held.is_set()
+            last = (stats.iterations, stats.transferred_bytes)
+        if idle_samples >= 3:
+            stalled.set()
+
+    migration.add_listener(watch)
+    run = asyncio.create_task(run_to_end(migration))
+    await paused.wait()
+    pair.scripted[0].deafen()
+    try:
+        async with asyncio.timeout(5):  # the pipe fills in a few iterations of 0.1 s
+            await stalled.wait()
+    finally:
+        migration.continue_switchover()
+    error = await run
+    assert_named(error, "verdict_timeout_s")
     assert longest_stop(pair.ends.trace) == 0.0
     await pair.assert_rolled_back(migration)
 
