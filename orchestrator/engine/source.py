@@ -808,7 +808,9 @@ class SourceMigration(Phased):
         MIGRATION_PASS) without a convergence decision, until ``continue`` or an error.
         An iteration that sent nothing (devices that dirty nothing) sends an empty data
         frame: a destination gives up after idle_timeout_s without a frame, and a pause
-        may last as long as the operator likes.
+        may last as long as the operator likes. Not while bytes wait in our buffers: they
+        say the same once the destination reads, and a send behind them would wait on a
+        destination that reads nothing, and the pause would take no ``continue``.
         """
         previous: list[DeviceProgress] | None = None
         sent = self.stats.transferred_bytes
@@ -822,7 +824,11 @@ class SourceMigration(Phased):
             if self._continue.is_set():
                 return
             self.stats.iterations += 1
-            if self.stats.transferred_bytes == sent and self._session is not None:
+            if (
+                self.stats.transferred_bytes == sent
+                and self._session is not None
+                and self._session.backlog() == 0
+            ):
                 await self._session.send_chunk(Tag.PRECOPY_DATA, 0, ())
             sent = self.stats.transferred_bytes
             progress = self._progress()

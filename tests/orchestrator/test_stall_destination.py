@@ -232,7 +232,6 @@ async def test_a_destination_that_answers_no_ping_fails_the_setup_in_time(make_d
     await pair.assert_rolled_back(migration)
 
 
-@pytest.mark.xfail(strict=True, reason="the pause's empty frame blocks on a full write buffer")
 async def test_a_pause_with_a_destination_that_stops_reading_still_takes_continue(
     make_deaf: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
