@@ -42,6 +42,7 @@ from tests.orchestrator.conftest import MB, MIB, Ends, Spec
 from tests.orchestrator.test_switchover_faults import Pair, Script, longest_stop, run_to_end, two
 from tests.transport.transport_helpers import tls_auth
 from transport import Frame, Tag
+from transport.limits import KiB
 
 #: The link timeout on both ends: shorter than the bounds, so a link that fell silent
 #: (no keep-alives) would end these tests with its own error instead of the bound's.
@@ -55,10 +56,12 @@ PARAMS: dict[str, Any] = {
 }
 #: What a rollback's arcs may add to a bound on a loaded machine (an upper bound).
 SLACK_S = 0.6
-#: Stop-copy data well over what the buffers between the two hold (the source's 8 MiB
-#: write buffer, the kernel's queues, the destination's receive segments), so the
-#: source's drain blocks on a send.
-BIG = Spec("big", size=32 * MIB, features=Feature.STOP_COPY | Feature.P2P)
+#: Stop-copy data well over what the buffers between the two hold (the source's write
+#: buffer, the kernel's queues, the destination's receive segments), so the source's
+#: drain blocks on a send.
+BIG = Spec("big", size=16 * MIB, features=Feature.STOP_COPY | Feature.P2P)
+#: The source's write buffer limits in the tests that fill it (8 and 2 MiB otherwise).
+HIGH_WATER, LOW_WATER = 64 * KiB, 16 * KiB
 #: Small receive buffers at the destination: its reading pauses soon after it stops.
 DEST_LIMITS = transport.Limits(receive_segment_size=1 * MIB, receive_segments=2)
 
@@ -189,6 +192,12 @@ def mute_pongs(session: transport.Session) -> None:
     session._on_frame = on_frame  # type: ignore[method-assign]
 
 
+def small_write_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channels opened from now on pause writing past HIGH_WATER bytes."""
+    monkeypatch.setattr("transport.channel.WRITE_HIGH_WATER", HIGH_WATER)
+    monkeypatch.setattr("transport.channel.WRITE_LOW_WATER", LOW_WATER)
+
+
 def cut_sends(monkeypatch: pytest.MonkeyPatch) -> list[Tag]:
     """The tags of the source's sends that a cancel cut short (they were blocked)."""
     cut: list[Tag] = []
@@ -239,8 +248,7 @@ async def test_a_pause_with_a_destination_that_stops_reading_still_takes_continu
     full: the pause goes on sampling (it must not wait on the link to say it is alive)
     and takes ``continue``; the first barrier then fails at verdict_timeout_s with the
     devices running."""
-    monkeypatch.setattr("transport.channel.WRITE_HIGH_WATER", 64 * 1024)
-    monkeypatch.setattr("transport.channel.WRITE_LOW_WATER", 16 * 1024)
+    small_write_buffer(monkeypatch)
     hot = [Spec(name, seed=i, dirty_rate=100 * MB) for i, name in enumerate("ab")]
     pair = await make_deaf(hot, None)
     migration = pair.migration(**(PARAMS | {"pause_before_switchover": True}))
@@ -298,6 +306,7 @@ async def test_a_destination_deaf_in_the_drain_rolls_back_at_the_stop_bound(
     holds: the source's drain blocks on a send, and max_stop_ms ends it and rolls back
     about the bound after the devices stopped."""
     cut = cut_sends(monkeypatch)
+    small_write_buffer(monkeypatch)
     pair = await make_deaf([BIG], Tag.STOPCOPY_DATA, tls=tls)
     migration = pair.migration(**PARAMS)
     error = await run_to_end(migration)

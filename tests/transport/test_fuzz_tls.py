@@ -10,7 +10,7 @@ resets, closes TLS properly, or reads the server's answer until it hangs up. Aft
 of them the server must have ended every session it formed with a named transport
 error, told every peer that read an answer why, raised nothing unhandled, freed every
 slot, socket and task, and still serve a real source. LIVEMIG_FUZZ_TLS_CASES sets the
-cases per event loop (default 150; asyncio and uvloop both run).
+cases per event loop (default 100; asyncio and uvloop both run).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tests.conftest import Runner
 from tests.orchestrator.test_hostile_fuzz import hostile_bytes
 from transport import Limits, Session, Tag, TransportError, connect, serve
 
-CASES = int(os.environ.get("LIVEMIG_FUZZ_TLS_CASES", "150"))
+CASES = int(os.environ.get("LIVEMIG_FUZZ_TLS_CASES", "100"))
 WORKERS = 8
 #: Short deadlines so the cases that leave a frame half sent end soon.
 LIMITS = Limits(handshake_timeout=0.5)

@@ -7,7 +7,7 @@ and plays the handshake up to a stage drawn at random, then sends one malformed 
 or inside the session after a valid handshake. Then it hangs up or goes silent. Every
 case must end within the source's own bounds (connect's timeout, the link timeout)
 with a TransportError that says what was wrong, nothing unhandled, and no socket or
-task left. LIVEMIG_FUZZ_TLS_CASES sets the cases per event loop (default 150; asyncio
+task left. LIVEMIG_FUZZ_TLS_CASES sets the cases per event loop (default 100; asyncio
 and uvloop both run).
 """
 
@@ -29,7 +29,7 @@ from tests.orchestrator.test_hostile_fuzz import hostile_bytes
 from transport import AuthConfig, Tag, TransportError, connect
 from transport.auth import proof
 
-CASES = int(os.environ.get("LIVEMIG_FUZZ_TLS_CASES", "150"))
+CASES = int(os.environ.get("LIVEMIG_FUZZ_TLS_CASES", "100"))
 WORKERS = 8
 #: The source's bounds: connect's budget (retries included) and the link timeout.
 CONNECT_S = 0.5
