@@ -1,23 +1,23 @@
 """A destination that stops reading at one step of a migration, seen from the source.
 
 The destination's application stops taking frames at one step and never comes back (a
-load that hangs, a hostile peer): its transport fills its buffers, pauses reading and
-goes on sending keep-alives, so the link never times out and only the source's own
-bounds end the wait. Each test names the step and the parameter that bounds it, and
-checks how long the source devices stayed out of their running states:
+load that hangs, a hostile peer): its transport fills its buffers and pauses reading,
+and it goes on sending keep-alives (as a hostile peer may: our own transport sends
+none on a channel whose reading it paused, which ends the wait sooner, at the source's
+link timeout), so only the source's own bounds end the wait. Each test names the step
+and the parameter that bounds it, and checks how long the source devices stayed out
+of their running states. Where the destination stops reading -> source devices, bound:
 
-=================================================  ===================  =================
-step where the destination stops reading           source devices       bound
-=================================================  ===================  =================
-setup: PINGs unanswered (the clock's measure)      running              connect_timeout_s
-paused before the switchover, our buffers full    running              none: the
-                                                                        operator's
-                                                                        continue or cancel
-SYNC barrier 1 or 2 (before the window)            running              verdict_timeout_s
-STOP_COPY drain (a send blocked on the full pipe)  stopped, rolled back max_stop_ms
-END_OF_DEVICE or END_OF_STREAM, "loaded" awaited   stopped, rolled back max_stop_ms
-after it sent "loaded" (COMMIT out, "resumed")     stopped, unknown     verdict_timeout_s
-=================================================  ===================  =================
+- setup, PINGs unanswered (the clock's measure) -> running, connect_timeout_s;
+- paused before the switchover, our buffers full -> running, until the operator's
+  ``continue`` (taken) or cancel;
+- SYNC barrier 1 or 2, before the window -> running, verdict_timeout_s;
+- the STOP_COPY drain, a send blocked on the full pipe -> stopped, rolled back at
+  max_stop_ms;
+- END_OF_DEVICE or END_OF_STREAM ("loaded" awaited), or the source's send of either
+  never returning -> stopped, rolled back at max_stop_ms;
+- after it sent "loaded" (COMMIT out, "resumed" awaited) -> stopped with the outcome
+  unknown after verdict_timeout_s (past COMMIT the source never runs them again).
 """
 
 from __future__ import annotations
@@ -198,14 +198,15 @@ def small_write_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("transport.channel.WRITE_LOW_WATER", LOW_WATER)
 
 
-def cut_sends(monkeypatch: pytest.MonkeyPatch) -> list[Tag]:
-    """The tags of the source's sends that a cancel cut short (they were blocked)."""
+def cut_sends(monkeypatch: pytest.MonkeyPatch, stuck: Tag | None = None) -> list[Tag]:
+    """The tags of the source's sends that a cancel cut short (they were blocked);
+    sends of ``stuck`` never return (a write buffer that never drains)."""
     cut: list[Tag] = []
     connect = transport.connect
 
     async def connect_and_watch(*args: Any, **kwargs: Any) -> transport.Session:
         session = await connect(*args, **kwargs)
-        sending = session.send_chunk
+        sending, controlling = session.send_chunk, session.send_control
 
         async def send_chunk(tag: Tag, device: int, chunk: Any) -> int:
             try:
@@ -214,7 +215,17 @@ def cut_sends(monkeypatch: pytest.MonkeyPatch) -> list[Tag]:
                 cut.append(tag)
                 raise
 
+        async def send_control(tag: Tag, fields: Any = None, **kw: Any) -> None:
+            try:
+                if tag == stuck:
+                    await asyncio.Event().wait()
+                await controlling(tag, fields, **kw)
+            except asyncio.CancelledError:
+                cut.append(tag)
+                raise
+
         session.send_chunk = send_chunk  # type: ignore[method-assign]
+        session.send_control = send_control  # type: ignore[method-assign]
         return session
 
     monkeypatch.setattr(transport, "connect", connect_and_watch)
@@ -328,6 +339,23 @@ async def test_a_destination_deaf_before_loading_rolls_back_at_the_stop_bound(
     error = await run_to_end(migration)
     assert_named(error, "max_stop_ms")
     assert pair.scripted[0].held.is_set()
+    assert longest_stop(pair.ends.trace) < BOUND_S + SLACK_S
+    await pair.assert_rolled_back(migration)
+
+
+@pytest.mark.parametrize("tag", [Tag.END_OF_DEVICE, Tag.END_OF_STREAM], ids=lambda t: t.name)
+async def test_a_device_or_stream_end_that_cannot_be_sent_rolls_back_at_the_stop_bound(
+    make_deaf: Any, monkeypatch: pytest.MonkeyPatch, tag: Tag
+) -> None:
+    """The source's send of END_OF_DEVICE or END_OF_STREAM never returns (its write
+    buffer full behind a destination that reads nothing): max_stop_ms ends the send and
+    rolls back, the devices stopped about the bound."""
+    cut = cut_sends(monkeypatch, stuck=tag)
+    pair = await make_deaf(two(), None)
+    migration = pair.migration(**(PARAMS | {"verdict_timeout_s": 30.0}))
+    error = await run_to_end(migration)
+    assert_named(error, "max_stop_ms")
+    assert tag in cut, cut
     assert longest_stop(pair.ends.trace) < BOUND_S + SLACK_S
     await pair.assert_rolled_back(migration)
 
