@@ -4,11 +4,12 @@ The daemon fuzz and tests/transport/test_fuzz_tls.py throw malformed input at a
 listener; here the source is the one that reads it. A fake destination completes TLS
 and plays the handshake up to a stage drawn at random, then sends one malformed input
 (the daemon fuzz's mutations of what it should have sent): as its HELLO, as its AUTH,
-or inside the session after a valid handshake. Then it hangs up or goes silent. Every
-case must end within the source's own bounds (connect's timeout, the link timeout)
-with a TransportError that says what was wrong, nothing unhandled, and no socket or
-task left. LIVEMIG_FUZZ_TLS_CASES sets the cases per event loop (default 100; asyncio
-and uvloop both run).
+or inside the session after a valid handshake, on each channel of one- and two-channel
+sessions (a second channel failing must not leave the first open). Then it hangs up or
+goes silent. Every case must end within the source's own bounds (connect's timeout,
+the link timeout) with a TransportError that says what was wrong, nothing unhandled,
+and no socket or task left. LIVEMIG_FUZZ_TLS_CASES sets the cases per event loop
+(default 100; asyncio and uvloop both run).
 """
 
 from __future__ import annotations
@@ -100,12 +101,13 @@ class HostileDestination:
                 pass
 
 
-async def one_case(address: str, auth: AuthConfig) -> TransportError:
+async def one_case(address: str, auth: AuthConfig, channels: int) -> TransportError:
     """Connect and read the session until the source gives up; the error it gave."""
     try:
         session = await connect(
-            address, name="source", auth=auth, timeout=CONNECT_S, link_timeout_s=LINK_S
-        )
+            address, name="source", auth=auth, channels=channels, timeout=CONNECT_S,
+            link_timeout_s=LINK_S,
+        )  # fmt: skip
     except TransportError as exc:
         return exc
     try:
@@ -139,10 +141,10 @@ def test_a_hostile_destination_ends_every_connect_or_session_with_a_named_error(
         cases = iter(range(CASES))
 
         async def worker() -> None:
-            for _ in cases:
+            for case in cases:
                 # The source's bounds plus slack: a case that outlives it hangs.
                 async with asyncio.timeout(CONNECT_S + 4 * LINK_S + 2):
-                    errors.append(await one_case(address, client_auth))
+                    errors.append(await one_case(address, client_auth, 1 + case % 2))
 
         await asyncio.gather(*(worker() for _ in range(WORKERS)))
         listener.close()
