@@ -65,8 +65,10 @@ class Channel(asyncio.BufferedProtocol):
         self.limits = limits
         self.decoder = FrameDecoder(limits, handshake=True)
         self.index = 0
-        #: Frames of this channel waiting in the session queue.
+        #: Frames of this channel waiting in the session queue, and the bytes of the
+        #: control payloads among them (copies: the receive buffers no longer hold them).
         self.queued = 0
+        self.queued_bytes = 0
         #: Payload bytes and headers handed to the transport.
         self.submitted = 0
         self.transport: asyncio.Transport | None = None
@@ -305,10 +307,21 @@ class Channel(asyncio.BufferedProtocol):
                 self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, nbytes)
 
     def update_reading(self) -> None:
-        """Pause while the queue or the receive buffers are full, resume otherwise."""
+        """Pause while the queue or the receive buffers are full, resume otherwise.
+
+        The queue is full at ``max_queued_frames`` frames, or once its control payloads
+        hold a receive segment's worth of bytes: a peer sending large control frames
+        faster than the application takes them would otherwise pile up
+        ``max_queued_frames`` of them (256 MiB a channel with the default limits).
+        """
         if self.closing:
             return
-        if self.queued >= self.limits.max_queued_frames or self.decoder.get_buffer() is None:
+        limits = self.limits
+        if (
+            self.queued >= limits.max_queued_frames
+            or self.queued_bytes >= limits.receive_segment_size
+            or self.decoder.get_buffer() is None
+        ):
             self._pause_reading()
         else:
             self._resume_reading()

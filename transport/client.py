@@ -135,6 +135,8 @@ async def _connect_once(
         if isinstance(exc, ConnectionLost) and isinstance(exc.__cause__, ssl.SSLError):
             raise AuthenticationError(f"TLS with {address} failed: {exc.__cause__}") from exc
         if isinstance(exc, ConnectionLost) and auth.ssl_context and not opened[-1].decoder.frames:
+            if opened[-1].decoder.buffered:  # it sent data over TLS: it took our certificate
+                raise
             # With TLS 1.3 a destination that rejects our certificate just hangs up.
             raise AuthenticationError(
                 f"TLS with {address} failed: the destination hung up before HELLO "

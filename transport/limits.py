@@ -14,7 +14,9 @@ class Limits:
 
     Together they bound the memory a peer can make a session allocate: at most
     ``receive_segments`` buffers of ``max(receive_segment_size, max_payload)`` bytes per
-    channel, plus ``max_queued_frames`` control frames of ``max_control_payload`` bytes.
+    channel, plus the copied payloads of the control frames waiting for ``recv()``:
+    reading pauses once they hold ``receive_segment_size`` bytes (or count
+    ``max_queued_frames`` frames), so a read's worth more may still come in.
     """
 
     #: Largest payload of a data frame (one device chunk), in bytes.
@@ -29,7 +31,8 @@ class Limits:
     max_name_length: int = 256
     #: Most parallel connections one session may use.
     max_channels: int = 16
-    #: Most received frames waiting for ``recv()`` before reading pauses.
+    #: Most received frames waiting for ``recv()`` before reading pauses (their control
+    #: payloads also pause it at ``receive_segment_size`` bytes).
     max_queued_frames: int = 1024
     #: Most connections a server holds without a session (in the TLS or livemig
     #: handshake, or waiting for the session's other channels); past it the oldest

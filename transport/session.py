@@ -185,6 +185,8 @@ class Session:
     def _enqueue(self, channel: Channel, frame: Frame) -> None:
         self._queue.append((channel, frame))
         channel.queued += 1
+        if frame._segment is None:  # a control payload, copied out of the buffers
+            channel.queued_bytes += len(frame.payload)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -212,6 +214,8 @@ class Session:
             if self._queue:
                 channel, frame = self._queue.popleft()
                 channel.queued -= 1
+                if frame._segment is None:
+                    channel.queued_bytes -= len(frame.payload)
                 if frame.tag in DEVICE_TAGS and not frame.device < (self.device_count or 0):
                     channel.decoder.release(frame)
                     self._fail(ProtocolError("device", self._unannounced(frame.device)))

@@ -74,7 +74,8 @@ class MigrationParams:
     #: How long to wait for the destination's verdict after the end of the stream.
     verdict_timeout_s: float = 30.0
     #: How long to wait for a connection and the handshake, retries included (a busy
-    #: destination may drop a pending handshake; the source retries with backoff).
+    #: destination may drop a pending handshake; the source retries with backoff); and
+    #: then for DEVICES_ACCEPTED, and for the PINGs that measure the clock.
     connect_timeout_s: float = 10.0
     #: Silence on the link (no byte from the peer, keep-alives included) after which
     #: the migration counts the link as lost and fails; both ends send keep-alives.

@@ -352,7 +352,16 @@ class SourceMigration(Phased):
             raise DestinationFailed(f"destination refused the devices: {verdict.reason}")
         if answer.tag != Tag.DEVICES_ACCEPTED:
             raise transport.ProtocolError(f"expected DEVICES_ACCEPTED, got {answer.tag.name}")
-        await self._measure_clock(answer.fields().get("boot_id") == boot_id())
+        try:
+            # PONGs come from the peer's transport: one that answers none but sends
+            # keep-alives would hold the setup here forever.
+            async with asyncio.timeout(params.connect_timeout_s):
+                await self._measure_clock(answer.fields().get("boot_id") == boot_id())
+        except TimeoutError:
+            raise MigrationError(
+                f"destination {self.destination} answered no PING within "
+                f"{params.connect_timeout_s:g} s (connect_timeout_s)"
+            ) from None
         self._receiver = asyncio.create_task(self._receive(), name="migration-receiver")
 
         # What the arcs themselves took (the union of their spans), not the loop's other
@@ -808,7 +817,9 @@ class SourceMigration(Phased):
         MIGRATION_PASS) without a convergence decision, until ``continue`` or an error.
         An iteration that sent nothing (devices that dirty nothing) sends an empty data
         frame: a destination gives up after idle_timeout_s without a frame, and a pause
-        may last as long as the operator likes.
+        may last as long as the operator likes. Not while bytes wait in our buffers: they
+        say the same once the destination reads, and a send behind them would wait on a
+        destination that reads nothing, and the pause would take no ``continue``.
         """
         previous: list[DeviceProgress] | None = None
         sent = self.stats.transferred_bytes
@@ -822,7 +833,11 @@ class SourceMigration(Phased):
             if self._continue.is_set():
                 return
             self.stats.iterations += 1
-            if self.stats.transferred_bytes == sent and self._session is not None:
+            if (
+                self.stats.transferred_bytes == sent
+                and self._session is not None
+                and self._session.backlog() == 0
+            ):
                 await self._session.send_chunk(Tag.PRECOPY_DATA, 0, ())
             sent = self.stats.transferred_bytes
             progress = self._progress()

@@ -37,11 +37,16 @@ def frame(tag: Tag, fields: dict[str, object], seq: int = 0) -> bytes:
     return b"".join(encode_frame(tag, 0, seq, (encode_fields(fields),)))  # type: ignore[arg-type]
 
 
-def hostile_bytes(rng: random.Random, seq: int) -> bytes:
-    """One malformed input, of a kind drawn at random; ``seq`` is the next frame's seq."""
-    hello = frame(Tag.HELLO, hello_fields(rng.randbytes(16), rng.randbytes(32)), seq)
-    devices = frame(Tag.DEVICES, {"devices": encode_devices([])}, seq)
-    valid = hello if seq == 0 else devices
+def hostile_bytes(rng: random.Random, seq: int, valid: bytes | None = None) -> bytes:
+    """One malformed input, of a kind drawn at random; ``seq`` is the next frame's seq.
+
+    Mutations start from ``valid``, by default a HELLO (seq 0) or a DEVICES frame.
+    """
+    if valid is None:
+        fields = hello_fields(rng.randbytes(16), rng.randbytes(32))
+        hello = frame(Tag.HELLO, fields, seq)
+        devices = frame(Tag.DEVICES, {"devices": encode_devices([])}, seq)
+        valid = hello if seq == 0 else devices
     kind = rng.randrange(6)
     if kind == 0:  # noise
         return rng.randbytes(rng.randrange(1, 2048))
