@@ -466,6 +466,11 @@ class PagedSaveChannel(SaveChannel):
                 return ()
             chunk = (stream.end(session.seq, session.blocks_sent),)
             session.ended = True
+        elif not dev._n_unsent + dev._n_dirty:
+            # The last blocks carry the END record: one piece less to send in the
+            # downtime window, per device.
+            chunk = (*chunk, stream.end(session.seq, session.blocks_sent))
+            session.ended = True
         if chunk is not None:
             session.bytes_read += sum(len(b) for b in chunk)
         return chunk

@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 
+from devices import stream
 from devices.errors import InvalidStateError
 from devices.fsm import State
 from devices.simulated import SimulatedDevice
@@ -82,6 +83,29 @@ async def test_stop_copy_chunks_are_views_of_the_state() -> None:
     views = [b for chunk in chunks for b in chunk if isinstance(b, memoryview)]
     assert views
     assert all(view.obj is device.memory for view in views)
+
+
+async def test_the_last_stop_copy_blocks_carry_the_end_record() -> None:
+    """The stop-copy read that takes the last pending blocks carries the END record too
+    (one piece less per device in the window); the next read is the permanent end, and
+    a destination loads the stream whole."""
+    source, target = small(seed=3), small(seed=4)
+    await source.set_state(State.PRE_COPY)
+    channel = source.save_channel()
+    chunks = await read_until_pause(channel)
+    source.touch(5)
+    await source.set_state(State.STOP_COPY)
+    last = await channel.read()
+    assert last is not None
+    kinds = [stream.HEADER.unpack_from(part)[0] for part in (last[0], last[-1])]
+    assert kinds == [stream.BLOCKS, stream.END]  # the dirty block's record, then END
+    assert await channel.read() == ()
+    await target.set_state(State.RESUMING)
+    sink = target.resume_channel()
+    for chunk in (*chunks, last):
+        await sink.write(b"".join(chunk))
+    await target.set_state(State.STOP)
+    assert await target.digest() == await source.digest()
 
 
 def test_cannot_throttle() -> None:
