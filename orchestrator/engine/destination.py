@@ -288,7 +288,8 @@ class DestinationMigration(Phased):
         self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
         try:
-            commit = await asyncio.wait_for(session.recv(), self.idle_timeout_s)
+            async with asyncio.timeout(self.idle_timeout_s):  # no task in the window
+                commit = await session.recv()
         except TimeoutError:
             raise TimeoutError(
                 f"no COMMIT from the source {self.idle_timeout_s:g} s after 'loaded' "

@@ -887,7 +887,8 @@ class SourceMigration(Phased):
     async def _verdict(self, stage: str) -> Verdict:
         timeout = self.params.verdict_timeout_s
         try:
-            answer = await asyncio.wait_for(self._verdicts.get(), timeout)
+            async with asyncio.timeout(timeout):  # a timer, not wait_for's task: in the window
+                answer = await self._verdicts.get()
         except TimeoutError:
             raise MigrationError(
                 f"destination gave no verdict within {timeout:g} s (verdict_timeout_s)"
