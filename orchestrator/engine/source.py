@@ -125,6 +125,7 @@ class SourceMigration(Phased):
         name: str = "livemig-source",
         migration_id: str | None = None,
         on_fence: FenceHook | None = None,
+        window_history: convergence.WindowHistory | None = None,
     ) -> None:
         self.devices = list(devices)
         self.destination = destination
@@ -138,6 +139,9 @@ class SourceMigration(Phased):
         )
         self.log = log.bind(migration_id=self.stats.migration_id)
         self._on_fence = on_fence
+        #: Past windows of this process (its daemon's), which scale the window's cost.
+        self._window_history = window_history
+        self._window_cost: convergence.WindowCost | None = None
         self._listeners: list[StatusListener] = []
         self._session: transport.Session | None = None
         self._receiver: asyncio.Task[None] | None = None
@@ -505,10 +509,18 @@ class SourceMigration(Phased):
         # p2p); and the window's crossings of the link (WINDOW_ROUND_TRIPS round trips).
         rtt_s = self.stats.rtt_ms / 1e3
         rounds = 5 if self.params.p2p else 3
-        fixed = rounds * self._arc_overhead_s + WINDOW_ROUND_TRIPS * rtt_s
+        cost = convergence.window_cost(
+            len(self.devices),
+            self._arc_overhead_s,
+            rounds,
+            WINDOW_ROUND_TRIPS * rtt_s,
+            self._window_history,
+        )
+        self._window_cost = cost
         syncing = convergence.dirtied_while_syncing(self.stats.dirty_rate, in_pipe, assumed, rtt_s)
-        est = convergence.estimate(progress, assumed, fixed, syncing)
+        est = convergence.estimate(progress, assumed, cost.total_s, syncing)
         self.stats.expected_downtime_ms = est.expected_downtime_s * 1e3
+        self.stats.expected_downtime_parts_ms = convergence.expected_parts_ms(est, cost)
         return est
 
     def _sample(
@@ -897,6 +909,10 @@ class SourceMigration(Phased):
         self.stats.downtime_breakdown_ms = clock.breakdown_ms()
         self.stats.window_round_trips = WINDOW_ROUND_TRIPS
         self.stats.downtime_ms = clock.total_ms()
+        history, cost, downtime = self._window_history, self._window_cost, self.stats.downtime_ms
+        if history is not None and cost is not None and downtime is not None:
+            stopcopy = sum(d.stopcopy_bytes for d in self.stats.devices)
+            history.observe(cost, downtime / 1e3, stopcopy, self.stats.switchover_bandwidth)
         for dstats in self.stats.devices:
             source_side = self._source_marks.get(dstats.name, {})
             dest_side = loaded.device_marks.get(dstats.name, {}) | resumed.device_marks.get(

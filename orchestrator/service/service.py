@@ -24,6 +24,7 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import RUNNING_STATES, State
+from orchestrator.engine.convergence import WindowHistory
 from orchestrator.engine.destination import DestinationMigration, Offer, Refused
 from orchestrator.engine.errors import MigrationBlocked, MigrationError
 from orchestrator.engine.phases import PhaseError
@@ -149,6 +150,8 @@ class Service:
         self.control: ControlServer | None = None
         self.listeners: list[Listener] = []
         self.stopping = False
+        #: Its outgoing windows, measured against predicted: they scale the next estimate.
+        self.window_history = WindowHistory()
         for device in devices:
             device.add_state_listener(self._device_state_changed)
 
@@ -366,6 +369,7 @@ class Service:
                 auth=self.client_auth,
                 name=self.config.name,
                 on_fence=lambda names: self._outgoing_fencing(migration, names),
+                window_history=self.window_history,
             )
             migration.check()
         except MigrationBlocked as exc:
