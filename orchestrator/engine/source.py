@@ -518,7 +518,7 @@ class SourceMigration(Phased):
         )
         self._window_cost = cost
         syncing = convergence.dirtied_while_syncing(self.stats.dirty_rate, in_pipe, assumed, rtt_s)
-        est = convergence.estimate(progress, assumed, cost.total_s, syncing)
+        est = convergence.estimate(progress, assumed, cost, syncing)
         self.stats.expected_downtime_ms = est.expected_downtime_s * 1e3
         self.stats.expected_downtime_parts_ms = convergence.expected_parts_ms(est, cost)
         return est

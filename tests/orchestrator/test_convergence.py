@@ -455,3 +455,14 @@ async def test_a_migration_reports_its_window_cost_and_teaches_the_history(
     assert parts["devices"] == pytest.approx(3 * convergence.DEVICE_WORK_S * 1e3, abs=0.001)
     assert stats.as_dict()["expected_downtime_parts_ms"] == parts
     assert history.windows == 1
+
+
+def test_the_floor_rule_counts_only_the_measured_fixed_cost() -> None:
+    """64 devices' default work does not make 4 ms of transfer look like the floor."""
+    cost = convergence.window_cost(64, 0.0001, 5, 0.0003)
+    history = [
+        convergence.estimate([progress(0, int(mb * MB))], 1000 * MB, cost) for mb in (400, 4)
+    ]
+    assert history[-1].expected_downtime_s <= convergence.FLOOR_FACTOR * cost.total_s
+    assert not convergence.at_floor(history, 0.05)
+    assert history[-1].floor_downtime_s == pytest.approx(0.004 + cost.measured_s)
