@@ -32,7 +32,7 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError, Unsupported
 from devices.fsm import Feature, State
-from orchestrator.engine import convergence, fanout
+from orchestrator.engine import convergence, fanout, window
 from orchestrator.engine.convergence import Action, DeviceProgress
 from orchestrator.engine.errors import (
     ConvergenceFailed,
@@ -125,7 +125,7 @@ class SourceMigration(Phased):
         name: str = "livemig-source",
         migration_id: str | None = None,
         on_fence: FenceHook | None = None,
-        window_history: convergence.WindowHistory | None = None,
+        window_history: window.WindowHistory | None = None,
     ) -> None:
         self.devices = list(devices)
         self.destination = destination
@@ -141,7 +141,7 @@ class SourceMigration(Phased):
         self._on_fence = on_fence
         #: Past windows of this process (its daemon's), which scale the window's cost.
         self._window_history = window_history
-        self._window_cost: convergence.WindowCost | None = None
+        self._window_cost: window.WindowCost | None = None
         self._listeners: list[StatusListener] = []
         self._session: transport.Session | None = None
         self._receiver: asyncio.Task[None] | None = None
@@ -509,7 +509,7 @@ class SourceMigration(Phased):
         # p2p); and the window's crossings of the link (WINDOW_ROUND_TRIPS round trips).
         rtt_s = self.stats.rtt_ms / 1e3
         rounds = 5 if self.params.p2p else 3
-        cost = convergence.window_cost(
+        cost = window.window_cost(
             len(self.devices),
             self._arc_overhead_s,
             rounds,

@@ -24,12 +24,12 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import RUNNING_STATES, State
-from orchestrator.engine.convergence import WindowHistory
 from orchestrator.engine.destination import DestinationMigration, Offer, Refused
 from orchestrator.engine.errors import MigrationBlocked, MigrationError
 from orchestrator.engine.phases import PhaseError
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
+from orchestrator.engine.window import WindowHistory
 from orchestrator.service.config import DaemonConfig
 from orchestrator.service.control import ControlServer
 from orchestrator.service.listeners import Listener, MigrationListener, listens_on
