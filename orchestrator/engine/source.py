@@ -702,6 +702,7 @@ class SourceMigration(Phased):
             if time.monotonic() > deadline:
                 raise TimeoutError
         except TimeoutError:
+            self._learn_window(clock.elapsed_s())  # at least this long: teach the next one
             if self.params.hard_downtime_limit:
                 raise DowntimeExceeded(
                     f"switchover passed the hard downtime limit of "
@@ -909,16 +910,21 @@ class SourceMigration(Phased):
         self.stats.downtime_breakdown_ms = clock.breakdown_ms()
         self.stats.window_round_trips = WINDOW_ROUND_TRIPS
         self.stats.downtime_ms = clock.total_ms()
-        history, cost, downtime = self._window_history, self._window_cost, self.stats.downtime_ms
-        if history is not None and cost is not None and downtime is not None:
-            stopcopy = sum(d.stopcopy_bytes for d in self.stats.devices)
-            history.observe(cost, downtime / 1e3, stopcopy, self.stats.switchover_bandwidth)
+        if self.stats.downtime_ms is not None:
+            self._learn_window(self.stats.downtime_ms / 1e3)
         for dstats in self.stats.devices:
             source_side = self._source_marks.get(dstats.name, {})
             dest_side = loaded.device_marks.get(dstats.name, {}) | resumed.device_marks.get(
                 dstats.name, {}
             )
             dstats.downtime_ms = source_side | dest_side
+
+    def _learn_window(self, downtime_s: float) -> None:
+        """Tell the process's window history what this window took against its estimate."""
+        history, cost = self._window_history, self._window_cost
+        if history is not None and cost is not None:
+            stopcopy = sum(d.stopcopy_bytes for d in self.stats.devices)
+            history.observe(cost, downtime_s, stopcopy, self.stats.switchover_bandwidth)
 
     async def _finish(self) -> None:
         """Release the source devices: STOP_COPY -> STOP, outside the downtime window.

@@ -17,9 +17,9 @@ The rule, :func:`window_cost`:
   constants). It depends on this code and the host, not on the devices' kind.
 * What the defaults miss on a host (a slower or busier machine, a device whose stop arc
   saves far more than its arc into PRE_COPY showed): :class:`WindowHistory` compares
-  each completed window with its prediction and scales the next predictions up by the
-  median ratio of the last few, never down. A process's first migration has no history
-  and relies on the defaults.
+  each window with its prediction and scales the next predictions up by the smallest
+  ratio of the last few, never down. A process's first migration has no history and
+  relies on the defaults.
 
 When in doubt this over-estimates: a switchover held back costs one more iteration of
 total time; a window past the limit costs the workload its promised ceiling. The
@@ -30,7 +30,7 @@ see ``convergence.at_floor`` for why.
 from __future__ import annotations
 
 import math
-import statistics
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -49,9 +49,12 @@ WINDOW_BASE_S = 0.0006
 #: into PRE_COPY, already charges about 40 us a device more than their switchover arcs
 #: take: the sum stays above what the window took, loaded or not.)
 DEVICE_WORK_S = 0.00008
-#: How many completed windows :class:`WindowHistory` keeps: the median of a few lets
-#: one window slowed by a burst of load pass without sticking.
+#: How many windows :class:`WindowHistory` remembers.
 WINDOW_HISTORY = 5
+#: How long :class:`WindowHistory` remembers a window, in seconds: a prediction over the
+#: limit means no switchover, so no new window to learn from; a slow stretch that ended
+#: must not hold a daemon's migrations back for good.
+WINDOW_MEMORY_S = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,37 +122,49 @@ def window_cost(
 
 
 class WindowHistory:
-    """How much longer than predicted this host's last windows ran: the learned part.
+    """How much longer than predicted this host's recent windows ran: the learned part.
 
     One per process that migrates (a daemon), shared by its migrations. After each
-    completed window the source reports what it measured; the fixed part of that (the
-    measured downtime less the stop-copy bytes at the assumed bandwidth and less the
-    round trips) over the work that was predicted gives a ratio, and the next
-    predictions are scaled by the median of the last ``WINDOW_HISTORY`` ratios, or 1
-    when that is smaller: the defaults are a floor, learning only raises them.
+    window the source reports what it measured (a window cut short at the hard limit
+    reports what it lasted, a lower bound); its fixed part (the downtime less the
+    stop-copy bytes at the assumed bandwidth and less the round trips) over the work
+    predicted is a ratio. The next predictions are scaled by the smallest ratio of the
+    last ``WINDOW_HISTORY`` windows of the last ``WINDOW_MEMORY_S``, or 1 when that is
+    smaller: the defaults are a floor and learning only raises them. The smallest,
+    because a host or device that is slower than predicted is slower every time, while
+    one window slowed by a burst of load would otherwise stop every migration whose
+    limit it pushes the prediction past.
     """
 
     def __init__(self) -> None:
-        self._ratios: deque[float] = deque(maxlen=WINDOW_HISTORY)
+        self._ratios: deque[tuple[float, float]] = deque(maxlen=WINDOW_HISTORY)
 
     def observe(
-        self, cost: WindowCost, downtime_s: float, stopcopy_bytes: int, bandwidth: float
+        self,
+        cost: WindowCost,
+        downtime_s: float,
+        stopcopy_bytes: int,
+        bandwidth: float,
+        *,
+        now: float | None = None,
     ) -> None:
-        """Record a completed window: its predicted ``cost``, the measured ``downtime_s``,
-        and the ``stopcopy_bytes`` it moved at the assumed ``bandwidth``."""
+        """Record a window: its predicted ``cost``, the measured ``downtime_s``, and the
+        ``stopcopy_bytes`` it moved at the assumed ``bandwidth``; ``now`` is monotonic."""
         work = cost.base_s + cost.devices * cost.device_s + cost.arcs_s
         if work <= 0 or bandwidth <= 0 or not math.isfinite(downtime_s):
             return
         fixed = downtime_s - stopcopy_bytes / bandwidth - cost.round_trips_s
-        self._ratios.append(max(0.0, fixed) / work)
+        at = time.monotonic() if now is None else now
+        self._ratios.append((at, max(0.0, fixed) / work))
 
-    @property
-    def windows(self) -> int:
-        """How many completed windows it remembers."""
-        return len(self._ratios)
+    def _recent(self, now: float | None) -> list[float]:
+        at = time.monotonic() if now is None else now
+        return [ratio for when, ratio in self._ratios if at - when <= WINDOW_MEMORY_S]
 
-    def scale(self) -> float:
-        """The factor for the next prediction: the median recent ratio, at least 1."""
-        if not self._ratios:
-            return 1.0
-        return max(1.0, statistics.median(self._ratios))
+    def windows(self, *, now: float | None = None) -> int:
+        """How many windows it remembers now."""
+        return len(self._recent(now))
+
+    def scale(self, *, now: float | None = None) -> float:
+        """The factor for the next prediction: the smallest recent ratio, at least 1."""
+        return max(1.0, min(self._recent(now), default=1.0))

@@ -11,7 +11,7 @@ from devices.fsm import Feature, State
 from devices.simulated import SimulatedDevice
 from orchestrator.engine import convergence, window
 from orchestrator.engine.convergence import Action, DeviceProgress
-from orchestrator.engine.errors import MigrationBlocked
+from orchestrator.engine.errors import DowntimeExceeded, MigrationBlocked
 from orchestrator.engine.params import MigrationParams, Policy
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import DeviceStats, DowntimeClock, MigrationStats, RateMeter, Status
@@ -418,14 +418,25 @@ def test_a_fast_window_never_lowers_the_prediction_below_the_defaults() -> None:
 
 
 def test_one_slow_window_among_several_does_not_stick() -> None:
-    """The median of the last windows lets a burst of load pass; a bandwidth of 0 is ignored."""
+    """The smallest recent ratio counts: a burst of load passes; a bandwidth of 0 is ignored."""
     history = window.WindowHistory()
     cost = window.window_cost(1, 0.00001, 5, 0.0)
     work = cost.total_s
-    for ratio in (1.5, 1.5, 10.0):
+    for ratio in (1.5, 10.0, 2.0):
         history.observe(cost, ratio * work, 0, 1000 * MB)
-    history.observe(cost, 100 * work, 0, 0.0)
+    history.observe(cost, 0.0, 0, 0.0)
+    assert history.windows() == 3
     assert history.scale() == pytest.approx(1.5)
+
+
+def test_the_history_forgets_old_windows() -> None:
+    """A slow stretch that ended holds back no migration past WINDOW_MEMORY_S."""
+    history = window.WindowHistory()
+    cost = window.window_cost(1, 0.00001, 5, 0.0)
+    history.observe(cost, 10 * cost.total_s, 0, 1000 * MB, now=100.0)
+    assert history.scale(now=100.0 + window.WINDOW_MEMORY_S) == pytest.approx(10.0)
+    assert history.scale(now=101.0 + window.WINDOW_MEMORY_S) == 1.0
+    assert history.windows(now=101.0 + window.WINDOW_MEMORY_S) == 0
 
 
 def test_the_expected_parts_add_up_to_the_expected_downtime() -> None:
@@ -454,7 +465,7 @@ async def test_a_migration_reports_its_window_cost_and_teaches_the_history(
     parts = stats.expected_downtime_parts_ms
     assert parts["devices"] == pytest.approx(3 * window.DEVICE_WORK_S * 1e3, abs=0.001)
     assert stats.as_dict()["expected_downtime_parts_ms"] == parts
-    assert history.windows == 1
+    assert history.windows() == 1
 
 
 def test_the_floor_rule_counts_only_the_measured_fixed_cost() -> None:
@@ -466,3 +477,24 @@ def test_the_floor_rule_counts_only_the_measured_fixed_cost() -> None:
     assert history[-1].expected_downtime_s <= convergence.FLOOR_FACTOR * cost.total_s
     assert not convergence.at_floor(history, 0.05)
     assert history[-1].floor_downtime_s == pytest.approx(0.004 + cost.measured_s)
+
+
+async def test_a_window_cut_short_by_the_hard_limit_teaches_the_history(
+    make_ends: Callable[..., Any],
+) -> None:
+    """A switchover rolled back at the hard limit raises the next window's estimate."""
+    ends = await make_ends([Spec("sim0"), Spec("sim1", seed=2)], hold_verdicts=True)
+    history = window.WindowHistory()
+    migration = SourceMigration(
+        ends.sources,
+        ends.address,
+        MigrationParams(downtime_limit_ms=100, hard_downtime_limit=True),
+        auth=ends.auth,
+        window_history=history,
+    )
+    with pytest.raises(DowntimeExceeded):
+        await migration.run()
+    (await ends.held_verdict()).open.set()
+    await ends.assert_source_intact()
+    assert history.windows() == 1
+    assert history.scale() > 1.0
