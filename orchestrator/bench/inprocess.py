@@ -125,7 +125,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """min / median / p90 / max of the headline numbers over repeated runs."""
     summary: dict[str, Any] = {"runs": len(runs)}
-    runs = [_with_honesty(r) for r in runs]
+    runs = [_with_ratio(r) for r in runs]
     keys = (
         "downtime_ms",
         "expected_downtime_ms",
@@ -150,7 +150,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _with_honesty(run: dict[str, Any]) -> dict[str, Any]:
+def _with_ratio(run: dict[str, Any]) -> dict[str, Any]:
     """``run`` with ``downtime_over_expected``, the measured downtime over the one the
     switchover was decided on: above 1, the estimate promised less than it delivered."""
     measured, expected = run.get("downtime_ms"), run.get("expected_downtime_ms")

@@ -239,7 +239,7 @@ class MigrationStats:
     dirty_rate: float = 0.0
     expected_downtime_ms: float | None = None
     #: What the expected downtime is made of, in ms: the transfer of the pending bytes
-    #: and the window's fixed work (see ``convergence.WindowCost.parts_ms``).
+    #: and the window's fixed work (see ``window.WindowCost.parts_ms``).
     expected_downtime_parts_ms: dict[str, float | None] = dataclasses.field(default_factory=dict)
     downtime_ms: float | None = None
     downtime_breakdown_ms: dict[str, float] = dataclasses.field(default_factory=dict)
