@@ -125,8 +125,11 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """min / median / p90 / max of the headline numbers over repeated runs."""
     summary: dict[str, Any] = {"runs": len(runs)}
+    runs = [_with_ratio(r) for r in runs]
     keys = (
         "downtime_ms",
+        "expected_downtime_ms",
+        "downtime_over_expected",
         "total_ms",
         "iterations",
         "transferred_bytes",
@@ -145,6 +148,15 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     summary["completed"] = sum(r["status"] == "completed" for r in runs)
     summary["verified"] = all(r.get("verified") for r in runs)
     return summary
+
+
+def _with_ratio(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` with ``downtime_over_expected``, the measured downtime over the one the
+    switchover was decided on: above 1, the estimate promised less than it delivered."""
+    measured, expected = run.get("downtime_ms"), run.get("expected_downtime_ms")
+    if measured is None or not expected:
+        return run
+    return run | {"downtime_over_expected": measured / expected}
 
 
 async def run_repeated(options: BenchOptions, repeat: int) -> list[dict[str, Any]]:

@@ -1,11 +1,14 @@
 """The convergence rule: when does what is left fit the downtime budget?
 
 As in QEMU, the budget in bytes is ``bandwidth x downtime_limit``. livemig also charges
-the fixed cost of the switchover arcs (quiesce, stop, load, resume), measured on this
-migration, so a device set with slow transitions is not switched over on the promise of
-a fast link. The switchover happens when every device has sent its initial data
-(initial_bytes == 0) and the remaining bytes plus that fixed cost fit the limit. The
-remaining bytes are each device's own stop-copy estimate, which counts its dirty bytes.
+the window's fixed work, which no iteration reduces (``window.window_cost``: the arcs,
+each device's frames and bookkeeping, the round trips), so a device set with slow
+transitions or many devices is not switched over on the promise of a fast link. The
+switchover happens when every device has sent its initial data (initial_bytes == 0)
+and the remaining bytes plus that fixed cost fit the limit. The remaining bytes are
+each device's own stop-copy estimate, which counts its dirty bytes. The fixed cost errs
+high (the limit is a hard ceiling: a window past it costs the workload, a switchover
+held back one more iteration).
 
 Devices that cannot report their figures (precopy info and the stop-copy size are
 optional in the uAPI, and a vfio-user device may offer neither) are estimated from
@@ -18,10 +21,12 @@ until the expected downtime has stopped improving.
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from orchestrator.engine.params import MigrationParams, Policy
+from orchestrator.engine.window import WindowCost
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,9 @@ class Estimate:
     bandwidth: float
     overhead_s: float
     initial_done: bool
+    #: The part of ``overhead_s`` measured on this migration (its arcs and round trips),
+    #: which :func:`at_floor` compares against; None: all of it.
+    measured_overhead_s: float | None = None
 
     @property
     def expected_downtime_s(self) -> float:
@@ -49,6 +57,17 @@ class Estimate:
         if self.bandwidth <= 0:
             return float("inf") if self.remaining_bytes else self.overhead_s
         return self.remaining_bytes / self.bandwidth + self.overhead_s
+
+    @property
+    def floor_overhead_s(self) -> float:
+        """The fixed cost the floor rule counts: the measured part of ``overhead_s``."""
+        return self.overhead_s if self.measured_overhead_s is None else self.measured_overhead_s
+
+    @property
+    def floor_downtime_s(self) -> float:
+        """The expected downtime as :func:`at_floor` sees it: with only the measured
+        fixed cost (the defaults' margin is for the ceiling, see there)."""
+        return self.expected_downtime_s - self.overhead_s + self.floor_overhead_s
 
     def fits(self, downtime_limit_s: float) -> bool:
         """Initial data all sent and the expected downtime within the limit."""
@@ -58,20 +77,27 @@ class Estimate:
 def estimate(
     progress: Sequence[DeviceProgress],
     bandwidth: float,
-    overhead_s: float,
+    overhead_s: float | WindowCost,
     dirtied_before_stop: int = 0,
 ) -> Estimate:
     """Sum the devices' figures into one estimate.
 
-    ``dirtied_before_stop`` is what the devices will dirty between the decision and
-    the stop (see :func:`dirtied_while_syncing`): the stop-copy carries it too.
+    ``overhead_s`` is the window's fixed cost: seconds, or a :class:`WindowCost`
+    (whose measured part the floor rule uses). ``dirtied_before_stop`` is what the
+    devices will dirty between the decision and the stop (see
+    :func:`dirtied_while_syncing`): the stop-copy carries it too.
     """
+    if isinstance(overhead_s, WindowCost):
+        total, measured = overhead_s.total_s, overhead_s.measured_s
+    else:
+        total, measured = overhead_s, None
     return Estimate(
         remaining_bytes=dirtied_before_stop
         + sum(max(p.stop_copy_bytes, p.dirty_bytes) for p in progress),
         bandwidth=bandwidth,
-        overhead_s=overhead_s,
+        overhead_s=total,
         initial_done=all(p.initial_bytes == 0 for p in progress),
+        measured_overhead_s=measured,
     )
 
 
@@ -95,6 +121,16 @@ def dirtied_while_syncing(
     if bandwidth <= 0:
         return 0
     return round(dirty_rate * (unacknowledged / bandwidth + rtt_s))
+
+
+def expected_parts_ms(est: Estimate, cost: WindowCost) -> dict[str, float | None]:
+    """The expected downtime's parts in ms: the pending bytes' transfer (None while no
+    bandwidth is known), then ``cost``'s."""
+    transfer = est.expected_downtime_s - cost.total_s
+    parts: dict[str, float | None] = {
+        "transfer": round(transfer * 1e3, 3) if math.isfinite(transfer) else None
+    }
+    return parts | cost.parts_ms()
 
 
 # -- devices without precopy info or stop-copy size -------------------------------------
@@ -263,6 +299,12 @@ def at_floor(history: Sequence[Estimate], downtime_limit_s: float) -> bool:
     fitting iteration usually comes straight out of the initial copy with tens of MB
     pending), or the newest estimate is a bump above the floor that the next iteration
     will likely undo. The cost is about one iteration of total time.
+
+    "Expected downtime" and "fixed cost" here count only the fixed cost measured on
+    this migration (``Estimate.floor_downtime_s``), not the window's default work
+    (``window.window_cost``): that margin keeps the ceiling safe, but here a larger fixed
+    cost would only make a switchover with more bytes pending look as good as the
+    floor, which is the wrong side to err on for a rule that chases the lowest downtime.
     """
     if not history:
         return True
@@ -274,15 +316,15 @@ def at_floor(history: Sequence[Estimate], downtime_limit_s: float) -> bool:
         fitting += 1
     if fitting >= FLOOR_PATIENCE:
         return True
-    expected = latest.expected_downtime_s
-    if expected <= FLOOR_FACTOR * latest.overhead_s + FLOOR_SLACK_S:
+    expected = latest.floor_downtime_s
+    if expected <= FLOOR_FACTOR * latest.floor_overhead_s + FLOOR_SLACK_S:
         return True
-    earlier = [est.expected_downtime_s for est in list(history)[len(history) - fitting : -1]]
+    earlier = [est.floor_downtime_s for est in list(history)[len(history) - fitting : -1]]
     if earlier and expected >= min(earlier) * (1 - FLOOR_TOLERANCE):
         # Not a new low: back at the floor seen before, or a bump above it.
         return expected <= min(earlier) * (1 + FLOOR_TOLERANCE) + FLOOR_SLACK_S
     # A new low (or the first fit): the floor only if it barely moved since the last one.
-    return len(history) >= 2 and expected >= history[-2].expected_downtime_s * (1 - FLOOR_TOLERANCE)
+    return len(history) >= 2 and expected >= history[-2].floor_downtime_s * (1 - FLOOR_TOLERANCE)
 
 
 def next_throttle(current: float, params: MigrationParams) -> float:

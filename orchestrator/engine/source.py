@@ -32,7 +32,7 @@ import transport
 from devices.base import MigratableDevice
 from devices.errors import DeviceError, Unsupported
 from devices.fsm import Feature, State
-from orchestrator.engine import convergence, fanout
+from orchestrator.engine import convergence, fanout, window
 from orchestrator.engine.convergence import Action, DeviceProgress
 from orchestrator.engine.errors import (
     ConvergenceFailed,
@@ -125,6 +125,7 @@ class SourceMigration(Phased):
         name: str = "livemig-source",
         migration_id: str | None = None,
         on_fence: FenceHook | None = None,
+        window_history: window.WindowHistory | None = None,
     ) -> None:
         self.devices = list(devices)
         self.destination = destination
@@ -138,6 +139,9 @@ class SourceMigration(Phased):
         )
         self.log = log.bind(migration_id=self.stats.migration_id)
         self._on_fence = on_fence
+        #: Past windows of this process (its daemon's), which scale the window's cost.
+        self._window_history = window_history
+        self._window_cost: window.WindowCost | None = None
         self._listeners: list[StatusListener] = []
         self._session: transport.Session | None = None
         self._receiver: asyncio.Task[None] | None = None
@@ -522,10 +526,18 @@ class SourceMigration(Phased):
         # p2p); and the window's crossings of the link (WINDOW_ROUND_TRIPS round trips).
         rtt_s = self.stats.rtt_ms / 1e3
         rounds = 5 if self.params.p2p else 3
-        fixed = rounds * self._arc_overhead_s + WINDOW_ROUND_TRIPS * rtt_s
+        cost = window.window_cost(
+            len(self.devices),
+            self._arc_overhead_s,
+            rounds,
+            WINDOW_ROUND_TRIPS * rtt_s,
+            self._window_history,
+        )
+        self._window_cost = cost
         syncing = convergence.dirtied_while_syncing(self.stats.dirty_rate, in_pipe, assumed, rtt_s)
-        est = convergence.estimate(progress, assumed, fixed, syncing)
+        est = convergence.estimate(progress, assumed, cost, syncing)
         self.stats.expected_downtime_ms = est.expected_downtime_s * 1e3
+        self.stats.expected_downtime_parts_ms = convergence.expected_parts_ms(est, cost)
         return est
 
     def _sample(
@@ -708,6 +720,7 @@ class SourceMigration(Phased):
             if time.monotonic() > deadline:
                 raise TimeoutError
         except TimeoutError:
+            self._learn_window(clock.elapsed_s())  # at least this long: teach the next one
             if self.params.hard_downtime_limit:
                 raise DowntimeExceeded(
                     f"switchover passed the hard downtime limit of "
@@ -911,6 +924,8 @@ class SourceMigration(Phased):
         self.stats.downtime_breakdown_ms = clock.breakdown_ms()
         self.stats.window_round_trips = WINDOW_ROUND_TRIPS
         self.stats.downtime_ms = clock.total_ms()
+        if self.stats.downtime_ms is not None:
+            self._learn_window(self.stats.downtime_ms / 1e3)
         for name, (devices, spans) in self._arc_spans.items():
             for device, span in zip(devices, spans, strict=True):
                 self._source_marks[device.name][name] = (span[1] - span[0]) * 1e3
@@ -920,6 +935,13 @@ class SourceMigration(Phased):
                 dstats.name, {}
             )
             dstats.downtime_ms = source_side | dest_side
+
+    def _learn_window(self, downtime_s: float) -> None:
+        """Tell the process's window history what this window took against its estimate."""
+        history, cost = self._window_history, self._window_cost
+        if history is not None and cost is not None:
+            stopcopy = sum(d.stopcopy_bytes for d in self.stats.devices)
+            history.observe(cost, downtime_s, stopcopy, self.stats.switchover_bandwidth)
 
     async def _finish(self) -> None:
         """Release the source devices: STOP_COPY -> STOP, outside the downtime window.

@@ -238,6 +238,9 @@ class MigrationStats:
     switchover_bandwidth: float = 0.0
     dirty_rate: float = 0.0
     expected_downtime_ms: float | None = None
+    #: What the expected downtime is made of, in ms: the transfer of the pending bytes
+    #: and the window's fixed work (see ``window.WindowCost.parts_ms``).
+    expected_downtime_parts_ms: dict[str, float | None] = dataclasses.field(default_factory=dict)
     downtime_ms: float | None = None
     downtime_breakdown_ms: dict[str, float] = dataclasses.field(default_factory=dict)
     clock_offset_uncertainty_ms: float = 0.0
@@ -308,6 +311,7 @@ class MigrationStats:
             "switchover_bandwidth_bps": round(self.switchover_bandwidth),
             "dirty_rate_bps": round(self.dirty_rate),
             "expected_downtime_ms": ms(self.expected_downtime_ms),
+            "expected_downtime_parts_ms": dict(self.expected_downtime_parts_ms),
             "downtime_ms": ms(self.downtime_ms),
             "downtime_breakdown_ms": {
                 k: round(v, 3) for k, v in self.downtime_breakdown_ms.items()

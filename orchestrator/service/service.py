@@ -29,6 +29,7 @@ from orchestrator.engine.errors import MigrationBlocked, MigrationError
 from orchestrator.engine.phases import PhaseError
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import FINAL_STATUSES, MigrationStats, Status
+from orchestrator.engine.window import WindowHistory
 from orchestrator.service.config import DaemonConfig
 from orchestrator.service.control import ControlServer
 from orchestrator.service.listeners import Listener, MigrationListener, listens_on
@@ -149,6 +150,8 @@ class Service:
         self.control: ControlServer | None = None
         self.listeners: list[Listener] = []
         self.stopping = False
+        #: Its outgoing windows, measured against predicted: they scale the next estimate.
+        self.window_history = WindowHistory()
         for device in devices:
             device.add_state_listener(self._device_state_changed)
 
@@ -370,6 +373,7 @@ class Service:
                 auth=self.client_auth,
                 name=self.config.name,
                 on_fence=lambda names: self._outgoing_fencing(migration, names),
+                window_history=self.window_history,
             )
             migration.check()
         except MigrationBlocked as exc:

@@ -9,10 +9,11 @@ import pytest
 
 from devices.fsm import Feature, State
 from devices.simulated import SimulatedDevice
-from orchestrator.engine import convergence
+from orchestrator.engine import convergence, window
 from orchestrator.engine.convergence import Action, DeviceProgress
-from orchestrator.engine.errors import MigrationBlocked
+from orchestrator.engine.errors import DowntimeExceeded, MigrationBlocked
 from orchestrator.engine.params import MigrationParams, Policy
+from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import DeviceStats, DowntimeClock, MigrationStats, RateMeter, Status
 from tests.orchestrator.conftest import MIB, Spec
 
@@ -360,3 +361,140 @@ def test_the_link_meter_counts_only_saturated_intervals(monkeypatch: pytest.Monk
     now[0] += 10
     meter.sample(21 * MB, 0)
     assert meter.rate() == pytest.approx(12.5 * MB)
+
+
+# -- the window's fixed work ------------------------------------------------------------
+
+
+def test_the_window_cost_grows_with_the_device_count() -> None:
+    """Each device adds DEVICE_WORK_S of frames and bookkeeping to the window."""
+    one = window.window_cost(1, 0.0001, 5, 0.0003)
+    many = window.window_cost(64, 0.0001, 5, 0.0003)
+    assert many.total_s - one.total_s == pytest.approx(63 * window.DEVICE_WORK_S)
+    assert one.total_s > window.WINDOW_BASE_S + 0.0003
+
+
+def test_a_slow_measured_arc_raises_the_window_cost() -> None:
+    """An arc into PRE_COPY measured at 50 ms is charged once per round of the window."""
+    quick = window.window_cost(8, 0.0001, 5, 0.0003)
+    slow = window.window_cost(8, 0.05, 5, 0.0003)
+    assert slow.total_s - quick.total_s == pytest.approx(5 * (0.05 - 0.0001))
+
+
+def test_the_per_device_term_keeps_a_tight_limit_from_switching_over() -> None:
+    """What fits a 5 ms ceiling with one device does not with 64: the decision continues."""
+    params = MigrationParams(downtime_limit_ms=5)
+    pending = [progress(0, 1 * MB)]
+
+    def action(devices: int) -> Action:
+        cost = window.window_cost(devices, 0.00001, 5, 0.0003)
+        est = convergence.estimate(pending, 1000 * MB, cost.total_s)
+        return convergence.decide(est, params, iteration=1, elapsed_s=0, ack_pending=False)
+
+    assert action(1) is Action.SWITCHOVER
+    assert action(64) is Action.CONTINUE
+
+
+def test_a_window_slower_than_predicted_scales_the_next_prediction_up() -> None:
+    """A window whose fixed part took twice the prediction doubles the next work estimate."""
+    history = window.WindowHistory()
+    cost = window.window_cost(64, 0.00001, 5, 0.0003, history)
+    work = cost.total_s - cost.round_trips_s
+    # 1 MB of stop-copy at 1000 MB/s is 1 ms of transfer; the rest took 2 x the work.
+    history.observe(cost, 0.001 + cost.round_trips_s + 2 * work, 1 * MB, 1000 * MB)
+    assert history.scale() == pytest.approx(2.0)
+    again = window.window_cost(64, 0.00001, 5, 0.0003, history)
+    assert again.total_s == pytest.approx(cost.round_trips_s + 2 * work)
+    assert again.parts_ms()["scale"] == 2.0
+
+
+def test_a_fast_window_never_lowers_the_prediction_below_the_defaults() -> None:
+    """Learning only raises: a window quicker than predicted leaves the scale at 1."""
+    history = window.WindowHistory()
+    cost = window.window_cost(8, 0.00001, 5, 0.0003)
+    history.observe(cost, 0.0001, 0, 1000 * MB)
+    assert history.scale() == 1.0
+    assert window.window_cost(8, 0.00001, 5, 0.0003, history).total_s == cost.total_s
+
+
+def test_one_slow_window_among_several_does_not_stick() -> None:
+    """The smallest recent ratio counts: a burst of load passes; a bandwidth of 0 is ignored."""
+    history = window.WindowHistory()
+    cost = window.window_cost(1, 0.00001, 5, 0.0)
+    work = cost.total_s
+    for ratio in (1.5, 10.0, 2.0):
+        history.observe(cost, ratio * work, 0, 1000 * MB)
+    history.observe(cost, 0.0, 0, 0.0)
+    assert history.windows() == 3
+    assert history.scale() == pytest.approx(1.5)
+
+
+def test_the_history_forgets_old_windows() -> None:
+    """A slow stretch that ended holds back no migration past WINDOW_MEMORY_S."""
+    history = window.WindowHistory()
+    cost = window.window_cost(1, 0.00001, 5, 0.0)
+    history.observe(cost, 10 * cost.total_s, 0, 1000 * MB, now=100.0)
+    assert history.scale(now=100.0 + window.WINDOW_MEMORY_S) == pytest.approx(10.0)
+    assert history.scale(now=101.0 + window.WINDOW_MEMORY_S) == 1.0
+    assert history.windows(now=101.0 + window.WINDOW_MEMORY_S) == 0
+
+
+def test_the_expected_parts_add_up_to_the_expected_downtime() -> None:
+    """transfer + round trips + arcs + base + devices is the expected downtime, in ms."""
+    cost = window.window_cost(8, 0.0001, 5, 0.0003)
+    est = convergence.estimate([progress(0, 2 * MB)], 1000 * MB, cost.total_s)
+    parts = convergence.expected_parts_ms(est, cost)
+    summed = sum(parts[k] or 0.0 for k in ("transfer", "round_trips", "arcs", "base", "devices"))
+    assert summed == pytest.approx(est.expected_downtime_s * 1e3, abs=0.01)
+    assert parts["transfer"] == pytest.approx(2.0, abs=0.01)
+    unknown = convergence.estimate([progress(0, 2 * MB)], 0.0, cost.total_s)
+    assert convergence.expected_parts_ms(unknown, cost)["transfer"] is None
+
+
+async def test_a_migration_reports_its_window_cost_and_teaches_the_history(
+    make_ends: Callable[..., Any],
+) -> None:
+    """The stats show the per-device part for its 3 devices; the window is then learned."""
+    ends = await make_ends([Spec(f"sim{i}", seed=i + 1) for i in range(3)])
+    history = window.WindowHistory()
+    migration = SourceMigration(
+        ends.sources, ends.address, MigrationParams(), auth=ends.auth, window_history=history
+    )
+    stats = await migration.run()
+    assert stats.status == Status.COMPLETED
+    parts = stats.expected_downtime_parts_ms
+    assert parts["devices"] == pytest.approx(3 * window.DEVICE_WORK_S * 1e3, abs=0.001)
+    assert stats.as_dict()["expected_downtime_parts_ms"] == parts
+    assert history.windows() == 1
+
+
+def test_the_floor_rule_counts_only_the_measured_fixed_cost() -> None:
+    """64 devices' default work does not make 4 ms of transfer look like the floor."""
+    cost = window.window_cost(64, 0.0001, 5, 0.0003)
+    history = [
+        convergence.estimate([progress(0, int(mb * MB))], 1000 * MB, cost) for mb in (400, 4)
+    ]
+    assert history[-1].expected_downtime_s <= convergence.FLOOR_FACTOR * cost.total_s
+    assert not convergence.at_floor(history, 0.05)
+    assert history[-1].floor_downtime_s == pytest.approx(0.004 + cost.measured_s)
+
+
+async def test_a_window_cut_short_by_the_hard_limit_teaches_the_history(
+    make_ends: Callable[..., Any],
+) -> None:
+    """A switchover rolled back at the hard limit raises the next window's estimate."""
+    ends = await make_ends([Spec("sim0"), Spec("sim1", seed=2)], hold_verdicts=True)
+    history = window.WindowHistory()
+    migration = SourceMigration(
+        ends.sources,
+        ends.address,
+        MigrationParams(downtime_limit_ms=100, hard_downtime_limit=True),
+        auth=ends.auth,
+        window_history=history,
+    )
+    with pytest.raises(DowntimeExceeded):
+        await migration.run()
+    (await ends.held_verdict()).open.set()
+    await ends.assert_source_intact()
+    assert history.windows() == 1
+    assert history.scale() > 1.0
