@@ -38,6 +38,8 @@ EXIT_INTERRUPTED = 130
 _WORKLOAD_OWNERS = ("running here", "received")
 _STATUS_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
 _OUTCOME_EXIT = {"unknown": EXIT_OUTCOME_UNKNOWN, "split": EXIT_SPLIT}
+#: How long ``livemig cancel`` waits for the migration to end (rolled back or not).
+CANCEL_WAIT_S = 60.0
 
 T = TypeVar("T")
 
@@ -235,20 +237,86 @@ def _print_by_name(args: argparse.Namespace, values: dict[str, str]) -> int:
 
 
 async def _cmd_cancel(args: argparse.Namespace, client: Any) -> int:
+    from orchestrator.service.protocol import DaemonUnreachable
+
     await client.subscribe(["MIGRATION"])
     arguments = {} if args.id is None else {"id": args.id}
     migration_id = (await client.execute("migrate-cancel", **arguments))["id"]
-    final = await client.next_event(
-        lambda m: m["data"].get("id") == migration_id and "stats" in m["data"], timeout=60
-    )
+    look = f"livemig status --id {migration_id} and livemig devices show where the devices are"
+    try:
+        final = await client.next_event(
+            lambda m: m["data"].get("id") == migration_id and "stats" in m["data"],
+            timeout=CANCEL_WAIT_S,
+        )
+    except TimeoutError:
+        status = (await client.execute("query-migrate", id=migration_id))["status"]
+        return _fail(
+            args,
+            EXIT_OUTCOME_UNKNOWN,
+            "OutcomeUnknown",
+            f"migration {migration_id} took the cancel but had not ended {CANCEL_WAIT_S:g} s "
+            f"after the cancel (status {status}): how it ends is not known yet; {look}",
+        )
+    except DaemonUnreachable as exc:
+        return _fail(
+            args,
+            EXIT_UNREACHABLE,
+            "DaemonUnreachable",
+            f"{exc.desc} before migration {migration_id} ended: how it ended is not known; "
+            f"once the daemon is back, {look}",
+        )
+    data = final["data"]
+    stats = data["stats"]
     devices = await client.execute("query-devices")
-    result = {"id": migration_id, "status": final["data"]["status"], "devices": devices}
+    result = {
+        "id": migration_id,
+        "status": data["status"],
+        "outcome": stats.get("outcome"),
+        "error": data.get("error"),
+        "devices": devices,
+    }
     if args.json:
         _print_json(result)
     else:
         print(f"migration {migration_id}: {result['status']}")
         _print_devices(devices)
-    return EXIT_OK
+    code, what = _cancel_ending(migration_id, result)
+    if what:
+        print(f"livemig cancel: {what}", file=sys.stderr)
+        for name, where in (stats.get("placement") or {}).items():
+            print(f"  {name}: {where}", file=sys.stderr)
+    return code
+
+
+def _cancel_ending(migration_id: str, result: dict[str, Any]) -> tuple[int, str]:
+    """The exit code of a cancel that ended so, and what to tell the operator ('' if 0).
+
+    Only a rollback is the cancel's success; any other ending takes the code ``migrate``
+    would give it, except a completed migration: too late, as a refused cancel is.
+    """
+    status, outcome, error = result["status"], result["outcome"], result["error"]
+    if outcome == "unknown":
+        return EXIT_OUTCOME_UNKNOWN, (
+            f"migration {migration_id} ended with its outcome unknown ({error}): the source "
+            "devices stay stopped; check on the destination whether it runs them (livemig "
+            "devices there), and only if not, livemig resume --force here"
+        )
+    if outcome == "split":
+        return EXIT_SPLIT, (
+            f"migration {migration_id} ended split ({error}): the devices that did not "
+            "resume stay stopped on the destination; livemig resume DEVICE... there retries them"
+        )
+    if status == "completed":
+        return EXIT_REFUSED, (
+            f"migration {migration_id} completed before the cancel took effect: the workload "
+            "now runs on the destination; to bring it back, livemig migrate it back from there"
+        )
+    if status == "failed":
+        return EXIT_FAILED, (
+            f"migration {migration_id} failed before the cancel took effect ({error}); the "
+            "source devices run again (livemig devices)"
+        )
+    return EXIT_OK, ""  # cancelled: rolled back, the source runs the workload
 
 
 async def _cmd_set(args: argparse.Namespace, client: Any) -> int:

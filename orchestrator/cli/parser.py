@@ -270,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "the daemon, its devices and its newest migration")
     status.add_argument("--id", help="a migration id (default: the newest)")
 
-    cancel = command("cancel", "cancel a migration; waits until the source devices run again")
+    cancel = command(
+        "cancel",
+        "cancel a migration and wait for its end: exit 0 once rolled back (the source runs "
+        "it), else the code of how it ended (1 failed, 5 completed first, 7 unknown, 8 split)",
+    )
     cancel.add_argument("--id", help="a migration id (default: the newest)")
 
     setp = command("set", "change parameters of the running migration (or the defaults)")

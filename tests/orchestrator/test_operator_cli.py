@@ -85,7 +85,6 @@ async def test_a_cancel_that_rolled_back_exits_0(capsys: pytest.CaptureFixture[s
     assert "running here" in out
 
 
-@pytest.mark.xfail(strict=True, reason="cancel exits 0 whatever the ending")
 @pytest.mark.parametrize(
     ("final", "state", "code", "says"),
     [
@@ -130,7 +129,6 @@ async def test_a_cancel_that_did_not_roll_back_says_so_and_exits_non_zero(
     assert "livemig " in err.split(says, 1)[1], "what to do next"
 
 
-@pytest.mark.xfail(strict=True, reason="cancel exits 0 whatever the ending")
 async def test_cancel_json_carries_the_outcome(capsys: pytest.CaptureFixture[str]) -> None:
     """``cancel --json`` prints one object with the status, outcome and error."""
     code, out, _ = await cancel(
@@ -146,7 +144,6 @@ async def test_cancel_json_carries_the_outcome(capsys: pytest.CaptureFixture[str
     )
 
 
-@pytest.mark.xfail(strict=True, reason="cancel exits 0 whatever the ending")
 @pytest.mark.parametrize(
     ("failure", "code", "says"),
     [
