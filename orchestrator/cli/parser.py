@@ -26,6 +26,7 @@ from typing import Any
 from devices.fsm import Feature
 from orchestrator.engine.params import MigrationParams, Policy, field_types
 from orchestrator.service.protocol import DEFAULT_SOCKET, VERSION
+from transport.address import parse_address
 from transport.checks import kinds_of
 
 
@@ -35,6 +36,15 @@ def _names(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"empty device name in {text!r}")
     return names
+
+
+def _address(text: str) -> str:
+    """A destination address as given, once the transport can parse it (names the problem)."""
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _features(text: str) -> Feature:
@@ -254,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
 
     migrate = command("migrate", "migrate devices to another daemon, showing progress")
-    migrate.add_argument("--to", required=True, metavar="ADDRESS", help="HOST:PORT or unix:PATH")
+    migrate.add_argument(
+        "--to", required=True, type=_address, metavar="ADDRESS", help="HOST:PORT or unix:PATH"
+    )
     migrate.add_argument(
         "--device",
         action="append",

@@ -18,6 +18,7 @@ from orchestrator.service.metrics import MetricsListener
 from orchestrator.service.ownership import FENCED_OWNERS, KEPT_STOPPED, Owner
 from orchestrator.service.protocol import VERSION, Arg, Command, ControlError, qemu_migration_info
 from orchestrator.service.service import Service
+from transport.address import parse_address
 from transport.checks import has_type
 
 log = structlog.get_logger(__name__)
@@ -226,6 +227,10 @@ class Commands:
         uri, names = arguments.get("uri"), arguments.get("devices")
         peer, timeout_s = arguments.get("from"), arguments.get("timeout-s")
         if uri is not None:
+            try:
+                parse_address(uri)
+            except ValueError as exc:
+                raise ControlError("InvalidParameter", f"uri: {exc}") from None
             listening = [
                 x.address for x in self.service.listeners if isinstance(x, MigrationListener)
             ]

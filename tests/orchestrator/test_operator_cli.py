@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.cli import commands as cli
+from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, parse
-from orchestrator.service.protocol import DaemonUnreachable
+from orchestrator.service.protocol import ControlError, DaemonUnreachable
+from orchestrator.service.service import Service
 from transport.address import parse_address
 
 MID = "3f2a9c0e41b7"
@@ -170,7 +173,6 @@ async def test_a_cancel_whose_end_is_not_seen_says_it_is_not_known(
 # -- addresses ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="parse_address names only the form")
 @pytest.mark.parametrize(
     ("address", "says"),
     [
@@ -178,7 +180,7 @@ async def test_a_cancel_whose_end_is_not_seen_says_it_is_not_known(
         ("127.0.0.1:http", "port 'http' is not a number"),
         ("127.0.0.1:\u00b2", "is not a number"),
         ("127.0.0.1:", "no port after ':'"),
-        ("nowhere", "no port: expected tcp:HOST:PORT"),
+        ("nowhere", "expected tcp:HOST:PORT, HOST:PORT or unix:/path (no port given)"),
         (":7070", "empty host"),
         ("tcp::7070", "empty host"),
         ("[]:7070", "empty host"),
@@ -208,7 +210,6 @@ def test_good_addresses_still_parse(address: str, parsed: tuple[str, str, int]) 
     assert parse_address(address) == parsed
 
 
-@pytest.mark.xfail(strict=True, reason="parse_address names only the form")
 @pytest.mark.parametrize(
     ("lines", "says"),
     [
@@ -224,7 +225,6 @@ def test_a_bad_address_in_the_config_is_named_at_its_key(lines: str, says: str) 
     assert says in str(refused.value)
 
 
-@pytest.mark.xfail(strict=True, reason="parse_address names only the form")
 def test_a_bad_destination_on_the_command_line_is_a_usage_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -234,3 +234,16 @@ def test_a_bad_destination_on_the_command_line_is_a_usage_error(
         cli.main(["migrate", "--to", "10.0.0.2:99999", "--control", "/nonexistent.sock"])
     assert exited.value.code == cli.EXIT_USAGE
     assert "port 99999 is out of range (0-65535)" in capsys.readouterr().err
+
+
+async def test_a_bad_uri_to_arm_is_named(tmp_path: Path) -> None:
+    """``migrate-incoming`` with a malformed ``uri`` names the address's problem, not
+    only that the daemon does not listen there."""
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [])
+    try:
+        with pytest.raises(ControlError) as refused:
+            await Commands(service).migrate_incoming(uri="127.0.0.1:99999")
+        assert refused.value.error_class == "InvalidParameter"
+        assert "uri: '127.0.0.1:99999': port 99999 is out of range" in refused.value.desc
+    finally:
+        service.book.close()
