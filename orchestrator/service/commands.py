@@ -11,7 +11,7 @@ from devices.fsm import Feature
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, to_qemu_parameters
-from orchestrator.engine.phases import PhaseError
+from orchestrator.engine.phases import Phase, PhaseError
 from orchestrator.service.control import RemoteControlListener
 from orchestrator.service.listeners import MigrationListener, listens_on
 from orchestrator.service.metrics import MetricsListener
@@ -25,6 +25,9 @@ log = structlog.get_logger(__name__)
 
 #: Events the daemon emits; ``subscribe`` takes any subset.
 EVENTS = ("MIGRATION", "MIGRATION_PASS", "INCOMING_MIGRATION", "DEVICE_STATE", "SHUTDOWN")
+#: The phases in which a forced switchover still changes something: before pre-copy
+#: decided (it then switches over at the first iteration).
+_FORCEABLE = frozenset({Phase.NEW, Phase.SETUP, Phase.PRECOPY})
 
 
 class Commands:
@@ -339,10 +342,29 @@ class Commands:
         return {"id": record.migration.stats.migration_id}
 
     async def migrate_switchover(self, id: str | None = None) -> dict[str, Any]:
-        """Switch over at the next iteration whatever the estimate says."""
+        """Switch over at the next iteration whatever the estimate says.
+
+        Refused (WrongState) where it would do nothing: paused before the switchover,
+        whose gate only ``continue`` opens (a force there is a script's or a second
+        operator's, racing the one who holds the pause), or already switching over.
+        """
         record = self.service._active(id)
-        record.migration.force_switchover()
-        return {"id": record.migration.stats.migration_id}
+        migration = record.migration
+        migration_id = migration.stats.migration_id
+        if migration.phase is Phase.PAUSED:
+            raise ControlError(
+                "WrongState",
+                f"migration {migration_id} is paused before the switchover "
+                "(pause_before_switchover): it switches over when you release it with "
+                "livemig continue (migrate-continue)",
+            )
+        if migration.phase not in _FORCEABLE:
+            raise ControlError(
+                "WrongState",
+                f"migration {migration_id} is already switching over ({migration.phase.value})",
+            )
+        migration.force_switchover()
+        return {"id": migration_id}
 
     async def migrate_cancel(self, id: str | None = None) -> dict[str, Any]:
         """Cancel a migration; the source devices go back to RUNNING (watch the events)."""

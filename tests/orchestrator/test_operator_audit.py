@@ -246,9 +246,6 @@ async def test_an_offer_for_a_device_a_migration_holds_there_is_refused_naming_i
         await silent.wait_closed()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="migrate-switchover answers success while paused or switching over"
-)
 async def test_cancel_in_the_switchover_before_commit_rolls_the_fence_back(
     tmp_path: Path,
 ) -> None:
@@ -327,9 +324,6 @@ async def test_cancel_and_resume_just_after_commit_are_refused(
         service.book.close()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="migrate-switchover answers success while paused or switching over"
-)
 async def test_force_switchover_on_a_paused_migration_is_refused_naming_continue(
     make_ends: Callable[..., Any], tmp_path: Path
 ) -> None:
