@@ -1,0 +1,93 @@
+"""Two operators at once on one migration, on real daemons: the replies each gets must
+agree with how the migration ends, and the workload ends in exactly one place.
+
+Every wait is on a daemon's event or reply, bounded by DEADLINE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.orchestrator.test_daemon import DEADLINE, Pair
+from tests.orchestrator.test_operator_audit import (
+    NAMES,
+    incoming_ended,
+    killable_pair,
+    owners,
+    refusal,
+)
+
+#: Paused before the switchover, on a link that outlives the test's pauses.
+PAUSED = {"pause_before_switchover": True, "link_timeout_s": 30}
+
+
+async def final_event(pair: Pair, migration_id: str) -> dict[str, Any]:
+    """The source's MIGRATION event that ends ``migration_id`` (subscribed at start)."""
+    message = await pair.src.next_event(
+        lambda m: (
+            m["event"] == "MIGRATION" and m["data"]["id"] == migration_id and "stats" in m["data"]
+        ),
+        DEADLINE,
+    )
+    return dict(message["data"])
+
+
+async def in_one_place(pair: Pair, outcome: str) -> None:
+    """Every device runs on exactly the host ``outcome`` names, and both records agree."""
+    if outcome == "source":
+        assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+        assert {o for _, o in (await owners(pair.dst)).values()} <= {"idle", "running here"}
+    else:
+        assert await owners(pair.src) == dict.fromkeys(NAMES, ("STOP", "migrated away"))
+        assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "received"))
+
+
+@pytest.mark.xfail(strict=True, reason="continue after a cancel answers that it continues")
+async def test_continue_after_a_cancel_is_refused_naming_the_cancel(tmp_path: Path) -> None:
+    """A second operator's ``continue`` (or forced switchover) that arrives after the
+    first one's cancel was taken, while the rollback runs, is refused saying the
+    migration is being cancelled, instead of answering that it continues."""
+    async with killable_pair(tmp_path) as pair:
+        started = await pair.src.execute("migrate", destination=pair.address, parameters=PAUSED)
+        await pair.migration_event("pre-switchover")
+        other = await pair.source.client()
+        try:
+            await pair.src.execute("migrate-cancel")
+            for command in ("migrate-continue", "migrate-switchover"):
+                refused = await refusal(other, command)
+                assert refused.error_class == "WrongState", (command, refused.desc)
+                assert f"migration {started['id']} is being cancelled" in refused.desc
+        finally:
+            await other.close()
+        ended = await final_event(pair, started["id"])
+        assert (ended["status"], ended["stats"]["outcome"]) == ("cancelled", "source")
+        assert (await incoming_ended(pair))["status"] == "failed"
+        await in_one_place(pair, "source")
+
+
+async def test_cancel_and_continue_racing_at_the_pause_end_in_one_place(tmp_path: Path) -> None:
+    """``continue`` and ``cancel`` sent at once from two connections: whichever the daemon
+    takes first, an accepted cancel means a rollback, a refused one a completion, and
+    the devices run on exactly one host as both state files say."""
+    async with killable_pair(tmp_path) as pair:
+        started = await pair.src.execute("migrate", destination=pair.address, parameters=PAUSED)
+        await pair.migration_event("pre-switchover")
+        other = await pair.source.client()
+        try:
+            replies = await asyncio.gather(
+                pair.src.execute("migrate-continue"),
+                other.execute("migrate-cancel"),
+                return_exceptions=True,
+            )
+        finally:
+            await other.close()
+        ended = await final_event(pair, started["id"])
+        cancel_taken = isinstance(replies[1], dict)
+        assert ended["status"] == ("cancelled" if cancel_taken else "completed"), replies
+        assert ended["stats"]["outcome"] == ("source" if cancel_taken else "destination")
+        await incoming_ended(pair)
+        await in_one_place(pair, ended["stats"]["outcome"])
