@@ -334,7 +334,7 @@ class Commands:
 
     async def migrate_continue(self, id: str | None = None) -> dict[str, Any]:
         """Release a migration paused before the switchover."""
-        record = self.service._active(id)
+        record = self.service.steerable(id)
         try:
             record.migration.continue_switchover()
         except PhaseError as exc:
@@ -348,7 +348,7 @@ class Commands:
         whose gate only ``continue`` opens (a force there is a script's or a second
         operator's, racing the one who holds the pause), or already switching over.
         """
-        record = self.service._active(id)
+        record = self.service.steerable(id)
         migration = record.migration
         migration_id = migration.stats.migration_id
         if migration.phase is Phase.PAUSED:
@@ -370,7 +370,7 @@ class Commands:
         """Cancel a migration; the source devices go back to RUNNING (watch the events)."""
         record = self.service._active(id)
         try:
-            record.migration.cancel("cancelled by the user")
+            record.cancel("cancelled by the user")
         except PhaseError as exc:
             raise ControlError("WrongState", f"{exc} (past the point of no return)") from None
         return {"id": record.migration.stats.migration_id}

@@ -57,6 +57,13 @@ class Outgoing:
     task: asyncio.Task[None] | None = None
     last_status: Status | None = None
     last_iteration: int = 0
+    #: Why it was asked to cancel (by an operator or the daemon's shutdown), once taken.
+    cancelling: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        """Ask the migration to roll back; PhaseError past COMMIT (see SourceMigration)."""
+        self.migration.cancel(reason)
+        self.cancelling = reason
 
 
 @dataclass(slots=True)
@@ -549,6 +556,18 @@ class Service:
             )
         return record
 
+    def steerable(self, migration_id: str | None) -> Outgoing:
+        """The running outgoing migration to continue or force, unless a cancel of it
+        was taken: it is rolling back, and "continues" would be a false answer."""
+        record = self._active(migration_id)
+        if record.cancelling is not None:
+            raise ControlError(
+                "WrongState",
+                f"migration {record.migration.stats.migration_id} is being cancelled "
+                f"({record.cancelling}): it rolls back and the source devices run again",
+            )
+        return record
+
     async def fence(self) -> None:
         """At start: a device whose workload is elsewhere (by the record) must not run here."""
         for name, device in self.devices.items():
@@ -571,7 +590,7 @@ class Service:
         for record in self.outgoing.values():
             if record.task is not None and not record.task.done():
                 try:
-                    record.migration.cancel(reason)
+                    record.cancel(reason)
                 except PhaseError:
                     log.warning(
                         "migration_past_commit_at_shutdown",

@@ -10,8 +10,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.orchestrator.test_daemon import DEADLINE, Pair
 from tests.orchestrator.test_operator_audit import (
     NAMES,
@@ -46,7 +44,6 @@ async def in_one_place(pair: Pair, outcome: str) -> None:
         assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "received"))
 
 
-@pytest.mark.xfail(strict=True, reason="continue after a cancel answers that it continues")
 async def test_continue_after_a_cancel_is_refused_naming_the_cancel(tmp_path: Path) -> None:
     """A second operator's ``continue`` (or forced switchover) that arrives after the
     first one's cancel was taken, while the rollback runs, is refused saying the
