@@ -10,6 +10,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.orchestrator.test_daemon import DEADLINE, Pair
 from tests.orchestrator.test_operator_audit import (
     NAMES,
@@ -88,3 +90,21 @@ async def test_cancel_and_continue_racing_at_the_pause_end_in_one_place(tmp_path
         assert ended["stats"]["outcome"] == ("source" if cancel_taken else "destination")
         await incoming_ended(pair)
         await in_one_place(pair, ended["stats"]["outcome"])
+
+
+@pytest.mark.xfail(strict=True, reason="migrate says only that the connection closed")
+async def test_migrate_whose_daemon_is_killed_says_where_to_look(tmp_path: Path) -> None:
+    """``livemig migrate`` watching a source daemon that is SIGKILLed exits 4 naming the
+    migration and saying its ending is unknown here and how to find where the devices
+    are, rather than only that the connection closed."""
+    async with killable_pair(tmp_path) as pair:
+        watching = asyncio.create_task(
+            pair.cli("migrate", "--to", pair.address, "--downtime-limit-ms", "0.001")
+        )
+        passed = await pair.src.next_event(lambda m: m["event"] == "MIGRATION_PASS", DEADLINE)
+        await pair.source.kill()
+        code, _, err = await watching
+        assert code == 4
+        assert f"during migration {passed['data']['id']}" in err
+        assert "how it ended is not known here" in err
+        assert "livemig devices" in err
