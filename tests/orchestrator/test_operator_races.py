@@ -10,8 +10,6 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.orchestrator.test_daemon import DEADLINE, Pair
 from tests.orchestrator.test_operator_audit import (
     NAMES,
@@ -92,7 +90,6 @@ async def test_cancel_and_continue_racing_at_the_pause_end_in_one_place(tmp_path
         await in_one_place(pair, ended["stats"]["outcome"])
 
 
-@pytest.mark.xfail(strict=True, reason="migrate says only that the connection closed")
 async def test_migrate_whose_daemon_is_killed_says_where_to_look(tmp_path: Path) -> None:
     """``livemig migrate`` watching a source daemon that is SIGKILLed exits 4 naming the
     migration and saying its ending is unknown here and how to find where the devices
