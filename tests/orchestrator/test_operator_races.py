@@ -7,8 +7,11 @@ Every wait is on a daemon's event or reply, bounded by DEADLINE.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.orchestrator.test_daemon import DEADLINE, Pair
 from tests.orchestrator.test_operator_audit import (
@@ -17,6 +20,7 @@ from tests.orchestrator.test_operator_audit import (
     killable_pair,
     owners,
     refusal,
+    restart_source,
 )
 
 #: Paused before the switchover, on a link that outlives the test's pauses.
@@ -105,3 +109,29 @@ async def test_migrate_whose_daemon_is_killed_says_where_to_look(tmp_path: Path)
         assert f"during migration {passed['data']['id']}" in err
         assert "how it ended is not known here" in err
         assert "livemig devices" in err
+
+
+@pytest.mark.parametrize("phase", ["paused", "completed"])
+async def test_a_source_killed_paused_or_after_completing_restarts_in_one_place(
+    tmp_path: Path, phase: str
+) -> None:
+    """SIGKILL of the source while paused before the switchover (no fence yet) or once
+    the migration completed: restarted, its devices and its state file put the workload
+    in one place, the one the destination's agrees with."""
+    async with killable_pair(tmp_path) as pair:
+        if phase == "paused":
+            await pair.src.execute("migrate", destination=pair.address, parameters=PAUSED)
+            await pair.migration_event("pre-switchover")
+        else:
+            await pair.src.execute("migrate", destination=pair.address)
+            await pair.migration_event("completed")
+        await pair.source.kill()
+        outcome = "source" if phase == "paused" else "destination"
+        assert (await incoming_ended(pair))["status"] == (
+            "failed" if phase == "paused" else "completed"
+        )
+        await restart_source(pair, "source-again.log")
+        await in_one_place(pair, outcome)
+        stored = json.loads((tmp_path / "source.owners.json").read_text())
+        expected = "running here" if phase == "paused" else "migrated away"
+        assert {r["owner"] for r in stored["devices"].values()} == {expected}
