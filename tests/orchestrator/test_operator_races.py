@@ -6,6 +6,7 @@ Every wait is on a daemon's event or reply, bounded by DEADLINE.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.cli import commands as cli
 from tests.orchestrator.test_daemon import DEADLINE, Pair
 from tests.orchestrator.test_operator_audit import (
     NAMES,
@@ -135,3 +137,29 @@ async def test_a_source_killed_paused_or_after_completing_restarts_in_one_place(
         stored = json.loads((tmp_path / "source.owners.json").read_text())
         expected = "running here" if phase == "paused" else "migrated away"
         assert {r["owner"] for r in stored["devices"].values()} == {expected}
+
+
+@pytest.mark.xfail(strict=True, reason="status shows the newest outgoing migration only")
+async def test_status_on_a_destination_shows_the_incoming_migration_it_receives(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``livemig status`` on a daemon that once sent a migration and now receives one
+    shows the incoming one in flight, not only its old outgoing one."""
+    async with killable_pair(tmp_path) as pair:
+        await pair.dst.subscribe(["INCOMING_MIGRATION", "MIGRATION"])
+        old = await pair.dst.execute(
+            "migrate",
+            destination="127.0.0.1:9",
+            devices=["idle0"],
+            parameters={"connect_timeout_s": 0.1},
+        )
+        await pair.dst.next_event(
+            lambda m: m["event"] == "MIGRATION" and m["data"]["status"] == "failed", DEADLINE
+        )
+        started = await pair.src.execute("migrate", destination=pair.address, parameters=PAUSED)
+        await pair.migration_event("pre-switchover")
+        args = argparse.Namespace(command="status", id=None, json=False)
+        assert await cli._cmd_status(args, pair.dst) == 0
+        shown = capsys.readouterr().out
+        assert f"incoming migration {started['id']} from source: active" in shown, shown
+        assert f"migration {old['id']} to 127.0.0.1:9:" in shown
