@@ -174,7 +174,8 @@ async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
 
     daemon = await client.execute("query-daemon")
     devices = await client.execute("query-devices")
-    running = await _sending(client)
+    listed = await client.execute("query-migrations")
+    running = _still_sending(listed)
     migrations: list[dict[str, Any]] = []
     if args.id is None and len(running) > 1:  # each of them: no guessing
         migrations = [await client.execute("query-migrate", id=i) for i in running]
@@ -185,6 +186,13 @@ async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
         except ControlError as exc:
             if exc.error_class != "MigrationNotFound" or args.id is not None:
                 raise
+    if args.id is None:  # and whatever arrives now, which the newest outgoing one hides
+        shown = {m.get("migration_id") or m.get("id") for m in migrations}
+        migrations += [
+            m
+            for m in listed
+            if m["direction"] == "incoming" and m["status"] == "active" and m["id"] not in shown
+        ]
     if args.json:
         single = migrations[0] if len(migrations) == 1 else None
         _print_json(
@@ -341,9 +349,14 @@ async def _cmd_set(args: argparse.Namespace, client: Any) -> int:
 
 async def _sending(client: Any) -> list[str]:
     """The ids of this daemon's outgoing migrations that still run."""
+    return _still_sending(await client.execute("query-migrations"))
+
+
+def _still_sending(migrations: list[dict[str, Any]]) -> list[str]:
+    """The ids of the outgoing migrations that still run, of a query-migrations reply."""
     return [
         m["id"]
-        for m in await client.execute("query-migrations")
+        for m in migrations
         if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
     ]
 

@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_parameter_options(migrate)
 
-    status = command("status", "the daemon, its devices and its newest migration")
+    status = command(
+        "status", "the daemon, its devices, its newest migration and any incoming one in flight"
+    )
     status.add_argument("--id", help="a migration id (default: the newest)")
 
     cancel = command(

@@ -139,7 +139,6 @@ async def test_a_source_killed_paused_or_after_completing_restarts_in_one_place(
         assert {r["owner"] for r in stored["devices"].values()} == {expected}
 
 
-@pytest.mark.xfail(strict=True, reason="status shows the newest outgoing migration only")
 async def test_status_on_a_destination_shows_the_incoming_migration_it_receives(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
