@@ -247,3 +247,18 @@ async def test_a_bad_uri_to_arm_is_named(tmp_path: Path) -> None:
         assert "uri: '127.0.0.1:99999': port 99999 is out of range" in refused.value.desc
     finally:
         service.book.close()
+
+
+@pytest.mark.xfail(strict=True, reason="tries to speak the migration protocol to it")
+def test_migrating_to_the_own_control_socket_is_refused_naming_it(tmp_path: Path) -> None:
+    """``migrate --to unix:CONTROL`` (the control socket mistaken for a migration
+    listener) is refused at once, naming the socket, rather than failing on its
+    greeting's bytes ("magic: expected b'LM'")."""
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [])
+    try:
+        with pytest.raises(ControlError) as refused:
+            service.start_migration(f"unix:{tmp_path}/c.sock", None, {})
+        assert refused.value.error_class == "InvalidParameter"
+        assert "is this daemon's control socket" in refused.value.desc
+    finally:
+        service.book.close()
