@@ -450,6 +450,13 @@ class Service:
                 f"destination {destination} is this daemon ({self.config.name}) itself: "
                 "migrate to the listen address of another daemon",
             )
+        if listens_on(destination, [f"unix:{self.config.control_socket}"]):
+            raise ControlError(
+                "InvalidParameter",
+                f"destination {destination} is this daemon's control socket, where livemig "
+                "commands go: migrate to the listen address of another daemon (livemig "
+                "status there shows it)",
+            )
 
     def _device(self, name: str) -> MigratableDevice:
         try:

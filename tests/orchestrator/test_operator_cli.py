@@ -249,7 +249,6 @@ async def test_a_bad_uri_to_arm_is_named(tmp_path: Path) -> None:
         service.book.close()
 
 
-@pytest.mark.xfail(strict=True, reason="tries to speak the migration protocol to it")
 def test_migrating_to_the_own_control_socket_is_refused_naming_it(tmp_path: Path) -> None:
     """``migrate --to unix:CONTROL`` (the control socket mistaken for a migration
     listener) is refused at once, naming the socket, rather than failing on its
