@@ -1,5 +1,6 @@
-"""Two operators at once on one migration, on real daemons: the replies each gets must
-agree with how the migration ends, and the workload ends in exactly one place.
+"""Two operators at once on one migration, and daemons killed under them: the replies
+each gets must agree with how the migration ends, and the workload ends in exactly one
+place, as the state files say (real daemons; in process where that is enough).
 
 Every wait is on a daemon's event or reply, bounded by DEADLINE.
 """
@@ -14,7 +15,11 @@ from typing import Any
 
 import pytest
 
+from devices.fsm import State
 from orchestrator.cli import commands as cli
+from orchestrator.service.config import parse
+from orchestrator.service.ownership import Owner, OwnershipBook
+from orchestrator.service.service import Service
 from tests.orchestrator.test_daemon import DEADLINE, Pair
 from tests.orchestrator.test_operator_audit import (
     NAMES,
@@ -162,3 +167,38 @@ async def test_status_on_a_destination_shows_the_incoming_migration_it_receives(
         shown = capsys.readouterr().out
         assert f"incoming migration {started['id']} from source: active" in shown, shown
         assert f"migration {old['id']} to 127.0.0.1:9:" in shown
+
+
+@pytest.mark.xfail(strict=True, reason="the record keeps saying the workload runs here")
+@pytest.mark.parametrize("owner", [Owner.RECEIVED, Owner.RUNNING_HERE])
+async def test_a_workload_found_stopped_at_start_is_recorded_stopped(
+    tmp_path: Path, owner: Owner
+) -> None:
+    """A device whose record says its workload runs here but that a restart finds in STOP
+    (a backend that kept it across a daemon killed after COMMIT, before the resume) is
+    recorded ``stopped``: the state file says it runs nowhere, the operator resumes it
+    here (not ``--force`` on the source), and the device is left as found."""
+    config = parse(
+        f'control_socket = "{tmp_path}/c.sock"\n'
+        '[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\n'
+    )
+    assert config.state_file is not None
+    book = OwnershipBook(config.state_file, ["sim0"])
+    book.set(["sim0"], owner, peer="source", migration_id="m1")
+    book.close()
+    device = config.devices[0].build()
+    await device.open()
+    try:
+        await device.set_state(State.STOP)  # as the killed daemon left it
+        service = Service(config, [device])
+        await service.fence()
+        record = service.book.get("sim0")
+        assert record.owner == Owner.STOPPED
+        assert record.migration_id == "m1"
+        assert "found stopped when the daemon started" in str(record.reason)
+        assert device.state == State.STOP
+        service.book.close()
+        stored = json.loads(config.state_file.read_text())
+        assert stored["devices"]["sim0"]["owner"] == "stopped"
+    finally:
+        await device.close()
