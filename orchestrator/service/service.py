@@ -576,7 +576,26 @@ class Service:
         return record
 
     async def fence(self) -> None:
-        """At start: a device whose workload is elsewhere (by the record) must not run here."""
+        """At start: a device whose workload is elsewhere (by the record) must not run here,
+        and one whose record says it runs here but that is found in STOP is recorded
+        ``stopped`` (a backend kept it across a daemon killed before its resume): the file
+        must not claim a workload runs where none does."""
+        stopped = [
+            n
+            for n, d in self.devices.items()
+            if self.book.get(n).owner in RUNNING_OWNERS and d.state == State.STOP
+        ]
+        for name in stopped:
+            record = self.book.get(name)
+            log.warning("workload_found_stopped", device=name, record=record.as_dict())
+            self.book.set(
+                [name],
+                Owner.STOPPED,
+                peer=record.peer,
+                migration_id=record.migration_id,
+                reason=f"found stopped when the daemon started (the record said "
+                f"{record.owner.value}): it runs nowhere; livemig resume runs it here",
+            )
         for name, device in self.devices.items():
             record = self.book.get(name)
             if record.owner in FENCED_OWNERS and device.state in RUNNING_STATES:

@@ -169,7 +169,6 @@ async def test_status_on_a_destination_shows_the_incoming_migration_it_receives(
         assert f"migration {old['id']} to 127.0.0.1:9:" in shown
 
 
-@pytest.mark.xfail(strict=True, reason="the record keeps saying the workload runs here")
 @pytest.mark.parametrize("owner", [Owner.RECEIVED, Owner.RUNNING_HERE])
 async def test_a_workload_found_stopped_at_start_is_recorded_stopped(
     tmp_path: Path, owner: Owner
