@@ -1,86 +1,40 @@
 """The ``livemig`` commands: a table of handlers, each run with a connected client.
 
-The grammar and the exit codes are in :mod:`orchestrator.cli.parser`.
+The grammar is in :mod:`orchestrator.cli.parser`, the exit codes in :mod:`orchestrator.cli.exits`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import functools
 import importlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TextIO, TypeVar, cast
-
-import structlog
+from typing import Any
 
 from devices.fsm import describe
+from orchestrator.cli import runtime
+from orchestrator.cli.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTCOME_UNKNOWN,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    STATUS_EXIT,
+    cancel_exit,
+    migrate_exit,
+)
 from orchestrator.cli.parser import build_parser, given_parameters, param_line
 from orchestrator.engine.params import MigrationParams
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CANCELLED = 3
-EXIT_UNREACHABLE = 4
-EXIT_REFUSED = 5
-EXIT_UNVERIFIED = 6
-EXIT_OUTCOME_UNKNOWN = 7
-EXIT_SPLIT = 8
-EXIT_INTERRUPTED = 130
-
 #: Owners (query-devices) whose device runs a workload on the daemon's host.
 _WORKLOAD_OWNERS = ("running here", "received")
-_STATUS_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
-_OUTCOME_EXIT = {"unknown": EXIT_OUTCOME_UNKNOWN, "split": EXIT_SPLIT}
 #: How long ``livemig cancel`` waits for the migration to end (rolled back or not).
 CANCEL_WAIT_S = 60.0
-
-T = TypeVar("T")
-
-
-class _CurrentStderr:
-    """Whatever ``sys.stderr`` is at each write (tests swap it), not the one at configure."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-def _configure_logging(fmt: str = "auto", level: str = "warning") -> None:
-    """structlog to stderr: console on a terminal, JSON lines otherwise."""
-    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _CurrentStderr())),
-        cache_logger_on_first_use=False,
-    )
-
-
-def _run(main: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop: the one place the event loop is chosen."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def _print_json(value: Any) -> None:
@@ -162,10 +116,7 @@ async def _cmd_migrate(args: argparse.Namespace, client: Any) -> int:
         print(f"livemig migrate: {stats['status']}: {stats['error']}", file=sys.stderr)
         for name, where in (stats.get("placement") or {}).items():
             print(f"  {name}: {where}", file=sys.stderr)
-    outcome_code = _OUTCOME_EXIT.get(stats.get("outcome") or "")
-    if outcome_code is not None:
-        return outcome_code
-    return _STATUS_EXIT.get(stats["status"], EXIT_FAILED)
+    return migrate_exit(stats)
 
 
 async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
@@ -288,43 +239,12 @@ async def _cmd_cancel(args: argparse.Namespace, client: Any) -> int:
     else:
         print(f"migration {migration_id}: {result['status']}")
         _print_devices(devices)
-    code, what = _cancel_ending(migration_id, result)
+    code, what = cancel_exit(migration_id, result)
     if what:
         print(f"livemig cancel: {what}", file=sys.stderr)
         for name, where in (stats.get("placement") or {}).items():
             print(f"  {name}: {where}", file=sys.stderr)
     return code
-
-
-def _cancel_ending(migration_id: str, result: dict[str, Any]) -> tuple[int, str]:
-    """The exit code of a cancel that ended so, and what to tell the operator ('' if 0).
-
-    Only a rollback is the cancel's success; any other ending takes the code ``migrate``
-    would give it, except a completed migration: too late, as a refused cancel is.
-    """
-    status, outcome, error = result["status"], result["outcome"], result["error"]
-    if outcome == "unknown":
-        return EXIT_OUTCOME_UNKNOWN, (
-            f"migration {migration_id} ended with its outcome unknown ({error}): the source "
-            "devices stay stopped; check on the destination whether it runs them (livemig "
-            "devices there), and only if not, livemig resume --force here"
-        )
-    if outcome == "split":
-        return EXIT_SPLIT, (
-            f"migration {migration_id} ended split ({error}): the devices that did not "
-            "resume stay stopped on the destination; livemig resume DEVICE... there retries them"
-        )
-    if status == "completed":
-        return EXIT_REFUSED, (
-            f"migration {migration_id} completed before the cancel took effect: the workload "
-            "now runs on the destination; to bring it back, livemig migrate it back from there"
-        )
-    if status == "failed":
-        return EXIT_FAILED, (
-            f"migration {migration_id} failed before the cancel took effect ({error}); the "
-            "source devices run again (livemig devices)"
-        )
-    return EXIT_OK, ""  # cancelled: rolled back, the source runs the workload
 
 
 async def _cmd_set(args: argparse.Namespace, client: Any) -> int:
@@ -357,7 +277,7 @@ def _still_sending(migrations: list[dict[str, Any]]) -> list[str]:
     return [
         m["id"]
         for m in migrations
-        if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
+        if m["direction"] == "outgoing" and m["status"] not in STATUS_EXIT
     ]
 
 
@@ -488,14 +408,14 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "daemon":
             from orchestrator.service import runner
 
-            _configure_logging(args.log_format, args.log_level)
-            return _run(runner.serve(args.config))
-        _configure_logging()
+            runtime.configure_logging(args.log_format, args.log_level)
+            return runtime.run(runner.serve(args.config))
+        runtime.configure_logging()
         if args.command in _BENCH_COMMANDS:
             run = getattr(_benchmark("command"), _BENCH_COMMANDS[args.command])(args)
         else:
             run = _with_client(args, functools.partial(_COMMANDS[args.command], args))
-        code = int(_run(run))
+        code = int(runtime.run(run))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:

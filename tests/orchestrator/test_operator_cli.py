@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from orchestrator.cli import commands as cli
+from orchestrator.cli import exits
 from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, parse
 from orchestrator.service.protocol import ControlError, DaemonUnreachable
@@ -94,27 +95,27 @@ async def test_a_cancel_that_rolled_back_exits_0(capsys: pytest.CaptureFixture[s
         (
             ended("completed", "destination"),
             "STOP",
-            cli.EXIT_REFUSED,
+            exits.EXIT_REFUSED,
             f"migration {MID} completed before the cancel took effect: the workload now runs "
             "on the destination",
         ),
         (
             ended("failed", "source", "lost the destination: reset"),
             "RUNNING",
-            cli.EXIT_FAILED,
+            exits.EXIT_FAILED,
             f"migration {MID} failed before the cancel took effect (lost the destination: "
             "reset); the source devices run again",
         ),
         (
             ended("failed", "unknown", "no verdict"),
             "STOP",
-            cli.EXIT_OUTCOME_UNKNOWN,
+            exits.EXIT_OUTCOME_UNKNOWN,
             f"migration {MID} ended with its outcome unknown (no verdict)",
         ),
         (
             ended("failed", "split", "sim0 did not resume"),
             "STOP",
-            cli.EXIT_SPLIT,
+            exits.EXIT_SPLIT,
             f"migration {MID} ended split (sim0 did not resume)",
         ),
     ],
@@ -137,7 +138,7 @@ async def test_cancel_json_carries_the_outcome(capsys: pytest.CaptureFixture[str
     code, out, _ = await cancel(
         ScriptedDaemon(ended("failed", "unknown", "no verdict"), "STOP"), capsys, "--json"
     )
-    assert code == cli.EXIT_OUTCOME_UNKNOWN
+    assert code == exits.EXIT_OUTCOME_UNKNOWN
     assert len(out.splitlines()) == 1
     result = cli.json.loads(out)
     assert (result["status"], result["outcome"], result["error"]) == (
@@ -150,10 +151,10 @@ async def test_cancel_json_carries_the_outcome(capsys: pytest.CaptureFixture[str
 @pytest.mark.parametrize(
     ("failure", "code", "says"),
     [
-        (TimeoutError(), cli.EXIT_OUTCOME_UNKNOWN, "had not ended 60 s after the cancel"),
+        (TimeoutError(), exits.EXIT_OUTCOME_UNKNOWN, "had not ended 60 s after the cancel"),
         (
             DaemonUnreachable("lost the daemon: reset"),
-            cli.EXIT_UNREACHABLE,
+            exits.EXIT_UNREACHABLE,
             "lost the daemon: reset before migration",
         ),
     ],
@@ -232,7 +233,7 @@ def test_a_bad_destination_on_the_command_line_is_a_usage_error(
     daemon is asked."""
     with pytest.raises(SystemExit) as exited:
         cli.main(["migrate", "--to", "10.0.0.2:99999", "--control", "/nonexistent.sock"])
-    assert exited.value.code == cli.EXIT_USAGE
+    assert exited.value.code == exits.EXIT_USAGE
     assert "port 99999 is out of range (0-65535)" in capsys.readouterr().err
 
 
