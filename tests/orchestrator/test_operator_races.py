@@ -201,3 +201,31 @@ async def test_a_workload_found_stopped_at_start_is_recorded_stopped(
         assert stored["devices"]["sim0"]["owner"] == "stopped"
     finally:
         await device.close()
+
+
+async def test_migrate_and_resume_racing_on_the_same_devices_end_in_one_place(
+    tmp_path: Path,
+) -> None:
+    """``migrate`` and ``resume --force`` of the same devices sent at once from two
+    connections: a refusal is DeviceBusy naming what holds them, and the devices end on
+    exactly one host, as both state files say."""
+    async with killable_pair(tmp_path) as pair:
+        other = await pair.source.client()
+        try:
+            migrate, resume = await asyncio.gather(
+                pair.src.execute("migrate", destination=pair.address),
+                other.execute("device-resume", devices=list(NAMES), force=True),
+                return_exceptions=True,
+            )
+        finally:
+            await other.close()
+        for reply in (migrate, resume):
+            if not isinstance(reply, dict):
+                assert getattr(reply, "error_class", None) == "DeviceBusy", reply
+        outcome = "source"
+        if isinstance(migrate, dict):
+            ended = await final_event(pair, migrate["id"])
+            assert ended["status"] == "completed", ended
+            await incoming_ended(pair)
+            outcome = "destination"
+        await in_one_place(pair, outcome)
