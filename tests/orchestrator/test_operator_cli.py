@@ -262,3 +262,13 @@ def test_migrating_to_the_own_control_socket_is_refused_naming_it(tmp_path: Path
         assert "is this daemon's control socket" in refused.value.desc
     finally:
         service.book.close()
+
+
+@pytest.mark.xfail(strict=True, reason="the TLS files are loaded before the address is read")
+def test_a_bad_tcp_control_address_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--control tcp:HOST:PORT`` with a malformed address exits 2 naming the problem,
+    before any certificate is loaded or daemon dialled."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["devices", "--control", "tcp:10.0.0.2:99999", "--ca", "x", "--cert", "y"])
+    assert exited.value.code == exits.EXIT_USAGE
+    assert "port 99999 is out of range (0-65535)" in capsys.readouterr().err
