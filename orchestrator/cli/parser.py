@@ -47,6 +47,11 @@ def _address(text: str) -> str:
     return text
 
 
+def _control(text: str) -> str:
+    """A control socket path, or a ``tcp:HOST:PORT`` checked like a destination address."""
+    return _address(text) if text.startswith("tcp:") else text
+
+
 def _features(text: str) -> Feature:
     """Parse ``STOP_COPY,P2P,PRE_COPY`` into feature flags, naming a bad flag."""
     flags = Feature(0)
@@ -225,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--control",
                 default=os.environ.get("LIVEMIG_CONTROL", str(DEFAULT_SOCKET)),
+                type=_control,
                 metavar="SOCKET",
                 help=f"the daemon's control socket, or tcp:HOST:PORT for its TLS control "
                 f"listener (default: $LIVEMIG_CONTROL, else {DEFAULT_SOCKET}, where a daemon "

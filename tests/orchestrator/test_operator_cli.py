@@ -264,7 +264,6 @@ def test_migrating_to_the_own_control_socket_is_refused_naming_it(tmp_path: Path
         service.book.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the TLS files are loaded before the address is read")
 def test_a_bad_tcp_control_address_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     """``--control tcp:HOST:PORT`` with a malformed address exits 2 naming the problem,
     before any certificate is loaded or daemon dialled."""
