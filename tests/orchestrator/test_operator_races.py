@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from devices.fsm import State
+from orchestrator.bench.daemons import DaemonProcess
 from orchestrator.cli import commands as cli
 from orchestrator.service.config import parse
 from orchestrator.service.ownership import Owner, OwnershipBook
@@ -229,3 +230,35 @@ async def test_migrate_and_resume_racing_on_the_same_devices_end_in_one_place(
             await incoming_ended(pair)
             outcome = "destination"
         await in_one_place(pair, outcome)
+
+
+@pytest.mark.xfail(strict=True, reason="the file says running here while the state is replaced")
+async def test_a_destination_killed_while_loading_restarts_holding_no_workload(
+    tmp_path: Path,
+) -> None:
+    """Once a destination admits a migration its devices' own state is being replaced
+    (the arm consented), and its state file says so before loading starts: SIGKILLed
+    mid-load and restarted, it records the devices idle, not 'running here', so no
+    one migrates or trusts an emptied device as a workload; the source runs on."""
+    async with killable_pair(tmp_path) as pair:
+        never = {"downtime_limit_ms": 0.001, "timeout_s": 120, "link_timeout_s": 30}
+        started = await pair.src.execute("migrate", destination=pair.address, parameters=never)
+        await pair.src.next_event(lambda m: m["event"] == "MIGRATION_PASS", DEADLINE)
+        stored = json.loads((tmp_path / "destination.owners.json").read_text())
+        assert {r["owner"] for r in stored["devices"].values()} == {"idle"}
+        assert {r["migration_id"] for r in stored["devices"].values()} == {started["id"]}
+        await pair.destination.kill()
+        failed = await final_event(pair, started["id"])
+        assert failed["stats"]["outcome"] == "source"
+        await pair.dst.close()
+        pair.destination = DaemonProcess(
+            pair.destination.config,
+            name="destination-again",
+            log_file=tmp_path / "destination-again.log",
+        )
+        await pair.destination.start(tmp_path / "destination.sock")
+        pair.dst = await pair.destination.client()
+        assert {o for _, o in (await owners(pair.dst)).values()} == {"idle"}
+        refused = await refusal(pair.dst, "migrate", destination="127.0.0.1:9")
+        assert "no workload runs here" in refused.desc
+        await in_one_place(pair, "source")
