@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,13 @@ import pytest
 from devices.fsm import State
 from orchestrator.bench.daemons import DaemonProcess
 from orchestrator.cli import commands as cli
+from orchestrator.engine.stats import Status
+from orchestrator.service.commands import Commands
 from orchestrator.service.config import parse
 from orchestrator.service.ownership import Owner, OwnershipBook
+from orchestrator.service.protocol import ControlError
 from orchestrator.service.service import Service
+from tests.orchestrator.conftest import Spec, wait_status
 from tests.orchestrator.test_daemon import DEADLINE, Pair
 from tests.orchestrator.test_operator_audit import (
     NAMES,
@@ -56,26 +61,34 @@ async def in_one_place(pair: Pair, outcome: str) -> None:
         assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "received"))
 
 
-async def test_continue_after_a_cancel_is_refused_naming_the_cancel(tmp_path: Path) -> None:
+async def test_continue_after_a_cancel_is_refused_naming_the_cancel(
+    make_ends: Callable[..., Any], tmp_path: Path
+) -> None:
     """A second operator's ``continue`` (or forced switchover) that arrives after the
-    first one's cancel was taken, while the rollback runs, is refused saying the
-    migration is being cancelled, instead of answering that it continues."""
-    async with killable_pair(tmp_path) as pair:
-        started = await pair.src.execute("migrate", destination=pair.address, parameters=PAUSED)
-        await pair.migration_event("pre-switchover")
-        other = await pair.source.client()
-        try:
-            await pair.src.execute("migrate-cancel")
-            for command in ("migrate-continue", "migrate-switchover"):
-                refused = await refusal(other, command)
-                assert refused.error_class == "WrongState", (command, refused.desc)
-                assert f"migration {started['id']} is being cancelled" in refused.desc
-        finally:
-            await other.close()
-        ended = await final_event(pair, started["id"])
-        assert (ended["status"], ended["stats"]["outcome"]) == ("cancelled", "source")
-        assert (await incoming_ended(pair))["status"] == "failed"
-        await in_one_place(pair, "source")
+    first one's cancel was taken, while the rollback has yet to run, is refused saying
+    the migration is being cancelled, instead of answering that it continues (in
+    process, so the rollback cannot finish between the two commands)."""
+    ends = await make_ends([Spec("sim0", seed=1)])
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), ends.sources)
+    commands = Commands(service)
+    try:
+        record = service.start_migration(ends.address, None, PAUSED)
+        await wait_status(record.migration, Status.PRE_SWITCHOVER)
+        await commands.migrate_cancel()
+        for attempt in (commands.migrate_continue(), commands.migrate_switchover()):
+            with pytest.raises(ControlError) as refused:
+                await attempt
+            assert refused.value.error_class == "WrongState"
+            assert (
+                f"migration {record.migration.stats.migration_id} is being cancelled "
+                "(cancelled by the user)" in refused.value.desc
+            )
+        assert record.task is not None
+        await record.task
+        assert record.migration.stats.status == Status.CANCELLED
+        assert ends.sources[0].state == State.RUNNING
+    finally:
+        service.book.close()
 
 
 async def test_cancel_and_continue_racing_at_the_pause_end_in_one_place(tmp_path: Path) -> None:
