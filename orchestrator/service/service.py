@@ -255,6 +255,16 @@ class Service:
         ]
         if problems:
             raise Refused("; ".join(problems))
+        try:  # loading replaces what the devices held: durably no workload from now
+            self.book.set(
+                offer.devices,
+                Owner.IDLE,
+                peer=offer.peer,
+                migration_id=offer.migration_id,
+                reason="receiving: the state here is being replaced",
+            )
+        except OSError as exc:
+            raise Refused(f"cannot record the devices as receiving: {exc}") from None
         for name in offer.devices:  # _ClaimOnLookup took them under the claim id: rename it
             if self.owners.get(name) == record.id:
                 self.owners[name] = offer.migration_id
@@ -274,15 +284,13 @@ class Service:
         """Record what an incoming migration left: failed devices stay stopped, named."""
         if results is None:
             # Loading had begun, so the devices' earlier state is gone: they hold nothing.
-            emptied = [n for n in offer.devices if self.book.get(n).owner != Owner.IDLE]
-            if emptied:
-                self.book.set(
-                    emptied,
-                    Owner.IDLE,
-                    peer=offer.peer,
-                    migration_id=offer.migration_id,
-                    reason="an incoming migration failed while loading",
-                )
+            self.book.set(
+                offer.devices,
+                Owner.IDLE,
+                peer=offer.peer,
+                migration_id=offer.migration_id,
+                reason="an incoming migration failed while loading",
+            )
             return
         for name, why in results.items():
             if why:

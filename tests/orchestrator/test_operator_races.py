@@ -245,7 +245,6 @@ async def test_migrate_and_resume_racing_on_the_same_devices_end_in_one_place(
         await in_one_place(pair, outcome)
 
 
-@pytest.mark.xfail(strict=True, reason="the file says running here while the state is replaced")
 async def test_a_destination_killed_while_loading_restarts_holding_no_workload(
     tmp_path: Path,
 ) -> None:
