@@ -597,8 +597,9 @@ async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
     tmp_path: Path,
 ) -> None:
     """SIGKILL of the destination before COMMIT: the source rolls back with its records
-    restored; the restarted destination holds nothing as received, and its arms did not
-    survive the restart, so a retry needs the operator's consent again."""
+    restored; the restarted destination holds nothing (idle: its devices' state was being
+    replaced), and its arms did not survive the restart, so a retry needs the operator's
+    consent again."""
     async with killable_pair(tmp_path) as pair:
         await hold_at_the_barrier(pair)
         await pair.destination.kill()
@@ -614,11 +615,11 @@ async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
         )
         await pair.destination.start(tmp_path / "destination.sock")
         pair.dst = await pair.destination.client()
-        assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+        assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "idle"))
         pair.address = (await pair.dst.execute("query-daemon"))["listen"][0]
         code, _, err = await pair.cli("migrate", "--to", pair.address)
         assert code == 1
-        assert "sim0 is not armed to receive (owner here: running here)" in err
+        assert "sim0 is not armed to receive (owner here: idle)" in err
         await pair.dst.execute("migrate-incoming", devices=list(NAMES), **{"from": "source"})
         code, _, err = await pair.cli("migrate", "--to", pair.address)
         assert code == 0, err
