@@ -3,10 +3,11 @@
 The record is the fence that keeps a workload in one place. Each device has an
 :class:`Owner` value, kept in a small JSON state file written atomically (write a
 temporary file, fsync, rename, fsync the folder) *before* the act it guards, and
-outside the downtime window: both hosts record "outcome unknown" at the SYNC barrier,
-before the source stops its devices (COMMIT may follow from there); a source that
-rolls back puts its records back, a destination records "received" once it resumed
-the devices. A daemon restarted on failure reads the file back, so a restart never
+outside the downtime window: a destination records its devices "idle" when it admits
+a migration (loading replaces their state); both hosts record "outcome unknown" at the
+SYNC barrier, before the source stops its devices (COMMIT may follow from there); a
+source that rolls back puts its records back, a destination records "received" once
+it resumed the devices. A daemon restarted on failure reads the file back, so a restart never
 lifts the fence.
 
 Arming is the destination's consent: an incoming migration may take only devices armed
