@@ -20,8 +20,10 @@ from orchestrator.cli import commands as cli
 from orchestrator.cli import exits
 from orchestrator.service.commands import Commands
 from orchestrator.service.config import ConfigError, parse
+from orchestrator.service.ownership import Owner
 from orchestrator.service.protocol import ControlError, DaemonUnreachable
 from orchestrator.service.service import Service
+from tests.orchestrator.conftest import Spec
 from transport.address import parse_address
 
 MID = "3f2a9c0e41b7"
@@ -271,3 +273,23 @@ def test_a_bad_tcp_control_address_is_a_usage_error(capsys: pytest.CaptureFixtur
         cli.main(["devices", "--control", "tcp:10.0.0.2:99999", "--ca", "x", "--cert", "y"])
     assert exited.value.code == exits.EXIT_USAGE
     assert "port 99999 is out of range (0-65535)" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(strict=True, reason="a stopped workload is called no workload")
+async def test_migrating_a_stopped_workload_says_to_resume_it_first(tmp_path: Path) -> None:
+    """``migrate`` of a device whose workload is here but stopped (a split outcome, or
+    found stopped at start) says so and to resume it first, not "no workload runs
+    here"."""
+    device = Spec("sim0", seed=1).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    try:
+        service.book.set(["sim0"], Owner.STOPPED, peer="src", migration_id="m1")
+        with pytest.raises(ControlError) as refused:
+            service.start_migration("127.0.0.1:9", None, {})
+        assert refused.value.error_class == "WrongState"
+        assert "sim0 (stopped: its workload is here but does not run)" in refused.value.desc
+        assert "livemig resume sim0 first" in refused.value.desc
+    finally:
+        service.book.close()
+        await device.close()
