@@ -362,6 +362,13 @@ class Service:
             raise ControlError("InvalidParameter", "devices: the list is empty")
         devices = [self._device(name) for name in names]
         self.refuse_busy(names, another=True)
+        stopped = [n for n in names if self.book.get(n).owner == Owner.STOPPED]
+        if stopped:
+            raise ControlError(
+                "WrongState",
+                f"{', '.join(stopped)} (stopped: its workload is here but does not run): "
+                f"livemig resume {' '.join(stopped)} first, then migrate",
+            )
         idle = [
             f"{n} ({self.book.get(n).owner.value})"
             for n in names

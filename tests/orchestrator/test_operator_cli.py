@@ -275,7 +275,6 @@ def test_a_bad_tcp_control_address_is_a_usage_error(capsys: pytest.CaptureFixtur
     assert "port 99999 is out of range (0-65535)" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="a stopped workload is called no workload")
 async def test_migrating_a_stopped_workload_says_to_resume_it_first(tmp_path: Path) -> None:
     """``migrate`` of a device whose workload is here but stopped (a split outcome, or
     found stopped at start) says so and to resume it first, not "no workload runs
