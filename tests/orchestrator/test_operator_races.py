@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from devices.fsm import State
-from orchestrator.bench.daemons import DaemonProcess
+from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli import commands as cli
 from orchestrator.engine.stats import Status
 from orchestrator.service.commands import Commands
@@ -26,7 +26,7 @@ from orchestrator.service.ownership import Owner, OwnershipBook
 from orchestrator.service.protocol import ControlError
 from orchestrator.service.service import Service
 from tests.orchestrator.conftest import Spec, wait_status
-from tests.orchestrator.test_daemon import DEADLINE, Pair
+from tests.orchestrator.test_daemon import DEADLINE, Pair, write_pair
 from tests.orchestrator.test_operator_audit import (
     NAMES,
     incoming_ended,
@@ -274,3 +274,37 @@ async def test_a_destination_killed_while_loading_restarts_holding_no_workload(
         refused = await refusal(pair.dst, "migrate", destination="127.0.0.1:9")
         assert "no workload runs here" in refused.desc
         await in_one_place(pair, "source")
+
+
+@pytest.mark.xfail(strict=True, reason="devices are opened before the state file is locked")
+async def test_a_second_daemon_on_a_held_state_file_touches_no_device(tmp_path: Path) -> None:
+    """A second daemon started on a state file another daemon holds (the same config run
+    twice) stops before opening any device: opening one (a vfio-user server's session,
+    say) could disturb the migration the first daemon runs on it."""
+    source, _ = write_pair(tmp_path)
+    first = DaemonProcess(source, name="source")
+    connections: list[asyncio.StreamWriter] = []
+
+    async def count(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        writer.close()
+
+    server = await asyncio.start_unix_server(count, tmp_path / "vfu.sock")
+    twice = tmp_path / "twice.toml"
+    twice.write_text(
+        'name = "twice"\ncontrol_socket = "twice.sock"\nstate_file = "source.owners.json"\n'
+        f'[[device]]\nkind = "vfio-user"\nname = "nvme0"\nsocket = "{tmp_path / "vfu.sock"}"\n'
+    )
+    second = DaemonProcess(twice, name="twice")
+    try:
+        await first.start(tmp_path / "source.sock")
+        with pytest.raises(DaemonFailed) as failed:
+            await second.start(tmp_path / "twice.sock")
+        assert "is in use" in str(failed.value)
+        assert connections == []
+        assert await first.stop() == 0, first.output()
+    finally:
+        server.close()
+        await server.wait_closed()
+        await first.kill()
+        await second.kill()
