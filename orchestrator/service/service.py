@@ -49,6 +49,16 @@ class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
 
 
+def open_book(config: DaemonConfig) -> OwnershipBook:
+    """The config's ownership book, its state file locked; ValueError or OSError naming
+    the file when another daemon holds it or it cannot be read."""
+    return OwnershipBook(
+        config.state_file,
+        [d.name for d in config.devices],
+        accept_incoming=[d.name for d in config.devices if d.accept_incoming],
+    )
+
+
 @dataclass(slots=True)
 class Outgoing:
     """An outgoing migration and the task running it."""
@@ -134,6 +144,7 @@ class Service:
         devices: list[MigratableDevice],
         *,
         metrics: Metrics | None = None,
+        book: OwnershipBook | None = None,
     ) -> None:
         self.config = config
         self.devices = {d.name: d for d in devices}
@@ -146,11 +157,7 @@ class Service:
         #: Records of devices being switched over, as they were before the fence.
         self._before_fence: dict[str, dict[str, Record]] = {}
         #: Where each device's workload is, and the arms; durable in the state file.
-        self.book = OwnershipBook(
-            config.state_file,
-            self.devices,
-            accept_incoming=[d.name for d in config.devices if d.accept_incoming],
-        )
+        self.book = book if book is not None else open_book(config)
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
         self.control: ControlServer | None = None

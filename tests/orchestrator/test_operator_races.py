@@ -276,7 +276,6 @@ async def test_a_destination_killed_while_loading_restarts_holding_no_workload(
         await in_one_place(pair, "source")
 
 
-@pytest.mark.xfail(strict=True, reason="devices are opened before the state file is locked")
 async def test_a_second_daemon_on_a_held_state_file_touches_no_device(tmp_path: Path) -> None:
     """A second daemon started on a state file another daemon holds (the same config run
     twice) stops before opening any device: opening one (a vfio-user server's session,
