@@ -55,7 +55,7 @@ class Runner:
         # The state file first: its lock says no other daemon drives these devices, and
         # opening one (a vfio-user session, say) could disturb that daemon's migration.
         try:
-            self.book = open_book(config)
+            self.book = open_book(config, [d.name for d in config.devices])
         except (ValueError, OSError) as exc:
             raise StartupError(f"cannot use the ownership state: {exc}") from exc
         for device_config in config.devices:

@@ -49,12 +49,12 @@ class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
 
 
-def open_book(config: DaemonConfig) -> OwnershipBook:
-    """The config's ownership book, its state file locked; ValueError or OSError naming
-    the file when another daemon holds it or it cannot be read."""
+def open_book(config: DaemonConfig, names: Iterable[str]) -> OwnershipBook:
+    """The ownership book of devices ``names`` in the config's state file, locked;
+    ValueError or OSError naming the file when another daemon holds it or it is bad."""
     return OwnershipBook(
         config.state_file,
-        [d.name for d in config.devices],
+        names,
         accept_incoming=[d.name for d in config.devices if d.accept_incoming],
     )
 
@@ -157,7 +157,7 @@ class Service:
         #: Records of devices being switched over, as they were before the fence.
         self._before_fence: dict[str, dict[str, Record]] = {}
         #: Where each device's workload is, and the arms; durable in the state file.
-        self.book = book if book is not None else open_book(config)
+        self.book = book if book is not None else open_book(config, self.devices)
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
         self.control: ControlServer | None = None
