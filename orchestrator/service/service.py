@@ -610,14 +610,17 @@ class Service:
         for name in stopped:
             record = self.book.get(name)
             log.warning("workload_found_stopped", device=name, record=record.as_dict())
-            self.book.set(
-                [name],
-                Owner.STOPPED,
-                peer=record.peer,
-                migration_id=record.migration_id,
-                reason=f"found stopped when the daemon started (the record said "
-                f"{record.owner.value}): it runs nowhere; livemig resume runs it here",
-            )
+            try:
+                self.book.set(
+                    [name],
+                    Owner.STOPPED,
+                    peer=record.peer,
+                    migration_id=record.migration_id,
+                    reason=f"found stopped when the daemon started (the record said "
+                    f"{record.owner.value}): it runs nowhere; livemig resume runs it here",
+                )
+            except OSError as exc:
+                raise StartupError(f"cannot record {name!r} as stopped: {exc}") from exc
         for name, device in self.devices.items():
             record = self.book.get(name)
             if record.owner in FENCED_OWNERS and device.state in RUNNING_STATES:
