@@ -600,7 +600,7 @@ class Service:
     async def fence(self) -> None:
         """At start: a device whose workload is elsewhere (by the record) must not run here,
         and one whose record says it runs here but that is found in STOP is recorded
-        ``stopped`` (a backend kept it across a daemon killed before its resume): the file
+        ``stopped`` (a backend that keeps devices across daemons had it stopped): the file
         must not claim a workload runs where none does."""
         stopped = [
             n

@@ -188,9 +188,10 @@ async def test_a_workload_found_stopped_at_start_is_recorded_stopped(
     tmp_path: Path, owner: Owner
 ) -> None:
     """A device whose record says its workload runs here but that a restart finds in STOP
-    (a backend that kept it across a daemon killed after COMMIT, before the resume) is
-    recorded ``stopped``: the state file says it runs nowhere, the operator resumes it
-    here (not ``--force`` on the source), and the device is left as found."""
+    (a backend that keeps devices across daemons, such as a vfio-user server, had it
+    stopped) is recorded ``stopped``: the state file says it runs nowhere and the
+    operator resumes it here (not ``--force`` on the source); the device is left as
+    found."""
     config = parse(
         f'control_socket = "{tmp_path}/c.sock"\n'
         '[[device]]\nkind = "simulated"\nname = "sim0"\nstate_mib = 1\n'
