@@ -281,7 +281,8 @@ class Service:
         self.emit("INCOMING_MIGRATION", record.as_dict())
 
     def _incoming_committed(self, offer: Offer) -> None:
-        """COMMIT arrived: the workload is ours from now, durably, before anything runs."""
+        """After COMMIT and the resume (outside the window): the workload is ours, durably;
+        until this write the SYNC fence ("outcome unknown") covered a crash."""
         self.book.set(
             offer.devices, Owner.RECEIVED, peer=offer.peer, migration_id=offer.migration_id
         )
