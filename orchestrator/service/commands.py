@@ -369,11 +369,17 @@ class Commands:
     async def migrate_cancel(self, id: str | None = None) -> dict[str, Any]:
         """Cancel a migration; the source devices go back to RUNNING (watch the events)."""
         record = self.service._active(id)
+        migration_id = record.migration.stats.migration_id
         try:
             record.cancel("cancelled by the user")
         except PhaseError as exc:
-            raise ControlError("WrongState", f"{exc} (past the point of no return)") from None
-        return {"id": record.migration.stats.migration_id}
+            raise ControlError(
+                "WrongState",
+                f"{exc} (past the point of no return): the workload now belongs to the "
+                f"destination; livemig status --id {migration_id} shows how it ends, and "
+                "only a migration back from there returns it",
+            ) from None
+        return {"id": migration_id}
 
     async def subscribe(self, events: list[Any] | None = None) -> dict[str, Any]:
         """Receive events on this connection: all of them, or those named."""

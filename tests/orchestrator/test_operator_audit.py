@@ -307,6 +307,7 @@ async def test_cancel_and_resume_just_after_commit_are_refused(
             await commands.migrate_cancel()
         assert refused.value.error_class == "WrongState"
         assert "past the point of no return" in refused.value.desc
+        assert "only a migration back from there returns it" in refused.value.desc
         with pytest.raises(ControlError) as busy:
             await commands.device_resume(["sim0"], force=True)
         assert busy.value.error_class == "DeviceBusy"
