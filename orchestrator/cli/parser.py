@@ -39,12 +39,13 @@ def _names(text: str) -> list[str]:
 
 
 def _address(text: str) -> str:
-    """A destination address as given, once the transport can parse it (names the problem)."""
+    """A destination address once the transport can parse it (names the problem); a
+    relative ``unix:`` path is made absolute here, since the daemon runs elsewhere."""
     try:
-        parse_address(text)
+        kind, path, _ = parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return f"unix:{os.path.abspath(path)}" if kind == "unix" else text
 
 
 def _control(text: str) -> str:

@@ -295,7 +295,6 @@ async def test_migrating_a_stopped_workload_says_to_resume_it_first(tmp_path: Pa
         await device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="sent as typed: the daemon resolves it in its own folder")
 def test_a_relative_unix_destination_means_the_operators_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
