@@ -18,7 +18,8 @@ the source may retry.
 
 One daemon per state file: a book holds an exclusive lock on ``.NAME.lock`` beside it
 until closed (the kernel drops it when the process dies), since two daemons writing
-one file would overwrite each other's fences. Records of devices the config no longer
+one file would overwrite each other's fences; a book whose lock file was removed or
+replaced refuses to write. Records of devices the config no longer
 names are kept in the file, so a device left out for one restart finds its fence again.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import errno
 import fcntl
 import json
 import os
@@ -149,6 +151,9 @@ class OwnershipBook:
         self.accept_incoming = frozenset(accept_incoming)
         self.records: dict[str, Record] = {}
         self.arms: dict[str, Arm] = {}
+        #: The lock file and the descriptor that holds it (None without a state file).
+        self._lock_path: Path | None = None
+        self._lock_fd: int | None = None
         self._unlock = self._lock()
         try:
             if self.path is not None and not self.path.exists():
@@ -184,7 +189,24 @@ class OwnershipBook:
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_path, self._lock_fd = lock_path, fd
         return weakref.finalize(self, os.close, fd)
+
+    def _check_lock(self) -> None:
+        """OSError unless the lock file is still the one this book holds: removed (an
+        operator's clean-up), another daemon may have locked a new one on the same file."""
+        if self._lock_path is None or self._lock_fd is None:
+            return
+        try:
+            held = os.stat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino
+        except FileNotFoundError:
+            held = False
+        if not held:
+            raise OSError(
+                errno.ENOLCK,
+                f"cannot write the state file {self.path}: its lock {self._lock_path} was "
+                "removed or replaced, so another daemon may use the file; stop this daemon",
+            )
 
     def _warn_of_other_files(self, devices: Iterable[str]) -> None:
         """A new state file beside one that says some of our devices must not run (the
@@ -215,6 +237,7 @@ class OwnershipBook:
 
     def close(self) -> None:
         """Release the state file (idempotent; also when the book is collected)."""
+        self._lock_path = self._lock_fd = None  # the number may name another file soon
         self._unlock()
 
     def _load(self) -> dict[str, Record]:
@@ -244,6 +267,7 @@ class OwnershipBook:
                 name: record.as_dict() for name, record in {**self._unconfigured, **records}.items()
             },
         }
+        self._check_lock()
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -310,7 +310,6 @@ async def test_a_second_daemon_on_a_held_state_file_touches_no_device(tmp_path: 
         await second.kill()
 
 
-@pytest.mark.xfail(strict=True, reason="the book keeps writing after its lock file is gone")
 def test_a_book_whose_lock_file_was_removed_stops_writing(tmp_path: Path) -> None:
     """An operator who removes a running daemon's ``.NAME.lock`` lets a second daemon
     lock a new one on the same state file; the first then refuses every write naming
