@@ -10,16 +10,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from devices.fsm import State
 from orchestrator.bench.daemons import DaemonFailed, DaemonProcess
 from orchestrator.cli import commands as cli
 from orchestrator.engine.stats import Status
+from orchestrator.service import ownership
 from orchestrator.service.commands import Commands
 from orchestrator.service.config import parse
 from orchestrator.service.ownership import Owner, OwnershipBook
@@ -327,3 +331,45 @@ def test_a_book_whose_lock_file_was_removed_stops_writing(tmp_path: Path) -> Non
     finally:
         other.close()
         book.close()
+
+
+MOUNTINFO = """\
+22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+24 22 0:21 / /run rw,nosuid shared:5 - tmpfs tmpfs rw,mode=755
+25 24 0:22 / /run/live\\040mig rw shared:6 - ext4 /dev/vdb rw
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="nothing tells that a reboot erases the fences")
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/run/livemig/x.owners.json", "tmpfs"),
+        ("/run/live mig/x.owners.json", "ext4"),
+        ("/var/lib/livemig/x.owners.json", "ext4"),
+        ("/runner/x.owners.json", "ext4"),
+    ],
+)
+def test_the_file_system_of_a_state_file_is_read_from_mountinfo(path: str, kind: str) -> None:
+    """The state file's file system is the longest mount point above it (escapes
+    decoded), so a tmpfs one (the default under /run) can be warned about."""
+    assert ownership.file_system(Path(path), MOUNTINFO) == kind
+
+
+@pytest.mark.xfail(strict=True, reason="nothing tells that a reboot erases the fences")
+def test_a_state_file_on_tmpfs_is_warned_about(tmp_path: Path) -> None:
+    """A state file on tmpfs (the default beside /run/livemig/control.sock) loses every
+    fence at a reboot: the daemon says so at start, naming the file and the fix."""
+    shm = Path("/dev/shm")
+    if ownership.file_system(shm, Path("/proc/self/mountinfo").read_text()) != "tmpfs":
+        pytest.skip("/dev/shm is not tmpfs here")
+    path = Path(tempfile.mkdtemp(dir=shm)) / "owners.json"
+    try:
+        with capture_logs() as logs:
+            OwnershipBook(path, ["a"]).close()
+            OwnershipBook(tmp_path / "owners.json", ["a"]).close()
+        warned = [e for e in logs if e["event"] == "state_file_on_volatile_storage"]
+        assert [(e["state_file"], e["file_system"]) for e in warned] == [(str(path), "tmpfs")]
+        assert "set state_file under /var/lib/livemig" in warned[0]["hint"]
+    finally:
+        shutil.rmtree(path.parent)
