@@ -32,6 +32,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -130,6 +131,28 @@ class Arm:
         return None
 
 
+#: File systems whose content a reboot erases.
+VOLATILE_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
+#: mountinfo's escapes (a space is \040).
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def file_system(path: Path, mountinfo: str) -> str | None:
+    """The type of the file system holding ``path``: that of the longest mount point of
+    ``mountinfo`` (the text of /proc/self/mountinfo) above it; None if none is."""
+    target = os.path.abspath(path)
+    best, kind = "", None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 7 or "-" not in fields[6:]:
+            continue
+        mount = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])  # \040: a space
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, kind = mount, fields[fields.index("-", 6) + 1]
+    return kind
+
+
 def now_iso() -> str:
     """The current wall-clock time, for records people read."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -156,6 +179,8 @@ class OwnershipBook:
         self._lock_fd: int | None = None
         self._unlock = self._lock()
         try:
+            if self.path is not None:
+                self._warn_if_volatile()
             if self.path is not None and not self.path.exists():
                 self._warn_of_other_files(devices)
             stored = self._load()
@@ -206,6 +231,23 @@ class OwnershipBook:
                 errno.ENOLCK,
                 f"cannot write the state file {self.path}: its lock {self._lock_path} was "
                 "removed or replaced, so another daemon may use the file; stop this daemon",
+            )
+
+    def _warn_if_volatile(self) -> None:
+        """A state file on tmpfs (the default beside /run/livemig/control.sock) loses every
+        fence at a reboot; say so at each start, since nothing else would."""
+        assert self.path is not None
+        try:
+            kind = file_system(self.path.parent, Path("/proc/self/mountinfo").read_text())
+        except OSError:
+            return  # no /proc: nothing to tell
+        if kind in VOLATILE_FILE_SYSTEMS:
+            log.warning(
+                "state_file_on_volatile_storage",
+                state_file=str(self.path),
+                file_system=kind,
+                hint="a reboot erases the records (and every fence in them); "
+                "set state_file under /var/lib/livemig",
             )
 
     def _warn_of_other_files(self, devices: Iterable[str]) -> None:

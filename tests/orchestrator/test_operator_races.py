@@ -340,7 +340,6 @@ MOUNTINFO = """\
 """
 
 
-@pytest.mark.xfail(strict=True, reason="nothing tells that a reboot erases the fences")
 @pytest.mark.parametrize(
     ("path", "kind"),
     [
@@ -356,7 +355,6 @@ def test_the_file_system_of_a_state_file_is_read_from_mountinfo(path: str, kind:
     assert ownership.file_system(Path(path), MOUNTINFO) == kind
 
 
-@pytest.mark.xfail(strict=True, reason="nothing tells that a reboot erases the fences")
 def test_a_state_file_on_tmpfs_is_warned_about(tmp_path: Path) -> None:
     """A state file on tmpfs (the default beside /run/livemig/control.sock) loses every
     fence at a reboot: the daemon says so at start, naming the file and the fix."""
