@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from devices.fsm import State
 from orchestrator.cli import commands as cli
 from orchestrator.cli import exits
 from orchestrator.cli.parser import build_parser
@@ -303,3 +304,28 @@ def test_a_relative_unix_destination_means_the_operators_folder(
     monkeypatch.chdir(tmp_path)
     args = build_parser().parse_args(["migrate", "--to", "unix:dst.sock"])
     assert args.to == f"unix:{tmp_path / 'dst.sock'}"
+
+
+@pytest.mark.xfail(strict=True, reason="a name given twice is walked twice, at once")
+@pytest.mark.parametrize("command", ["device_resume", "query_digests", "migrate_incoming"])
+async def test_a_device_named_twice_is_refused_before_anything_moves(
+    tmp_path: Path, command: str
+) -> None:
+    """``resume sim0 sim0`` (or digests, or an arm) naming a device twice is refused by
+    name before anything moves: resume and digests walk the named devices at once, and
+    the FSM core walks each from the state it saw, so nothing serializes two walks of
+    one device (a failed resume step ends in a reset, which loses the state)."""
+    device = Spec("sim0", seed=1).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    try:
+        await device.set_state(State.STOP)
+        with pytest.raises(ControlError) as refused:
+            await getattr(Commands(service), command)(devices=["sim0", "sim0"])
+        assert refused.value.error_class == "InvalidParameter"
+        assert "devices: sim0 is named twice" in refused.value.desc
+        assert device.state == State.STOP
+        assert service.book.armed() == {}
+    finally:
+        service.book.close()
+        await device.close()
