@@ -160,6 +160,7 @@ class Commands:
         A real device is walked aside to take it, so a device that a migration may
         still move is refused (DeviceBusy), and the devices are held meanwhile.
         """
+        _refuse_repeats(devices or [])
         chosen = [self.service._device(str(n)) for n in (devices or list(self.service.devices))]
         self.service.refuse_busy([d.name for d in chosen if self.service.may_move(d.name)])
         # From an incoming migration past its resume, too.
@@ -176,6 +177,7 @@ class Commands:
         """
         if not devices or not all(isinstance(n, str) for n in devices):
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
+        _refuse_repeats(devices)
         chosen = [self.service._device(name) for name in devices]
         self.service.refuse_busy(devices)
         fenced = [d.name for d in chosen if self.service.book.get(d.name).owner in FENCED_OWNERS]
@@ -253,6 +255,7 @@ class Commands:
                 )
         elif not names or not all(isinstance(n, str) for n in names):
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
+        _refuse_repeats(names)
         for name in names:
             self.service._device(name)
         self.service.refuse_busy(names)
@@ -394,3 +397,13 @@ class Commands:
         connection = self.service.control.current
         connection.events = None if events is None else frozenset(str(e) for e in events)
         return {"events": list(EVENTS) if events is None else sorted(connection.events or ())}
+
+
+def _refuse_repeats(names: list[Any]) -> None:
+    """InvalidParameter naming a device given twice: resume and digests walk the named
+    devices at once, and two walks of one device would race."""
+    seen: set[str] = set()
+    for name in map(str, names):  # digests takes any JSON here and names it later
+        if name in seen:
+            raise ControlError("InvalidParameter", f"devices: {name} is named twice")
+        seen.add(name)

@@ -306,7 +306,6 @@ def test_a_relative_unix_destination_means_the_operators_folder(
     assert args.to == f"unix:{tmp_path / 'dst.sock'}"
 
 
-@pytest.mark.xfail(strict=True, reason="a name given twice is walked twice, at once")
 @pytest.mark.parametrize("command", ["device_resume", "query_digests", "migrate_incoming"])
 async def test_a_device_named_twice_is_refused_before_anything_moves(
     tmp_path: Path, command: str
