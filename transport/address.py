@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import structlog
-
-log = structlog.get_logger(__name__)
+_FORMS = "expected tcp:HOST:PORT, HOST:PORT or unix:/path"
 
 
 def parse_address(address: str) -> tuple[str, str, int]:
     """``("tcp", host, port)`` or ``("unix", path, 0)`` from a livemig address.
 
     Accepted forms: ``tcp:HOST:PORT``, ``HOST:PORT``, ``[v6]:PORT`` and ``unix:/path``.
+    ValueError names what is wrong (the port, the host, the brackets), since operators
+    type these into configs and command lines.
     """
     if address.startswith("unix:"):
         path = address[len("unix:") :]
@@ -18,10 +18,29 @@ def parse_address(address: str) -> tuple[str, str, int]:
             raise ValueError(f"{address!r}: empty unix socket path")
         return "unix", path, 0
     rest = address.removeprefix("tcp:")
+    if rest.startswith("//"):
+        raise ValueError(f"{address!r}: no '//' after 'tcp:': write tcp:HOST:PORT")
     host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"{address!r}: expected tcp:HOST:PORT, HOST:PORT or unix:/path")
-    return "tcp", host.removeprefix("[").removesuffix("]") or "localhost", int(port)
+    if not sep:
+        raise ValueError(f"{address!r}: {_FORMS} (no port given)")
+    if not port:
+        raise ValueError(f"{address!r}: no port after ':'")
+    if not (port.isascii() and port.isdigit()):
+        raise ValueError(f"{address!r}: port {port!r} is not a number")
+    if int(port) > 65535:
+        raise ValueError(f"{address!r}: port {port} is out of range (0-65535)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif "[" in host or "]" in host:
+        raise ValueError(f"{address!r}: unbalanced brackets around the host")
+    elif ":" in host:
+        raise ValueError(f"{address!r}: an IPv6 host goes in brackets: [{host}]:{port}")
+    if not host:
+        raise ValueError(
+            f"{address!r}: empty host: name one (127.0.0.1 for this host only, 0.0.0.0 "
+            "to listen on every interface)"
+        )
+    return "tcp", host, int(port)
 
 
 def format_address(kind: str, host: str, port: int) -> str:

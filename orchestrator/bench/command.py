@@ -14,7 +14,7 @@ from orchestrator.bench import inprocess as bench
 from orchestrator.bench.inprocess import BenchOptions
 from orchestrator.bench.netbed import LinkSpec, NetBedUnavailable
 from orchestrator.cli import commands as cli
-from orchestrator.cli import parser, progress
+from orchestrator.cli import exits, parser, progress
 
 
 def bench_options(args: argparse.Namespace) -> BenchOptions:
@@ -37,11 +37,11 @@ def bench_options(args: argparse.Namespace) -> BenchOptions:
 async def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.repeat < 1:
-        return cli._fail(args, cli.EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
+        return cli._fail(args, exits.EXIT_USAGE, "InvalidParameter", "--repeat must be at least 1")
     if args.devices < 0 or (args.devices == 0 and not args.ram_mib):
         return cli._fail(
             args,
-            cli.EXIT_USAGE,
+            exits.EXIT_USAGE,
             "InvalidParameter",
             "--devices must be at least 1 (or 0 with --ram-mib)",
         )
@@ -49,7 +49,7 @@ async def cmd_bench(args: argparse.Namespace) -> int:
         try:
             args.net = LinkSpec.parse(args.net)
         except ValueError as exc:
-            return cli._fail(args, cli.EXIT_USAGE, "InvalidParameter", f"--net: {exc}")
+            return cli._fail(args, exits.EXIT_USAGE, "InvalidParameter", f"--net: {exc}")
     if args.in_process:
         return await _bench_in_process(args)
     options = bench_options(args)
@@ -63,9 +63,9 @@ async def cmd_bench(args: argparse.Namespace) -> int:
                 for line in progress.summary_lines(stats):
                     print(f"  {line}")
     except daemons.DaemonFailed as exc:
-        return cli._fail(args, cli.EXIT_UNREACHABLE, "DaemonFailed", str(exc))
+        return cli._fail(args, exits.EXIT_UNREACHABLE, "DaemonFailed", str(exc))
     except NetBedUnavailable as exc:
-        return cli._fail(args, cli.EXIT_USAGE, "NetBedUnavailable", str(exc))
+        return cli._fail(args, exits.EXIT_USAGE, "NetBedUnavailable", str(exc))
     if args.plot is not None:
         daemons.plot(runs[-1], args.plot, limit_ms=args.downtime_limit_ms)
     return _bench_report(args, runs, bench.summarize(runs))
@@ -95,8 +95,8 @@ def _bench_report(
             if isinstance(values, dict):
                 print(f"  {key}: " + " / ".join(f"{values[k]:.6g}" for k in _PERCENTILES))
     if any(r["status"] != "completed" for r in runs):
-        return cli.EXIT_FAILED
-    return cli.EXIT_OK if summary["verified"] else cli.EXIT_UNVERIFIED
+        return exits.EXIT_FAILED
+    return exits.EXIT_OK if summary["verified"] else exits.EXIT_UNVERIFIED
 
 
 async def _bench_in_process(args: argparse.Namespace) -> int:
@@ -123,12 +123,12 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     try:
         stats = await daemons.run_once(options)
     except daemons.DaemonFailed as exc:
-        return cli._fail(args, cli.EXIT_UNREACHABLE, "DaemonFailed", str(exc))
+        return cli._fail(args, exits.EXIT_UNREACHABLE, "DaemonFailed", str(exc))
     stats.pop("history", None)
     if args.json:
         cli._print_json(stats)
     else:
         print("\n".join(progress.summary_lines(stats)))
     if stats["status"] != "completed":
-        return cli._STATUS_EXIT.get(stats["status"], cli.EXIT_FAILED)
-    return cli.EXIT_OK if stats.get("verified") else cli.EXIT_UNVERIFIED
+        return exits.STATUS_EXIT.get(stats["status"], exits.EXIT_FAILED)
+    return exits.EXIT_OK if stats.get("verified") else exits.EXIT_UNVERIFIED

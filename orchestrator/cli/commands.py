@@ -1,84 +1,40 @@
 """The ``livemig`` commands: a table of handlers, each run with a connected client.
 
-The grammar and the exit codes are in :mod:`orchestrator.cli.parser`.
+The grammar is in :mod:`orchestrator.cli.parser`, the exit codes in :mod:`orchestrator.cli.exits`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import functools
 import importlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, TextIO, TypeVar, cast
-
-import structlog
+from typing import Any
 
 from devices.fsm import describe
+from orchestrator.cli import runtime
+from orchestrator.cli.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_OUTCOME_UNKNOWN,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    STATUS_EXIT,
+    cancel_exit,
+    migrate_exit,
+)
 from orchestrator.cli.parser import build_parser, given_parameters, param_line
 from orchestrator.engine.params import MigrationParams
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_CANCELLED = 3
-EXIT_UNREACHABLE = 4
-EXIT_REFUSED = 5
-EXIT_UNVERIFIED = 6
-EXIT_OUTCOME_UNKNOWN = 7
-EXIT_SPLIT = 8
-EXIT_INTERRUPTED = 130
-
 #: Owners (query-devices) whose device runs a workload on the daemon's host.
 _WORKLOAD_OWNERS = ("running here", "received")
-_STATUS_EXIT = {"completed": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}
-_OUTCOME_EXIT = {"unknown": EXIT_OUTCOME_UNKNOWN, "split": EXIT_SPLIT}
-
-T = TypeVar("T")
-
-
-class _CurrentStderr:
-    """Whatever ``sys.stderr`` is at each write (tests swap it), not the one at configure."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
-def _configure_logging(fmt: str = "auto", level: str = "warning") -> None:
-    """structlog to stderr: console on a terminal, JSON lines otherwise."""
-    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
-    renderer: Any = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _CurrentStderr())),
-        cache_logger_on_first_use=False,
-    )
-
-
-def _run(main: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop: the one place the event loop is chosen."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+#: How long ``livemig cancel`` waits for the migration to end (rolled back or not).
+CANCEL_WAIT_S = 60.0
 
 
 def _print_json(value: Any) -> None:
@@ -160,10 +116,7 @@ async def _cmd_migrate(args: argparse.Namespace, client: Any) -> int:
         print(f"livemig migrate: {stats['status']}: {stats['error']}", file=sys.stderr)
         for name, where in (stats.get("placement") or {}).items():
             print(f"  {name}: {where}", file=sys.stderr)
-    outcome_code = _OUTCOME_EXIT.get(stats.get("outcome") or "")
-    if outcome_code is not None:
-        return outcome_code
-    return _STATUS_EXIT.get(stats["status"], EXIT_FAILED)
+    return migrate_exit(stats)
 
 
 async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
@@ -172,7 +125,8 @@ async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
 
     daemon = await client.execute("query-daemon")
     devices = await client.execute("query-devices")
-    running = await _sending(client)
+    listed = await client.execute("query-migrations")
+    running = _still_sending(listed)
     migrations: list[dict[str, Any]] = []
     if args.id is None and len(running) > 1:  # each of them: no guessing
         migrations = [await client.execute("query-migrate", id=i) for i in running]
@@ -183,6 +137,13 @@ async def _cmd_status(args: argparse.Namespace, client: Any) -> int:
         except ControlError as exc:
             if exc.error_class != "MigrationNotFound" or args.id is not None:
                 raise
+    if args.id is None:  # and whatever arrives now, which the newest outgoing one hides
+        shown = {m.get("migration_id") or m.get("id") for m in migrations}
+        migrations += [
+            m
+            for m in listed
+            if m["direction"] == "incoming" and m["status"] == "active" and m["id"] not in shown
+        ]
     if args.json:
         single = migrations[0] if len(migrations) == 1 else None
         _print_json(
@@ -235,20 +196,55 @@ def _print_by_name(args: argparse.Namespace, values: dict[str, str]) -> int:
 
 
 async def _cmd_cancel(args: argparse.Namespace, client: Any) -> int:
+    from orchestrator.service.protocol import DaemonUnreachable
+
     await client.subscribe(["MIGRATION"])
     arguments = {} if args.id is None else {"id": args.id}
     migration_id = (await client.execute("migrate-cancel", **arguments))["id"]
-    final = await client.next_event(
-        lambda m: m["data"].get("id") == migration_id and "stats" in m["data"], timeout=60
-    )
+    look = f"livemig status --id {migration_id} and livemig devices show where the devices are"
+    try:
+        final = await client.next_event(
+            lambda m: m["data"].get("id") == migration_id and "stats" in m["data"],
+            timeout=CANCEL_WAIT_S,
+        )
+    except TimeoutError:
+        status = (await client.execute("query-migrate", id=migration_id))["status"]
+        return _fail(
+            args,
+            EXIT_OUTCOME_UNKNOWN,
+            "OutcomeUnknown",
+            f"migration {migration_id} took the cancel but had not ended {CANCEL_WAIT_S:g} s "
+            f"after the cancel (status {status}): how it ends is not known yet; {look}",
+        )
+    except DaemonUnreachable as exc:
+        return _fail(
+            args,
+            EXIT_UNREACHABLE,
+            "DaemonUnreachable",
+            f"{exc.desc} before migration {migration_id} ended: how it ended is not known; "
+            f"once the daemon is back, {look}",
+        )
+    data = final["data"]
+    stats = data["stats"]
     devices = await client.execute("query-devices")
-    result = {"id": migration_id, "status": final["data"]["status"], "devices": devices}
+    result = {
+        "id": migration_id,
+        "status": data["status"],
+        "outcome": stats.get("outcome"),
+        "error": data.get("error"),
+        "devices": devices,
+    }
     if args.json:
         _print_json(result)
     else:
         print(f"migration {migration_id}: {result['status']}")
         _print_devices(devices)
-    return EXIT_OK
+    code, what = cancel_exit(migration_id, result)
+    if what:
+        print(f"livemig cancel: {what}", file=sys.stderr)
+        for name, where in (stats.get("placement") or {}).items():
+            print(f"  {name}: {where}", file=sys.stderr)
+    return code
 
 
 async def _cmd_set(args: argparse.Namespace, client: Any) -> int:
@@ -273,10 +269,15 @@ async def _cmd_set(args: argparse.Namespace, client: Any) -> int:
 
 async def _sending(client: Any) -> list[str]:
     """The ids of this daemon's outgoing migrations that still run."""
+    return _still_sending(await client.execute("query-migrations"))
+
+
+def _still_sending(migrations: list[dict[str, Any]]) -> list[str]:
+    """The ids of the outgoing migrations that still run, of a query-migrations reply."""
     return [
         m["id"]
-        for m in await client.execute("query-migrations")
-        if m["direction"] == "outgoing" and m["status"] not in _STATUS_EXIT
+        for m in migrations
+        if m["direction"] == "outgoing" and m["status"] not in STATUS_EXIT
     ]
 
 
@@ -407,14 +408,14 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "daemon":
             from orchestrator.service import runner
 
-            _configure_logging(args.log_format, args.log_level)
-            return _run(runner.serve(args.config))
-        _configure_logging()
+            runtime.configure_logging(args.log_format, args.log_level)
+            return runtime.run(runner.serve(args.config))
+        runtime.configure_logging()
         if args.command in _BENCH_COMMANDS:
             run = getattr(_benchmark("command"), _BENCH_COMMANDS[args.command])(args)
         else:
             run = _with_client(args, functools.partial(_COMMANDS[args.command], args))
-        code = int(_run(run))
+        code = int(runtime.run(run))
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return code
     except BrokenPipeError:

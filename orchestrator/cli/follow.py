@@ -43,4 +43,9 @@ async def migrate(
                     "query-migrate", id=migration_id, history=True
                 )
                 return stats
-    raise DaemonUnreachable("the source daemon closed the connection during the migration")
+    raise DaemonUnreachable(
+        f"the source daemon closed the connection during migration {migration_id}: how it "
+        "ended is not known here; once that daemon runs again, livemig devices there shows "
+        "where each device is ('outcome unknown': check the destination before any "
+        "resume --force)"
+    )

@@ -26,6 +26,7 @@ from typing import Any
 from devices.fsm import Feature
 from orchestrator.engine.params import MigrationParams, Policy, field_types
 from orchestrator.service.protocol import DEFAULT_SOCKET, VERSION
+from transport.address import parse_address
 from transport.checks import kinds_of
 
 
@@ -35,6 +36,21 @@ def _names(text: str) -> list[str]:
     if not all(names):
         raise argparse.ArgumentTypeError(f"empty device name in {text!r}")
     return names
+
+
+def _address(text: str) -> str:
+    """A destination address once the transport can parse it (names the problem); a
+    relative ``unix:`` path is made absolute here, since the daemon runs elsewhere."""
+    try:
+        kind, path, _ = parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return f"unix:{os.path.abspath(path)}" if kind == "unix" else text
+
+
+def _control(text: str) -> str:
+    """A control socket path, or a ``tcp:HOST:PORT`` checked like a destination address."""
+    return _address(text) if text.startswith("tcp:") else text
 
 
 def _features(text: str) -> Feature:
@@ -215,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument(
                 "--control",
                 default=os.environ.get("LIVEMIG_CONTROL", str(DEFAULT_SOCKET)),
+                type=_control,
                 metavar="SOCKET",
                 help=f"the daemon's control socket, or tcp:HOST:PORT for its TLS control "
                 f"listener (default: $LIVEMIG_CONTROL, else {DEFAULT_SOCKET}, where a daemon "
@@ -254,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     daemon.add_argument("--log-level", choices=("debug", "info", "warning"), default="info")
 
     migrate = command("migrate", "migrate devices to another daemon, showing progress")
-    migrate.add_argument("--to", required=True, metavar="ADDRESS", help="HOST:PORT or unix:PATH")
+    migrate.add_argument(
+        "--to", required=True, type=_address, metavar="ADDRESS", help="HOST:PORT or unix:PATH"
+    )
     migrate.add_argument(
         "--device",
         action="append",
@@ -267,10 +286,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_parameter_options(migrate)
 
-    status = command("status", "the daemon, its devices and its newest migration")
+    status = command(
+        "status", "the daemon, its devices, its newest migration and any incoming one in flight"
+    )
     status.add_argument("--id", help="a migration id (default: the newest)")
 
-    cancel = command("cancel", "cancel a migration; waits until the source devices run again")
+    cancel = command(
+        "cancel",
+        "cancel a migration and wait for its end: exit 0 once rolled back (the source runs "
+        "it), else the code of how it ended (1 failed, 5 completed first, 7 unknown, 8 split)",
+    )
     cancel.add_argument("--id", help="a migration id (default: the newest)")
 
     setp = command("set", "change parameters of the running migration (or the defaults)")

@@ -11,19 +11,23 @@ from devices.fsm import Feature
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.p2p import resume_in_order
 from orchestrator.engine.params import LIVE_PARAMETERS, to_qemu_parameters
-from orchestrator.engine.phases import PhaseError
+from orchestrator.engine.phases import Phase, PhaseError
 from orchestrator.service.control import RemoteControlListener
 from orchestrator.service.listeners import MigrationListener, listens_on
 from orchestrator.service.metrics import MetricsListener
 from orchestrator.service.ownership import FENCED_OWNERS, KEPT_STOPPED, Owner
 from orchestrator.service.protocol import VERSION, Arg, Command, ControlError, qemu_migration_info
 from orchestrator.service.service import Service
+from transport.address import parse_address
 from transport.checks import has_type
 
 log = structlog.get_logger(__name__)
 
 #: Events the daemon emits; ``subscribe`` takes any subset.
 EVENTS = ("MIGRATION", "MIGRATION_PASS", "INCOMING_MIGRATION", "DEVICE_STATE", "SHUTDOWN")
+#: The phases in which a forced switchover still changes something: before pre-copy
+#: decided (it then switches over at the first iteration).
+_FORCEABLE = frozenset({Phase.NEW, Phase.SETUP, Phase.PRECOPY})
 
 
 class Commands:
@@ -156,6 +160,7 @@ class Commands:
         A real device is walked aside to take it, so a device that a migration may
         still move is refused (DeviceBusy), and the devices are held meanwhile.
         """
+        _refuse_repeats(devices or [])
         chosen = [self.service._device(str(n)) for n in (devices or list(self.service.devices))]
         self.service.refuse_busy([d.name for d in chosen if self.service.may_move(d.name)])
         # From an incoming migration past its resume, too.
@@ -172,6 +177,7 @@ class Commands:
         """
         if not devices or not all(isinstance(n, str) for n in devices):
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
+        _refuse_repeats(devices)
         chosen = [self.service._device(name) for name in devices]
         self.service.refuse_busy(devices)
         fenced = [d.name for d in chosen if self.service.book.get(d.name).owner in FENCED_OWNERS]
@@ -226,6 +232,10 @@ class Commands:
         uri, names = arguments.get("uri"), arguments.get("devices")
         peer, timeout_s = arguments.get("from"), arguments.get("timeout-s")
         if uri is not None:
+            try:
+                parse_address(uri)
+            except ValueError as exc:
+                raise ControlError("InvalidParameter", f"uri: {exc}") from None
             listening = [
                 x.address for x in self.service.listeners if isinstance(x, MigrationListener)
             ]
@@ -245,6 +255,7 @@ class Commands:
                 )
         elif not names or not all(isinstance(n, str) for n in names):
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
+        _refuse_repeats(names)
         for name in names:
             self.service._device(name)
         self.service.refuse_busy(names)
@@ -326,7 +337,7 @@ class Commands:
 
     async def migrate_continue(self, id: str | None = None) -> dict[str, Any]:
         """Release a migration paused before the switchover."""
-        record = self.service._active(id)
+        record = self.service.steerable(id)
         try:
             record.migration.continue_switchover()
         except PhaseError as exc:
@@ -334,19 +345,44 @@ class Commands:
         return {"id": record.migration.stats.migration_id}
 
     async def migrate_switchover(self, id: str | None = None) -> dict[str, Any]:
-        """Switch over at the next iteration whatever the estimate says."""
-        record = self.service._active(id)
-        record.migration.force_switchover()
-        return {"id": record.migration.stats.migration_id}
+        """Switch over at the next iteration whatever the estimate says.
+
+        Refused (WrongState) where it would do nothing: paused before the switchover,
+        whose gate only ``continue`` opens (a force there is a script's or a second
+        operator's, racing the one who holds the pause), or already switching over.
+        """
+        record = self.service.steerable(id)
+        migration = record.migration
+        migration_id = migration.stats.migration_id
+        if migration.phase is Phase.PAUSED:
+            raise ControlError(
+                "WrongState",
+                f"migration {migration_id} is paused before the switchover "
+                "(pause_before_switchover): it switches over when you release it with "
+                "livemig continue (migrate-continue)",
+            )
+        if migration.phase not in _FORCEABLE:
+            raise ControlError(
+                "WrongState",
+                f"migration {migration_id} is already switching over ({migration.phase.value})",
+            )
+        migration.force_switchover()
+        return {"id": migration_id}
 
     async def migrate_cancel(self, id: str | None = None) -> dict[str, Any]:
         """Cancel a migration; the source devices go back to RUNNING (watch the events)."""
         record = self.service._active(id)
+        migration_id = record.migration.stats.migration_id
         try:
-            record.migration.cancel("cancelled by the user")
+            record.cancel("cancelled by the user")
         except PhaseError as exc:
-            raise ControlError("WrongState", f"{exc} (past the point of no return)") from None
-        return {"id": record.migration.stats.migration_id}
+            raise ControlError(
+                "WrongState",
+                f"{exc} (past the point of no return): the workload now belongs to the "
+                f"destination; livemig status --id {migration_id} shows how it ends, and "
+                "only a migration back from there returns it",
+            ) from None
+        return {"id": migration_id}
 
     async def subscribe(self, events: list[Any] | None = None) -> dict[str, Any]:
         """Receive events on this connection: all of them, or those named."""
@@ -361,3 +397,13 @@ class Commands:
         connection = self.service.control.current
         connection.events = None if events is None else frozenset(str(e) for e in events)
         return {"events": list(EVENTS) if events is None else sorted(connection.events or ())}
+
+
+def _refuse_repeats(names: list[Any]) -> None:
+    """InvalidParameter naming a device given twice: resume and digests walk the named
+    devices at once, and two walks of one device would race."""
+    seen: set[str] = set()
+    for name in map(str, names):  # digests takes any JSON here and names it later
+        if name in seen:
+            raise ControlError("InvalidParameter", f"devices: {name} is named twice")
+        seen.add(name)

@@ -35,6 +35,7 @@ from orchestrator.service.protocol import (
     reply,
     tcp_address,
 )
+from transport.address import format_address
 
 log = structlog.get_logger(__name__)
 
@@ -348,7 +349,7 @@ class RemoteControlListener:
         if self._server is None or not self._server.sockets:
             return self.requested
         host, port = self._server.sockets[0].getsockname()[:2]
-        return f"tcp:{host}:{port}"
+        return format_address("tcp", host, port)
 
     async def start(self) -> None:
         """Listen; OSError when the address is taken."""

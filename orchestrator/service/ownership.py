@@ -3,10 +3,11 @@
 The record is the fence that keeps a workload in one place. Each device has an
 :class:`Owner` value, kept in a small JSON state file written atomically (write a
 temporary file, fsync, rename, fsync the folder) *before* the act it guards, and
-outside the downtime window: both hosts record "outcome unknown" at the SYNC barrier,
-before the source stops its devices (COMMIT may follow from there); a source that
-rolls back puts its records back, a destination records "received" once it resumed
-the devices. A daemon restarted on failure reads the file back, so a restart never
+outside the downtime window: a destination records its devices "idle" when it admits
+a migration (loading replaces their state); both hosts record "outcome unknown" at the
+SYNC barrier, before the source stops its devices (COMMIT may follow from there); a
+source that rolls back puts its records back, a destination records "received" once
+it resumed the devices. A daemon restarted on failure reads the file back, so a restart never
 lifts the fence.
 
 Arming is the destination's consent: an incoming migration may take only devices armed
@@ -17,7 +18,8 @@ the source may retry.
 
 One daemon per state file: a book holds an exclusive lock on ``.NAME.lock`` beside it
 until closed (the kernel drops it when the process dies), since two daemons writing
-one file would overwrite each other's fences. Records of devices the config no longer
+one file would overwrite each other's fences; a book whose lock file was removed or
+replaced refuses to write. Records of devices the config no longer
 names are kept in the file, so a device left out for one restart finds its fence again.
 """
 
@@ -26,9 +28,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import enum
+import errno
 import fcntl
 import json
 import os
+import re
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -127,6 +131,28 @@ class Arm:
         return None
 
 
+#: File systems whose content a reboot erases.
+VOLATILE_FILE_SYSTEMS = frozenset({"tmpfs", "ramfs"})
+#: mountinfo's escapes (a space is \040).
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def file_system(path: Path, mountinfo: str) -> str | None:
+    """The type of the file system holding ``path``: that of the longest mount point of
+    ``mountinfo`` (the text of /proc/self/mountinfo) above it; None if none is."""
+    target = os.path.abspath(path)
+    best, kind = "", None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) < 7 or "-" not in fields[6:]:
+            continue
+        mount = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])  # \040: a space
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, kind = mount, fields[fields.index("-", 6) + 1]
+    return kind
+
+
 def now_iso() -> str:
     """The current wall-clock time, for records people read."""
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
@@ -148,8 +174,13 @@ class OwnershipBook:
         self.accept_incoming = frozenset(accept_incoming)
         self.records: dict[str, Record] = {}
         self.arms: dict[str, Arm] = {}
+        #: The lock file and the descriptor that holds it (None without a state file).
+        self._lock_path: Path | None = None
+        self._lock_fd: int | None = None
         self._unlock = self._lock()
         try:
+            if self.path is not None:
+                self._warn_if_volatile()
             if self.path is not None and not self.path.exists():
                 self._warn_of_other_files(devices)
             stored = self._load()
@@ -183,7 +214,41 @@ class OwnershipBook:
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_path, self._lock_fd = lock_path, fd
         return weakref.finalize(self, os.close, fd)
+
+    def _check_lock(self) -> None:
+        """OSError unless the lock file is still the one this book holds: removed (an
+        operator's clean-up), another daemon may have locked a new one on the same file."""
+        if self._lock_path is None or self._lock_fd is None:
+            return
+        try:
+            held = os.stat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino
+        except FileNotFoundError:
+            held = False
+        if not held:
+            raise OSError(
+                errno.ENOLCK,
+                f"cannot write the state file {self.path}: its lock {self._lock_path} was "
+                "removed or replaced, so another daemon may use the file; stop this daemon",
+            )
+
+    def _warn_if_volatile(self) -> None:
+        """A state file on tmpfs (the default beside /run/livemig/control.sock) loses every
+        fence at a reboot; say so at each start, since nothing else would."""
+        assert self.path is not None
+        try:
+            kind = file_system(self.path.parent, Path("/proc/self/mountinfo").read_text())
+        except OSError:
+            return  # no /proc: nothing to tell
+        if kind in VOLATILE_FILE_SYSTEMS:
+            log.warning(
+                "state_file_on_volatile_storage",
+                state_file=str(self.path),
+                file_system=kind,
+                hint="a reboot erases the records (and every fence in them); "
+                "set state_file under /var/lib/livemig",
+            )
 
     def _warn_of_other_files(self, devices: Iterable[str]) -> None:
         """A new state file beside one that says some of our devices must not run (the
@@ -214,6 +279,7 @@ class OwnershipBook:
 
     def close(self) -> None:
         """Release the state file (idempotent; also when the book is collected)."""
+        self._lock_path = self._lock_fd = None  # the number may name another file soon
         self._unlock()
 
     def _load(self) -> dict[str, Record]:
@@ -243,6 +309,7 @@ class OwnershipBook:
                 name: record.as_dict() for name, record in {**self._unconfigured, **records}.items()
             },
         }
+        self._check_lock()
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ import structlog
 
 from orchestrator.engine.errors import MigrationBlocked
 from orchestrator.engine.params import from_qemu_parameters
+from transport.address import parse_address
 from transport.checks import has_type
 
 log = structlog.get_logger(__name__)
@@ -451,9 +452,8 @@ _JSON_NAMES: dict[type, str] = {
 
 
 def tcp_address(address: str) -> tuple[str, str, int]:
-    """``tcp:HOST:PORT`` or ``HOST:PORT`` split; ValueError naming the expected form."""
-    rest = address.removeprefix("tcp:")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise ValueError(f"{address!r} is not tcp:HOST:PORT")
-    return "tcp", host.strip("[]"), int(port)
+    """``tcp:HOST:PORT`` or ``HOST:PORT`` split; ValueError naming what is wrong."""
+    kind, host, port = parse_address(address)
+    if kind != "tcp":
+        raise ValueError(f"{address!r}: a TCP control address is tcp:HOST:PORT")
+    return kind, host, port

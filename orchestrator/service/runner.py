@@ -24,7 +24,8 @@ from orchestrator.service.config import ConfigError, DaemonConfig
 from orchestrator.service.control import ControlServer, RemoteControlListener, greeting
 from orchestrator.service.listeners import Listener, MigrationListener
 from orchestrator.service.metrics import Metrics, MetricsListener
-from orchestrator.service.service import Service, StartupError
+from orchestrator.service.ownership import OwnershipBook
+from orchestrator.service.service import Service, StartupError, open_book
 
 log = structlog.get_logger(__name__)
 
@@ -36,6 +37,7 @@ class Runner:
         self.config = config
         self.devices: list[MigratableDevice] = []
         self.service: Service | None = None
+        self.book: OwnershipBook | None = None
         self.started: list[Listener] = []
         self._stop = asyncio.Event()
         self._reason = ""
@@ -50,6 +52,12 @@ class Runner:
 
     async def _setup(self) -> None:
         config = self.config
+        # The state file first: its lock says no other daemon drives these devices, and
+        # opening one (a vfio-user session, say) could disturb that daemon's migration.
+        try:
+            self.book = open_book(config, [d.name for d in config.devices])
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"cannot use the ownership state: {exc}") from exc
         for device_config in config.devices:
             try:
                 device = device_config.build()
@@ -62,10 +70,7 @@ class Runner:
                 ) from exc
             self.devices.append(device)
         metrics = Metrics() if config.metrics is not None else None
-        try:
-            service = self.service = Service(config, self.devices, metrics=metrics)
-        except (ValueError, OSError) as exc:
-            raise StartupError(f"cannot use the ownership state: {exc}") from exc
+        service = self.service = Service(config, self.devices, metrics=metrics, book=self.book)
         await service.fence()
         listeners: list[Listener] = [MigrationListener(a, service) for a in config.listen]
         service.control = ControlServer(
@@ -145,8 +150,9 @@ class Runner:
                 errors.append((device.name, exc))
         states = {d.name: d.state.name for d in self.devices}
         self.devices.clear()
-        if self.service is not None:
-            self.service.book.close()  # the state file is free for the next daemon
+        if self.book is not None:
+            self.book.close()  # the state file is free for the next daemon
+            self.book = None
         for what, error in errors:
             log.error("cleanup_failed", what=what, error=repr(error))
         if states:

@@ -50,6 +50,16 @@ class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
 
 
+def open_book(config: DaemonConfig, names: Iterable[str]) -> OwnershipBook:
+    """The ownership book of devices ``names`` in the config's state file, locked;
+    ValueError or OSError naming the file when another daemon holds it or it is bad."""
+    return OwnershipBook(
+        config.state_file,
+        names,
+        accept_incoming=[d.name for d in config.devices if d.accept_incoming],
+    )
+
+
 @dataclass(slots=True)
 class Outgoing:
     """An outgoing migration and the task running it."""
@@ -58,6 +68,13 @@ class Outgoing:
     task: asyncio.Task[None] | None = None
     last_status: Status | None = None
     last_iteration: int = 0
+    #: Why it was asked to cancel (by an operator or the daemon's shutdown), once taken.
+    cancelling: str | None = None
+
+    def cancel(self, reason: str) -> None:
+        """Ask the migration to roll back; PhaseError past COMMIT (see SourceMigration)."""
+        self.migration.cancel(reason)
+        self.cancelling = reason
 
 
 @dataclass(slots=True)
@@ -128,6 +145,7 @@ class Service:
         devices: list[MigratableDevice],
         *,
         metrics: Metrics | None = None,
+        book: OwnershipBook | None = None,
     ) -> None:
         self.config = config
         self.devices = {d.name: d for d in devices}
@@ -140,11 +158,7 @@ class Service:
         #: Records of devices being switched over, as they were before the fence.
         self._before_fence: dict[str, dict[str, Record]] = {}
         #: Where each device's workload is, and the arms; durable in the state file.
-        self.book = OwnershipBook(
-            config.state_file,
-            self.devices,
-            accept_incoming=[d.name for d in config.devices if d.accept_incoming],
-        )
+        self.book = book if book is not None else open_book(config, self.devices)
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
         self.control: ControlServer | None = None
@@ -255,6 +269,16 @@ class Service:
         ]
         if problems:
             raise Refused("; ".join(problems))
+        try:  # loading replaces what the devices held: durably no workload from now
+            self.book.set(
+                offer.devices,
+                Owner.IDLE,
+                peer=offer.peer,
+                migration_id=offer.migration_id,
+                reason="receiving: the state here is being replaced",
+            )
+        except OSError as exc:
+            raise Refused(f"cannot record the devices as receiving: {exc}") from None
         for name in offer.devices:  # _ClaimOnLookup took them under the claim id: rename it
             if self.owners.get(name) == record.id:
                 self.owners[name] = offer.migration_id
@@ -264,7 +288,8 @@ class Service:
         self.emit("INCOMING_MIGRATION", record.as_dict())
 
     def _incoming_committed(self, offer: Offer) -> None:
-        """COMMIT arrived: the workload is ours from now, durably, before anything runs."""
+        """After COMMIT and the resume (outside the window): the workload is ours, durably;
+        until this write the SYNC fence ("outcome unknown") covered a crash."""
         self.book.set(
             offer.devices, Owner.RECEIVED, peer=offer.peer, migration_id=offer.migration_id
         )
@@ -274,15 +299,13 @@ class Service:
         """Record what an incoming migration left: failed devices stay stopped, named."""
         if results is None:
             # Loading had begun, so the devices' earlier state is gone: they hold nothing.
-            emptied = [n for n in offer.devices if self.book.get(n).owner != Owner.IDLE]
-            if emptied:
-                self.book.set(
-                    emptied,
-                    Owner.IDLE,
-                    peer=offer.peer,
-                    migration_id=offer.migration_id,
-                    reason="an incoming migration failed while loading",
-                )
+            self.book.set(
+                offer.devices,
+                Owner.IDLE,
+                peer=offer.peer,
+                migration_id=offer.migration_id,
+                reason="an incoming migration failed while loading",
+            )
             return
         for name, why in results.items():
             if why:
@@ -354,6 +377,13 @@ class Service:
             raise ControlError("InvalidParameter", "devices: the list is empty")
         devices = [self._device(name) for name in names]
         self.refuse_busy(names, another=True)
+        stopped = [n for n in names if self.book.get(n).owner == Owner.STOPPED]
+        if stopped:
+            raise ControlError(
+                "WrongState",
+                f"{', '.join(stopped)} (stopped: its workload is here but does not run): "
+                f"livemig resume {' '.join(stopped)} first, then migrate",
+            )
         idle = [
             f"{n} ({self.book.get(n).owner.value})"
             for n in names
@@ -450,6 +480,13 @@ class Service:
                 "InvalidParameter",
                 f"destination {destination} is this daemon ({self.config.name}) itself: "
                 "migrate to the listen address of another daemon",
+            )
+        if listens_on(destination, [f"unix:{self.config.control_socket}"]):
+            raise ControlError(
+                "InvalidParameter",
+                f"destination {destination} is this daemon's control socket, where livemig "
+                "commands go: migrate to the listen address of another daemon (livemig "
+                "status there shows it)",
             )
 
     def _device(self, name: str) -> MigratableDevice:
@@ -557,8 +594,42 @@ class Service:
             )
         return record
 
+    def steerable(self, migration_id: str | None) -> Outgoing:
+        """The running outgoing migration to continue or force, unless a cancel of it
+        was taken: it is rolling back, and "continues" would be a false answer."""
+        record = self._active(migration_id)
+        if record.cancelling is not None:
+            raise ControlError(
+                "WrongState",
+                f"migration {record.migration.stats.migration_id} is being cancelled "
+                f"({record.cancelling}): it rolls back and the source devices run again",
+            )
+        return record
+
     async def fence(self) -> None:
-        """At start: a device whose workload is elsewhere (by the record) must not run here."""
+        """At start: a device whose workload is elsewhere (by the record) must not run here,
+        and one whose record says it runs here but that is found in STOP is recorded
+        ``stopped`` (a backend that keeps devices across daemons had it stopped): the file
+        must not claim a workload runs where none does."""
+        stopped = [
+            n
+            for n, d in self.devices.items()
+            if self.book.get(n).owner in RUNNING_OWNERS and d.state == State.STOP
+        ]
+        for name in stopped:
+            record = self.book.get(name)
+            log.warning("workload_found_stopped", device=name, record=record.as_dict())
+            try:
+                self.book.set(
+                    [name],
+                    Owner.STOPPED,
+                    peer=record.peer,
+                    migration_id=record.migration_id,
+                    reason=f"found stopped when the daemon started (the record said "
+                    f"{record.owner.value}): it runs nowhere; livemig resume runs it here",
+                )
+            except OSError as exc:
+                raise StartupError(f"cannot record {name!r} as stopped: {exc}") from exc
         for name, device in self.devices.items():
             record = self.book.get(name)
             if record.owner in FENCED_OWNERS and device.state in RUNNING_STATES:
@@ -579,7 +650,7 @@ class Service:
         for record in self.outgoing.values():
             if record.task is not None and not record.task.done():
                 try:
-                    record.migration.cancel(reason)
+                    record.cancel(reason)
                 except PhaseError:
                     log.warning(
                         "migration_past_commit_at_shutdown",

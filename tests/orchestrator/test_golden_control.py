@@ -91,15 +91,18 @@ async def record(folder: Path) -> Recorder:
         await seen.call(pair, "src", "query-migrate-parameters")
         names = [d["name"] for d in await pair.dst.execute("query-devices")]
         await seen.call(pair, "dst", "migrate-incoming", devices=names, **{"from": "source"})
+        # Pre-copy that would not converge, forced to switch over: it pauses before the
+        # switchover (a force is refused once paused: only continue releases it).
         reply = await seen.call(
             pair,
             "src",
             "migrate",
             destination=pair.address,
-            parameters={"pause_before_switchover": True},
+            parameters={"pause_before_switchover": True, "downtime_limit_ms": 0.001},
         )
-        await seen.until(pair, "MIGRATION", "pre-switchover")
+        await seen.until(pair, "MIGRATION_PASS")
         await seen.call(pair, "src", "migrate-switchover", id=reply["id"])
+        await seen.until(pair, "MIGRATION", "pre-switchover")
         await seen.call(pair, "src", "migrate-continue", id=reply["id"])
         await seen.until(pair, "MIGRATION", "completed")
         await seen.call(pair, "src", "query-migrate", id=reply["id"], history=True)

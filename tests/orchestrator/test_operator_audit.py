@@ -251,12 +251,18 @@ async def test_cancel_in_the_switchover_before_commit_rolls_the_fence_back(
     tmp_path: Path,
 ) -> None:
     """A cancel while the switchover waits at its barrier (the fence already written)
-    puts the source's records back and its devices RUNNING; the destination runs none."""
+    puts the source's records back and its devices RUNNING; the destination runs none.
+    Meanwhile ``continue`` and a forced switchover are refused: it is already under way."""
     async with killable_pair(tmp_path) as pair:
         await hold_at_the_barrier(pair)
         assert await owners(pair.src) == dict.fromkeys(NAMES, ("PRE_COPY", "outcome unknown"))
         refused = await refusal(pair.src, "migrate-continue")
         assert refused.error_class == "WrongState"
+        refused = await refusal(pair.src, "migrate-switchover")
+        assert (refused.error_class, "is already switching over" in refused.desc) == (
+            "WrongState",
+            True,
+        ), refused.desc
         # Mid-switchover a live parameter is taken (the stop bound in force stays the
         # one set when the switchover began); a fixed one is refused by name.
         changed = await pair.src.execute(
@@ -302,6 +308,7 @@ async def test_cancel_and_resume_just_after_commit_are_refused(
             await commands.migrate_cancel()
         assert refused.value.error_class == "WrongState"
         assert "past the point of no return" in refused.value.desc
+        assert "only a migration back from there returns it" in refused.value.desc
         with pytest.raises(ControlError) as busy:
             await commands.device_resume(["sim0"], force=True)
         assert busy.value.error_class == "DeviceBusy"
@@ -319,29 +326,34 @@ async def test_cancel_and_resume_just_after_commit_are_refused(
         service.book.close()
 
 
-async def test_force_switchover_on_a_paused_migration_waits_for_continue(
+async def test_force_switchover_on_a_paused_migration_is_refused_naming_continue(
     make_ends: Callable[..., Any], tmp_path: Path
 ) -> None:
-    """``migrate-switchover`` while paused before the switchover is accepted and leaves
-    the pause alone (only ``continue`` ends it: a null effect, whose success reply the
-    golden control test pins); ``continue`` then completes the migration."""
+    """``migrate-switchover`` while paused before the switchover is refused with
+    WrongState naming ``continue`` (the pause is the operator's gate, which only
+    ``continue`` opens), and the pause holds; ``continue`` then completes the migration,
+    after which a switchover is refused as already ended."""
     ends = await make_ends([Spec("sim0", seed=1)])
     service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), ends.sources)
     commands = Commands(service)
     try:
         record = service.start_migration(ends.address, None, {"pause_before_switchover": True})
         await wait_status(record.migration, Status.PRE_SWITCHOVER)
-        await commands.migrate_switchover()
-        later = record.migration.stats.iterations + 2
-        sampled = asyncio.Event()
-        record.migration.add_listener(lambda s: sampled.set() if s.iterations >= later else None)
-        await sampled.wait()  # two more paused iterations: the force did not end the pause
+        with pytest.raises(ControlError) as refused:
+            await commands.migrate_switchover()
+        assert refused.value.error_class == "WrongState"
+        assert "paused before the switchover" in refused.value.desc
+        assert "livemig continue" in refused.value.desc
         assert record.migration.stats.status == Status.PRE_SWITCHOVER
         assert ends.sources[0].state == State.PRE_COPY
         await commands.migrate_continue()
         assert record.task is not None
         await record.task
         assert record.migration.stats.status == Status.COMPLETED
+        assert not record.migration.stats.forced
+        with pytest.raises(ControlError) as late:
+            await commands.migrate_switchover()
+        assert "is already completed" in late.value.desc
     finally:
         service.book.close()
 
@@ -589,8 +601,9 @@ async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
     tmp_path: Path,
 ) -> None:
     """SIGKILL of the destination before COMMIT: the source rolls back with its records
-    restored; the restarted destination holds nothing as received, and its arms did not
-    survive the restart, so a retry needs the operator's consent again."""
+    restored; the restarted destination holds nothing (idle: its devices' state was being
+    replaced), and its arms did not survive the restart, so a retry needs the operator's
+    consent again."""
     async with killable_pair(tmp_path) as pair:
         await hold_at_the_barrier(pair)
         await pair.destination.kill()
@@ -606,11 +619,11 @@ async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
         )
         await pair.destination.start(tmp_path / "destination.sock")
         pair.dst = await pair.destination.client()
-        assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
+        assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "idle"))
         pair.address = (await pair.dst.execute("query-daemon"))["listen"][0]
         code, _, err = await pair.cli("migrate", "--to", pair.address)
         assert code == 1
-        assert "sim0 is not armed to receive (owner here: running here)" in err
+        assert "sim0 is not armed to receive (owner here: idle)" in err
         await pair.dst.execute("migrate-incoming", devices=list(NAMES), **{"from": "source"})
         code, _, err = await pair.cli("migrate", "--to", pair.address)
         assert code == 0, err
