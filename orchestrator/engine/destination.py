@@ -132,8 +132,7 @@ class DestinationMigration(Phased):
         self._loading = False
         #: The devices that resume through RUNNING_P2P (when the offer asks for P2P).
         self._p2p_capable: list[MigratableDevice] = []
-        #: Whether every device is a model, whose arcs never wait (see fanout).
-        self._models = False
+        self._models = False  # whether every device is a model (fanout.never_waits)
         self.marks: dict[str, float] = {}
         self.device_marks: dict[str, dict[str, float]] = {}
         self.received_bytes = 0
@@ -256,13 +255,11 @@ class DestinationMigration(Phased):
                         self.log.info("switchover_ack_sent")
                 elif tag == Tag.END_OF_DEVICE:
                     ended.add(index)
-                    # The source's window is open (its devices stopped): reports wait.
-                    self._phases.hold()
-                    device = self.devices[index]
-                    if fanout.never_waits((device,)):
-                        # A model loads now, while the source still drains the others:
-                        # per device, that is downtime off the window's end.
-                        await self._transition((device,), State.STOP, mark=Downtime.LOAD)
+                    self._phases.hold()  # the source's window is open: reports wait
+                    if fanout.never_waits(model := (self.devices[index],)):
+                        # A model loads now, while the source drains the others: that
+                        # much downtime off the window's end.
+                        await self._transition(model, State.STOP, mark=Downtime.LOAD)
                 elif tag == Tag.SYNC:
                     if not prepared:
                         if self.gate is not None:
@@ -364,26 +361,20 @@ class DestinationMigration(Phased):
         self, devices: Sequence[MigratableDevice], target: State, *, mark: str = ""
     ) -> None:
         """Devices to ``target`` in parallel; the first failure names its device."""
-        for device, result in zip(devices, await self._move(devices, target), strict=True):
+        results = await fanout.move(devices, target, models=self._models)
+        for device, result in zip(devices, results, strict=True):
             if isinstance(result, BaseException):
                 raise result
             if mark:
                 self.device_marks[device.name][mark] = (result[1] - result[0]) * 1e3
-
-    async def _move(
-        self, devices: Sequence[MigratableDevice], target: State
-    ) -> Sequence[fanout.Span | BaseException]:
-        """fanout.move, without its check when every device is a model."""
-        if self._models:
-            return fanout.walk(devices, target)
-        return await fanout.move(devices, target)
 
     async def _move_all(
         self, devices: Sequence[MigratableDevice], target: State
     ) -> list[tuple[MigratableDevice, str]]:
         """Move ``devices`` to ``target`` in parallel; the ones that failed, with why."""
         failed = []
-        for device, result in zip(devices, await self._move(devices, target), strict=True):
+        results = await fanout.move(devices, target, models=self._models)
+        for device, result in zip(devices, results, strict=True):
             if isinstance(result, BaseException):
                 if not isinstance(result, Exception):
                     raise result

@@ -67,11 +67,12 @@ async def each(devices: Sequence[D], step: Callable[[D], Awaitable[T]]) -> list[
 
 
 async def move(
-    devices: Sequence[D], target: State | Callable[[D], State]
+    devices: Sequence[D], target: State | Callable[[D], State], *, models: bool | None = None
 ) -> list[Span | BaseException]:
     """Every device to ``target`` (a state, or each device's own) together, as ``each``
-    does; each one's span or exception, in the order of ``devices``."""
-    if never_waits(devices):
+    does; each one's span or exception, in the order of ``devices``. ``models``: whether
+    ``never_waits(devices)``, when the caller knows it (a check of every device)."""
+    if never_waits(devices) if models is None else models:
         return list(walk(devices, target))
     goal = (lambda _: target) if isinstance(target, State) else target
 
