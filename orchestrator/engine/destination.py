@@ -233,12 +233,14 @@ class DestinationMigration(Phased):
         initial_loaded: set[int] = set()
         ended: set[int] = set()
         prepared = False
-        loop = asyncio.get_running_loop()
-        # One deadline moved on at every frame: wait_for would start a task per frame,
-        # thousands in pre-copy and one per device and frame in the downtime window.
+        loop, moved = asyncio.get_running_loop(), 0.0
+        # One deadline for the stream (wait_for would start a task per frame), moved on at
+        # most once a second (a timer per frame cost 2 us) and so a second late at most.
         async with _idle_deadline(self.idle_timeout_s) as idle:
             while True:
-                idle.reschedule(loop.time() + self.idle_timeout_s)
+                if (now := loop.time()) >= moved:
+                    idle.reschedule(now + self.idle_timeout_s + 1.0)
+                    moved = now + 1.0
                 frame = await session.recv()
                 tag, index = frame.tag, frame.device
                 if tag in (Tag.PRECOPY_DATA, Tag.STOPCOPY_DATA):
@@ -428,17 +430,15 @@ class DestinationMigration(Phased):
         try:
             write(*args)
         except OSError as exc:
+            names = [d.name for d in self.devices]
             self.log.critical(
-                "ownership_not_recorded",
-                error=str(exc),
-                devices=[d.name for d in self.devices],
-                committed=self.committed,
+                "ownership_not_recorded", error=str(exc), devices=names, committed=self.committed
             )
 
 
 @contextlib.asynccontextmanager
 async def _idle_deadline(seconds: float) -> AsyncIterator[asyncio.Timeout]:
-    """A deadline the stream moves on at every frame; past it, a TimeoutError naming it
+    """A deadline the stream moves on as frames come; past it, a TimeoutError naming it
     (the source reports the destination's reason, and a bare one says nothing)."""
     deadline = asyncio.timeout(None)
     try:
