@@ -119,6 +119,14 @@ MAGIC = b"LM"
 PREFIX = struct.Struct("!2sB")
 #: Longest header: fixarray + 6 integers of at most 9 bytes each, with room to spare.
 MAX_HEADER = 40
+#: What a peer that is not a livemig listener sends first, for the error (an operator
+#: who gave another port of the daemon reads which).
+FOREIGN = {
+    b"HT": ": an HTTP answer (the metrics port?)",
+    b'{"': ": JSON (the control port?)",
+    b"\x15\x03": ": a TLS alert (a TLS listener? configure TLS for this peer)",
+    b"\x16\x03": ": a TLS handshake (a TLS listener? configure TLS for this peer)",
+}
 #: A read into a receive buffer asks for at least this much room when it can.
 MIN_READ = 64 * 1024
 #: The bytes a frame's payload may be made of (the transport never looks inside them).
@@ -429,7 +437,8 @@ class FrameDecoder:
                 return None
             magic, size = PREFIX.unpack_from(seg.buffer, start)
             if magic != MAGIC:
-                raise ProtocolError("magic", f"expected {MAGIC!r}, got {bytes(magic)!r}")
+                seen = FOREIGN.get(bytes(magic), "")
+                raise ProtocolError("magic", f"expected {MAGIC!r}, got {bytes(magic)!r}{seen}")
             if not 0 < size <= MAX_HEADER:
                 raise ProtocolError("header_length", f"{size} is not in 1..{MAX_HEADER}")
             if available < PREFIX.size + size:

@@ -629,7 +629,8 @@ class SourceMigration(Phased):
                 if frame.tag == Tag.SYNC_ACK:
                     self._synced.set()
                 elif frame.tag == Tag.SWITCHOVER_ACK:
-                    self.log.info("switchover_ack_received")
+                    if not self._ack.is_set():  # a peer repeating it gets one line
+                        self.log.info("switchover_ack_received")
                     self._ack.set()
                     self._wakeup.set()
                 elif frame.tag == Tag.VERDICT:

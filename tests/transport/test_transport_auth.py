@@ -13,6 +13,7 @@ from tests.pki import make_pki
 from transport import (
     AuthConfig,
     AuthenticationError,
+    ProtocolError,
     Server,
     Tag,
     client_tls_context,
@@ -185,3 +186,23 @@ def test_tls_helpers_build_verifying_contexts(pki: Path) -> None:
         pki / "server.crt", pki / "server.key", client_ca_file=pki / "ca.crt"
     )
     assert server.verify_mode is ssl.CERT_REQUIRED
+
+
+async def test_a_source_sent_to_an_http_port_is_told_so() -> None:
+    """Connecting to a port that answers HTTP (the daemon's metrics port given by
+    mistake) fails at once, saying an HTTP server answered."""
+
+    async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(100)
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(http, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(ProtocolError, match="HTTP answer"):
+            await connect(f"127.0.0.1:{port}", name="source", auth=AuthConfig(), timeout=5)
+    finally:
+        server.close()
+        await server.wait_closed()

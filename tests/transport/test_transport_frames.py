@@ -222,6 +222,24 @@ REFUSALS: list[tuple[str, bytes, str]] = [
 ]
 
 
+@pytest.mark.parametrize(
+    ("data", "seen"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n", "HTTP"),
+        (b'{"QMP": {}}\r\n', "JSON"),
+        (b"\x15\x03\x03", "TLS"),
+    ],
+)
+def test_a_foreign_peer_is_named_by_what_it_sent(data: bytes, seen: str) -> None:
+    """A peer that is not a livemig listener (another port of the daemon) is refused
+    with what its first bytes look like, so the operator sees which port was given."""
+    decoder = session_decoder()
+    decoder.feed(data)
+    with pytest.raises(ProtocolError, match=seen) as caught:
+        drain(decoder)
+    assert caught.value.field == "magic"
+
+
 @pytest.mark.parametrize(("data", "field"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
 def test_refusals_name_the_field(data: bytes, field: str) -> None:
     """Each violation raises ProtocolError naming the field, and the decoder stays dead."""
