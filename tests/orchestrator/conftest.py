@@ -93,6 +93,10 @@ class Ends:
     incoming: list[DestinationMigration]
     gate_made: asyncio.Event
     auth: transport.AuthConfig = dataclasses.field(default_factory=transport.AuthConfig)
+    #: The destination sessions' handler tasks, in the order the sessions arrived.
+    tasks: list[asyncio.Task[Any]] = dataclasses.field(default_factory=list)
+    #: Set once the first destination session arrived.
+    accepted: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     def resumed_on_destination(self) -> bool:
         """Whether any destination device took the resume arc out of STOP."""
@@ -140,12 +144,22 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
         link_timeout_s: float = 5.0,
         gate: Gate | None = None,
         wrap: Callable[[transport.Session], Any] | None = None,
+        idle_timeout_s: float = 60.0,
+        device_as: Callable[[PagedDevice], Any] | None = None,
+        auth: tuple[transport.AuthConfig, transport.AuthConfig] | None = None,
+        limits: transport.Limits | None = None,
     ) -> Ends:
         """``hold_verdicts``: hold every verdict (True) or those of one stage; ``gate``:
         the destination's say (a daemon's arming and records), none by default; ``wrap``:
-        what the destination reads its session through (to watch what it receives)."""
-        sources = [s.build(source=True) for s in specs]
-        targets = [s.build(source=False) for s in specs]
+        what the destination reads its session through (to watch or script what it
+        receives); ``device_as``: what each device is seen through at both ends (e.g. a
+        device whose arcs wait); ``auth``: the server's and the source's (TLS);
+        ``limits``: the destination's transport limits."""
+        sources: list[Any] = [s.build(source=True) for s in specs]
+        targets: list[Any] = [s.build(source=False) for s in specs]
+        if device_as is not None:
+            sources = [device_as(d) for d in sources]
+            targets = [device_as(d) for d in targets]
         trace, target_trace = ArcTrace(), ArcTrace()
         trace.watch(*sources)
         target_trace.watch(*targets)
@@ -155,28 +169,36 @@ async def make_ends() -> AsyncIterator[Callable[..., Any]]:
         outcomes: list[bool] = []
         gates: list[VerdictGate] = []
         incoming: list[DestinationMigration] = []
-        gate_made = asyncio.Event()
+        gate_made, accepted = asyncio.Event(), asyncio.Event()
+        tasks: list[asyncio.Task[Any]] = []
         by_name = {d.name: d for d in targets}
 
         async def accept(session: transport.Session) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            tasks.append(task)
             if wrap is not None:
                 session = wrap(session)
+            accepted.set()
             if hold_verdicts:
                 stage = hold_verdicts if isinstance(hold_verdicts, str) else None
                 held = VerdictGate(session, stage)
                 gates.append(held)
                 gate_made.set()
                 session = held
-            incoming.append(DestinationMigration(session, by_name, gate=gate))
+            incoming.append(
+                DestinationMigration(session, by_name, gate=gate, idle_timeout_s=idle_timeout_s)
+            )
             outcomes.append(await incoming[-1].run())
 
-        auth = transport.AuthConfig()
+        server_auth, client_auth = auth or (transport.AuthConfig(),) * 2
         server = await transport.serve(
-            "127.0.0.1:0", accept, name="test-dst", auth=auth, link_timeout_s=link_timeout_s
-        )
+            "127.0.0.1:0", accept, name="test-dst", auth=server_auth,
+            limits=limits, link_timeout_s=link_timeout_s,
+        )  # fmt: skip
         servers.append(server)
         return Ends(list(specs), sources, targets, trace, target_trace, server.address,
-                    outcomes, gates, incoming, gate_made, auth)  # fmt: skip
+                    outcomes, gates, incoming, gate_made, client_auth, tasks, accepted)  # fmt: skip
 
     yield make
     for server in servers:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +33,9 @@ import pytest
 
 import transport
 from devices.fsm import Feature, State
-from devices.paged import PagedDevice
-from devices.testing import ArcTrace
-from orchestrator.engine.destination import DestinationMigration
 from orchestrator.engine.errors import OutcomeUnknown
 from orchestrator.engine.phases import Phase
-from tests.orchestrator.conftest import MB, MIB, Ends, Spec
+from tests.orchestrator.conftest import MB, MIB, Spec
 from tests.orchestrator.test_switchover_faults import Pair, Script, longest_stop, run_to_end, two
 from tests.transport.transport_helpers import tls_auth
 from transport import Frame, Tag
@@ -120,10 +117,8 @@ class Deaf:
 
 
 @pytest.fixture
-async def make_deaf(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+def make_deaf(make_ends: Callable[..., Any], tmp_path: Path) -> Callable[..., Any]:
     """Factory of migration ends whose destination stops reading as a Deaf says."""
-    servers: list[transport.Server] = []
-    devices: list[PagedDevice] = []
 
     async def make(
         specs: Sequence[Spec],
@@ -133,51 +128,22 @@ async def make_deaf(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         mute: bool = False,
     ) -> Pair:
         """``mute``: the destination's transport answers no PING (keep-alives still go)."""
-        sources: list[Any] = [s.build(source=True) for s in specs]
-        targets: list[Any] = [s.build(source=False) for s in specs]
-        trace, target_trace = ArcTrace(), ArcTrace()
-        trace.watch(*sources)
-        target_trace.watch(*targets)
-        for device in (*sources, *targets):
-            await device.open()
-        devices.extend((*sources, *targets))
-        by_name = {d.name: d for d in targets}
         deaf: list[Any] = []
-        tasks: list[asyncio.Task[Any]] = []
-        incoming: list[DestinationMigration] = []
-        outcomes: list[bool] = []
-        accepted = asyncio.Event()
 
-        async def accept(session: transport.Session) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.append(task)
+        def deafen(session: transport.Session) -> Deaf:
             if mute:
                 mute_pongs(session)
             deaf.append(Deaf(session, tag, count))
-            accepted.set()
-            # Its idle timeout stays long: the source's bounds must end the wait.
-            incoming.append(DestinationMigration(deaf[-1], by_name, idle_timeout_s=60.0))
-            outcomes.append(await incoming[-1].run())
+            return deaf[-1]
 
-        server_auth, client_auth = tls_auth(tmp_path) if tls else (transport.AuthConfig(),) * 2
-        server = await transport.serve(
-            "127.0.0.1:0", accept, name="test-dst", auth=server_auth,
-            limits=DEST_LIMITS, link_timeout_s=LINK_S,
+        # Its idle timeout stays long: the source's bounds must end the wait.
+        ends = await make_ends(
+            specs, wrap=deafen, idle_timeout_s=60.0, limits=DEST_LIMITS, link_timeout_s=LINK_S,
+            auth=tls_auth(tmp_path) if tls else None,
         )  # fmt: skip
-        servers.append(server)
-        ends = Ends(
-            list(specs), sources, targets, trace, target_trace, server.address,
-            outcomes, [], incoming, asyncio.Event(), client_auth,
-        )  # fmt: skip
-        return Pair(ends, Script(), deaf, tasks, accepted, asyncio.all_tasks())
+        return Pair(ends, Script(), deaf, ends.tasks, ends.accepted, asyncio.all_tasks())
 
-    yield make
-    for server in servers:
-        server.close()
-        await server.wait_closed()
-    for device in devices:
-        await device.close()
+    return make
 
 
 def mute_pongs(session: transport.Session) -> None:

@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import gc
 import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -30,7 +30,7 @@ from devices.fsm import Feature, State
 from devices.paged import Faults, PagedDevice
 from devices.testing import ArcTrace
 from orchestrator.engine import phases
-from orchestrator.engine.destination import DestinationMigration, Gate
+from orchestrator.engine.destination import Gate
 from orchestrator.engine.errors import (
     DestinationFailed,
     DowntimeExceeded,
@@ -262,10 +262,8 @@ def _collector_restored() -> Iterator[None]:
 
 
 @pytest.fixture
-async def make_pair() -> AsyncIterator[Callable[..., Any]]:
+def make_pair(make_ends: Callable[..., Any]) -> Callable[..., Any]:
     """Factory of migration ends whose destination follows a Script."""
-    servers: list[transport.Server] = []
-    devices: list[PagedDevice] = []
 
     async def make(
         specs: Sequence[Spec],
@@ -276,53 +274,19 @@ async def make_pair() -> AsyncIterator[Callable[..., Any]]:
     ) -> Pair:
         """``waiting``: every device is an :class:`Awaiting` (not a model)."""
         script = script or Script()
-        sources: list[Any] = [s.build(source=True) for s in specs]
-        targets: list[Any] = [s.build(source=False) for s in specs]
-        if waiting:
-            sources = [Awaiting(d) for d in sources]
-            targets = [Awaiting(d) for d in targets]
-        trace, target_trace = ArcTrace(), ArcTrace()
-        trace.watch(*sources)
-        target_trace.watch(*targets)
-        for device in (*sources, *targets):
-            await device.open()
-        devices.extend((*sources, *targets))
-        by_name = {d.name: d for d in targets}
         scripted: list[Scripted] = []
-        tasks: list[asyncio.Task[Any]] = []
-        incoming: list[DestinationMigration] = []
-        outcomes: list[bool] = []
-        accepted = asyncio.Event()
 
-        async def accept(session: transport.Session) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.append(task)
+        def follow(session: transport.Session) -> Scripted:
             scripted.append(Scripted(session, script))
-            accepted.set()
-            incoming.append(
-                DestinationMigration(
-                    scripted[-1], by_name, gate=gate, idle_timeout_s=idle_timeout_s
-                )  # type: ignore[arg-type]
-            )
-            outcomes.append(await incoming[-1].run())
+            return scripted[-1]
 
-        server = await transport.serve(
-            "127.0.0.1:0", accept, name="test-dst", auth=transport.AuthConfig(), link_timeout_s=5.0
-        )
-        servers.append(server)
-        ends = Ends(
-            list(specs), sources, targets, trace, target_trace, server.address,
-            outcomes, [], incoming, asyncio.Event(),
+        ends = await make_ends(
+            specs, gate=gate, wrap=follow, idle_timeout_s=idle_timeout_s,
+            device_as=Awaiting if waiting else None,
         )  # fmt: skip
-        return Pair(ends, script, scripted, tasks, accepted, asyncio.all_tasks())
+        return Pair(ends, script, scripted, ends.tasks, ends.accepted, asyncio.all_tasks())
 
-    yield make
-    for server in servers:
-        server.close()
-        await server.wait_closed()
-    for device in devices:
-        await device.close()
+    return make
 
 
 def two() -> list[Spec]:
