@@ -119,6 +119,20 @@ async def restart_source(pair: Pair, log_name: str) -> None:
     await pair.src.subscribe()
 
 
+async def restart_destination(pair: Pair) -> None:
+    """Start the destination daemon again on the same config and state file (after
+    SIGKILL): its own log, a fresh control client."""
+    with contextlib.suppress(Exception):  # the connection to the killed daemon
+        await pair.dst.close()
+    pair.destination = DaemonProcess(
+        pair.destination.config,
+        name="destination-again",
+        log_file=pair.folder / "destination-again.log",
+    )
+    await pair.destination.start(pair.folder / "destination.sock")
+    pair.dst = await pair.destination.client()
+
+
 # -- races with a running migration -----------------------------------------------------------
 
 
@@ -610,15 +624,7 @@ async def test_a_destination_killed_in_the_switchover_leaves_the_source_running(
         failed = await pair.migration_event("failed")
         assert failed["data"]["stats"]["outcome"] == "source"
         assert await owners(pair.src) == dict.fromkeys(NAMES, ("RUNNING", "running here"))
-        with contextlib.suppress(Exception):
-            await pair.dst.close()
-        pair.destination = DaemonProcess(
-            pair.destination.config,
-            name="destination-again",
-            log_file=tmp_path / "destination-again.log",
-        )
-        await pair.destination.start(tmp_path / "destination.sock")
-        pair.dst = await pair.destination.client()
+        await restart_destination(pair)
         assert await owners(pair.dst) == dict.fromkeys(NAMES, ("RUNNING", "idle"))
         pair.address = (await pair.dst.execute("query-daemon"))["listen"][0]
         code, _, err = await pair.cli("migrate", "--to", pair.address)

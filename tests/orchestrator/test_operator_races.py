@@ -37,6 +37,7 @@ from tests.orchestrator.test_operator_audit import (
     killable_pair,
     owners,
     refusal,
+    restart_destination,
     restart_source,
 )
 
@@ -267,14 +268,7 @@ async def test_a_destination_killed_while_loading_restarts_holding_no_workload(
         await pair.destination.kill()
         failed = await final_event(pair, started["id"])
         assert failed["stats"]["outcome"] == "source"
-        await pair.dst.close()
-        pair.destination = DaemonProcess(
-            pair.destination.config,
-            name="destination-again",
-            log_file=tmp_path / "destination-again.log",
-        )
-        await pair.destination.start(tmp_path / "destination.sock")
-        pair.dst = await pair.destination.client()
+        await restart_destination(pair)
         assert {o for _, o in (await owners(pair.dst)).values()} == {"idle"}
         refused = await refusal(pair.dst, "migrate", destination="127.0.0.1:9")
         assert "no workload runs here" in refused.desc
