@@ -596,13 +596,18 @@ class Service:
 
     def steerable(self, migration_id: str | None) -> Outgoing:
         """The running outgoing migration to continue or force, unless a cancel of it
-        was taken: it is rolling back, and "continues" would be a false answer."""
+        was taken or it failed: it is ending, and "continues" would be a false answer."""
         record = self._active(migration_id)
+        stats = record.migration.stats
         if record.cancelling is not None:
             raise ControlError(
                 "WrongState",
-                f"migration {record.migration.stats.migration_id} is being cancelled "
+                f"migration {stats.migration_id} is being cancelled "
                 f"({record.cancelling}): it rolls back and the source devices run again",
+            )
+        if stats.error is not None:  # failed on its own: ending, as a cancel would
+            raise ControlError(
+                "WrongState", f"migration {stats.migration_id} is failing ({stats.error})"
             )
         return record
 

@@ -40,6 +40,7 @@ from tests.orchestrator.test_operator_audit import (
     restart_destination,
     restart_source,
 )
+from tests.orchestrator.test_switchover_faults import Awaiting
 
 #: Paused before the switchover, on a link that outlives the test's pauses.
 PAUSED = {"pause_before_switchover": True, "link_timeout_s": 30}
@@ -93,6 +94,37 @@ async def test_continue_after_a_cancel_is_refused_naming_the_cancel(
         assert record.migration.stats.status == Status.CANCELLED
         assert ends.sources[0].state == State.RUNNING
     finally:
+        service.book.close()
+
+
+async def test_continue_while_a_failed_migration_rolls_back_is_refused_naming_why(
+    make_ends: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A paused migration that failed on its own (its destination went away) still
+    rolls back when ``continue`` arrives: it is refused saying the migration is failing
+    and why, not answered as continuing (the rollback is held at its arc)."""
+    ends = await make_ends([Spec("sim0", seed=1)], device_as=Awaiting)
+    source = ends.sources[0]
+    source.gates[State.RUNNING] = asyncio.Event()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), ends.sources)
+    commands = Commands(service)
+    try:
+        record = service.start_migration(ends.address, None, PAUSED)
+        await wait_status(record.migration, Status.PRE_SWITCHOVER)
+        ends.incoming[0].session.abort("the destination went away (test)")
+        await source.reached.setdefault(State.RUNNING, asyncio.Event()).wait()
+        with pytest.raises(ControlError) as refused:
+            await commands.migrate_continue()
+        assert refused.value.error_class == "WrongState"
+        assert "is failing" in refused.value.desc
+        assert "went away" in refused.value.desc
+        source.gates[State.RUNNING].set()
+        assert record.task is not None
+        await record.task
+        assert record.migration.stats.status == Status.FAILED
+        assert source.state == State.RUNNING
+    finally:
+        source.gates[State.RUNNING].set()
         service.book.close()
 
 
