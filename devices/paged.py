@@ -94,7 +94,8 @@ class PagedDevice(ArcDevice):
     queries and state changes. ``run_workload`` advances it by hand.
     """
 
-    format_version: ClassVar[int] = 1
+    #: 2: records carry an xxh3-64 check (1: CRC-32), see devices.stream.
+    format_version: ClassVar[int] = 2
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from devices.base import MigratableDevice
 from devices.errors import DeviceError
 from devices.fsm import Feature, State
 from devices.paged import Faults, PagedDevice
+from devices.simulated import SimulatedDevice
 from devices.testing import ArcTrace
 from orchestrator.engine import phases
 from orchestrator.engine.destination import Gate
@@ -196,7 +197,7 @@ class Awaiting(MigratableDevice):
     """
 
     kind = "simulated"
-    format_version = 1
+    format_version = SimulatedDevice.format_version
 
     def __init__(self, inner: PagedDevice) -> None:
         super().__init__(inner.name, inner.features)
