@@ -256,11 +256,12 @@ class DestinationMigration(Phased):
                         await session.send_control(Tag.SWITCHOVER_ACK)
                         self.log.info("switchover_ack_sent")
                 elif tag == Tag.END_OF_DEVICE:
+                    if not prepared:  # a source's window opens after its barriers: not yet
+                        raise transport.ProtocolError("END_OF_DEVICE before any SYNC")
                     ended.add(index)
                     self._phases.hold()  # the source's window is open: reports wait
                     if fanout.never_waits(model := (self.devices[index],)):
-                        # A model loads now, while the source drains the others: that
-                        # much downtime off the window's end.
+                        # A model loads now, as the source drains the others: less downtime.
                         await self._transition(model, State.STOP, mark=Downtime.LOAD)
                 elif tag == Tag.SYNC:
                     if not prepared:
@@ -403,8 +404,7 @@ class DestinationMigration(Phased):
             self.session.abort()
             return
         self.log.warning("migration_rejected", reason=reason, device=device)
-        if not isinstance(device, str):
-            device = None
+        device = device if isinstance(device, str) else None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send_verdict("failed", reason=reason, device=device), 2.0)
         self.session.abort()

@@ -79,7 +79,6 @@ async def send_whole_stream(pair: Pair, session: transport.Session, index: int) 
 # -- the destination's early load --------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="END_OF_DEVICE before SYNC loads and pauses the GC")
 async def test_end_of_device_before_any_sync_is_refused(make_pair: Any) -> None:
     """A source sending a device's whole stream and END_OF_DEVICE in pre-copy, before
     any SYNC (a real source opens its window only after two): the destination refuses
