@@ -209,7 +209,6 @@ class LateResume:
         await self._session.send_control(tag, fields, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="the destination's marks are learned unchecked")
 @pytest.mark.parametrize("late_s", [1000.0, math.inf, math.nan])
 async def test_a_destination_reporting_a_late_resume_does_not_poison_the_history(
     make_ends: Any, late_s: float
