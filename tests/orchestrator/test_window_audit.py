@@ -279,3 +279,41 @@ async def test_a_destination_loading_early_then_lost_resets_and_rolls_back(
     assert pair.ends.incoming[0].phase is Phase.FAILED
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
     assert gc.isenabled()
+
+
+@pytest.mark.xfail(strict=True, reason="frames after END_OF_DEVICE keep the window open")
+async def test_a_window_never_ended_by_the_source_is_bounded(make_pair: Any) -> None:
+    """After one model's END_OF_DEVICE (the destination's window: reports held, the
+    collector off) the source sends frames for another device for ever and never
+    END_OF_STREAM: the destination gives up within about idle_timeout_s naming it,
+    resets its devices and turns the collector back on."""
+    pair = await make_pair(three(), idle_timeout_s=0.3)
+    session = await hostile_source(pair)
+
+    async def trickle() -> None:
+        while True:  # a hostile cadence, each frame well inside the idle timeout
+            await session.send_chunk(Tag.STOPCOPY_DATA, 1, ())
+            await asyncio.sleep(0.05)
+
+    trickling: asyncio.Task[None] | None = None
+    try:
+        await session.send_control(Tag.SYNC)
+        async with asyncio.timeout(5):
+            assert (await session.recv()).tag == Tag.SYNC_ACK
+        await send_whole_stream(pair, session, 0)
+        trickling = asyncio.create_task(trickle())
+        async with asyncio.timeout(3):
+            answer = await session.recv()
+        assert answer.tag == Tag.VERDICT, answer.tag
+        reason = Verdict.parse(answer.fields()).reason
+        assert "idle_timeout_s" in reason, reason
+        assert "END_OF_STREAM" in reason, reason
+    finally:
+        if trickling is not None:
+            trickling.cancel()
+            await asyncio.gather(trickling, return_exceptions=True)
+        session.abort()
+        await pair.ends.sources[0].set_state(State.RUNNING)
+    await pair.settle()
+    assert pair.ends.outcomes == [False]
+    assert all(t.state == State.RUNNING for t in pair.ends.targets)
