@@ -281,7 +281,6 @@ async def test_a_destination_loading_early_then_lost_resets_and_rolls_back(
     assert gc.isenabled()
 
 
-@pytest.mark.xfail(strict=True, reason="frames after END_OF_DEVICE keep the window open")
 async def test_a_window_never_ended_by_the_source_is_bounded(make_pair: Any) -> None:
     """After one model's END_OF_DEVICE (the destination's window: reports held, the
     collector off) the source sends frames for another device for ever and never
