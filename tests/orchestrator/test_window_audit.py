@@ -32,6 +32,7 @@ from orchestrator.engine.stats import Downtime
 from tests.orchestrator.conftest import MIB, Spec
 from tests.orchestrator.test_switchover_faults import (  # noqa: F401 - the make_pair fixture
     PARAMS,
+    Awaiting,
     Pair,
     make_pair,
     run_to_end,
@@ -115,7 +116,7 @@ async def test_a_model_failing_its_early_load_resets_every_device(make_pair: Any
     migration = pair.migration()
     error = await run_to_end(migration)
     assert isinstance(error, DestinationFailed), repr(error)
-    assert "b" in str(error), str(error)
+    assert "(device b)" in str(error), str(error)
     await pair.assert_rolled_back(migration)
 
 
@@ -160,7 +161,7 @@ async def test_a_model_drain_that_fails_rolls_back_naming_the_device(make_pair: 
     migration._stop_and_drain = fail_then_drain  # type: ignore[method-assign]
     error = await run_to_end(migration)
     assert isinstance(error, MigrationError), repr(error)
-    assert "b" in str(error), str(error)
+    assert "b: read failed" in str(error), str(error)
     broken.faults = Faults()
     await pair.assert_rolled_back(migration)
 
@@ -316,3 +317,69 @@ async def test_a_window_never_ended_by_the_source_is_bounded(make_pair: Any) -> 
     await pair.settle()
     assert pair.ends.outcomes == [False]
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
+
+
+DRAIN_FAULTS = {
+    "model stalls": (0, Faults(stall_read_after=0), "max_stop_ms"),
+    "waiting device fails": (1, Faults(fail_read_after=0), "b: read failed"),
+    "last model fails": (2, Faults(fail_read_after=0), "c: read failed"),
+}
+
+
+@pytest.mark.parametrize("case", list(DRAIN_FAULTS))
+async def test_a_drain_fault_in_a_mixed_set_rolls_back_every_device(
+    make_pair: Any, case: str
+) -> None:
+    """Models drained in the switchover's task beside a device whose arcs wait (drained
+    in a task of its own): a model's read stalling keeps the stop bounded, a read
+    failing anywhere is named; every device runs again at the source, none is
+    resumed at the destination, and no drain task is left."""
+    index, fault, named = DRAIN_FAULTS[case]
+    pair = await make_pair(three())
+    pair.ends.sources[1] = Awaiting(pair.ends.sources[1])  # type: ignore[call-overload]
+    migration = pair.migration(max_stop_ms=400, downtime_limit_ms=5000)
+    broken = getattr(pair.ends.sources[index], "inner", pair.ends.sources[index])
+    original = migration._stop_and_drain
+
+    async def fault_then_drain(clock: Any) -> None:
+        broken.faults = fault
+        await original(clock)
+
+    migration._stop_and_drain = fault_then_drain  # type: ignore[method-assign]
+    error = await run_to_end(migration)
+    assert isinstance(error, MigrationError), repr(error)
+    assert named in str(error), str(error)
+    broken.faults = Faults()
+    broken.release_stall()
+    await pair.assert_rolled_back(migration)
+
+
+async def test_end_of_device_twice_changes_nothing(make_pair: Any) -> None:
+    """A source repeating a model's END_OF_DEVICE (loaded already): the destination
+    neither loads it again nor fails; the migration completes byte-exact."""
+    pair = await make_pair(three())
+    session = await hostile_source(pair)
+    try:
+        for _ in range(2):  # the two barriers of a real switchover
+            await session.send_control(Tag.SYNC)
+            async with asyncio.timeout(5):
+                assert (await session.recv()).tag == Tag.SYNC_ACK
+        await send_whole_stream(pair, session, 0)
+        await session.send_end_of_device(0)
+        await send_whole_stream(pair, session, 1)
+        await send_whole_stream(pair, session, 2)
+        await session.send_control(Tag.END_OF_STREAM)
+        async with asyncio.timeout(5):
+            loaded = Verdict.parse((await session.recv()).fields())
+        assert loaded.stage == "loaded", loaded.reason
+        for device in pair.ends.sources:
+            await device.set_state(State.STOP)
+        await session.send_control(Tag.COMMIT)
+        async with asyncio.timeout(5):
+            resumed = Verdict.parse((await session.recv()).fields())
+        assert resumed.stage == "resumed", resumed.reason
+    finally:
+        session.abort()
+    await pair.settle()
+    assert pair.ends.outcomes == [True]
+    await pair.ends.assert_migrated()
