@@ -30,6 +30,7 @@ from orchestrator.engine.phases import Phase
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Downtime
 from tests.orchestrator.conftest import MIB, Spec
+from tests.orchestrator.test_safety import assert_p2p_resume_order
 from tests.orchestrator.test_switchover_faults import (  # noqa: F401 - the make_pair fixture
     PARAMS,
     Awaiting,
@@ -383,3 +384,48 @@ async def test_end_of_device_twice_changes_nothing(make_pair: Any) -> None:
     await pair.settle()
     assert pair.ends.outcomes == [True]
     await pair.ends.assert_migrated()
+
+
+async def test_a_stop_arc_failing_mid_set_names_it_and_rolls_back_in_p2p_order(
+    make_pair: Any,
+) -> None:
+    """The middle model's stop arc fails in the plain-call walk: the models after it
+    still stop (one walk each, whatever the others did), the error names the device,
+    and the rollback brings every device to RUNNING_P2P before any to RUNNING."""
+    specs = three()
+    specs[1].source_faults = Faults(fail_arcs=frozenset({(State.PRE_COPY_P2P, State.STOP_COPY)}))
+    pair = await make_pair(specs)
+    migration = pair.migration()
+    error = await run_to_end(migration)
+    assert isinstance(error, MigrationError), repr(error)
+    assert "b: " in str(error), str(error)
+    assert (State.PRE_COPY_P2P, State.STOP_COPY) in pair.ends.trace.arcs("c")
+    pair.ends.sources[1].faults = Faults()
+    entries = pair.ends.trace.entries
+    stop = next(i for i, e in enumerate(entries) if e.new == State.STOP_COPY)
+    assert_p2p_resume_order(entries[stop:], {"a", "b", "c"})
+    await pair.assert_rolled_back(migration)
+
+
+async def test_end_of_device_for_a_device_not_offered_is_refused(make_pair: Any) -> None:
+    """END_OF_DEVICE for a device index past the offer, in the window: the destination
+    transport refuses it naming the index (no IndexError, no device touched), and the
+    migration ends there with every device reset."""
+    pair = await make_pair(three())
+    session = await hostile_source(pair)
+    try:
+        await session.send_control(Tag.SYNC)
+        async with asyncio.timeout(5):
+            assert (await session.recv()).tag == Tag.SYNC_ACK
+        await send_whole_stream(pair, session, 0)
+        session.set_device_count(4)  # our side only: the offer said three
+        await session.send_end_of_device(3)
+        with pytest.raises(transport.PeerCancelled, match="device 3 was not announced"):
+            async with asyncio.timeout(5):
+                await session.recv()
+    finally:
+        session.abort()
+        await pair.ends.sources[0].set_state(State.RUNNING)
+    await pair.settle()
+    assert pair.ends.outcomes == [False]
+    assert all(t.state == State.RUNNING for t in pair.ends.targets)
