@@ -429,3 +429,34 @@ async def test_end_of_device_for_a_device_not_offered_is_refused(make_pair: Any)
     await pair.settle()
     assert pair.ends.outcomes == [False]
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
+
+
+async def test_a_shutdown_after_an_early_load_resets_and_reopens_the_collector(
+    make_pair: Any,
+) -> None:
+    """The destination daemon shuts down (its migration task cancelled) after one model
+    was loaded early, before END_OF_STREAM: the source hears why, every device there
+    is reset, and the held reports and the collector are let go."""
+    pair = await make_pair(three())
+    session = await hostile_source(pair)
+    try:
+        await session.send_control(Tag.SYNC)
+        async with asyncio.timeout(5):
+            assert (await session.recv()).tag == Tag.SYNC_ACK
+        await send_whole_stream(pair, session, 0)
+        await session.send_control(Tag.SYNC)  # answered once END_OF_DEVICE was taken
+        async with asyncio.timeout(5):
+            assert (await session.recv()).tag == Tag.SYNC_ACK
+        assert pair.ends.targets[0].state == State.STOP
+        assert not gc.isenabled()  # the window is open there
+        pair.tasks[0].cancel()
+        async with asyncio.timeout(5):
+            answer = await session.recv()
+        reason = Verdict.parse(answer.fields()).reason
+        assert "shutting down" in reason, reason
+    finally:
+        session.abort()
+        await pair.ends.sources[0].set_state(State.RUNNING)
+    await pair.settle()
+    assert pair.ends.incoming[0].phase is Phase.CANCELLED
+    assert all(t.state == State.RUNNING for t in pair.ends.targets)
