@@ -23,6 +23,7 @@ import transport
 from devices.fsm import State
 from devices.paged import Faults
 from orchestrator.engine import window
+from orchestrator.engine.destination import DestinationMigration
 from orchestrator.engine.errors import DestinationFailed, MigrationError
 from orchestrator.engine.messages import Devices, Verdict
 from orchestrator.engine.params import MigrationParams
@@ -460,3 +461,50 @@ async def test_a_shutdown_after_an_early_load_resets_and_reopens_the_collector(
     await pair.settle()
     assert pair.ends.incoming[0].phase is Phase.CANCELLED
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
+
+
+@pytest.mark.parametrize("rejecting", ["a", "b"], ids=["model loaded early", "waiting device"])
+async def test_a_load_failing_in_a_mixed_destination_resets_every_device(rejecting: str) -> None:
+    """The destination holds models (loaded as their END_OF_DEVICE arrives) and a
+    device whose arcs wait (loaded after END_OF_STREAM); one of them rejects its state:
+    the source rolls back naming it, and every destination device is reset, the models
+    already loaded included."""
+    specs = three()
+    for spec in specs:
+        if spec.name == rejecting:
+            spec.target_faults = Faults(corrupt_validation=True)
+    sources = [s.build(source=True) for s in specs]
+    inner = [s.build(source=False) for s in specs]
+    targets: list[Any] = [inner[0], Awaiting(inner[1]), inner[2]]
+    for device in (*sources, *inner):
+        await device.open()
+    outcomes: list[bool] = []
+    ended = asyncio.Event()
+
+    async def accept(session: transport.Session) -> None:
+        by_name = {d.name: d for d in targets}
+        outcomes.append(await DestinationMigration(session, by_name, idle_timeout_s=5.0).run())
+        ended.set()
+
+    auth = transport.AuthConfig()
+    server = await transport.serve("127.0.0.1:0", accept, name="mixed", auth=auth)
+    try:
+        migration = SourceMigration(sources, server.address, MigrationParams(**PARAMS), auth=auth)
+        error = await run_to_end(migration)
+        assert isinstance(error, DestinationFailed), repr(error)
+        assert f"(device {rejecting})" in str(error), str(error)
+        async with asyncio.timeout(5):
+            await ended.wait()  # the destination's give-up may end after the source's
+        assert outcomes == [False]
+        assert [t.state for t in targets] == [State.RUNNING] * 3
+        for spec, device in zip(specs, sources, strict=True):
+            assert device.state == State.RUNNING
+            await device.close()
+            replica = spec.build(source=True)
+            replica.replay(device.writes)
+            assert await replica.digest() == await device.digest(), device.name
+    finally:
+        server.close()
+        await server.wait_closed()
+        for device in (*sources, *inner):
+            await device.close()
