@@ -234,13 +234,12 @@ class DestinationMigration(Phased):
         ended: set[int] = set()
         prepared = False
         loop, moved = asyncio.get_running_loop(), 0.0
-        # One deadline for the stream (wait_for would start a task per frame), moved on at
-        # most once a second (a timer per frame cost 2 us) and so a second late at most.
+        # One timer (wait_for: a task a frame), moved once a second (2 us a frame), not in a window.
         async with _idle_deadline(self.idle_timeout_s) as idle:
             while True:
                 if (now := loop.time()) >= moved:
                     idle.reschedule(now + self.idle_timeout_s + 1.0)
-                    moved = now + 1.0
+                    moved = now + 1.0 if not ended else float("inf")
                 frame = await session.recv()
                 tag, index = frame.tag, frame.device
                 if tag in (Tag.PRECOPY_DATA, Tag.STOPCOPY_DATA):
@@ -256,11 +255,12 @@ class DestinationMigration(Phased):
                         await session.send_control(Tag.SWITCHOVER_ACK)
                         self.log.info("switchover_ack_sent")
                 elif tag == Tag.END_OF_DEVICE:
+                    if not prepared:  # a source's window opens after its barriers: not yet
+                        raise transport.ProtocolError("END_OF_DEVICE before any SYNC")
                     ended.add(index)
                     self._phases.hold()  # the source's window is open: reports wait
                     if fanout.never_waits(model := (self.devices[index],)):
-                        # A model loads now, while the source drains the others: that
-                        # much downtime off the window's end.
+                        # A model loads now, as the source drains the others: less downtime.
                         await self._transition(model, State.STOP, mark=Downtime.LOAD)
                 elif tag == Tag.SYNC:
                     if not prepared:
@@ -403,8 +403,7 @@ class DestinationMigration(Phased):
             self.session.abort()
             return
         self.log.warning("migration_rejected", reason=reason, device=device)
-        if not isinstance(device, str):
-            device = None
+        device = device if isinstance(device, str) else None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._send_verdict("failed", reason=reason, device=device), 2.0)
         self.session.abort()
@@ -438,8 +437,7 @@ class DestinationMigration(Phased):
 
 @contextlib.asynccontextmanager
 async def _idle_deadline(seconds: float) -> AsyncIterator[asyncio.Timeout]:
-    """A deadline the stream moves on as frames come; past it, a TimeoutError naming it
-    (the source reports the destination's reason, and a bare one says nothing)."""
+    """The stream's deadline; past it a TimeoutError naming it, for the source to report."""
     deadline = asyncio.timeout(None)
     try:
         async with deadline:
@@ -447,4 +445,6 @@ async def _idle_deadline(seconds: float) -> AsyncIterator[asyncio.Timeout]:
     except TimeoutError:
         if not deadline.expired():
             raise
-        raise TimeoutError(f"no frame from the source for {seconds:g} s (idle_timeout_s)") from None
+        raise TimeoutError(
+            f"no frame, or no END_OF_STREAM after END_OF_DEVICE, for {seconds:g} s (idle_timeout_s)"
+        ) from None

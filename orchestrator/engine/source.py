@@ -921,11 +921,13 @@ class SourceMigration(Phased):
 
     def _account_downtime(self, clock: DowntimeClock, loaded: Verdict, resumed: Verdict) -> None:
         """Put the destination's marks on our clock and fill in the downtime breakdown."""
-        offset = self._clock_offset
+        offset, now = self._clock_offset, time.monotonic()
         peer = loaded.marks | resumed.marks
         for phase in (Downtime.WIRE, Downtime.LOAD, Downtime.COMMIT, Downtime.RESUME):
             if phase in peer:
-                clock.mark(phase, peer[phase] - offset)
+                # The peer's word, no later than it reached us (min(now, NaN) is now): a
+                # mark far late would be reported, and learned by the window history.
+                clock.mark(phase, min(now, peer[phase] - offset))
         self.stats.downtime_breakdown_ms = clock.breakdown_ms()
         self.stats.window_round_trips = WINDOW_ROUND_TRIPS
         self.stats.downtime_ms = clock.total_ms()
