@@ -28,7 +28,7 @@
     [daemon]
     max_records = 100                        # finished migrations kept for queries
     handshake_timeout_s = 10                 # an incoming migration's first message
-    idle_timeout_s = 60                      # silence tolerated mid-stream and before COMMIT
+    idle_timeout_s = 60                      # silence mid-stream, before COMMIT; longest window
 
     [[device]]                               # one per device this host owns
     kind = "simulated"                       # simulated | ram | vfio | vfio-user

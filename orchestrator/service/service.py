@@ -164,8 +164,11 @@ class Service:
         self.control: ControlServer | None = None
         self.listeners: list[Listener] = []
         self.stopping = False
-        #: Its outgoing windows, measured against predicted: they scale the next estimate.
-        self.window_history = WindowHistory()
+        #: Its outgoing windows to each destination, measured against predicted: they
+        #: scale the next estimate to that destination. One per destination: a peer that
+        #: holds back its verdicts teaches a long window, and must not stop migrations to
+        #: the other hosts.
+        self.window_histories: dict[str, WindowHistory] = {}
         for device in devices:
             device.add_state_listener(self._device_state_changed)
 
@@ -403,7 +406,7 @@ class Service:
                 auth=self.client_auth,
                 name=self.config.name,
                 on_fence=lambda names: self._outgoing_fencing(migration, names),
-                window_history=self.window_history,
+                window_history=self.window_histories.setdefault(destination, WindowHistory()),
             )
             migration.check()
         except MigrationBlocked as exc:

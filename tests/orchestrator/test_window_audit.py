@@ -15,6 +15,7 @@ import asyncio
 import gc
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,8 @@ from orchestrator.engine.params import MigrationParams
 from orchestrator.engine.phases import Phase
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Downtime
+from orchestrator.service.config import parse
+from orchestrator.service.service import Service
 from tests.orchestrator.conftest import MIB, Spec
 from tests.orchestrator.test_safety import assert_p2p_resume_order
 from tests.orchestrator.test_switchover_faults import (  # noqa: F401 - the make_pair fixture
@@ -508,3 +511,28 @@ async def test_a_load_failing_in_a_mixed_destination_resets_every_device(rejecti
         await server.wait_closed()
         for device in (*sources, *inner):
             await device.close()
+
+
+async def test_a_long_window_to_one_destination_does_not_hold_back_another(
+    make_ends: Any, tmp_path: Path
+) -> None:
+    """A daemon learns its windows per destination: one that taught a window a thousand
+    times its prediction (a peer holding back its verdicts) scales the estimates to it,
+    and a migration to another host is estimated and completed as if it never was."""
+    first = await make_ends([Spec("a", seed=1)])
+    other = await make_ends([Spec("a", seed=1)])
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), first.sources)
+    try:
+        poisoned = service.window_histories.setdefault(first.address, window.WindowHistory())
+        cost = window.window_cost(1, 0.001, 4, 0.0)
+        poisoned.observe(cost, 1000.0, 0, 1e9)
+        assert poisoned.scale() > 100
+        record = service.start_migration(other.address, None, {"downtime_limit_ms": 300})
+        assert record.task is not None
+        await asyncio.wait_for(record.task, 20)
+        stats = record.migration.stats
+        assert stats.outcome == "destination"
+        assert stats.expected_downtime_parts_ms["scale"] == 1.0
+        assert service.window_histories[first.address] is poisoned
+    finally:
+        service.book.close()
