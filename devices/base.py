@@ -276,11 +276,25 @@ class ArcDevice(MigratableDevice):
 
     def __init__(self, name: str, features: Feature) -> None:
         super().__init__(name, features)
-        self._actions = self.arc_actions()
-        missing = fsm.ARCS[features] - self._actions.keys()
+        actions = self.arc_actions()
+        missing = fsm.ARCS[features] - actions.keys()
         if missing:
             arcs = ", ".join(f"{a.name}->{b.name}" for a, b in sorted(missing))
             raise TypeError(f"{type(self).__name__} lacks handlers for arcs {arcs}")
+        #: Per arc: its action, whether it ends the data session, what opens the next
+        #: one. Decided once: the switchover runs every device's arcs in its window.
+        self._arcs: dict[Arc, tuple[ArcHandler, bool, Callable[[], Channel] | None]] = {}
+        for (arc_from, arc_to), action in actions.items():
+            entering_saving = arc_to in SAVING_GROUP and arc_from not in SAVING_GROUP
+            opens = (
+                self.new_save_channel
+                if entering_saving
+                else self.new_resume_channel
+                if arc_to == State.RESUMING
+                else None
+            )
+            ends = arc_to not in CHANNEL_STATES or opens is not None
+            self._arcs[arc_from, arc_to] = (action, ends, opens)
 
     @abc.abstractmethod
     def arc_actions(self) -> dict[Arc, ArcHandler]:
@@ -299,21 +313,17 @@ class ArcDevice(MigratableDevice):
 
     def step(self, arc_from: State, arc_to: State) -> None:
         """Run one arc: the device's action plus the data-session bookkeeping."""
-        action = self._actions.get((arc_from, arc_to))
-        if action is None:
+        plan = self._arcs.get((arc_from, arc_to))
+        if plan is None:
             raise ArcFailed(self.name, f"no handler for arc {arc_from.name} -> {arc_to.name}")
+        action, ends, opens = plan
         self.fail_arc(arc_from, arc_to)
         action()
-        entering_saving = arc_to in SAVING_GROUP and arc_from not in SAVING_GROUP
-        if self._channel is not None and (
-            arc_to not in CHANNEL_STATES or entering_saving or arc_to == State.RESUMING
-        ):
+        if ends and self._channel is not None:
             self._channel.close()
             self._channel = None
-        if entering_saving:
-            self._channel = self.new_save_channel()
-        elif arc_to == State.RESUMING:
-            self._channel = self.new_resume_channel()
+        if opens is not None:
+            self._channel = opens()
 
     async def set_state(self, target: State) -> None:
         self.set_state_now(target)

@@ -87,13 +87,13 @@ async def move(
 def walk(models: Sequence[D], target: State | Callable[[D], State]) -> list[Span | Exception]:
     """``move`` for a set of models (``never_waits``), by plain calls one after another:
     nothing else runs in between, and a caller that knows its set saves the check."""
-    goal = (lambda _: target) if isinstance(target, State) else target
+    goals = [target] * len(models) if isinstance(target, State) else list(map(target, models))
     now = time.monotonic
     answers: list[Span | Exception] = []
-    for device in models:
+    for device, goal in zip(models, goals, strict=True):
         started = now()
         try:
-            cast(ArcDevice, device).set_state_now(goal(device))
+            cast(ArcDevice, device).set_state_now(goal)
         except Exception as exc:
             answers.append(exc)
         else:
