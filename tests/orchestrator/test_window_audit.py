@@ -104,9 +104,7 @@ async def test_end_of_device_before_any_sync_is_refused(make_pair: Any) -> None:
         assert "END_OF_DEVICE" in verdict.reason, verdict.reason
         assert "SYNC" in verdict.reason, verdict.reason
     finally:
-        session.abort()
-        await pair.ends.sources[0].set_state(State.RUNNING)
-    await pair.settle()
+        await hang_up(pair, session)
     assert pair.ends.outcomes == [False]
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
 
@@ -261,6 +259,27 @@ def test_a_window_history_fed_no_number_keeps_a_finite_scale(
     assert scale >= 1.0, scale
 
 
+async def hang_up(pair: Any, session: transport.Session) -> None:
+    """End the hostile source: drop its session, run its device again, let both ends
+    settle."""
+    session.abort()
+    await pair.ends.sources[0].set_state(State.RUNNING)
+    await pair.settle()
+
+
+async def load_one_early(pair: Any, session: transport.Session) -> None:
+    """A barrier, the first device's whole stream with its END_OF_DEVICE, and a second
+    barrier (answered once that frame was taken): the device is loaded early there."""
+    await session.send_control(Tag.SYNC)
+    async with asyncio.timeout(5):
+        assert (await session.recv()).tag == Tag.SYNC_ACK
+    await send_whole_stream(pair, session, 0)
+    await session.send_control(Tag.SYNC)
+    async with asyncio.timeout(5):
+        assert (await session.recv()).tag == Tag.SYNC_ACK
+    assert pair.ends.targets[0].state == State.STOP
+
+
 async def test_a_destination_loading_early_then_lost_resets_and_rolls_back(
     make_pair: Any,
 ) -> None:
@@ -270,18 +289,9 @@ async def test_a_destination_loading_early_then_lost_resets_and_rolls_back(
     pair = await make_pair(three())
     session = await hostile_source(pair)
     try:
-        await session.send_control(Tag.SYNC)
-        async with asyncio.timeout(5):
-            assert (await session.recv()).tag == Tag.SYNC_ACK
-        await send_whole_stream(pair, session, 0)
-        await session.send_control(Tag.SYNC)  # answered after END_OF_DEVICE was taken
-        async with asyncio.timeout(5):
-            assert (await session.recv()).tag == Tag.SYNC_ACK
-        assert pair.ends.targets[0].state == State.STOP  # loaded early
+        await load_one_early(pair, session)
     finally:
-        session.abort()
-        await pair.ends.sources[0].set_state(State.RUNNING)
-    await pair.settle()
+        await hang_up(pair, session)
     assert pair.ends.incoming[0].phase is Phase.FAILED
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
     assert gc.isenabled()
@@ -428,9 +438,7 @@ async def test_end_of_device_for_a_device_not_offered_is_refused(make_pair: Any)
             async with asyncio.timeout(5):
                 await session.recv()
     finally:
-        session.abort()
-        await pair.ends.sources[0].set_state(State.RUNNING)
-    await pair.settle()
+        await hang_up(pair, session)
     assert pair.ends.outcomes == [False]
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
 
@@ -444,14 +452,7 @@ async def test_a_shutdown_after_an_early_load_resets_and_reopens_the_collector(
     pair = await make_pair(three())
     session = await hostile_source(pair)
     try:
-        await session.send_control(Tag.SYNC)
-        async with asyncio.timeout(5):
-            assert (await session.recv()).tag == Tag.SYNC_ACK
-        await send_whole_stream(pair, session, 0)
-        await session.send_control(Tag.SYNC)  # answered once END_OF_DEVICE was taken
-        async with asyncio.timeout(5):
-            assert (await session.recv()).tag == Tag.SYNC_ACK
-        assert pair.ends.targets[0].state == State.STOP
+        await load_one_early(pair, session)
         assert not gc.isenabled()  # the window is open there
         pair.tasks[0].cancel()
         async with asyncio.timeout(5):
@@ -459,9 +460,7 @@ async def test_a_shutdown_after_an_early_load_resets_and_reopens_the_collector(
         reason = Verdict.parse(answer.fields()).reason
         assert "shutting down" in reason, reason
     finally:
-        session.abort()
-        await pair.ends.sources[0].set_state(State.RUNNING)
-    await pair.settle()
+        await hang_up(pair, session)
     assert pair.ends.incoming[0].phase is Phase.CANCELLED
     assert all(t.state == State.RUNNING for t in pair.ends.targets)
 
