@@ -277,13 +277,13 @@ class DestinationMigration(Phased):
                 else:
                     raise transport.ProtocolError(f"unexpected {tag.name} during the stream")
         self.marks[Downtime.WIRE] = time.monotonic()
-        missing = [d.name for i, d in enumerate(self.devices) if i not in ended]
-        if missing:
+        if len(ended) < len(self.devices):
+            missing = [d.name for i, d in enumerate(self.devices) if i not in ended]
             raise transport.ProtocolError(f"stream ended before devices {missing} finished")
-
         self._phases.set(Phase.SWITCHOVER, in_window=True)
-        unloaded = [d for d in self.devices if d.state == State.RESUMING]
-        await self._transition(unloaded, State.STOP, mark=Downtime.LOAD)
+        if not self._models:  # models loaded as their END_OF_DEVICE came
+            unloaded = [d for d in self.devices if d.state == State.RESUMING]
+            await self._transition(unloaded, State.STOP, mark=Downtime.LOAD)
         self.marks[Downtime.LOAD] = time.monotonic()
         await self._send_verdict("loaded")
         try:
