@@ -33,6 +33,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -202,7 +203,22 @@ class OwnershipBook:
             return lambda: None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(f".{self.path.name}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Truncated and written below: a symlink there (to the state file, say) or a FIFO
+        # would have its target erased or the start hang, so only a regular file is used.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(lock_path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise ValueError(
+                f"{lock_path} is not a regular file: the lock of the state file {self.path} "
+                "must be one; remove it"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

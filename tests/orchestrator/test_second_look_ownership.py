@@ -19,7 +19,6 @@ def _fenced_file(path: Path) -> str:
     return path.read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="the lock follows a symlink and truncates its target")
 def test_a_lock_path_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path: Path) -> None:
     """A symlink at the lock's path (to the state file itself) is refused by name, and the
     file it points at keeps every byte: the lock must never erase the fences it guards."""
@@ -34,7 +33,6 @@ def test_a_lock_path_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path: 
     assert json.loads(before)["devices"]["dev"]["owner"] == Owner.MIGRATED_AWAY.value
 
 
-@pytest.mark.xfail(strict=True, reason="the lock opens whatever sits at its path")
 def test_a_lock_path_that_is_a_fifo_is_refused_by_name(tmp_path: Path) -> None:
     """Something other than a regular file at the lock's path is refused, naming it, rather
     than truncated and written with our pid."""
