@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+import transport
+from devices.fsm import State
+from devices.paged import Faults
+from orchestrator.engine.errors import DestinationFailed
+from orchestrator.engine.params import MigrationParams
+from orchestrator.engine.source import SourceMigration
+from orchestrator.service.config import parse
 from orchestrator.service.ownership import Owner, OwnershipBook
+from orchestrator.service.service import Service
+from tests.orchestrator.conftest import Spec
+
+#: Bound of every wait on a migration (they end in well under a second).
+DEADLINE_S = 10.0
 
 
 def _fenced_file(path: Path) -> str:
@@ -43,3 +56,40 @@ def test_a_lock_path_that_is_a_fifo_is_refused_by_name(tmp_path: Path) -> None:
     os.mkfifo(lock)
     with pytest.raises(ValueError, match=r"\.a\.owners\.json\.lock is not a regular file"):
         OwnershipBook(state, ["dev"])
+
+
+@pytest.mark.xfail(strict=True, reason="the failed offer leaves the running workload recorded idle")
+async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_record(
+    tmp_path: Path,
+) -> None:
+    """A destination device armed by name while it runs a workload here, whose first arc
+    towards RESUMING fails (so it never stops and keeps its workload), still says
+    ``running here`` after the failed migration: the ``idle`` written at admission would
+    let a bare ``migrate-incoming`` arm it and a later migration replace that workload."""
+    source = Spec("sim0", seed=1).build(source=True)
+    first_arcs = {(State.RUNNING, State.RUNNING_P2P), (State.RUNNING, State.STOP)}
+    faults = Faults(fail_arcs=frozenset(first_arcs))
+    target = Spec("sim0", seed=2, source_faults=faults).build(source=True)
+    await source.open()
+    await target.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
+    server = await transport.serve(
+        "127.0.0.1:0", service.accept, name="dst", auth=transport.AuthConfig()
+    )
+    try:
+        service.book.arm(["sim0"], None, None)
+        migration = SourceMigration(
+            [source], server.address, MigrationParams(), auth=transport.AuthConfig()
+        )
+        with pytest.raises(DestinationFailed, match="RUNNING_P2P failed"):
+            await asyncio.wait_for(migration.run(), DEADLINE_S)
+        assert source.state == State.RUNNING
+        assert target.state == State.RUNNING  # its own workload, never stopped
+        assert service.book.get("sim0").owner == Owner.RUNNING_HERE
+        assert "sim0" not in service.book.default_armable()
+    finally:
+        server.close()
+        await server.wait_closed()
+        service.book.close()
+        await source.close()
+        await target.close()
