@@ -58,7 +58,6 @@ def test_a_lock_path_that_is_a_fifo_is_refused_by_name(tmp_path: Path) -> None:
         OwnershipBook(state, ["dev"])
 
 
-@pytest.mark.xfail(strict=True, reason="the failed offer leaves the running workload recorded idle")
 async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_record(
     tmp_path: Path,
 ) -> None:
@@ -87,6 +86,9 @@ async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_reco
         assert target.state == State.RUNNING  # its own workload, never stopped
         assert service.book.get("sim0").owner == Owner.RUNNING_HERE
         assert "sim0" not in service.book.default_armable()
+        assert service.config.state_file is not None
+        stored = json.loads(service.config.state_file.read_text())
+        assert stored["devices"]["sim0"]["owner"] == Owner.RUNNING_HERE.value
     finally:
         server.close()
         await server.wait_closed()
