@@ -25,7 +25,6 @@ class LostAt(ScriptedDaemon):
         return await super().execute(command, **arguments)
 
 
-@pytest.mark.xfail(strict=True, reason="a known ending is reported as an unreachable daemon")
 @pytest.mark.parametrize(
     ("final", "code"),
     [
@@ -47,7 +46,6 @@ async def test_a_daemon_lost_after_the_final_event_keeps_the_ending_s_code(
     assert "device list" in err
 
 
-@pytest.mark.xfail(strict=True, reason="the lost daemon's error carries no next step")
 async def test_a_daemon_lost_after_the_wait_ran_out_says_where_to_look(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
