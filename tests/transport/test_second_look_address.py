@@ -10,7 +10,6 @@ import pytest
 from transport.address import parse_address
 
 
-@pytest.mark.xfail(strict=True, reason="spaces, control characters and nested brackets pass")
 @pytest.mark.parametrize(
     "address",
     [" h:7070", "h :7070", "tcp:ho st:7070", "h\n:7070", "h\t:7070", "[[::1]]:7070", "[::1 ]:7070"],
