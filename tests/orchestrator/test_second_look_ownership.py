@@ -16,7 +16,7 @@ from orchestrator.engine.errors import DestinationFailed
 from orchestrator.engine.params import MigrationParams
 from orchestrator.engine.source import SourceMigration
 from orchestrator.service.config import parse
-from orchestrator.service.ownership import Owner, OwnershipBook
+from orchestrator.service.ownership import Owner, OwnershipBook, file_system
 from orchestrator.service.service import Service
 from tests.orchestrator.conftest import Spec
 
@@ -95,3 +95,19 @@ async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_reco
         service.book.close()
         await source.close()
         await target.close()
+
+
+@pytest.mark.xfail(strict=True, reason="the path is not resolved: a symlink hides the tmpfs")
+def test_a_state_file_reached_through_a_symlink_is_judged_where_it_lies(tmp_path: Path) -> None:
+    """A state folder reached through a symlink (``/var/run`` is one to ``/run`` on most
+    distributions) is judged by the file system it resolves to, so a tmpfs behind the
+    link is still warned about."""
+    real = (tmp_path / "real").resolve()
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    mountinfo = (
+        "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+        f"25 22 0:22 / {real} rw,nosuid shared:5 - tmpfs tmpfs rw,mode=755\n"
+    )
+    assert file_system(real / "x.owners.json", mountinfo) == "tmpfs"
+    assert file_system(tmp_path / "link" / "x.owners.json", mountinfo) == "tmpfs"
