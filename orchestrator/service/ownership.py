@@ -141,7 +141,7 @@ _OCTAL = re.compile(r"\\([0-7]{3})")
 def file_system(path: Path, mountinfo: str) -> str | None:
     """The type of the file system holding ``path``: that of the longest mount point of
     ``mountinfo`` (the text of /proc/self/mountinfo) above it; None if none is."""
-    target = os.path.abspath(path)
+    target = os.path.realpath(path)  # /var/run is a symlink to /run (tmpfs) on most hosts
     best, kind = "", None
     for line in mountinfo.splitlines():
         fields = line.split()

@@ -97,7 +97,6 @@ async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_reco
         await target.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the path is not resolved: a symlink hides the tmpfs")
 def test_a_state_file_reached_through_a_symlink_is_judged_where_it_lies(tmp_path: Path) -> None:
     """A state folder reached through a symlink (``/var/run`` is one to ``/run`` on most
     distributions) is judged by the file system it resolves to, so a tmpfs behind the
