@@ -98,3 +98,65 @@ async def test_a_stalled_destination_application_still_times_the_link_out() -> N
         finally:
             release.set()
             source.abort()
+
+
+async def test_barriers_on_every_channel_arrive_once_and_in_order_through_paused_reads() -> None:
+    """Two channels, a reader slower than the link (it takes a frame only while a channel
+    is paused, until everything was sent): every
+    data frame sent before a SYNC comes out before it, each SYNC and END_OF_STREAM comes
+    out once, END_OF_STREAM last, and nothing is lost or waits forever."""
+    got: list[tuple[Tag, int]] = []
+    done, sent = asyncio.Event(), asyncio.Event()
+
+    async def handler(session: Session) -> None:
+        await session.recv()  # DEVICES
+        session.set_device_count(2)
+        channels = session._chans
+        while True:
+            await settled(
+                lambda: sent.is_set() or any(c.reading_paused for c in channels), "a pause"
+            )
+            frame = await session.recv()
+            got.append((frame.tag, frame.device))
+            if frame.tag is Tag.END_OF_STREAM:
+                done.set()
+                await release.wait()
+                return
+
+    release = asyncio.Event()
+    async with await serve(
+        "127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK),
+        link_timeout_s=LINK_TIMEOUT_S,
+    ) as server:  # fmt: skip
+        source = await connect(
+            server.address, name="src", auth=AuthConfig(psk=PSK), channels=2,
+            link_timeout_s=LINK_TIMEOUT_S,
+        )  # fmt: skip
+        try:
+            await source.send_control(Tag.DEVICES, announce(2))
+            source.set_device_count(2)
+            for _ in range(2):  # two rounds: data on both channels, then a barrier
+                for _ in range(12):
+                    for device in (0, 1):
+                        await source.send_chunk(Tag.PRECOPY_DATA, device, CHUNK)
+                await source.send_control(Tag.SYNC)
+            await source.send_control(Tag.END_OF_STREAM)
+            sent.set()  # the rest may be taken at any pace
+            async with asyncio.timeout(20 * LINK_TIMEOUT_S):
+                await done.wait()
+            assert source.error is None
+        finally:
+            release.set()
+            source.abort()
+    tags = [tag for tag, _ in got]
+    assert tags.count(Tag.SYNC) == 2
+    assert tags.count(Tag.END_OF_STREAM) == 1
+    assert tags[-1] is Tag.END_OF_STREAM
+    first_sync, second_sync = (i for i, t in enumerate(tags) if t is Tag.SYNC)
+    # What was sent before a barrier comes out before it (a later frame of a channel
+    # read ahead may too: the barrier waits for its slowest channel).
+    assert first_sync >= 24
+    assert (second_sync, len(got)) == (49, 51)
+    assert sorted(got[:first_sync] + got[first_sync + 1 : second_sync]) == sorted(
+        [(Tag.PRECOPY_DATA, 0), (Tag.PRECOPY_DATA, 1)] * 24
+    )
