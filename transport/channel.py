@@ -69,9 +69,6 @@ class Channel(asyncio.BufferedProtocol):
         #: control payloads among them (copies: the receive buffers no longer hold them).
         self.queued = 0
         self.queued_bytes = 0
-        #: Frames of this channel the application took (recv): while reading is paused,
-        #: a count that moves says it is slow, not stalled.
-        self.taken = 0
         #: Payload bytes and headers handed to the transport.
         self.submitted = 0
         self.transport: asyncio.Transport | None = None

@@ -119,8 +119,9 @@ class Session:
         self._bucket_changed = asyncio.Event()
         self._log = log.bind(session=session_id.hex()[:12], role=role, peer=peer_name)
         self._keepalive: asyncio.TimerHandle | None = None
-        #: Each channel's ``taken`` at the last link check.
-        self._taken_seen = [0] * len(channels)
+        #: Frames the application took (recv), and how many at the last link check: while
+        #: reading is paused, a count that moves says it is slow, not stalled.
+        self._taken = self._taken_seen = 0
         for index, channel in enumerate(self._chans):
             channel.heard = time.monotonic()
             channel.adopt(self, index)
@@ -216,7 +217,7 @@ class Session:
             if self._queue:
                 channel, frame = self._queue.popleft()
                 channel.queued -= 1
-                channel.taken += 1
+                self._taken += 1
                 if frame._segment is None:
                     channel.queued_bytes -= len(frame.payload)
                 if frame.tag in DEVICE_TAGS and not frame.device < (self.device_count or 0):
@@ -365,9 +366,8 @@ class Session:
         if self.error is not None:
             return
         now = time.monotonic()
-        for index, channel in enumerate(self._chans):
-            progressed = channel.taken != self._taken_seen[index]
-            self._taken_seen[index] = channel.taken
+        progressed, self._taken_seen = self._taken != self._taken_seen, self._taken
+        for channel in self._chans:
             if channel.reading_paused:
                 channel.heard = now  # we stopped listening; the silence is ours
                 if not progressed:
