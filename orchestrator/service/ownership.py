@@ -329,7 +329,11 @@ class OwnershipBook:
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "w", encoding="utf-8") as file:
+            # A leftover (a crashed daemon of the same pid) or a symlink there is replaced,
+            # never written through.
+            temporary.unlink(missing_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(temporary, flags, 0o666), "w", encoding="utf-8") as file:
                 json.dump(document, file, indent=1)
                 file.flush()
                 os.fsync(file.fileno())
