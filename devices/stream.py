@@ -44,6 +44,8 @@ _HELLO = struct.Struct("<8sHxx16sQI")
 _COUNT = struct.Struct("<I")
 _END = struct.Struct("<IQ")
 _RUN = struct.Struct("<II")
+#: Format 1's record header (CRC-32) was this long: its HELLO's magic followed it.
+_V1_HEADER_SIZE = 16
 #: Larger bodies are refused as corrupt before any buffering (a hostile length field).
 MAX_BODY = 256 << 20
 _NAMES = {HELLO: "HELLO", BLOCKS: "BLOCKS", END: "END"}
@@ -151,6 +153,13 @@ class StreamDecoder:
         if len(view) < HEADER.size:
             return HEADER.size
         body_len: int = HEADER.unpack_from(view)[1]
+        if self._seq == 0 and bytes(view[_V1_HEADER_SIZE : HEADER.size]) == MAGIC:
+            # The HELLO's magic right after a 16-byte header: format 1, whose records the
+            # checks here would only call corrupt.
+            self._fail(
+                "foreign stream: format 1 (16-byte record headers), this device reads "
+                f"format {self.expect.format_version}"
+            )
         if body_len > MAX_BODY:
             self._fail(f"corrupt stream: record {self._seq} claims a {body_len}-byte body")
         return HEADER.size + body_len

@@ -35,6 +35,11 @@ def parse_address(address: str) -> tuple[str, str, int]:
         raise ValueError(f"{address!r}: unbalanced brackets around the host")
     elif ":" in host:
         raise ValueError(f"{address!r}: an IPv6 host goes in brackets: [{host}]:{port}")
+    if any(c.isspace() or not c.isprintable() or c in "[]" for c in host):
+        raise ValueError(
+            f"{address!r}: host {host!r} has a space, a control character or a bracket "
+            "(no resolver takes one)"
+        )
     if not host:
         raise ValueError(
             f"{address!r}: empty host: name one (127.0.0.1 for this host only, 0.0.0.0 "

@@ -119,6 +119,9 @@ class Session:
         self._bucket_changed = asyncio.Event()
         self._log = log.bind(session=session_id.hex()[:12], role=role, peer=peer_name)
         self._keepalive: asyncio.TimerHandle | None = None
+        #: Frames the application took (recv), and how many at the last link check: while
+        #: reading is paused, a count that moves says it is slow, not stalled.
+        self._taken = self._taken_seen = 0
         for index, channel in enumerate(self._chans):
             channel.heard = time.monotonic()
             channel.adopt(self, index)
@@ -214,6 +217,7 @@ class Session:
             if self._queue:
                 channel, frame = self._queue.popleft()
                 channel.queued -= 1
+                self._taken += 1
                 if frame._segment is None:
                     channel.queued_bytes -= len(frame.payload)
                 if frame.tag in DEVICE_TAGS and not frame.device < (self.device_count or 0):
@@ -362,19 +366,23 @@ class Session:
         if self.error is not None:
             return
         now = time.monotonic()
+        progressed, self._taken_seen = self._taken != self._taken_seen, self._taken
         for channel in self._chans:
             if channel.reading_paused:
                 channel.heard = now  # we stopped listening; the silence is ours
-                continue
-            channel.note_arrivals(now)
-            if now - channel.heard > self.link_timeout_s:
-                self._fail(
-                    ConnectionLost(
-                        f"no frame from {self.peer_name} for {self.link_timeout_s:.1f} s "
-                        "(link_timeout_s)"
+                if not progressed:
+                    continue  # a stalled application: the peer's link timeout tells it
+                # Slower than the link but taking frames: alive, so the keep-alive goes.
+            else:
+                channel.note_arrivals(now)
+                if now - channel.heard > self.link_timeout_s:
+                    self._fail(
+                        ConnectionLost(
+                            f"no frame from {self.peer_name} for {self.link_timeout_s:.1f} s "
+                            "(link_timeout_s)"
+                        )
                     )
-                )
-                return
+                    return
             if channel.backlog() == 0:  # bytes still queued to go out say enough
                 with contextlib.suppress(TransportError, OSError, RuntimeError):
                     channel.send_control(Tag.PING, {"id": 0, "t": now, "reply": False})

@@ -33,6 +33,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -140,7 +141,7 @@ _OCTAL = re.compile(r"\\([0-7]{3})")
 def file_system(path: Path, mountinfo: str) -> str | None:
     """The type of the file system holding ``path``: that of the longest mount point of
     ``mountinfo`` (the text of /proc/self/mountinfo) above it; None if none is."""
-    target = os.path.abspath(path)
+    target = os.path.realpath(path)  # /var/run is a symlink to /run (tmpfs) on most hosts
     best, kind = "", None
     for line in mountinfo.splitlines():
         fields = line.split()
@@ -202,7 +203,22 @@ class OwnershipBook:
             return lambda: None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = self.path.with_name(f".{self.path.name}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Truncated and written below: a symlink there (to the state file, say) or a FIFO
+        # would have its target erased or the start hang, so only a regular file is used.
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        try:
+            fd = os.open(lock_path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise ValueError(
+                f"{lock_path} is not a regular file: the lock of the state file {self.path} "
+                "must be one; remove it"
+            )
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -313,7 +329,11 @@ class OwnershipBook:
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(temporary, "w", encoding="utf-8") as file:
+            # A leftover (a crashed daemon of the same pid) or a symlink there is replaced,
+            # never written through.
+            temporary.unlink(missing_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with open(os.open(temporary, flags, 0o666), "w", encoding="utf-8") as file:
                 json.dump(document, file, indent=1)
                 file.flush()
                 os.fsync(file.fileno())

@@ -169,8 +169,12 @@ class Service:
         #: holds back its verdicts teaches a long window, and must not stop migrations to
         #: the other hosts.
         self.window_histories: dict[str, WindowHistory] = {}
+        #: Admitted into an incoming migration while running their workload, and not yet
+        #: stopped for good (RESUMING or ERROR): their records before the admission.
+        self._unloaded: dict[str, Record] = {}
         for device in devices:
             device.add_state_listener(self._device_state_changed)
+            device.add_state_listener(self._note_unloaded)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -191,6 +195,10 @@ class Service:
             report()
         else:
             record.migration.after_window(report)
+
+    def _note_unloaded(self, device: MigratableDevice, old: State, new: State) -> None:
+        if self._unloaded and new in (State.RESUMING, State.ERROR):
+            self._unloaded.pop(device.name, None)  # its workload's state is gone from here
 
     def _emit_device_state(self, name: str, old: State, new: State, migration: str | None) -> None:
         data = {"device": name, "old": old.name, "new": new.name, "migration": migration}
@@ -272,6 +280,7 @@ class Service:
         ]
         if problems:
             raise Refused("; ".join(problems))
+        before = {n: self.book.get(n) for n in offer.devices}
         try:  # loading replaces what the devices held: durably no workload from now
             self.book.set(
                 offer.devices,
@@ -282,6 +291,7 @@ class Service:
             )
         except OSError as exc:
             raise Refused(f"cannot record the devices as receiving: {exc}") from None
+        self._unloaded.update((n, r) for n, r in before.items() if r.owner in RUNNING_OWNERS)
         for name in offer.devices:  # _ClaimOnLookup took them under the claim id: rename it
             if self.owners.get(name) == record.id:
                 self.owners[name] = offer.migration_id
@@ -300,15 +310,21 @@ class Service:
 
     def _incoming_finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
         """Record what an incoming migration left: failed devices stay stopped, named."""
+        # A device that never stopped for good kept its workload (its first arc failed).
+        kept = {n: self._unloaded.pop(n) for n in offer.devices if n in self._unloaded}
         if results is None:
-            # Loading had begun, so the devices' earlier state is gone: they hold nothing.
-            self.book.set(
-                offer.devices,
-                Owner.IDLE,
-                peer=offer.peer,
-                migration_id=offer.migration_id,
-                reason="an incoming migration failed while loading",
-            )
+            kept = {n: r for n, r in kept.items() if self.devices[n].state == State.RUNNING}
+            if emptied := [n for n in offer.devices if n not in kept]:
+                # Loading had begun, so their earlier state is gone: they hold nothing.
+                self.book.set(
+                    emptied,
+                    Owner.IDLE,
+                    peer=offer.peer,
+                    migration_id=offer.migration_id,
+                    reason="an incoming migration failed while loading",
+                )
+            if kept:
+                self.book.restore(kept)
             return
         for name, why in results.items():
             if why:
