@@ -174,7 +174,6 @@ class Service:
         self._unloaded: dict[str, Record] = {}
         for device in devices:
             device.add_state_listener(self._device_state_changed)
-            device.add_state_listener(self._note_unloaded)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -184,7 +183,9 @@ class Service:
             self.control.broadcast(name, data)
 
     def _device_state_changed(self, device: MigratableDevice, old: State, new: State) -> None:
-        # Nothing when no client listens: a switchover changes every device's state in
+        if self._unloaded and new in (State.RESUMING, State.ERROR):
+            self._unloaded.pop(device.name, None)  # its workload's state is gone from here
+        # No report when no client listens: a switchover changes every device's state in
         # its window, where even deferring a report costs a microsecond a device and arc.
         if self.control is None or not self.control.wants("DEVICE_STATE"):
             return
@@ -195,10 +196,6 @@ class Service:
             report()
         else:
             record.migration.after_window(report)
-
-    def _note_unloaded(self, device: MigratableDevice, old: State, new: State) -> None:
-        if self._unloaded and new in (State.RESUMING, State.ERROR):
-            self._unloaded.pop(device.name, None)  # its workload's state is gone from here
 
     def _emit_device_state(self, name: str, old: State, new: State, migration: str | None) -> None:
         data = {"device": name, "old": old.name, "new": new.name, "migration": migration}
