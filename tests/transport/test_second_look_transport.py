@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from test_transport_hostile_tls import settled
@@ -17,6 +18,25 @@ from transport import AuthConfig, ConnectionLost, Session, Tag, connect, serve
 #: Short, so three of them make a short test; each end uses it.
 LINK_TIMEOUT_S = 0.5
 CHUNK = (bytes(256 * 1024),)
+
+
+@contextlib.asynccontextmanager
+async def announced(handler: Callable[[Session], Awaitable[None]]) -> AsyncIterator[Session]:
+    """A source session to a destination running ``handler``, one device announced, on
+    links that time out at LINK_TIMEOUT_S; aborted at the end."""
+    async with await serve(
+        "127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK),
+        link_timeout_s=LINK_TIMEOUT_S,
+    ) as server:  # fmt: skip
+        source = await connect(
+            server.address, name="src", auth=AuthConfig(psk=PSK), link_timeout_s=LINK_TIMEOUT_S
+        )
+        try:
+            await source.send_control(Tag.DEVICES, announce(1))
+            source.set_device_count(1)
+            yield source
+        finally:
+            source.abort()
 
 
 async def send_until_it_fails(source: Session) -> None:
@@ -50,24 +70,13 @@ async def test_a_destination_slower_than_the_link_keeps_the_link_alive() -> None
         sessions.append(session)
         await slow_reader(sessions, taken)
 
-    async with await serve(
-        "127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK),
-        link_timeout_s=LINK_TIMEOUT_S,
-    ) as server:  # fmt: skip
-        source = await connect(
-            server.address, name="src", auth=AuthConfig(psk=PSK), link_timeout_s=LINK_TIMEOUT_S
-        )
-        try:
-            await source.send_control(Tag.DEVICES, announce(1))
-            source.set_device_count(1)
-            loop = asyncio.get_running_loop()
-            end = loop.time() + 3 * LINK_TIMEOUT_S
-            while loop.time() < end:
-                await source.send_chunk(Tag.PRECOPY_DATA, 0, CHUNK)
-            assert source.error is None
-            assert taken[0] > 10
-        finally:
-            source.abort()
+    async with announced(handler) as source:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 3 * LINK_TIMEOUT_S
+        while loop.time() < end:
+            await source.send_chunk(Tag.PRECOPY_DATA, 0, CHUNK)
+        assert source.error is None
+        assert taken[0] > 10
 
 
 async def test_a_stalled_destination_application_still_times_the_link_out() -> None:
@@ -82,22 +91,13 @@ async def test_a_stalled_destination_application_still_times_the_link_out() -> N
         stalled.set()
         await release.wait()
 
-    async with await serve(
-        "127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK),
-        link_timeout_s=LINK_TIMEOUT_S,
-    ) as server:  # fmt: skip
-        source = await connect(
-            server.address, name="src", auth=AuthConfig(psk=PSK), link_timeout_s=LINK_TIMEOUT_S
-        )
-        try:
-            await source.send_control(Tag.DEVICES, announce(1))
-            source.set_device_count(1)
+    try:
+        async with announced(handler) as source:
             await stalled.wait()
             with pytest.raises(ConnectionLost, match="link_timeout_s"):
                 await asyncio.wait_for(send_until_it_fails(source), 10 * LINK_TIMEOUT_S)
-        finally:
-            release.set()
-            source.abort()
+    finally:
+        release.set()
 
 
 async def test_barriers_on_every_channel_arrive_once_and_in_order_through_paused_reads() -> None:
