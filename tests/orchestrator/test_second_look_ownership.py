@@ -97,6 +97,43 @@ async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_reco
         await target.close()
 
 
+@pytest.mark.xfail(strict=True, reason="the give-up resets it and the record says idle")
+async def test_an_armed_stopped_device_the_load_never_reached_keeps_its_state(
+    tmp_path: Path,
+) -> None:
+    """A destination device recorded ``stopped`` (a workload kept here, stopped) armed by
+    name, whose arc into RESUMING fails so that it never leaves STOP: the failed
+    migration leaves it untouched, still STOP and still ``stopped``. A reset would drop
+    the state it keeps (a VFIO device's), and ``idle`` would say it holds nothing."""
+    source = Spec("sim0", seed=1).build(source=True)
+    faults = Faults(fail_arcs=frozenset({(State.STOP, State.RESUMING)}))
+    target = Spec("sim0", seed=2, source_faults=faults).build(source=True)
+    await source.open()
+    await target.open()
+    await target.set_state(State.STOP)
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
+    server = await transport.serve(
+        "127.0.0.1:0", service.accept, name="dst", auth=transport.AuthConfig()
+    )
+    try:
+        service.book.set(["sim0"], Owner.STOPPED, reason="split outcome (test)")
+        service.book.arm(["sim0"], None, None)
+        migration = SourceMigration(
+            [source], server.address, MigrationParams(), auth=transport.AuthConfig()
+        )
+        with pytest.raises(DestinationFailed, match="RESUMING failed"):
+            await asyncio.wait_for(migration.run(), DEADLINE_S)
+        assert source.state == State.RUNNING
+        assert target.state == State.STOP  # not reset: the state it keeps stays
+        assert service.book.get("sim0").owner == Owner.STOPPED
+    finally:
+        server.close()
+        await server.wait_closed()
+        service.book.close()
+        await source.close()
+        await target.close()
+
+
 def test_a_state_file_reached_through_a_symlink_is_judged_where_it_lies(tmp_path: Path) -> None:
     """A state folder reached through a symlink (``/var/run`` is one to ``/run`` on most
     distributions) is judged by the file system it resolves to, so a tmpfs behind the
