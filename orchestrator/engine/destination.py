@@ -36,6 +36,7 @@ from orchestrator.engine.stats import Downtime
 from transport import Tag
 
 log = structlog.get_logger(__name__)
+SPARED = (State.RUNNING, State.STOP)  # a device in one before PRECOPY was never loaded
 
 
 class Refused(Exception):
@@ -393,10 +394,9 @@ class DestinationMigration(Phased):
         await self.session.send_control(Tag.VERDICT, verdict.to_fields())
 
     async def _give_up(self, reason: str, device: Any) -> None:
-        """Before COMMIT: tell the source, reset the devices we loaded, drop the session.
-
-        After COMMIT nothing is reset: the devices hold the workload's only state.
-        """
+        """Before COMMIT: tell the source, reset the devices we loaded (not one still in
+        the RUNNING or STOP it was admitted in: a reset would drop the state it keeps),
+        drop the session. After COMMIT nothing is reset: the devices hold the workload."""
         self.error = reason
         if self.committed:
             self.log.critical("failed_after_commit", reason=reason)
@@ -409,8 +409,9 @@ class DestinationMigration(Phased):
         self.session.abort()
         if not self._loading:
             return
+        spared = SPARED if Phase.PRECOPY not in self._phases.history else (State.RUNNING,)
         for target in self.devices:
-            if target.state == State.RUNNING:
+            if target.state in spared:
                 continue
             try:
                 await target.reset()
@@ -422,10 +423,9 @@ class DestinationMigration(Phased):
             self._record(self.gate.finished, self.offer, None)
 
     def _record(self, write: Callable[..., None], *args: Any) -> None:
-        """Write the daemon's ownership records; a failure (the state file) is logged,
-        not raised: it cannot change where the devices are. What stays on disk is the
-        note made at the first barrier ("outcome unknown"), so a restart keeps the
-        devices stopped for the operator, never running twice."""
+        """Write the daemon's ownership records; a failure (the state file) is logged, not
+        raised: it cannot change where the devices are. The note made at the first barrier
+        ("outcome unknown") stays on disk, so a restart keeps the devices stopped."""
         try:
             write(*args)
         except OSError as exc:

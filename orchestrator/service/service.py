@@ -36,6 +36,7 @@ from orchestrator.service.listeners import Listener, MigrationListener, listens_
 from orchestrator.service.metrics import Metrics
 from orchestrator.service.ownership import (
     FENCED_OWNERS,
+    KEPT_STOPPED,
     RUNNING_OWNERS,
     Owner,
     OwnershipBook,
@@ -44,6 +45,12 @@ from orchestrator.service.ownership import (
 from orchestrator.service.protocol import ControlError
 
 log = structlog.get_logger(__name__)
+
+
+def _held_in(record: Record) -> State:
+    """The state a device with ``record`` is in while it keeps its workload: RUNNING when
+    the workload runs here, STOP when it is kept stopped or fenced."""
+    return State.RUNNING if record.owner in RUNNING_OWNERS else State.STOP
 
 
 class StartupError(Exception):
@@ -288,7 +295,9 @@ class Service:
             )
         except OSError as exc:
             raise Refused(f"cannot record the devices as receiving: {exc}") from None
-        self._unloaded.update((n, r) for n, r in before.items() if r.owner in RUNNING_OWNERS)
+        self._unloaded.update(
+            (n, r) for n, r in before.items() if r.owner in RUNNING_OWNERS | KEPT_STOPPED
+        )
         for name in offer.devices:  # _ClaimOnLookup took them under the claim id: rename it
             if self.owners.get(name) == record.id:
                 self.owners[name] = offer.migration_id
@@ -307,10 +316,11 @@ class Service:
 
     def _incoming_finished(self, offer: Offer, results: Mapping[str, str] | None) -> None:
         """Record what an incoming migration left: failed devices stay stopped, named."""
-        # A device that never stopped for good kept its workload (its first arc failed).
+        # A device the load never reached kept its workload, running or kept stopped (its
+        # first arc failed, so it never entered RESUMING) and keeps its record.
         kept = {n: self._unloaded.pop(n) for n in offer.devices if n in self._unloaded}
         if results is None:
-            kept = {n: r for n, r in kept.items() if self.devices[n].state == State.RUNNING}
+            kept = {n: r for n, r in kept.items() if self.devices[n].state == _held_in(r)}
             if emptied := [n for n in offer.devices if n not in kept]:
                 # Loading had begun, so their earlier state is gone: they hold nothing.
                 self.book.set(

@@ -97,7 +97,6 @@ async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_reco
         await target.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the give-up resets it and the record says idle")
 async def test_an_armed_stopped_device_the_load_never_reached_keeps_its_state(
     tmp_path: Path,
 ) -> None:
