@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 import transport
+from devices.errors import ArcFailed
 from devices.fsm import State
 from devices.paged import Faults
+from devices.simulated import SimulatedDevice
 from orchestrator.engine.errors import DestinationFailed
 from orchestrator.engine.params import MigrationParams
 from orchestrator.engine.source import SourceMigration
@@ -124,6 +126,48 @@ async def test_an_armed_stopped_device_the_load_never_reached_keeps_its_state(
             await asyncio.wait_for(migration.run(), DEADLINE_S)
         assert source.state == State.RUNNING
         assert target.state == State.STOP  # not reset: the state it keeps stays
+        assert service.book.get("sim0").owner == Owner.STOPPED
+    finally:
+        server.close()
+        await server.wait_closed()
+        service.book.close()
+        await source.close()
+        await target.close()
+
+
+@pytest.mark.xfail(strict=True, reason="recorded idle while it keeps the workload's state")
+async def test_a_running_device_a_failed_load_left_stopped_is_recorded_stopped(
+    tmp_path: Path,
+) -> None:
+    """A destination device running a workload here, armed by name, whose driver stopped
+    it on the way to RESUMING and could not go on nor back (it stays in STOP, as a VFIO
+    device may): it keeps the workload's state, not reset, and its record says
+    ``stopped`` (resume it), not ``idle`` (nothing here)."""
+
+    class StopsHalfway(SimulatedDevice):
+        async def set_state(self, target: State) -> None:
+            if target == State.RESUMING and self.state == State.RUNNING:
+                await super().set_state(State.STOP)
+                raise ArcFailed(self.name, "STOP -> RESUMING failed, and so did the way back")
+            await super().set_state(target)
+
+    source = Spec("sim0", seed=1).build(source=True)
+    target = StopsHalfway("sim0", state_size=Spec("sim0").size, seed=2)
+    await source.open()
+    await target.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
+    server = await transport.serve(
+        "127.0.0.1:0", service.accept, name="dst", auth=transport.AuthConfig()
+    )
+    try:
+        service.book.arm(["sim0"], None, None)
+        migration = SourceMigration(
+            [source], server.address, MigrationParams(), auth=transport.AuthConfig()
+        )
+        with pytest.raises(DestinationFailed, match="way back"):
+            await asyncio.wait_for(migration.run(), DEADLINE_S)
+        assert source.state == State.RUNNING
+        assert target.state == State.STOP
         assert service.book.get("sim0").owner == Owner.STOPPED
     finally:
         server.close()
