@@ -320,8 +320,23 @@ class Service:
         # first arc failed, so it never entered RESUMING) and keeps its record.
         kept = {n: self._unloaded.pop(n) for n in offer.devices if n in self._unloaded}
         if results is None:
+            # One whose driver stopped it on the way and could not go on nor back holds
+            # its workload's state, stopped: for the operator to resume.
+            halted = [
+                n
+                for n, r in kept.items()
+                if r.owner in RUNNING_OWNERS and self.devices[n].state == State.STOP
+            ]
             kept = {n: r for n, r in kept.items() if self.devices[n].state == _held_in(r)}
-            if emptied := [n for n in offer.devices if n not in kept]:
+            if halted:
+                self.book.set(
+                    halted,
+                    Owner.STOPPED,
+                    peer=offer.peer,
+                    migration_id=offer.migration_id,
+                    reason="an incoming migration stopped it and failed before loading it",
+                )
+            if emptied := [n for n in offer.devices if n not in kept and n not in halted]:
                 # Loading had begun, so their earlier state is gone: they hold nothing.
                 self.book.set(
                     emptied,

@@ -135,7 +135,6 @@ async def test_an_armed_stopped_device_the_load_never_reached_keeps_its_state(
         await target.close()
 
 
-@pytest.mark.xfail(strict=True, reason="recorded idle while it keeps the workload's state")
 async def test_a_running_device_a_failed_load_left_stopped_is_recorded_stopped(
     tmp_path: Path,
 ) -> None:
