@@ -328,23 +328,20 @@ class Service:
                 if r.owner in RUNNING_OWNERS and self.devices[n].state == State.STOP
             ]
             kept = {n: r for n, r in kept.items() if self.devices[n].state == _held_in(r)}
-            if halted:
-                self.book.set(
-                    halted,
-                    Owner.STOPPED,
-                    peer=offer.peer,
-                    migration_id=offer.migration_id,
-                    reason="an incoming migration stopped it and failed before loading it",
-                )
-            if emptied := [n for n in offer.devices if n not in kept and n not in halted]:
-                # Loading had begun, so their earlier state is gone: they hold nothing.
-                self.book.set(
-                    emptied,
-                    Owner.IDLE,
-                    peer=offer.peer,
-                    migration_id=offer.migration_id,
-                    reason="an incoming migration failed while loading",
-                )
+            # The others' loading had begun, so their earlier state is gone: nothing.
+            emptied = [n for n in offer.devices if n not in kept and n not in halted]
+            for names, owner, reason in (
+                (halted, Owner.STOPPED, "an incoming migration stopped it and failed"),
+                (emptied, Owner.IDLE, "an incoming migration failed while loading"),
+            ):
+                if names:
+                    self.book.set(
+                        names,
+                        owner,
+                        peer=offer.peer,
+                        migration_id=offer.migration_id,
+                        reason=reason,
+                    )
             if kept:
                 self.book.restore(kept)
             return

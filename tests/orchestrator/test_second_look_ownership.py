@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,6 +63,39 @@ def test_a_lock_path_that_is_a_fifo_is_refused_by_name(tmp_path: Path) -> None:
         OwnershipBook(state, ["dev"])
 
 
+@contextlib.asynccontextmanager
+async def daemon_owning(tmp_path: Path, target: Any) -> AsyncIterator[tuple[Service, str]]:
+    """A destination daemon's service owning ``target``, listening: it and its address."""
+    await target.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
+    server = await transport.serve(
+        "127.0.0.1:0", service.accept, name="dst", auth=transport.AuthConfig()
+    )
+    try:
+        yield service, server.address
+    finally:
+        server.close()
+        await server.wait_closed()
+        service.book.close()
+        await target.close()
+
+
+async def fails_into(address: str, match: str) -> None:
+    """Migrate a source "sim0" to ``address``: it fails with ``match``, and the source
+    device runs again."""
+    source = Spec("sim0", seed=1).build(source=True)
+    await source.open()
+    try:
+        migration = SourceMigration(
+            [source], address, MigrationParams(), auth=transport.AuthConfig()
+        )
+        with pytest.raises(DestinationFailed, match=match):
+            await asyncio.wait_for(migration.run(), DEADLINE_S)
+        assert source.state == State.RUNNING
+    finally:
+        await source.close()
+
+
 async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_record(
     tmp_path: Path,
 ) -> None:
@@ -67,36 +103,18 @@ async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_reco
     towards RESUMING fails (so it never stops and keeps its workload), still says
     ``running here`` after the failed migration: the ``idle`` written at admission would
     let a bare ``migrate-incoming`` arm it and a later migration replace that workload."""
-    source = Spec("sim0", seed=1).build(source=True)
     first_arcs = {(State.RUNNING, State.RUNNING_P2P), (State.RUNNING, State.STOP)}
     faults = Faults(fail_arcs=frozenset(first_arcs))
     target = Spec("sim0", seed=2, source_faults=faults).build(source=True)
-    await source.open()
-    await target.open()
-    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
-    server = await transport.serve(
-        "127.0.0.1:0", service.accept, name="dst", auth=transport.AuthConfig()
-    )
-    try:
+    async with daemon_owning(tmp_path, target) as (service, address):
         service.book.arm(["sim0"], None, None)
-        migration = SourceMigration(
-            [source], server.address, MigrationParams(), auth=transport.AuthConfig()
-        )
-        with pytest.raises(DestinationFailed, match="RUNNING_P2P failed"):
-            await asyncio.wait_for(migration.run(), DEADLINE_S)
-        assert source.state == State.RUNNING
+        await fails_into(address, "RUNNING_P2P failed")
         assert target.state == State.RUNNING  # its own workload, never stopped
         assert service.book.get("sim0").owner == Owner.RUNNING_HERE
         assert "sim0" not in service.book.default_armable()
         assert service.config.state_file is not None
         stored = json.loads(service.config.state_file.read_text())
         assert stored["devices"]["sim0"]["owner"] == Owner.RUNNING_HERE.value
-    finally:
-        server.close()
-        await server.wait_closed()
-        service.book.close()
-        await source.close()
-        await target.close()
 
 
 async def test_an_armed_stopped_device_the_load_never_reached_keeps_its_state(
@@ -106,33 +124,15 @@ async def test_an_armed_stopped_device_the_load_never_reached_keeps_its_state(
     name, whose arc into RESUMING fails so that it never leaves STOP: the failed
     migration leaves it untouched, still STOP and still ``stopped``. A reset would drop
     the state it keeps (a VFIO device's), and ``idle`` would say it holds nothing."""
-    source = Spec("sim0", seed=1).build(source=True)
     faults = Faults(fail_arcs=frozenset({(State.STOP, State.RESUMING)}))
     target = Spec("sim0", seed=2, source_faults=faults).build(source=True)
-    await source.open()
-    await target.open()
-    await target.set_state(State.STOP)
-    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
-    server = await transport.serve(
-        "127.0.0.1:0", service.accept, name="dst", auth=transport.AuthConfig()
-    )
-    try:
+    async with daemon_owning(tmp_path, target) as (service, address):
+        await target.set_state(State.STOP)
         service.book.set(["sim0"], Owner.STOPPED, reason="split outcome (test)")
         service.book.arm(["sim0"], None, None)
-        migration = SourceMigration(
-            [source], server.address, MigrationParams(), auth=transport.AuthConfig()
-        )
-        with pytest.raises(DestinationFailed, match="RESUMING failed"):
-            await asyncio.wait_for(migration.run(), DEADLINE_S)
-        assert source.state == State.RUNNING
+        await fails_into(address, "RESUMING failed")
         assert target.state == State.STOP  # not reset: the state it keeps stays
         assert service.book.get("sim0").owner == Owner.STOPPED
-    finally:
-        server.close()
-        await server.wait_closed()
-        service.book.close()
-        await source.close()
-        await target.close()
 
 
 async def test_a_running_device_a_failed_load_left_stopped_is_recorded_stopped(
@@ -150,30 +150,12 @@ async def test_a_running_device_a_failed_load_left_stopped_is_recorded_stopped(
                 raise ArcFailed(self.name, "STOP -> RESUMING failed, and so did the way back")
             await super().set_state(target)
 
-    source = Spec("sim0", seed=1).build(source=True)
     target = StopsHalfway("sim0", state_size=Spec("sim0").size, seed=2)
-    await source.open()
-    await target.open()
-    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [target])
-    server = await transport.serve(
-        "127.0.0.1:0", service.accept, name="dst", auth=transport.AuthConfig()
-    )
-    try:
+    async with daemon_owning(tmp_path, target) as (service, address):
         service.book.arm(["sim0"], None, None)
-        migration = SourceMigration(
-            [source], server.address, MigrationParams(), auth=transport.AuthConfig()
-        )
-        with pytest.raises(DestinationFailed, match="way back"):
-            await asyncio.wait_for(migration.run(), DEADLINE_S)
-        assert source.state == State.RUNNING
+        await fails_into(address, "way back")
         assert target.state == State.STOP
         assert service.book.get("sim0").owner == Owner.STOPPED
-    finally:
-        server.close()
-        await server.wait_closed()
-        service.book.close()
-        await source.close()
-        await target.close()
 
 
 def test_a_state_file_reached_through_a_symlink_is_judged_where_it_lies(tmp_path: Path) -> None:
