@@ -56,17 +56,25 @@ class Spec:
         )  # fmt: skip
 
 
-class VerdictGate:
-    """Wraps a destination session so its verdicts (of one stage, or all) wait for the test."""
+class SessionView:
+    """A destination session seen through a test's wrapper: what the wrapper does not
+    define is the session's own."""
 
-    def __init__(self, session: transport.Session, stage: str | None) -> None:
+    def __init__(self, session: transport.Session) -> None:
         self._session = session
-        self._stage = stage
-        self.blocked = asyncio.Event()
-        self.open = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
+
+
+class VerdictGate(SessionView):
+    """Wraps a destination session so its verdicts (of one stage, or all) wait for the test."""
+
+    def __init__(self, session: transport.Session, stage: str | None) -> None:
+        super().__init__(session)
+        self._stage = stage
+        self.blocked = asyncio.Event()
+        self.open = asyncio.Event()
 
     async def send_control(self, tag: transport.Tag, fields: Any = None, **kw: Any) -> None:
         held = self._stage is None or (fields or {}).get("stage") == self._stage

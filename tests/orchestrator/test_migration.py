@@ -31,7 +31,7 @@ from orchestrator.engine.errors import (
 from orchestrator.engine.params import Policy
 from orchestrator.engine.phases import PhaseError
 from orchestrator.engine.stats import Status
-from tests.orchestrator.conftest import MB, MIB, Spec, wait_status
+from tests.orchestrator.conftest import MB, MIB, SessionView, Spec, wait_status
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -316,13 +316,7 @@ async def test_models_load_as_their_streams_end(make_ends) -> None:
     targets: list[PagedDevice] = []
     at_end: dict[str, State] = {}
 
-    class Watch:
-        def __init__(self, session: transport.Session) -> None:
-            self._session = session
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self._session, name)
-
+    class Watch(SessionView):
         async def recv(self) -> transport.Frame:
             frame = await self._session.recv()
             if frame.tag == transport.Tag.END_OF_STREAM:

@@ -105,10 +105,14 @@ async def source(address: str) -> Session:
     return session
 
 
-def gate_for(session: Session) -> tuple[Pacer, Held]:
-    """A pacer on ``session`` before the link's rate is known (budget INITIAL_PIPE)."""
+async def held_reader(session: Session) -> tuple[asyncio.Task[TransportError], Held]:
+    """A paced reader on ``session`` before the link's rate is known (budget
+    INITIAL_PIPE), once its pacer holds it: the reader's task and the pacer's view."""
     held = Held(session, pacing.INITIAL_PIPE)
-    return Pacer(lambda: None, held, session.limit_unsent, lambda: session.error is None), held
+    gate = Pacer(lambda: None, held, session.limit_unsent, lambda: session.error is None)
+    reader = asyncio.create_task(paced_reader(session, gate))
+    await asyncio.wait_for(held.held.wait(), BOUND)
+    return reader, held
 
 
 def test_a_destination_that_stops_reading_holds_the_reader_within_budget(run: Runner) -> None:
@@ -118,9 +122,7 @@ def test_a_destination_that_stops_reading_holds_the_reader_within_budget(run: Ru
     async def body() -> None:
         async with stuck() as (address, give_up):
             session = await source(address)
-            gate, held = gate_for(session)
-            reader = asyncio.create_task(paced_reader(session, gate))
-            await asyncio.wait_for(held.held.wait(), BOUND)
+            reader, held = await held_reader(session)
             assert not reader.done()
             assert held.peak <= pacing.INITIAL_PIPE + CHUNK + 4 * KiB  # a chunk and headers
             give_up.set()
@@ -141,9 +143,7 @@ def test_a_link_that_stops_ends_a_held_reader_with_the_link_timeout(run: Runner)
             proxy = FaultProxy(address)
             try:
                 session = await source(await proxy.start())
-                gate, held = gate_for(session)
-                reader = asyncio.create_task(paced_reader(session, gate))
-                await asyncio.wait_for(held.held.wait(), BOUND)
+                reader, _ = await held_reader(session)
                 proxy.stall()
                 error = await asyncio.wait_for(reader, BOUND)
             finally:
@@ -161,9 +161,7 @@ def test_our_own_abort_with_a_reason_frees_a_held_reader(run: Runner) -> None:
     async def body() -> None:
         async with stuck() as (address, _):
             session = await source(address)
-            gate, held = gate_for(session)
-            reader = asyncio.create_task(paced_reader(session, gate))
-            await asyncio.wait_for(held.held.wait(), BOUND)
+            reader, _ = await held_reader(session)
             session.abort("operator gave up", code="cancelled")
             error = await asyncio.wait_for(reader, BOUND)
         assert isinstance(error, SessionClosed)

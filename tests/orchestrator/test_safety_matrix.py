@@ -32,7 +32,7 @@ from orchestrator.engine.phases import PhaseError
 from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Status
 from tests.faultproxy import FaultProxy
-from tests.orchestrator.conftest import Spec, VerdictGate
+from tests.orchestrator.conftest import SessionView, Spec, VerdictGate
 from tests.orchestrator.test_daemon import running_pair, start_pair, write_pair
 
 FAULTS = (
@@ -220,15 +220,12 @@ class _Refuser:
         pass
 
 
-class _FailingSession:
+class _FailingSession(SessionView):
     """A destination session that fails its next receive once ``trigger`` is set."""
 
     def __init__(self, session: Any, trigger: asyncio.Event) -> None:
-        self._session = session
+        super().__init__(session)
         self._trigger = trigger
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
 
     async def recv(self) -> transport.Frame:
         frame = await self._session.recv()

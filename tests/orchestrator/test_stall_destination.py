@@ -35,7 +35,7 @@ import transport
 from devices.fsm import Feature, State
 from orchestrator.engine.errors import OutcomeUnknown
 from orchestrator.engine.phases import Phase
-from tests.orchestrator.conftest import MB, MIB, Spec
+from tests.orchestrator.conftest import MB, MIB, SessionView, Spec
 from tests.orchestrator.test_switchover_faults import Pair, Script, longest_stop, run_to_end, two
 from tests.transport.transport_helpers import tls_auth
 from transport import Frame, Tag
@@ -63,7 +63,7 @@ HIGH_WATER, LOW_WATER = 64 * KiB, 16 * KiB
 DEST_LIMITS = transport.Limits(receive_segment_size=1 * MIB, receive_segments=2)
 
 
-class Deaf:
+class Deaf(SessionView):
     """A destination session whose application stops taking frames at one point: the
     ``count``-th frame of ``tag`` (held, not delivered), or with ``tag`` None the first
     recv() after it sent "loaded". ``held`` is set then; ``release`` lets it go on.
@@ -74,7 +74,7 @@ class Deaf:
     """
 
     def __init__(self, session: transport.Session, tag: Tag | None, count: int) -> None:
-        self._session = session
+        super().__init__(session)
         self._tag = tag
         self._count = count
         self._seen = 0
@@ -82,9 +82,6 @@ class Deaf:
         self._now = False
         self.held = asyncio.Event()
         self.release = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
 
     async def _deafen(self) -> None:
         self.held.set()

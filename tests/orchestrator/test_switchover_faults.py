@@ -43,7 +43,7 @@ from orchestrator.engine.messages import Verdict
 from orchestrator.engine.params import MigrationParams
 from orchestrator.engine.phases import Phase, PhaseError
 from orchestrator.engine.source import SourceMigration
-from tests.orchestrator.conftest import MIB, Ends, Spec
+from tests.orchestrator.conftest import MIB, Ends, SessionView, Spec
 from transport import Tag
 
 #: Short timeouts: a cell that waits for one ends in about a second.
@@ -80,19 +80,16 @@ class Script:
     extra_at_ack: tuple[int, Tag] | None = None
 
 
-class Scripted:
+class Scripted(SessionView):
     """The real destination's session, with its barrier and verdict answers scripted."""
 
     def __init__(self, session: transport.Session, script: Script) -> None:
-        self._session = session
+        super().__init__(session)
         self.script = script
         self.acks = 0
         #: Set while an answer is held; the test sets ``release`` to let it go.
         self.held = asyncio.Event()
         self.release = asyncio.Event()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
 
     async def _hold(self) -> None:
         self.held.set()
@@ -441,16 +438,26 @@ async def test_an_operator_acting_at_each_step_before_the_window(
     await pair.ends.assert_migrated()
 
 
+async def reader_fault_at_barrier_1(
+    pair: Pair, faults: Faults, verdict_timeout_s: float
+) -> tuple[SourceMigration, asyncio.Task[BaseException | None], PagedDevice]:
+    """A migration whose first barrier's answer is held, and then the first source
+    device's pre-copy reader given ``faults`` and something to read, so it reads now:
+    the migration, its running task, and that device."""
+    migration = pair.migration(verdict_timeout_s=verdict_timeout_s)
+    run = asyncio.create_task(run_to_end(migration))
+    await pair.held()
+    source = pair.ends.sources[0]
+    source.faults = faults
+    source.run_workload(0.01)
+    return migration, run, source
+
+
 async def test_a_reader_failing_while_barrier_1_waits_rolls_back(make_pair: Any) -> None:
     """A pre-copy read failing while the first barrier's answer is held ends the wait
     with the reader's error (not the barrier's timeout) and rolls back."""
     pair = await make_pair(two(), Script(hold_ack=1))
-    migration = pair.migration(verdict_timeout_s=10.0)
-    run = asyncio.create_task(run_to_end(migration))
-    await pair.held()
-    source = pair.ends.sources[0]
-    source.faults = Faults(fail_read_after=0)
-    source.run_workload(0.01)  # something to read, so the reader reads now
+    migration, run, source = await reader_fault_at_barrier_1(pair, Faults(fail_read_after=0), 10.0)
     error = await run
     assert isinstance(error, MigrationError)
     assert "pre-copy" in str(error) or "read" in str(error), str(error)
@@ -464,12 +471,7 @@ async def test_a_reader_stuck_in_a_read_at_the_switchover_is_bounded(make_pair: 
     told to stop: the switchover gives up within verdict_timeout_s naming the
     device, instead of waiting forever with the devices running, and rolls back."""
     pair = await make_pair(two(), Script(hold_ack=1))
-    migration = pair.migration(verdict_timeout_s=1.0)
-    run = asyncio.create_task(run_to_end(migration))
-    await pair.held()
-    stuck = pair.ends.sources[0]
-    stuck.faults = Faults(stall_read_after=0)
-    stuck.run_workload(0.01)  # something to read, so the reader reads now and blocks
+    migration, run, stuck = await reader_fault_at_barrier_1(pair, Faults(stall_read_after=0), 1.0)
     await stuck.read_stalled.wait()
     pair.release()
     error = await run

@@ -33,7 +33,7 @@ from orchestrator.engine.source import SourceMigration
 from orchestrator.engine.stats import Downtime
 from orchestrator.service.config import parse
 from orchestrator.service.service import Service
-from tests.orchestrator.conftest import MIB, Spec
+from tests.orchestrator.conftest import MIB, SessionView, Spec
 from tests.orchestrator.test_safety import assert_p2p_resume_order
 from tests.orchestrator.test_switchover_faults import (  # noqa: F401 - the make_pair fixture
     PARAMS,
@@ -195,15 +195,12 @@ async def test_the_idle_deadline_still_fires_within_a_second_of_its_bound(
 # -- the window history --------------------------------------------------------------------
 
 
-class LateResume:
+class LateResume(SessionView):
     """A destination session whose "resumed" verdict says it resumed far in the future."""
 
     def __init__(self, session: transport.Session, late_s: float) -> None:
-        self._session = session
+        super().__init__(session)
         self._late_s = late_s
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._session, name)
 
     async def send_control(self, tag: Tag, fields: Any = None, **kw: Any) -> None:
         if tag == Tag.VERDICT and fields is not None and fields["stage"] == "resumed":

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 
 from test_transport_hostile_tls import settled
-from transport_helpers import PSK, RawPeer, announce
+from transport_helpers import PSK, RawPeer
 
 from transport import AuthConfig, Limits, Session, Tag, serve
 from transport.limits import KiB
@@ -48,9 +48,7 @@ async def test_control_frames_an_application_does_not_take_stay_within_a_segment
     async with await serve(
         "127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK), limits=LIMITS
     ) as server:
-        peer = await RawPeer.open(server.address)
-        assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
-        await peer.send(Tag.DEVICES, announce(1))
+        peer = await RawPeer.in_session(server.address)
         await arrived.wait()
         session = sessions[0]
         filler = {"x": "a" * (LIMITS.max_control_payload - 64)}

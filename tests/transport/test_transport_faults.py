@@ -82,9 +82,7 @@ async def test_source_vanishing_mid_frame_is_connection_lost(
 ) -> None:
     """Half a frame then a hang-up ends the destination's session with ConnectionLost,
     and the session warns: data was cut off."""
-    peer = await RawPeer.open(server.address)
-    assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
-    await peer.send(Tag.DEVICES, announce(1))
+    peer = await RawPeer.in_session(server.address)
     frame = peer.encode(Tag.PRECOPY_DATA, device=0, payload=b"p" * 10000)
     with capture_logs() as logs:
         peer.writer.write(frame[: len(frame) // 2])
@@ -280,9 +278,7 @@ async def test_a_peer_flooding_pings_without_reading_is_cut_off(
 ) -> None:
     """PINGs from a peer that never reads its PONGs abort the session, bounding our buffer."""
     monkeypatch.setattr("transport.session.PONG_BACKLOG_LIMIT", 64 * 1024)
-    peer = await RawPeer.open(server.address)
-    assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
-    await peer.send(Tag.DEVICES, announce(1))
+    peer = await RawPeer.in_session(server.address)
     with contextlib.suppress(ConnectionError):
         while not recorder.done.is_set():  # until the destination gives up on us
             batch = b"".join(peer.encode(Tag.PING, {"id": i, "t": 0.0}) for i in range(5000))

@@ -26,7 +26,6 @@ from transport_helpers import (
     PSK,
     RawPeer,
     Recorder,
-    announce,
     first_of_two_channels,
     hello_fields,
     tls_auth,
@@ -208,9 +207,7 @@ def test_closing_the_server_waits_out_a_cancel_on_its_way(
         async with await serve(
             "127.0.0.1:0", handler, name="dest", auth=AuthConfig(psk=PSK)
         ) as server:
-            peer = await RawPeer.open(server.address)  # authenticates, then reads nothing
-            assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
-            await peer.send(Tag.DEVICES, announce(1))
+            peer = await RawPeer.in_session(server.address)  # authenticates, then reads nothing
             await ended.wait()
         left = open_sockets() - before
         cancel = await peer.read_frame()
@@ -540,9 +537,7 @@ async def test_a_chunk_of_exactly_max_payload_passes_and_one_byte_more_is_refuse
     async with await serve(
         "127.0.0.1:0", recorder, name="dest", auth=AuthConfig(psk=PSK), limits=limits
     ) as server:
-        peer = await RawPeer.open(server.address)
-        assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
-        await peer.send(Tag.DEVICES, announce(1))
+        peer = await RawPeer.in_session(server.address)
         await peer.send(Tag.PRECOPY_DATA, device=0, payload=b"a" * 4096)
         await delivered.wait()
         await peer.send(Tag.PRECOPY_DATA, device=0, payload=b"b" * 4097)

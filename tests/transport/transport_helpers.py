@@ -78,6 +78,14 @@ class RawPeer:
         local_addr = None if local is None else (local, 0)
         return cls(*await asyncio.open_connection(host, port, local_addr=local_addr))
 
+    @classmethod
+    async def in_session(cls, address: str) -> RawPeer:
+        """Connect, authenticate with PSK and announce one device: a session's raw peer."""
+        peer = await cls.open(address)
+        assert (await peer.handshake(PSK)).tag is Tag.AUTH  # type: ignore[union-attr]
+        await peer.send(Tag.DEVICES, announce(1))
+        return peer
+
     async def half_open(self) -> None:
         """Send a HELLO and read the answer: the server now holds a pending handshake."""
         await self.send(Tag.HELLO, hello_fields(os.urandom(16), os.urandom(32)))
