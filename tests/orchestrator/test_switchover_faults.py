@@ -174,6 +174,16 @@ class Pair:
         assert all(t.state == State.RUNNING for t in self.ends.targets)  # reset, idle
         await self.ends.assert_source_intact()
 
+    async def assert_kept_stopped(self) -> None:
+        """Nothing resumed on the destination and the source devices stopped, their state
+        intact: what the operator's ``resume --force`` runs again."""
+        assert not self.ends.resumed_on_destination()
+        assert [d.state for d in self.ends.sources] == [State.STOP] * len(self.ends.sources)
+        await self.settle()
+        for device in self.ends.sources:
+            await device.set_state(State.RUNNING)  # the operator's resume --force
+        await self.ends.assert_source_intact()
+
     async def assert_unknown(self, migration: SourceMigration, error: BaseException) -> None:
         """After COMMIT with no clear answer: source stopped, told what to do; the
         destination runs the workload it loaded."""
@@ -1082,12 +1092,7 @@ async def test_a_destination_waiting_for_commit_past_its_idle_timeout_says_so(
     destination = pair.ends.incoming[0]
     assert destination.error is not None
     assert "no COMMIT from the source 0.3 s after 'loaded' (idle_timeout_s)" in destination.error
-    assert not pair.ends.resumed_on_destination()
-    assert [d.state for d in pair.ends.sources] == [State.STOP, State.STOP]
-    await pair.settle()
-    for device in pair.ends.sources:
-        await device.set_state(State.RUNNING)  # the operator's resume --force
-    await pair.ends.assert_source_intact()
+    await pair.assert_kept_stopped()
 
 
 @pytest.mark.parametrize("tag", [Tag.SYNC, Tag.COMMIT], ids=["SYNC", "COMMIT"])
@@ -1232,9 +1237,4 @@ async def test_a_source_frame_out_of_place(make_pair: Any, case: str) -> None:
     # The destination gave up before COMMIT reached it; the source, past COMMIT, trusts
     # no word of it and keeps its devices stopped, their state intact.
     assert outcome == "stopped"
-    assert not pair.ends.resumed_on_destination()
-    assert [d.state for d in pair.ends.sources] == [State.STOP, State.STOP]
-    await pair.settle()
-    for device in pair.ends.sources:
-        await device.set_state(State.RUNNING)  # the operator's resume --force
-    await pair.ends.assert_source_intact()
+    await pair.assert_kept_stopped()
