@@ -35,7 +35,7 @@ import structlog
 
 from devices import fsm
 from devices.errors import ArcFailed, ChannelClosedError, InvalidStateError
-from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
+from devices.fsm import CHANNEL_STATES, ERROR, SAVING_GROUP, Feature, State
 
 log = structlog.get_logger(__name__)
 
@@ -178,7 +178,7 @@ class MigratableDevice(abc.ABC):
     def state(self, new: State) -> None:
         old, self._state = self._state, new
         if old != new:
-            if new == State.ERROR:
+            if new == ERROR:
                 # The uAPI's ERROR has no data session, whether an arc broke the device
                 # or an unwind failed: the listeners already see none.
                 self._drop_channel()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Iterator, Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 import structlog
 
@@ -71,6 +71,10 @@ CHANNEL_STATES = SAVING_GROUP | {State.RESUMING}
 
 #: Where the device runs (advances its state), quiesced for P2P or not.
 RUNNING_STATES = frozenset({State.RUNNING, State.RUNNING_P2P, State.PRE_COPY, State.PRE_COPY_P2P})
+
+#: ERROR for the paths every arc takes: a member looked up through its class costs 70 ns
+#: on Python 3.11 (an enum property), a module global 5.
+ERROR: Final = State.ERROR
 
 #: The feature sets the uAPI defines; any other combination is undefined.
 LEGAL_FEATURE_SETS: tuple[Feature, ...] = (
@@ -249,10 +253,13 @@ def walk(device: ArcDriven, target: State) -> tuple[Arc, ...]:
     report) comes between a walk's arcs.
     """
     start = device.state
+    if start == target:
+        return ()
     # One table for the walk: a switchover runs this for every device and arc in the
     # downtime window, where each lookup's feature check was a tenth of the arc.
     table = _table(device.features)
-    if start != target and table[start, target] == State.ERROR:
+    following = table[start, target]
+    if following == ERROR:
         raise TransitionNotAllowed(
             device.name,
             f"transition {start.name} -> {target.name} is not allowed "
@@ -261,6 +268,15 @@ def walk(device: ArcDriven, target: State) -> tuple[Arc, ...]:
             target=target,
             state=start,
         )
+    if following == target:
+        # One arc, as each of a switchover's steps is: no loop and no list, a quarter of
+        # a model's arc in the window.
+        try:
+            device.step(start, target)
+        except Exception as exc:
+            raise _arc_failed(device, start, target, (start, target), exc) from exc
+        device.state = target  # listeners see every arc (a debug event: 2.7 us)
+        return ((start, target),)
     taken: list[Arc] = []
     current = start
     while current != target:
@@ -268,26 +284,33 @@ def walk(device: ArcDriven, target: State) -> tuple[Arc, ...]:
         try:
             device.step(*arc)
         except Exception as exc:
-            log.warning(
-                "arc_failed",
-                device=device.name,
-                arc_from=arc[0].name,
-                arc_to=arc[1].name,
-                error=str(exc),
-            )
-            _unwind(device, start)
-            raise TransitionError(
-                device.name,
-                f"{arc[0].name} -> {arc[1].name} failed on the way "
-                f"{start.name} -> {target.name}: {exc}; device is now {device.state.name}",
-                start=start,
-                target=target,
-                state=device.state,
-                failed_arc=arc,
-            ) from exc
-        current = device.state = arc[1]  # listeners see every arc (a debug event: 2.7 us)
+            raise _arc_failed(device, start, target, arc, exc) from exc
+        current = device.state = arc[1]
         taken.append(arc)
     return tuple(taken)
+
+
+def _arc_failed(
+    device: ArcDriven, start: State, target: State, arc: Arc, error: Exception
+) -> TransitionError:
+    """Log a failed arc, walk the device back to ``start``, and say what happened."""
+    log.warning(
+        "arc_failed",
+        device=device.name,
+        arc_from=arc[0].name,
+        arc_to=arc[1].name,
+        error=str(error),
+    )
+    _unwind(device, start)
+    return TransitionError(
+        device.name,
+        f"{arc[0].name} -> {arc[1].name} failed on the way "
+        f"{start.name} -> {target.name}: {error}; device is now {device.state.name}",
+        start=start,
+        target=target,
+        state=device.state,
+        failed_arc=arc,
+    )
 
 
 def _unwind(device: ArcDriven, start: State) -> None:

@@ -253,8 +253,13 @@ class PagedDevice(ArcDevice):
             self.run_workload(elapsed)
 
     def _on_state_change(self, device: MigratableDevice, old: State, new: State) -> None:
-        self._catch_up(old in RUNNING_STATES)  # time until now ran in the old state
-        self._arm()
+        # The workload's clock matters only where the device starts or stops running:
+        # between two running (or two stopped) states, the next catch-up counts the
+        # time alike, and a switchover's arcs skip the work (each arc is downtime).
+        running = old in RUNNING_STATES
+        if self.dirty_rate and running != (new in RUNNING_STATES):
+            self._catch_up(running)  # time until now ran in the old state
+            self._arm()
         self._wakeup.set()
 
     # -- the FSM -------------------------------------------------------------------------
