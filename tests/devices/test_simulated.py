@@ -6,9 +6,10 @@ import hashlib
 
 import pytest
 
-from devices import stream
-from devices.errors import InvalidStateError
-from devices.fsm import State
+from devices import fsm, stream
+from devices.errors import InvalidStateError, TransitionError
+from devices.fsm import ARCS, LEGAL_FEATURE_SETS, Arc, Feature, State
+from devices.paged import Faults
 from devices.simulated import SimulatedDevice
 from devices.testing import ManualClock, opened, read_until_pause
 
@@ -129,3 +130,35 @@ def test_bad_options_are_refused(options: dict[str, object], reason: str) -> Non
     """Inconsistent sizes and rates fail at construction, naming the device and the option."""
     with pytest.raises(ValueError, match=f"sim: .*{reason}"):
         SimulatedDevice("sim", **options)  # type: ignore[arg-type]
+
+
+def _single_arcs() -> list[tuple[Feature, Arc]]:
+    return [(f, arc) for f in LEGAL_FEATURE_SETS for arc in sorted(ARCS[f])]
+
+
+@pytest.mark.parametrize(("features", "arc"), _single_arcs())
+@pytest.mark.parametrize("fails", [False, True])
+async def test_a_single_arc_ends_as_the_fsm_walk_does(
+    features: Feature, arc: Arc, fails: bool
+) -> None:
+    """A model's one-arc state change (its fast path) leaves the device, its listeners and
+    the error exactly as the FSM's walk of the same change does, for every arc."""
+    ends = []
+    for change in (lambda d: d.set_state_now(arc[1]), lambda d: fsm.walk(d, arc[1])):
+        device = small(features=features)
+        await device.set_state(arc[0])
+        if fails:
+            device.faults = Faults(fail_arcs=frozenset({arc}))
+        seen: list[tuple[State, State]] = []
+        device.add_state_listener(lambda _, old, new, seen=seen: seen.append((old, new)))
+        error = None
+        try:
+            change(device)
+        except TransitionError as exc:
+            error = (exc.state, exc.failed_arc, type(exc.__cause__))
+        ends.append((device.state, seen, error, device._channel is not None))
+    assert ends[0] == ends[1]
+    if arc == (State.RESUMING, State.STOP) and not fails:
+        assert ends[0][0] == State.ERROR  # nothing was loaded: the empty stream is rejected
+    else:
+        assert ends[0][0] == (arc[0] if fails else arc[1])
