@@ -85,19 +85,26 @@ class Record:
     #: Wall-clock time of the change, ISO 8601 UTC.
     at: str | None = None
     reason: str | None = None
+    #: On the ``idle`` an admitted incoming migration writes: the record it replaced, when
+    #: that one held a workload here. A daemon that dies before the migration ends reads
+    #: it back, since the device may still hold that workload (see Service.fence).
+    before: Record | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON (the state file, query-devices)."""
-        return {
+        fields: dict[str, Any] = {
             "owner": self.owner.value,
             "peer": self.peer,
             "migration_id": self.migration_id,
             "at": self.at,
             "reason": self.reason,
         }
+        if self.before is not None:
+            fields["before"] = self.before.as_dict()
+        return fields
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Record:
+    def from_dict(cls, raw: Mapping[str, Any], *, nested: bool = False) -> Record:
         """Validate one entry of the state file; ValueError names the problem."""
         try:
             owner = Owner(raw["owner"])
@@ -109,7 +116,17 @@ class Record:
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{key} must be a string, got {value!r:.60}")
             fields[key] = value
-        return cls(owner, **fields)
+        before = raw.get("before")
+        if before is not None and (nested or not isinstance(before, Mapping)):
+            raise ValueError(f"before must be a record without a before, got {before!r:.60}")
+        return cls(
+            owner,
+            fields["peer"],
+            fields["migration_id"],
+            fields["at"],
+            fields["reason"],
+            None if before is None else cls.from_dict(before, nested=True),
+        )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -367,12 +384,17 @@ class OwnershipBook:
         peer: str | None = None,
         migration_id: str | None = None,
         reason: str | None = None,
+        before: Mapping[str, Record] | None = None,
     ) -> None:
-        """Change the records of ``names`` and make the change durable; on OSError (the
-        state file cannot be written) the records stay as they were."""
+        """Change the records of ``names`` (``before``: the records some of them replace,
+        kept in theirs) and make the change durable; on OSError (the state file cannot be
+        written) the records stay as they were."""
         at = now_iso()
         names = list(names)
-        updated = self.records | {n: Record(owner, peer, migration_id, at, reason) for n in names}
+        kept = before or {}
+        updated = self.records | {
+            n: Record(owner, peer, migration_id, at, reason, kept.get(n)) for n in names
+        }
         self._save(updated)
         self.records = updated
         log.info(

@@ -17,8 +17,6 @@ from tests.vfio_user import servers
 from tests.vfio_user.servers import Server
 
 S = State
-#: The hole this file pins: the restart reads the admission's ``idle`` as the truth.
-HOLE = pytest.mark.xfail(strict=True, reason="the restart records idle whatever the device holds")
 
 
 @pytest.fixture
@@ -33,15 +31,9 @@ def started() -> Iterator[list[Server]]:
 @pytest.mark.parametrize(
     ("prior", "walked", "owner", "found"),
     [
-        pytest.param(
-            Owner.RUNNING_HERE, (), Owner.RUNNING_HERE, S.RUNNING, id="before-any-arc", marks=HOLE
-        ),
-        pytest.param(
-            Owner.RUNNING_HERE, (S.STOP,), Owner.STOPPED, S.STOP, id="after-first-arc", marks=HOLE
-        ),
-        pytest.param(
-            Owner.STOPPED, (), Owner.STOPPED, S.STOP, id="kept-stopped-untouched", marks=HOLE
-        ),
+        pytest.param(Owner.RUNNING_HERE, (), Owner.RUNNING_HERE, S.RUNNING, id="before-any-arc"),
+        pytest.param(Owner.RUNNING_HERE, (S.STOP,), Owner.STOPPED, S.STOP, id="after-first-arc"),
+        pytest.param(Owner.STOPPED, (), Owner.STOPPED, S.STOP, id="kept-stopped-untouched"),
         pytest.param(Owner.RUNNING_HERE, (S.STOP, S.RESUMING), Owner.IDLE, S.STOP, id="loading"),
     ],
 )
