@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import stat as stat_module
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,3 +71,34 @@ def test_a_record_with_its_before_survives_the_state_file(tmp_path: Path) -> Non
     assert again.get("dev").before == kept
     assert again.get("dev").owner == Owner.IDLE
     again.close()
+
+
+@pytest.mark.xfail(strict=True, reason="_check_lock compares inode numbers only")
+def test_a_lock_replaced_by_a_file_of_another_file_system_with_its_inode_number_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock path naming a file on another file system whose inode number equals that of
+    the held lock (the state folder's file system unmounted under the daemon, say) is a
+    replaced lock: the write is refused, since another daemon may have locked that file."""
+    path = tmp_path / "owners.json"
+    book = OwnershipBook(path, ["a"])
+    lock = tmp_path / ".owners.json.lock"
+    held = os.stat(lock)
+    real_stat = os.stat
+
+    def stat(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        result = real_stat(target, *args, **kwargs)
+        if Path(target) != lock:
+            return result
+        fields = list(result)
+        fields[stat_module.ST_DEV] = held.st_dev + 1  # same number, another device
+        return os.stat_result(fields)
+
+    monkeypatch.setattr(os, "stat", stat)
+    try:
+        with pytest.raises(OSError, match=r"\.owners\.json\.lock was removed or replaced"):
+            book.set(["a"], Owner.MIGRATED_AWAY, peer="dst:7070", migration_id="m1")
+        assert book.get("a").owner == Owner.RUNNING_HERE
+    finally:
+        monkeypatch.undo()
+        book.close()
