@@ -256,7 +256,9 @@ class OwnershipBook:
         if self._lock_path is None or self._lock_fd is None:
             return
         try:
-            held = os.stat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino
+            now, ours = os.stat(self._lock_path), os.fstat(self._lock_fd)
+            # An inode number names a file only within its file system.
+            held = (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
         except FileNotFoundError:
             held = False
         if not held:

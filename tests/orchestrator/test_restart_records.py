@@ -73,7 +73,6 @@ def test_a_record_with_its_before_survives_the_state_file(tmp_path: Path) -> Non
     again.close()
 
 
-@pytest.mark.xfail(strict=True, reason="_check_lock compares inode numbers only")
 def test_a_lock_replaced_by_a_file_of_another_file_system_with_its_inode_number_is_seen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
