@@ -16,10 +16,7 @@ from orchestrator.cli import commands as cli
 from orchestrator.cli import exits
 from orchestrator.service.config import parse
 
-HOLE = pytest.mark.xfail(strict=True, reason="port 0 is taken as a destination")
 
-
-@HOLE
 @pytest.mark.parametrize(
     "argv",
     [
@@ -38,7 +35,6 @@ def test_port_zero_on_the_command_line_is_a_usage_error(
     assert "port 0 is no destination's port" in capsys.readouterr().err
 
 
-@HOLE
 async def test_connecting_to_port_zero_is_refused_at_once() -> None:
     """:func:`transport.connect` to port 0 raises ValueError naming the port on its first
     call, instead of retrying until its timeout."""
