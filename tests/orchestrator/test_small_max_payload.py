@@ -21,10 +21,8 @@ from transport.limits import KiB
 
 #: Bound of a migration of a few MiB (it ends in well under a second).
 DEADLINE_S = 30.0
-HOLE = pytest.mark.xfail(strict=True, reason="a chunk over the peer's max_payload fails the send")
 
 
-@HOLE
 @pytest.mark.parametrize(
     ("max_payload", "specs"),
     [
@@ -47,7 +45,6 @@ async def test_a_migration_to_a_small_max_payload_completes_byte_exact(
     await ends.assert_migrated()
 
 
-@HOLE
 async def test_a_chunk_over_the_peer_limit_arrives_as_frames_within_it() -> None:
     """A chunk of three buffers larger than the peer's ``max_payload`` leaves as frames of
     at most that size, in order, whose payloads put together are the chunk; the size
