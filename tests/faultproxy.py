@@ -14,7 +14,9 @@ class FaultProxy:
 
     ``cut_after`` closes every connection once that many bytes went upstream (source
     to destination); ``corrupt_at`` flips the upstream byte at that offset (counted
-    over all connections); ``freeze_return`` holds everything the destination sends;
+    over all connections); ``freeze_return`` holds everything the destination sends,
+    ``freeze_upstream`` everything the source sends (it reads no more: the source's
+    buffers fill);
     ``stall`` holds both directions (a link that stops forwarding) until ``resume``;
     ``refuse_first`` resets that many connections at accept (a busy destination);
     ``rate`` caps upstream bytes per second (a slow link).
@@ -34,6 +36,8 @@ class FaultProxy:
         self.holding = asyncio.Event()
         self._return_open = asyncio.Event()
         self._return_open.set()
+        self._upstream_open = asyncio.Event()
+        self._upstream_open.set()
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -49,6 +53,10 @@ class FaultProxy:
     def freeze_return(self) -> None:
         """Stop forwarding what the destination sends (it is held, not lost)."""
         self._return_open.clear()
+
+    def freeze_upstream(self) -> None:
+        """Stop forwarding, and soon reading, what the source sends (held, not lost)."""
+        self._upstream_open.clear()
 
     def stall(self) -> None:
         """Stop forwarding both ways (held, not lost): the link goes silent."""
@@ -85,6 +93,7 @@ class FaultProxy:
                     self.holding.set()
                     await self._flowing.wait()
                 if upstream:
+                    await self._upstream_open.wait()
                     data = self._corrupt(data)
                     if self.cut_after is not None:
                         room = self.cut_after - self.upstream_bytes
@@ -117,6 +126,7 @@ class FaultProxy:
         """Stop listening and drop every connection."""
         self.drop()
         self._flowing.set()
+        self._upstream_open.set()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
