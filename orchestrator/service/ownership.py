@@ -85,23 +85,20 @@ class Record:
     #: Wall-clock time of the change, ISO 8601 UTC.
     at: str | None = None
     reason: str | None = None
-    #: On the ``idle`` an admitted incoming migration writes: the record it replaced, when
-    #: that one held a workload here. A daemon that dies before the migration ends reads
-    #: it back, since the device may still hold that workload (see Service.fence).
+    #: On the ``idle`` an admitted incoming migration writes: the record it replaced, if it
+    #: held a workload here, for a restart to judge (Service.fence); else None.
     before: Record | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON (the state file, query-devices)."""
-        fields: dict[str, Any] = {
+        fields = {
             "owner": self.owner.value,
             "peer": self.peer,
             "migration_id": self.migration_id,
             "at": self.at,
             "reason": self.reason,
         }
-        if self.before is not None:
-            fields["before"] = self.before.as_dict()
-        return fields
+        return fields if self.before is None else fields | {"before": self.before.as_dict()}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], *, nested: bool = False) -> Record:
@@ -110,23 +107,18 @@ class Record:
             owner = Owner(raw["owner"])
         except (KeyError, ValueError, TypeError):
             raise ValueError(f"unknown owner {raw.get('owner')!r:.60}") from None
-        fields: dict[str, str | None] = {}
-        for key in ("peer", "migration_id", "at", "reason"):
+
+        def text(key: str) -> str | None:
             value = raw.get(key)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{key} must be a string, got {value!r:.60}")
-            fields[key] = value
+            return value
+
         before = raw.get("before")
         if before is not None and (nested or not isinstance(before, Mapping)):
             raise ValueError(f"before must be a record without a before, got {before!r:.60}")
-        return cls(
-            owner,
-            fields["peer"],
-            fields["migration_id"],
-            fields["at"],
-            fields["reason"],
-            None if before is None else cls.from_dict(before, nested=True),
-        )
+        kept = None if before is None else cls.from_dict(before, nested=True)
+        return cls(owner, text("peer"), text("migration_id"), text("at"), text("reason"), kept)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -391,12 +383,9 @@ class OwnershipBook:
         """Change the records of ``names`` (``before``: the records some of them replace,
         kept in theirs) and make the change durable; on OSError (the state file cannot be
         written) the records stay as they were."""
-        at = now_iso()
-        names = list(names)
-        kept = before or {}
-        updated = self.records | {
-            n: Record(owner, peer, migration_id, at, reason, kept.get(n)) for n in names
-        }
+        at, names, kept = now_iso(), list(names), before or {}
+        new = {n: Record(owner, peer, migration_id, at, reason, kept.get(n)) for n in names}
+        updated = self.records | new
         self._save(updated)
         self.records = updated
         log.info(
