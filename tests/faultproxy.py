@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 
 class FaultProxy:
@@ -38,6 +39,9 @@ class FaultProxy:
         self._return_open.set()
         self._upstream_open = asyncio.Event()
         self._upstream_open.set()
+        #: SO_RCVBUF of the connections it accepts (None: the kernel's autotuning), so a
+        #: frozen upstream holds a known, small amount in the kernel.
+        self.receive_buffer: int | None = None
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -77,6 +81,9 @@ class FaultProxy:
             self.refused += 1
             writer.transport.abort()
             return
+        if self.receive_buffer is not None:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers += [writer, up_writer]
         for pump in (self._pump(reader, up_writer, True), self._pump(up_reader, writer, False)):

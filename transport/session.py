@@ -346,6 +346,20 @@ class Session:
         self._bucket.set_rate(bytes_per_second)
         self._bucket_changed.set()
 
+    def control_written(self) -> int:
+        """Bytes written so far on the channel control frames go on (COMMIT's): a mark
+        for :meth:`withdraw_control`."""
+        return self._chans[0].submitted
+
+    def withdraw_control(self, since: int) -> bool:
+        """End the session if nothing written on the control channel after ``since`` (a
+        :meth:`control_written` mark) has left our own buffer, so that none of it ever
+        reaches the peer; True when it did (Channel.withdraw_unsent), False otherwise."""
+        if not self._chans[0].withdraw_unsent(since):
+            return False
+        self.abort()
+        return True
+
     def backlog(self) -> int:
         """Bytes written to the channels still in our buffers (no system call)."""
         return sum(channel.backlog() for channel in self._chans)
