@@ -158,6 +158,10 @@ class MigratableDevice(abc.ABC):
     kind: ClassVar[str]
     #: Version of the device's stream format; the destination must speak the same one.
     format_version: ClassVar[int]
+    #: The state a backend that keeps its devices across daemons (a vfio-user server, the
+    #: kernel) had this one in when it was opened, before any session left behind was
+    #: ended; None for a device that starts afresh with each daemon.
+    found_at_open: State | None = None
 
     def __init__(self, name: str, features: Feature) -> None:
         if features not in fsm.LEGAL_FEATURE_SETS:

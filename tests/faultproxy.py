@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 
 
 class FaultProxy:
@@ -14,7 +15,9 @@ class FaultProxy:
 
     ``cut_after`` closes every connection once that many bytes went upstream (source
     to destination); ``corrupt_at`` flips the upstream byte at that offset (counted
-    over all connections); ``freeze_return`` holds everything the destination sends;
+    over all connections); ``freeze_return`` holds everything the destination sends,
+    ``freeze_upstream`` everything the source sends (it reads no more: the source's
+    buffers fill);
     ``stall`` holds both directions (a link that stops forwarding) until ``resume``;
     ``refuse_first`` resets that many connections at accept (a busy destination);
     ``rate`` caps upstream bytes per second (a slow link).
@@ -34,6 +37,11 @@ class FaultProxy:
         self.holding = asyncio.Event()
         self._return_open = asyncio.Event()
         self._return_open.set()
+        self._upstream_open = asyncio.Event()
+        self._upstream_open.set()
+        #: SO_RCVBUF of the connections it accepts (None: the kernel's autotuning), so a
+        #: frozen upstream holds a known, small amount in the kernel.
+        self.receive_buffer: int | None = None
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -49,6 +57,10 @@ class FaultProxy:
     def freeze_return(self) -> None:
         """Stop forwarding what the destination sends (it is held, not lost)."""
         self._return_open.clear()
+
+    def freeze_upstream(self) -> None:
+        """Stop forwarding, and soon reading, what the source sends (held, not lost)."""
+        self._upstream_open.clear()
 
     def stall(self) -> None:
         """Stop forwarding both ways (held, not lost): the link goes silent."""
@@ -69,6 +81,9 @@ class FaultProxy:
             self.refused += 1
             writer.transport.abort()
             return
+        if self.receive_buffer is not None:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self._writers += [writer, up_writer]
         for pump in (self._pump(reader, up_writer, True), self._pump(up_reader, writer, False)):
@@ -85,6 +100,7 @@ class FaultProxy:
                     self.holding.set()
                     await self._flowing.wait()
                 if upstream:
+                    await self._upstream_open.wait()
                     data = self._corrupt(data)
                     if self.cut_after is not None:
                         room = self.cut_after - self.upstream_bytes
@@ -117,6 +133,7 @@ class FaultProxy:
         """Stop listening and drop every connection."""
         self.drop()
         self._flowing.set()
+        self._upstream_open.set()
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -48,6 +48,18 @@ def parse_address(address: str) -> tuple[str, str, int]:
     return "tcp", host, int(port)
 
 
+def parse_destination(address: str) -> tuple[str, str, int]:
+    """:func:`parse_address` for an address to connect to: port 0 (a listener's "any free
+    port") names no daemon, so ValueError says so rather than a connection retried."""
+    kind, host, port = parse_address(address)
+    if kind == "tcp" and port == 0:
+        raise ValueError(
+            f"{address!r}: port 0 is no destination's port (a listener's 0 picks a free "
+            "port): give the port the destination listens on"
+        )
+    return kind, host, port
+
+
 def format_address(kind: str, host: str, port: int) -> str:
     """The inverse of :func:`parse_address`."""
     if kind == "unix":

@@ -52,6 +52,17 @@ WRITE_LOW_WATER = 2 * MiB
 #: checksums both about 0.72: smaller reads keep the hashed bytes in cache, more reads
 #: cost as much).
 READ_LOW_WATER = 1 * MiB
+#: Transports whose get_write_buffer_size() is exactly the bytes written to them that no
+#: system call has handed to the kernel yet, leaving from the head (read in uvloop 0.23's
+#: UVStream: its own list plus libuv's write_queue_size; in CPython 3.11's selector
+#: transport: its bytearray). A TLS transport counts records, not what we wrote.
+EXACT_WRITE_BUFFERS = frozenset(
+    {
+        "uvloop.loop.TCPTransport",
+        "uvloop.loop.UnixTransport",
+        "asyncio.selector_events._SelectorSocketTransport",
+    }
+)
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -353,6 +364,28 @@ class Channel(asyncio.BufferedProtocol):
     def backlog(self) -> int:
         """Bytes written but still in the transport's buffer (not taken by the kernel)."""
         return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    def withdraw_unsent(self, since: int) -> bool:
+        """Shut the connection for writing if every byte written after ``since`` (an
+        earlier ``submitted``) is still in our own buffer: none of them can reach the peer
+        then. True when done; False, nothing done, when a byte may have left (or the
+        transport cannot say: TLS, closed). No await: nothing moves between the two."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        kind = type(transport)
+        if f"{kind.__module__}.{kind.__qualname__}" not in EXACT_WRITE_BUFFERS:
+            return False
+        if not 0 < self.submitted - since <= transport.get_write_buffer_size():
+            return False
+        sock = transport.get_extra_info("socket")
+        try:  # on a duplicate: uvloop's socket object does not shut down
+            with socket.fromfd(sock.fileno(), sock.family, sock.type) as duplicate:
+                duplicate.shutdown(socket.SHUT_WR)  # the kernel takes no byte more
+        except (OSError, AttributeError, ValueError):
+            return False
+        transport.abort()  # our buffer goes with the connection
+        return True
 
     def limit_unsent(self, nbytes: int) -> None:
         """Let the kernel hold at most about ``nbytes`` not yet sent (TCP_NOTSENT_LOWAT).

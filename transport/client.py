@@ -9,7 +9,7 @@ import ssl
 
 import structlog
 
-from transport.address import parse_address
+from transport.address import parse_address, parse_destination
 from transport.auth import SESSION_ID_SIZE, AuthConfig
 from transport.channel import Channel
 from transport.errors import (
@@ -72,7 +72,7 @@ async def connect(
     limits = limits or Limits()
     if not 1 <= channels <= limits.max_channels:
         raise ValueError(f"channels must be in 1..{limits.max_channels}, got {channels}")
-    parse_address(address)
+    parse_destination(address)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     delay = RETRY_FIRST_S

@@ -13,7 +13,10 @@ segments (on loopback: from 0.6 to 0.7 x a raw socket's throughput with checksum
 from 0.77 to 0.9-1.0 x without).
 Frames are decoded as soon as they arrive, so CANCEL and PING are
 answered even while the application is busy sending. Sending writes the header and the
-chunk's own buffers with ``writelines`` and waits only past the write high-water mark.
+chunk's own buffers with ``writelines`` and waits only past the write high-water mark;
+a chunk over the peer's ``max_payload`` (from its HELLO) goes as several frames of
+slices, since a device's stream may be cut anywhere (every resume channel takes pieces
+of any size).
 """
 
 from __future__ import annotations
@@ -287,7 +290,8 @@ class Session:
         self._check()
 
     async def send_chunk(self, tag: Tag, device: int, chunk: Chunk) -> int:
-        """Send one chunk of ``device``'s stream as one frame; returns its payload size.
+        """Send one chunk of ``device``'s stream as one frame (several when it exceeds the
+        peer's max_payload); returns its payload size.
 
         ``tag`` is a data tag, or INITIAL_DATA_SENT / END_OF_DEVICE with an empty chunk.
         The checksum covers the chunk's buffers, which go to the socket as they are
@@ -302,7 +306,7 @@ class Session:
             raise ValueError(f"device {device} was not announced ({self.device_count} devices)")
         length = sum(memoryview(part).nbytes for part in chunk)
         if length > self.peer_max_payload:
-            raise ValueError(f"chunk of {length} bytes exceeds the peer's max_payload")
+            return await self._send_pieces(tag, device, chunk, length)
         channel = self._chans[device % self.channel_count]
         channel.send(tag, device, chunk, length)
         self._bucket.take(length)
@@ -314,6 +318,25 @@ class Session:
         self._check()
         return length
 
+    async def _send_pieces(self, tag: Tag, device: int, chunk: Chunk, length: int) -> int:
+        """A chunk over the peer's max_payload as several frames of at most that size, in
+        order on the device's channel (every resume channel takes its stream in pieces of
+        any size); the pieces are slices of the chunk's buffers, never copies."""
+        limit = room = self.peer_max_payload
+        piece: list[memoryview] = []
+        for part in chunk:
+            view = memoryview(part).cast("B")
+            while view:
+                piece.append(view[:room])
+                room -= piece[-1].nbytes
+                view = view[piece[-1].nbytes :]
+                if not room:
+                    await self.send_chunk(tag, device, tuple(piece))
+                    piece, room = [], limit
+        if piece:
+            await self.send_chunk(tag, device, tuple(piece))
+        return length
+
     async def send_end_of_device(self, device: int) -> None:
         """END_OF_DEVICE on the device's channel, so it follows all of its data."""
         await self.send_control(Tag.END_OF_DEVICE, device=device)
@@ -322,6 +345,20 @@ class Session:
         """Cap the data rate (token bucket over all channels); None lifts the cap."""
         self._bucket.set_rate(bytes_per_second)
         self._bucket_changed.set()
+
+    def control_written(self) -> int:
+        """Bytes written so far on the channel control frames go on (COMMIT's): a mark
+        for :meth:`withdraw_control`."""
+        return self._chans[0].submitted
+
+    def withdraw_control(self, since: int) -> bool:
+        """End the session if nothing written on the control channel after ``since`` (a
+        :meth:`control_written` mark) has left our own buffer, so that none of it ever
+        reaches the peer; True when it did (Channel.withdraw_unsent), False otherwise."""
+        if not self._chans[0].withdraw_unsent(since):
+            return False
+        self.abort()
+        return True
 
     def backlog(self) -> int:
         """Bytes written to the channels still in our buffers (no system call)."""

@@ -247,7 +247,7 @@ class VfioDevice(MigratableDevice):
                 name, f"features {features!r} exceed the driver's {self.kernel_features!r}"
             )
         super().__init__(name, features)
-        self._state = self._get_state()
+        self._state = self.found_at_open = self._get_state()
         if self._state in CHANNEL_STATES or self._state == State.ERROR:
             # A session whose fd we do not hold (a previous owner died): start clean.
             self._reset_device()

@@ -236,7 +236,7 @@ class VfioUserDevice(MigratableDevice):
                 self.name, f"features {self.features!r} exceed the server's {flags!r}"
             )
         self.server_features = flags
-        found = await self._get_state()
+        found = self.found_at_open = await self._get_state()
         if found in CHANNEL_STATES:
             # A session whose client left: end it without letting a stopped device run.
             goal = State.RUNNING if found == State.PRE_COPY else State.STOP

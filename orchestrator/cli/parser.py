@@ -26,7 +26,7 @@ from typing import Any
 from devices.fsm import Feature
 from orchestrator.engine.params import MigrationParams, Policy, field_types
 from orchestrator.service.protocol import DEFAULT_SOCKET, VERSION
-from transport.address import parse_address
+from transport.address import parse_destination
 from transport.checks import kinds_of
 
 
@@ -42,7 +42,7 @@ def _address(text: str) -> str:
     """A destination address once the transport can parse it (names the problem); a
     relative ``unix:`` path is made absolute here, since the daemon runs elsewhere."""
     try:
-        kind, path, _ = parse_address(text)
+        kind, path, _ = parse_destination(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return f"unix:{os.path.abspath(path)}" if kind == "unix" else text

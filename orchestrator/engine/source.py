@@ -5,6 +5,9 @@ device is RUNNING again with the state its own workload gave it, brought back in
 order (a device that ended in ERROR on the way is reset and the reset is logged as an
 error). After COMMIT the source never runs its devices again on its own, whatever the
 destination says or does: after success, OutcomeUnknown or SplitOutcome they are in STOP.
+(COMMIT counts as sent once a byte of it may have left this host: one still whole in our
+write buffer when its send or the wait for "resumed" times out is withdrawn, see
+``_withdraw_commit``, and the migration rolls back.)
 The stats' ``outcome`` and ``placement`` say where the workload runs.
 
 The switchover, in order: every device to its P2P state (PRE_COPY_P2P or RUNNING_P2P)
@@ -738,24 +741,23 @@ class SourceMigration(Phased):
         self._phases.set(Phase.COMMITTED, in_window=True)
         self._expected_verdict = "resumed"
         timeout = self.params.verdict_timeout_s
+        commit = self._session.control_written()
         try:
             # A timer, not a task: the send is inside the window, and with the peer alive
             # but not reading its wait for the write buffer to drain would never end.
             async with asyncio.timeout(timeout):
                 await self._session.send_control(Tag.COMMIT)
         except TimeoutError:
-            raise OutcomeUnknown(
-                f"COMMIT was not taken by the link within {timeout:g} s "
-                f"(verdict_timeout_s); {UNKNOWN_ADVICE}"
-            ) from None
+            why = f"COMMIT was not taken by the link within {timeout:g} s (verdict_timeout_s)"
+            self._withdraw_commit(commit, why)
+            raise OutcomeUnknown(f"{why}; {UNKNOWN_ADVICE}") from None
         self._phases.announce()
         try:
             resumed = await self._verdict("resumed")
         except MigrationError as exc:
-            raise OutcomeUnknown(
-                f"no word from the destination after telling it to resume ({exc}); "
-                + UNKNOWN_ADVICE
-            ) from exc
+            why = f"no word from the destination after telling it to resume ({exc})"
+            self._withdraw_commit(commit, why)
+            raise OutcomeUnknown(f"{why}; {UNKNOWN_ADVICE}") from exc
         self._account_downtime(clock, loaded, resumed)
         failed = resumed.failed_devices()
         if failed:
@@ -858,6 +860,23 @@ class SourceMigration(Phased):
             progress = self._progress()
             self._sample(progress, previous, self._estimate(progress))
             previous = progress
+
+    def _withdraw_commit(self, commit: int, why: str) -> None:
+        """Raise the MigrationError that rolls back after all when COMMIT provably never
+        left this host: every byte of it (written after the ``commit`` mark) still in our
+        own write buffer, and the connection then shut for writing, so nothing queued
+        leaves any more and the destination cannot have committed. Returns when that
+        cannot be proven: the outcome stays unknown."""
+        assert self._session is not None
+        if not self._session.withdraw_control(commit):
+            return
+        self._phases.set(Phase.SWITCHOVER, in_window=True)  # before the point of no return
+        self.log.warning("commit_withdrawn", reason=why)
+        raise MigrationError(
+            f"{why}; COMMIT never left this host (it was still whole in our write buffer, "
+            "dropped with the connection), so the destination cannot run the devices and "
+            "the source runs them again"
+        )
 
     async def _wakeup_on_error(self) -> None:
         while self._link_error is None and self._reader_error is None:

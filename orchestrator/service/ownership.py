@@ -85,31 +85,40 @@ class Record:
     #: Wall-clock time of the change, ISO 8601 UTC.
     at: str | None = None
     reason: str | None = None
+    #: On the ``idle`` an admitted incoming migration writes: the record it replaced, if it
+    #: held a workload here, for a restart to judge (Service.fence); else None.
+    before: Record | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON (the state file, query-devices)."""
-        return {
+        fields = {
             "owner": self.owner.value,
             "peer": self.peer,
             "migration_id": self.migration_id,
             "at": self.at,
             "reason": self.reason,
         }
+        return fields if self.before is None else fields | {"before": self.before.as_dict()}
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Record:
+    def from_dict(cls, raw: Mapping[str, Any], *, nested: bool = False) -> Record:
         """Validate one entry of the state file; ValueError names the problem."""
         try:
             owner = Owner(raw["owner"])
         except (KeyError, ValueError, TypeError):
             raise ValueError(f"unknown owner {raw.get('owner')!r:.60}") from None
-        fields: dict[str, str | None] = {}
-        for key in ("peer", "migration_id", "at", "reason"):
+
+        def text(key: str) -> str | None:
             value = raw.get(key)
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{key} must be a string, got {value!r:.60}")
-            fields[key] = value
-        return cls(owner, **fields)
+            return value
+
+        before = raw.get("before")
+        if before is not None and (nested or not isinstance(before, Mapping)):
+            raise ValueError(f"before must be a record without a before, got {before!r:.60}")
+        kept = None if before is None else cls.from_dict(before, nested=True)
+        return cls(owner, text("peer"), text("migration_id"), text("at"), text("reason"), kept)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -239,7 +248,9 @@ class OwnershipBook:
         if self._lock_path is None or self._lock_fd is None:
             return
         try:
-            held = os.stat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino
+            now, ours = os.stat(self._lock_path), os.fstat(self._lock_fd)
+            # An inode number names a file only within its file system.
+            held = (now.st_dev, now.st_ino) == (ours.st_dev, ours.st_ino)
         except FileNotFoundError:
             held = False
         if not held:
@@ -367,12 +378,14 @@ class OwnershipBook:
         peer: str | None = None,
         migration_id: str | None = None,
         reason: str | None = None,
+        before: Mapping[str, Record] | None = None,
     ) -> None:
-        """Change the records of ``names`` and make the change durable; on OSError (the
-        state file cannot be written) the records stay as they were."""
-        at = now_iso()
-        names = list(names)
-        updated = self.records | {n: Record(owner, peer, migration_id, at, reason) for n in names}
+        """Change the records of ``names`` (``before``: the records some of them replace,
+        kept in theirs) and make the change durable; on OSError (the state file cannot be
+        written) the records stay as they were."""
+        at, names, kept = now_iso(), list(names), before or {}
+        new = {n: Record(owner, peer, migration_id, at, reason, kept.get(n)) for n in names}
+        updated = self.records | new
         self._save(updated)
         self.records = updated
         log.info(

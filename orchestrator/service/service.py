@@ -284,7 +284,11 @@ class Service:
         ]
         if problems:
             raise Refused("; ".join(problems))
-        before = {n: self.book.get(n) for n in offer.devices}
+        held = {
+            n: r
+            for n, r in ((n, self.book.get(n)) for n in offer.devices)
+            if r.owner in RUNNING_OWNERS | KEPT_STOPPED
+        }
         try:  # loading replaces what the devices held: durably no workload from now
             self.book.set(
                 offer.devices,
@@ -292,12 +296,11 @@ class Service:
                 peer=offer.peer,
                 migration_id=offer.migration_id,
                 reason="receiving: the state here is being replaced",
+                before=held,  # until the load reaches them: for a restart to judge
             )
         except OSError as exc:
             raise Refused(f"cannot record the devices as receiving: {exc}") from None
-        self._unloaded.update(
-            (n, r) for n, r in before.items() if r.owner in RUNNING_OWNERS | KEPT_STOPPED
-        )
+        self._unloaded.update(held)
         for name in offer.devices:  # _ClaimOnLookup took them under the claim id: rename it
             if self.owners.get(name) == record.id:
                 self.owners[name] = offer.migration_id
@@ -654,6 +657,7 @@ class Service:
         and one whose record says it runs here but that is found in STOP is recorded
         ``stopped`` (a backend that keeps devices across daemons had it stopped): the file
         must not claim a workload runs where none does."""
+        self._judge_cut_short_admissions()
         stopped = [
             n
             for n, d in self.devices.items()
@@ -681,6 +685,41 @@ class Service:
                     await device.set_state(State.STOP)
                 except DeviceError as exc:
                     raise StartupError(f"cannot stop fenced device {name!r}: {exc}") from exc
+
+    def _judge_cut_short_admissions(self) -> None:
+        """At start: a device the last daemon admitted into an incoming migration that
+        did not end (the daemon died) is ``idle`` with the record it replaced. A backend
+        that keeps its devices across daemons tells where it had the device: in RUNNING
+        as that workload ran, or in STOP (where a first arc leaves a running one, and a
+        kept-stopped one waits), the load never reached it and the workload is still
+        there, so the earlier record comes back. Found in RESUMING or ERROR, or reset to
+        RUNNING, or a device that starts afresh: its state was replaced, ``idle`` is true."""
+        for name, device in self.devices.items():
+            record = self.book.get(name)
+            if record.before is None:
+                continue
+            found = device.found_at_open
+            log.warning(
+                "incoming_cut_short",
+                device=name,
+                migration_id=record.migration_id,
+                found=None if found is None else found.name,
+                before=record.before.as_dict(),
+            )
+            try:
+                if found == State.STOP or found == _held_in(record.before):
+                    self.book.restore({name: record.before})
+                else:
+                    self.book.set(
+                        [name],
+                        Owner.IDLE,
+                        peer=record.peer,
+                        migration_id=record.migration_id,
+                        reason="an incoming migration ended with the daemon while it "
+                        "loaded: the state here was replaced",
+                    )
+            except OSError as exc:
+                raise StartupError(f"cannot record what {name!r} holds: {exc}") from exc
 
     # -- shutdown -----------------------------------------------------------------------------
 
