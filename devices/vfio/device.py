@@ -39,6 +39,10 @@ adds on top of the kernel:
 * Drivers may accept RESUMING -> STOP after a failed ``write()`` (mtty rejects a foreign
   header with EFAULT yet loads nothing and still says yes), so every failed write is
   remembered and RESUMING -> STOP is failed here with StateValidationError.
+* Open and close end a data session left open by the uAPI's own arcs (PRE_COPY to
+  RUNNING, STOP_COPY to STOP) and reset only RESUMING and ERROR: a stopped device keeps
+  its state across daemons, since it may hold a workload's only copy
+  (:meth:`VfioDevice._settle`). A caller that wants a fresh device resets it itself.
 * Fault injection, for tests only (:class:`VfioFaults`, the config's ``faults`` table):
   a source whose saved stream is corrupt, so that a destination's driver has a foreign
   stream to refuse. The transport's checksum catches corruption on the wire, before any
@@ -111,6 +115,15 @@ ABSENT = frozenset({errno.ENOTTY, errno.EOPNOTSUPP})
 #: A state change this device last made faster than this runs on the loop thread: it
 #: blocks the loop no longer than one callback, and a worker round trip would cost more.
 INLINE_ARC_S = 0.001
+#: Where ending a data session found at open or close leaves the device: the uAPI's own
+#: arc out of the session, which keeps the device's state and whether it runs.
+SESSION_END = {
+    State.PRE_COPY: State.RUNNING,
+    State.PRE_COPY_P2P: State.RUNNING_P2P,
+    State.STOP_COPY: State.STOP,
+}
+#: States reset at open and close: they hold no workload (see VfioDevice._settle).
+HOLDS_NO_WORKLOAD = frozenset({State.RESUMING, State.ERROR})
 _T = TypeVar("_T")
 
 
@@ -248,10 +261,9 @@ class VfioDevice(MigratableDevice):
             )
         super().__init__(name, features)
         self._state = self.found_at_open = self._get_state()
-        if self._state in CHANNEL_STATES or self._state == State.ERROR:
-            # A session whose fd we do not hold (a previous owner died): start clean.
-            self._reset_device()
-            self._state = self._get_state()
+        # A session whose fd we do not hold (a previous owner died mid-migration): end
+        # it, keeping what the device holds (a DeviceError here stops the open).
+        self._settle()
         _ARC_POOL.attach()
         log.info(
             "vfio_device_opened",
@@ -700,25 +712,65 @@ class VfioDevice(MigratableDevice):
             )
         return region
 
+    def _settle(self) -> None:
+        """End a data session the device is in without losing what it may hold.
+
+        Run at open and at close. The kernel keeps a device's migration state across
+        both (mtty does), and only the daemon's records say what a stopped device holds:
+
+        * RUNNING, RUNNING_P2P: nothing; the workload runs, P2P quiescence is kept.
+        * STOP: nothing; it may be kept stopped, migrated away, or hold the only copy of
+          a workload whose migration's outcome is unknown.
+        * PRE_COPY(_P2P): SET RUNNING(_P2P), STOP_COPY: SET STOP; the uAPI's own arcs out
+          of the session keep the state and whether the device runs.
+        * RESUMING: reset; half a stream is no workload (COMMIT waits for the load, so
+          the source still has it), and a SET STOP would load it (after a reopen, mtty's
+          load would dereference a NULL resume file).
+        * ERROR: reset; its state is already undefined, and only a reset makes it usable.
+
+        A failed SET that leaves the device in ERROR is reset; any other failure raises
+        DeviceError and leaves the device as it is.
+        """
+        start = self._state
+        target = SESSION_END.get(start)
+        if target is not None:
+            try:
+                stray = self._set_state_ioctl(target)
+            except OSError as exc:
+                self.state = self._read_state()
+                if self.state != State.ERROR:
+                    call = f"VFIO_DEVICE_FEATURE(SET|MIG_DEVICE_STATE={target.name})"
+                    raise os_error(self.name, call, start, exc) from exc
+            else:
+                if stray >= 0:
+                    os.close(stray)
+                self.state = target
+        if self.state in HOLDS_NO_WORKLOAD:
+            self._reset_device()
+            self.state = self._get_state()
+        if self.state != start:
+            log.info(
+                "vfio_session_ended", device=self.name, found=start.name, state=self.state.name
+            )
+
     async def close(self) -> None:
-        """Hand the device back to the kernel (see :meth:`abort`)."""
-        self.abort()
+        """Hand the device back to the kernel once an arc in flight ended (see :meth:`abort`)."""
+        async with self._arc_lock:
+            self.abort()
 
     def abort(self) -> None:
-        """Drop any session, leave the device RUNNING and close its fds; idempotent.
+        """Drop any session, end it in the kernel without losing state, close the fds.
 
-        The kernel keeps a device's migration state across close (mtty does), so a
-        device left in STOP or RESUMING would greet its next owner stopped: reset it.
+        Idempotent. A stopped device stays stopped with its state (:meth:`_settle` says
+        why); a caller that wants a fresh device resets it itself.
         """
         if self.fds.device < 0:
             return
         self._drop_channel()
-        if self._state != State.RUNNING:
-            try:
-                self._reset_device()
-                self.state = State.RUNNING
-            except DeviceError as exc:
-                log.error("vfio_reset_on_close_failed", device=self.name, error=str(exc))
+        try:
+            self._settle()
+        except DeviceError as exc:
+            log.error("vfio_session_end_on_close_failed", device=self.name, error=str(exc))
         self.fds.close()
         _ARC_POOL.detach()
         log.info("vfio_device_closed", device=self.name, state=self._state.name)

@@ -459,7 +459,6 @@ async def test_a_fast_state_change_runs_inline_next_time_a_slow_one_stays_off(
     assert loop_thread not in threads["slow"]
 
 
-@pytest.mark.xfail(strict=True, reason="closing resets a stopped device: its state is lost")
 async def test_closing_leaves_a_stopped_device_stopped_with_its_state(kernel: FakeKernel) -> None:
     """A device in STOP when its daemon closes it (a workload kept stopped here, or one
     whose migration's outcome is unknown: maybe its only copy) stays in STOP, never reset:

@@ -34,7 +34,7 @@ from pathlib import Path
 from devices import fsm, vfio
 from devices.base import Chunk, MigratableDevice
 from devices.fsm import CHANNEL_STATES, SAVING_GROUP, Feature, State
-from devices.vfio import VfioDevice, VfioFds, VfioPath
+from devices.vfio import VfioDevice, VfioFds, VfioPath, open_fds
 from tests.devices.contract import Harness
 
 ALL = Feature.STOP_COPY | Feature.P2P | Feature.PRE_COPY
@@ -111,17 +111,30 @@ class FakeKernel:
         content: bytes = b"",
         **faults: object,
     ) -> tuple[VfioDevice, FakeVfio]:
-        """A VfioDevice on a new fake device (RUNNING); ``faults`` set FakeVfio fields."""
-        fd = os.open(os.devnull, os.O_RDONLY)
-        fake = FakeVfio(name, fd, features, header, content or name.encode() * 8)
+        """A VfioDevice on a new fake device; ``faults`` set FakeVfio fields (``state``
+        too: the state a previous owner left the device in, RUNNING by default)."""
+        fake = FakeVfio(name, -1, features, header, content or name.encode() * 8)
         for key, value in faults.items():
             setattr(fake, key, value)
-        self.devices[fd] = fake
-        sysfs = self.folder / name
+        return self.reopen(fake), fake
+
+    def reopen(self, fake: FakeVfio) -> VfioDevice:
+        """A new VfioDevice on ``fake`` as it is, as the next daemon opens a device the
+        kernel kept (its state, its content)."""
+        if self.devices.get(fake.fd) is fake:
+            del self.devices[fake.fd]
+        fake.fd = os.open(os.devnull, os.O_RDONLY)
+        self.devices[fake.fd] = fake
+        sysfs = self.folder / fake.name
         sysfs.mkdir(exist_ok=True)
-        device = VfioDevice(name, VfioPath(sysfs, name, len(self.devices)), VfioFds(-1, -1, fd))
+        path = VfioPath(sysfs, fake.name, len(self.devices))
+        try:
+            device = VfioDevice(fake.name, path, VfioFds(-1, -1, fake.fd))
+        except BaseException:
+            os.close(fake.fd)
+            raise
         self._made.append(device)
-        return device, fake
+        return device
 
     # -- the ioctl boundary ------------------------------------------------------------------
 
@@ -276,6 +289,23 @@ def uart_drain(device: VfioDevice, port: int) -> bytes:
     return bytes(received)
 
 
+def open_fresh(spec: str, *, name: str, features: Feature | None = None) -> VfioDevice:
+    """Open an mdev RUNNING, whatever an earlier test or daemon left it in.
+
+    The backend keeps a stopped device stopped across close and open (it may hold a
+    workload's only copy), so a test that wants a fresh device resets it here. mtty's
+    reset only ends any session and sets RUNNING: the FIFOs keep their bytes.
+    """
+    path = VfioPath.resolve(spec)
+    fds = open_fds(path)
+    try:
+        vfio.uapi.ioctl(fds.device, vfio.VFIO_DEVICE_RESET)
+        return VfioDevice(name, path, fds, features)
+    except BaseException:
+        fds.close()
+        raise
+
+
 def make(
     name: str,
     *,
@@ -292,7 +322,7 @@ def make(
     previous = _open.pop(uuid, None)
     if previous is not None:
         previous.abort()
-    device = VfioDevice.from_config(uuid, name=name, features=features)
+    device = open_fresh(uuid, name=name, features=features)
     _open[uuid] = device
     for port in (0, 1):
         uart_clear(device, port)

@@ -131,6 +131,16 @@ def test_two_daemons_migrate_carries_the_uart_content(guest: GuestSession) -> No
     )
 
 
+def test_two_daemons_restart_keeps_the_migrated_source_stopped(guest: GuestSession) -> None:
+    """After the migration, a source daemon stopped (SIGTERM) and started again finds its
+    mdev still in STOP, recorded ``migrated away``; after the last stop the kernel still
+    holds it in STOP: closing the daemon reset nothing."""
+    facts = scenario(guest, "migrate")
+    restarted = facts.get("source_after_restart") or {}
+    assert (restarted.get("state"), restarted.get("owner")) == ("STOP", "migrated away"), facts
+    assert facts.get("source_kernel_state") == "STOP", facts
+
+
 def test_two_daemons_cancel_leaves_the_source_running(guest: GuestSession) -> None:
     """`livemig cancel` at pre-switchover returned the source to RUNNING, its state unchanged."""
     facts = scenario(guest, "cancel")

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from devices.fsm import State
-from devices.vfio import VfioDevice
 from orchestrator.engine.params import MigrationParams
+from tests.devices.vfio_harness import open_fresh
 from tests.vm.guest.kernel_view import KernelView, SetCall, concurrency, migrate
 from tests.vm.lab import PERF_DEVICES
 
@@ -50,11 +50,10 @@ async def test_eight_mdevs_migrate_with_their_arcs_overlapping() -> None:
     """Eight devices' switchover SETs overlap in the kernel, and every device arrives."""
     env = os.environ
     sources = [
-        VfioDevice.from_config(env[f"LIVEMIG_MDEV_PERF_SRC{i}"], name=f"tty{i}")
-        for i in range(PERF_DEVICES)
+        open_fresh(env[f"LIVEMIG_MDEV_PERF_SRC{i}"], name=f"tty{i}") for i in range(PERF_DEVICES)
     ]
     targets = {
-        f"tty{i}": VfioDevice.from_config(env[f"LIVEMIG_MDEV_PERF_DST{i}"], name=f"tty{i}")
+        f"tty{i}": open_fresh(env[f"LIVEMIG_MDEV_PERF_DST{i}"], name=f"tty{i}")
         for i in range(PERF_DEVICES)
     }
     view = KernelView()

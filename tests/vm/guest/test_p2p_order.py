@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 
 from devices.fsm import State
-from devices.vfio import VfioDevice
 from orchestrator.engine.errors import MigrationCancelled, MigrationError
 from orchestrator.engine.params import MigrationParams
-from tests.devices.vfio_harness import uart_clear, uart_drain, uart_write
+from tests.devices.vfio_harness import open_fresh, uart_clear, uart_drain, uart_write
 from tests.vm.guest.kernel_view import (
     KernelView,
     Outcome,
@@ -47,13 +46,14 @@ class Pair:
 
     def __init__(self) -> None:
         env = os.environ
+        # Reset on open: a scenario that migrated left its sources stopped.
         self.sources = [
-            VfioDevice.from_config(env["LIVEMIG_MDEV_SRC"], name="tty0"),
-            VfioDevice.from_config(env["LIVEMIG_MDEV_SRC2"], name="tty1"),
+            open_fresh(env["LIVEMIG_MDEV_SRC"], name="tty0"),
+            open_fresh(env["LIVEMIG_MDEV_SRC2"], name="tty1"),
         ]
         self.targets = {
-            "tty0": VfioDevice.from_config(env["LIVEMIG_MDEV_DST"], name="tty0"),
-            "tty1": VfioDevice.from_config(env["LIVEMIG_MDEV_DST2"], name="tty1"),
+            "tty0": open_fresh(env["LIVEMIG_MDEV_DST"], name="tty0"),
+            "tty1": open_fresh(env["LIVEMIG_MDEV_DST2"], name="tty1"),
         }
         self.view = KernelView()
         for device in self.sources:
@@ -81,7 +81,7 @@ class Pair:
 
 @pytest.fixture
 async def pair() -> AsyncIterator[Pair]:
-    """Both ends, source FIFOs holding known bytes; every device reset afterwards."""
+    """Both ends, RUNNING, source FIFOs holding known bytes; every device closed after."""
     devices = Pair()
     try:
         for index, device in enumerate(devices.sources):

@@ -47,8 +47,9 @@ DESTINATION_BEFORE = (b"dst-old-0", b"dst-old-1")
 
 
 def uart_set(uuid: str, contents: tuple[bytes, bytes]) -> None:
-    """Open the mdev, make its FIFOs hold ``contents`` (ports 0 and 1), close it."""
-    device = VfioDevice.from_config(uuid, name="uart")
+    """Open the mdev RUNNING (reset: an earlier test may have left it stopped), make its
+    FIFOs hold ``contents`` (ports 0 and 1), close it."""
+    device = vfio_harness.open_fresh(uuid, name="uart")
     try:
         for port, data in enumerate(contents):
             uart_clear(device, port)
@@ -62,6 +63,16 @@ def uart_take(uuid: str) -> tuple[bytes, bytes]:
     device = VfioDevice.from_config(uuid, name="uart")
     try:
         return uart_drain(device, 0), uart_drain(device, 1)
+    finally:
+        device.abort()
+
+
+def kernel_state(uuid: str) -> str:
+    """The migration state the kernel kept for the mdev (opened and closed unchanged)."""
+    device = VfioDevice.from_config(uuid, name="peek")
+    try:
+        assert device.found_at_open is not None
+        return device.found_at_open.name
     finally:
         device.abort()
 
@@ -279,7 +290,13 @@ async def test_two_daemons_cancel_then_migrate_the_uart_state(daemons: Daemons) 
     after = {role: await daemons.digest(role) for role in ("source", "destination")}
     migrate["digests_after"] = after
     migrate["destination_device"] = await daemons.device("destination")
+    # 3. A graceful restart of the source (SIGTERM, start) keeps its device stopped with
+    # its state: the kernel still holds it, and the record says it migrated away.
+    await daemons.stop("source")
+    await daemons.start_source(run=1)
+    migrate["source_after_restart"] = await daemons.device("source")
     await daemons.stop()
+    migrate["source_kernel_state"] = kernel_state(os.environ["LIVEMIG_MDEV_SRC"])
     received = uart_take(os.environ["LIVEMIG_MDEV_DST"])
     migrate["destination_uart"] = text(received)
 
@@ -288,6 +305,9 @@ async def test_two_daemons_cancel_then_migrate_the_uart_state(daemons: Daemons) 
     assert after["destination"] == after["source"] == before["source"], (before, after)
     assert migrate["destination_device"]["state"] == "RUNNING", migrate["destination_device"]
     assert received == written, f"destination FIFOs {received!r}, source had {written!r}"
+    restarted = migrate["source_after_restart"]
+    assert (restarted["state"], restarted["owner"]) == ("STOP", "migrated away"), restarted
+    assert migrate["source_kernel_state"] == "STOP", "closing the daemon reset the source"
 
 
 async def test_two_daemons_corrupted_stream(daemons: Daemons) -> None:
