@@ -64,6 +64,8 @@ class FakeVfio:
     failing: dict[tuple[State, State], list[int]] = field(default_factory=dict)
     #: Seconds every SET|MIG_DEVICE_STATE sleeps, as a device saving or loading would.
     set_delay: float = 0.0
+    #: Set when a SET|MIG_DEVICE_STATE enters the fake kernel (from the worker thread).
+    set_entered: threading.Event = field(default_factory=threading.Event)
     #: The file behind the current data fd, and that fd.
     session: Path | None = None
     data_fd: int = -1
@@ -149,6 +151,7 @@ class FakeKernel:
             self._record(fake, "RESET")
             self._end_session(fake)
             fake.state = State.RUNNING
+            fake.content = b""  # as a real device's reset loses its state (mtty's does not)
             return 0
         assert request == vfio.VFIO_DEVICE_FEATURE
         assert isinstance(arg, bytearray)
@@ -168,6 +171,7 @@ class FakeKernel:
         elif flags == _SET_STATE:
             target = State(vfio.MIG_STATE_PAYLOAD.unpack_from(arg, at)[0])
             self._record(fake, f"SET_{target.name}")
+            fake.set_entered.set()
             started = time.monotonic()
             if fake.set_delay:
                 time.sleep(fake.set_delay)

@@ -199,6 +199,26 @@ async def test_a_new_client_finds_an_abandoned_session_ended(
     assert second.state == S.RUNNING
 
 
+@pytest.mark.parametrize("walk", [(S.STOP,), (S.STOP, S.STOP_COPY)], ids=["stop", "stop-copy"])
+async def test_a_client_that_leaves_a_device_stopped_leaves_its_state(
+    tmp_path: Path, sockets: list[Server], devices: list[VfioUserDevice], walk: tuple[State, ...]
+) -> None:
+    """Closing resets nothing: a device left in STOP (kept stopped, migrated away, or the
+    only copy of a workload whose outcome is unknown), or in STOP_COPY, is found by the
+    next client and left in STOP with the very same state."""
+    server = start(sockets, tmp_path / "d.sock")
+    first = connect(devices, "dev", server)
+    await first.set_state(S.STOP)
+    before = await first.digest()
+    for state in walk[1:]:
+        await first.set_state(state)
+    await first.close()
+    second = connect(devices, "dev", server)
+    await second.open()
+    assert (second.found_at_open, second.state) == (walk[-1], S.STOP)
+    assert await second.digest() == before
+
+
 async def test_region_read_returns_the_state(
     tmp_path: Path, sockets: list[Server], devices: list[VfioUserDevice]
 ) -> None:
