@@ -652,15 +652,21 @@ class VfioDevice(MigratableDevice):
         return hasher.digest(), fd
 
     def _walk_aside(self, target: State) -> None:
-        """SET ``target`` without telling listeners; reset the device if that fails."""
+        """SET ``target`` without telling listeners. On failure the device stays where the
+        kernel left it, with its state (a digest of a stopped device may be taken of a
+        workload's only copy); only one in ERROR, with nothing left to keep, is reset."""
         try:
             stray = self._set_state_ioctl(target)
         except OSError as exc:
-            self._drop_channel()
-            self._reset_device()
-            self.state = self._get_state()
+            now = self._read_state()
+            if now not in SAVING_GROUP:
+                self._drop_channel()
+            self.state = now
+            if now == State.ERROR:
+                self._reset_device()
+                self.state = self._get_state()
             raise os_error(
-                self.name, f"returning to {target.name} in digest()", target, exc
+                self.name, f"returning to {target.name} in digest()", self.state, exc
             ) from exc
         if stray >= 0:
             os.close(stray)

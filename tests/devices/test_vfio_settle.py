@@ -151,3 +151,20 @@ async def test_close_waits_for_an_arc_in_flight(kernel: FakeKernel) -> None:
     assert (fake.state, device.state) == (S.STOP, S.STOP)
     assert _resets(kernel) == 0
     await move
+
+
+async def test_a_digest_whose_walk_back_fails_keeps_a_stopped_device_state(
+    kernel: FakeKernel,
+) -> None:
+    """query-digests on a stopped device (an operator checking an unknown outcome's copy)
+    whose walk back from the snapshot's STOP_COPY fails: an error naming the step, the
+    device left in STOP_COPY with its state, never reset; it can then be moved on."""
+    device, fake = kernel.device("dev", failing={(S.STOP_COPY, S.STOP): [errno.EIO]})
+    await device.set_state(S.STOP)
+    content = fake.content
+    with pytest.raises(DeviceError, match=r"dev: returning to STOP in digest\(\).*EIO"):
+        await device.digest()
+    assert (fake.state, device.state, fake.content) == (S.STOP_COPY, S.STOP_COPY, content)
+    assert _resets(kernel) == 0
+    await device.set_state(S.STOP)
+    assert (fake.state, fake.content) == (S.STOP, content)
