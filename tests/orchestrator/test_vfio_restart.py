@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from devices.fsm import State
 from devices.vfio import VfioDevice
@@ -111,3 +112,35 @@ async def test_a_daemon_that_fails_to_start_leaves_a_stopped_device_stopped(
             await _config(tmp_path, f'"127.0.0.1:{port}"').setup()
     assert (fake.state, fake.content) == (S.STOP, content)
     assert _resets(kernel) == 0
+
+
+@pytest.mark.xfail(strict=True, reason="a kept state found gone at start is not flagged")
+@pytest.mark.parametrize("owner", [Owner.OUTCOME_UNKNOWN, Owner.STOPPED], ids=lambda o: o.name)
+async def test_a_kept_device_found_running_at_start_is_flagged_on_its_record(
+    tmp_path: Path, kernel: FakeKernel, owner: Owner
+) -> None:
+    """A device recorded ``owner`` (stopped here, its state maybe the workload's only
+    copy) that the next daemon finds RUNNING was reset or run between the daemons: the
+    record keeps its owner and fence but says so, with a critical log, so an operator
+    does not resume it as the workload."""
+    first = _config(tmp_path)
+    await first.setup()
+    await first.devices[0].set_state(S.STOP)
+    assert first.book is not None
+    first.book.set(["tty0"], owner, peer="b", migration_id="m1", reason="test")
+    await first.cleanup()
+    fake = next(iter(kernel.devices.values()))
+    fake.state = S.RUNNING  # a reset between the daemons (vfio-pci on open, or a VMM)
+    second = _config(tmp_path)
+    with capture_logs() as logs:
+        await second.setup()
+    try:
+        assert second.book is not None
+        record = second.book.get("tty0")
+        assert (record.owner, record.migration_id) == (owner, "m1")
+        assert record.reason is not None
+        assert "found RUNNING" in record.reason
+        assert "may be gone" in record.reason
+        assert [e["found"] for e in logs if e["event"] == "kept_state_found_gone"] == ["RUNNING"]
+    finally:
+        await second.cleanup()
