@@ -46,6 +46,11 @@ from orchestrator.service.protocol import ControlError
 
 log = structlog.get_logger(__name__)
 
+#: Records whose stopped device may hold the workload's only copy (Service.fence).
+_ONLY_COPY_OWNERS = frozenset({Owner.OUTCOME_UNKNOWN, Owner.STOPPED})
+#: Where such a device keeps that copy across daemons: stopped, or mid-drain.
+_KEPT_IN = (State.STOP, State.STOP_COPY)
+
 
 def _held_in(record: Record) -> State:
     """The state a device with ``record`` is in while it keeps its workload: RUNNING when
@@ -658,6 +663,7 @@ class Service:
         ``stopped`` (a backend that keeps devices across daemons had it stopped): the file
         must not claim a workload runs where none does."""
         self._judge_cut_short_admissions()
+        self._flag_kept_states_gone()
         stopped = [
             n
             for n, d in self.devices.items()
@@ -685,6 +691,32 @@ class Service:
                     await device.set_state(State.STOP)
                 except DeviceError as exc:
                     raise StartupError(f"cannot stop fenced device {name!r}: {exc}") from exc
+
+    def _flag_kept_states_gone(self) -> None:
+        """At start: a device kept stopped here with a state that may be the workload's
+        only copy (``outcome unknown``, ``stopped``) but found neither in STOP nor in
+        STOP_COPY (where a source killed mid-drain leaves it) was reset or run since the
+        last daemon: vfio-pci resets on open, a VMM may have run it. The record keeps its
+        owner and fence, and says so: resuming it as the workload would run what is left."""
+        for name, device in self.devices.items():
+            record, found = self.book.get(name), device.found_at_open
+            if record.owner not in _ONLY_COPY_OWNERS or found is None or found in _KEPT_IN:
+                continue
+            log.critical(
+                "kept_state_found_gone", device=name, found=found.name, record=record.as_dict()
+            )
+            try:
+                self.book.set(
+                    [name],
+                    record.owner,
+                    peer=record.peer,
+                    migration_id=record.migration_id,
+                    reason=f"found {found.name} when the daemon started, not stopped as "
+                    f"recorded ({record.owner.value}): reset or run since, the state it "
+                    "kept may be gone; check where the workload runs before resuming it",
+                )
+            except OSError as exc:
+                raise StartupError(f"cannot record what was found of {name!r}: {exc}") from exc
 
     def _judge_cut_short_admissions(self) -> None:
         """At start: a device the last daemon admitted into an incoming migration that

@@ -114,7 +114,6 @@ async def test_a_daemon_that_fails_to_start_leaves_a_stopped_device_stopped(
     assert _resets(kernel) == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a kept state found gone at start is not flagged")
 @pytest.mark.parametrize("owner", [Owner.OUTCOME_UNKNOWN, Owner.STOPPED], ids=lambda o: o.name)
 async def test_a_kept_device_found_running_at_start_is_flagged_on_its_record(
     tmp_path: Path, kernel: FakeKernel, owner: Owner
