@@ -672,17 +672,12 @@ class Service:
         for name in stopped:
             record = self.book.get(name)
             log.warning("workload_found_stopped", device=name, record=record.as_dict())
-            try:
-                self.book.set(
-                    [name],
-                    Owner.STOPPED,
-                    peer=record.peer,
-                    migration_id=record.migration_id,
-                    reason=f"found stopped when the daemon started (the record said "
-                    f"{record.owner.value}): it runs nowhere; livemig resume runs it here",
-                )
-            except OSError as exc:
-                raise StartupError(f"cannot record {name!r} as stopped: {exc}") from exc
+            self._rewrite_at_start(
+                name,
+                Owner.STOPPED,
+                f"found stopped when the daemon started (the record said "
+                f"{record.owner.value}): it runs nowhere; livemig resume runs it here",
+            )
         for name, device in self.devices.items():
             record = self.book.get(name)
             if record.owner in FENCED_OWNERS and device.state in RUNNING_STATES:
@@ -705,18 +700,24 @@ class Service:
             log.critical(
                 "kept_state_found_gone", device=name, found=found.name, record=record.as_dict()
             )
-            try:
-                self.book.set(
-                    [name],
-                    record.owner,
-                    peer=record.peer,
-                    migration_id=record.migration_id,
-                    reason=f"found {found.name} when the daemon started, not stopped as "
-                    f"recorded ({record.owner.value}): reset or run since, the state it "
-                    "kept may be gone; check where the workload runs before resuming it",
-                )
-            except OSError as exc:
-                raise StartupError(f"cannot record what was found of {name!r}: {exc}") from exc
+            self._rewrite_at_start(
+                name,
+                record.owner,
+                f"found {found.name} when the daemon started, not stopped as recorded "
+                f"({record.owner.value}): reset or run since, the state it kept may be "
+                "gone; check where the workload runs before resuming it",
+            )
+
+    def _rewrite_at_start(self, name: str, owner: Owner, reason: str) -> None:
+        """``name``'s record anew, same migration, for what the daemon found at start; a
+        StartupError when the state file cannot take it (no daemon on a stale record)."""
+        record = self.book.get(name)
+        try:
+            self.book.set(
+                [name], owner, peer=record.peer, migration_id=record.migration_id, reason=reason
+            )
+        except OSError as exc:
+            raise StartupError(f"cannot record {name!r} as {owner.value}: {exc}") from exc
 
     def _judge_cut_short_admissions(self) -> None:
         """At start: a device the last daemon admitted into an incoming migration that
@@ -738,18 +739,16 @@ class Service:
                 found=None if found is None else found.name,
                 before=record.before.as_dict(),
             )
+            if found != State.STOP and found != _held_in(record.before):
+                self._rewrite_at_start(
+                    name,
+                    Owner.IDLE,
+                    "an incoming migration ended with the daemon while it loaded: the "
+                    "state here was replaced",
+                )
+                continue
             try:
-                if found == State.STOP or found == _held_in(record.before):
-                    self.book.restore({name: record.before})
-                else:
-                    self.book.set(
-                        [name],
-                        Owner.IDLE,
-                        peer=record.peer,
-                        migration_id=record.migration_id,
-                        reason="an incoming migration ended with the daemon while it "
-                        "loaded: the state here was replaced",
-                    )
+                self.book.restore({name: record.before})
             except OSError as exc:
                 raise StartupError(f"cannot record what {name!r} holds: {exc}") from exc
 

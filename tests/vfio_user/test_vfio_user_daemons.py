@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +25,6 @@ from tests.vfio_user.servers import Server
 MIB = 1 << 20
 #: Extra keys of every destination device entry (arming goes here, see the docstring).
 DEST_DEVICE_KEYS = "accept_incoming = true\n"
-
-
-@pytest.fixture
-def started() -> Iterator[list[Server]]:
-    """Server processes a test started, stopped after it."""
-    made: list[Server] = []
-    yield made
-    for server in made:
-        server.stop()
 
 
 def write_configs(folder: Path, source_devices: str, destination_devices: str) -> tuple[Path, Path]:

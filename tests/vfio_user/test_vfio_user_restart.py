@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,15 +16,6 @@ from tests.vfio_user import servers
 from tests.vfio_user.servers import Server
 
 S = State
-
-
-@pytest.fixture
-def started() -> Iterator[list[Server]]:
-    """Server processes a test started, stopped after it."""
-    made: list[Server] = []
-    yield made
-    for server in made:
-        server.stop()
 
 
 @pytest.mark.parametrize(
