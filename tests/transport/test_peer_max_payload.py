@@ -12,16 +12,12 @@ import pytest
 from transport_helpers import RawPeer, hello_fields
 
 from transport import AuthConfig, Limits, ProtocolError, Server, Tag, connect
-from transport.limits import KiB
+from transport.limits import MIN_MAX_PAYLOAD
 
 #: Bound of every wait.
 DEADLINE_S = 10.0
-#: The least max_payload a peer may announce: a frame's header (at most 40 bytes) is then
-#: under 1 % of its payload.
-MIN_MAX_PAYLOAD = 4 * KiB
 
 
-@pytest.mark.xfail(strict=True, reason="a peer's max_payload of 1 byte is taken")
 @pytest.mark.parametrize("announced", [1, MIN_MAX_PAYLOAD - 1])
 async def test_a_destination_taking_tiny_payloads_is_refused_naming_max_payload(
     announced: int,
@@ -51,7 +47,6 @@ async def test_a_destination_taking_tiny_payloads_is_refused_naming_max_payload(
     assert str(caught.value) == f"max_payload: {announced} is below {MIN_MAX_PAYLOAD}"
 
 
-@pytest.mark.xfail(strict=True, reason="a peer's max_payload of 1 byte is taken")
 async def test_a_source_taking_tiny_payloads_is_refused_with_a_cancel(server: Server) -> None:
     """A source whose HELLO announces a max_payload under the floor gets a CANCEL naming
     the field, and no session forms."""
@@ -65,7 +60,6 @@ async def test_a_source_taking_tiny_payloads_is_refused_with_a_cancel(server: Se
     assert answer.fields()["reason"] == f"max_payload: 16 is below {MIN_MAX_PAYLOAD}"
 
 
-@pytest.mark.xfail(strict=True, reason="Limits takes a max_payload of 0")
 @pytest.mark.parametrize("value", [0, MIN_MAX_PAYLOAD - 1])
 def test_limits_under_the_floor_are_refused(value: int) -> None:
     """Limits with a max_payload every peer would refuse fail where they are made."""
