@@ -49,7 +49,6 @@ class LateGate:
         self.inner.finished(offer, results)
 
 
-@pytest.mark.xfail(strict=True, reason="the loaded copy is recorded idle and resumes unasked")
 async def test_a_loaded_device_whose_reset_failed_is_not_resumed_without_force(
     make_ends: Callable[..., Any], tmp_path: Path
 ) -> None:
