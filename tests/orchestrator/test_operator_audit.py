@@ -306,7 +306,6 @@ async def test_a_destination_on_port_zero_is_refused_before_anything_starts(
         assert await pair.src.execute("query-migrations") == []
 
 
-@pytest.mark.xfail(strict=True, reason="the refusal says the workload belongs to the destination")
 async def test_cancel_and_resume_just_after_commit_are_refused(
     make_ends: Callable[..., Any], tmp_path: Path
 ) -> None:
