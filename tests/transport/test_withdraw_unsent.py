@@ -146,7 +146,6 @@ class _NewerUvloopStream:
 _NewerUvloopStream.__module__, _NewerUvloopStream.__qualname__ = "uvloop.loop", "TCPTransport"
 
 
-@pytest.mark.xfail(strict=True, reason="any uvloop version is trusted")
 async def test_a_transport_of_a_version_whose_source_was_not_read_never_withdraws(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
