@@ -88,7 +88,6 @@ async def test_a_loaded_device_whose_reset_failed_is_not_resumed_without_force(
         service.book.close()
 
 
-@pytest.mark.xfail(strict=True, reason="an idle device left in STOP is taken for a copy")
 async def test_an_idle_stopped_device_the_load_never_reached_stays_idle(tmp_path: Path) -> None:
     """A destination device with no workload (``idle``) that waits in STOP, whose arc into
     RESUMING fails: it was never loaded nor reset, holds no copy, and stays ``idle``."""
