@@ -53,16 +53,15 @@ WRITE_LOW_WATER = 2 * MiB
 #: cost as much).
 READ_LOW_WATER = 1 * MiB
 #: Transports whose get_write_buffer_size() is exactly the bytes written to them that no
-#: system call has handed to the kernel yet, leaving from the head (read in uvloop 0.23's
-#: UVStream: its own list plus libuv's write_queue_size; in CPython 3.11's selector
-#: transport: its bytearray). A TLS transport counts records, not what we wrote.
-EXACT_WRITE_BUFFERS = frozenset(
-    {
-        "uvloop.loop.TCPTransport",
-        "uvloop.loop.UnixTransport",
-        "asyncio.selector_events._SelectorSocketTransport",
-    }
-)
+#: system call has handed to the kernel yet, leaving from the head, with the version of
+#: the source that was read (uvloop 0.23's UVStream: its own list plus libuv's
+#: write_queue_size; CPython 3.11's selector transport: its bytearray). Another version
+#: may count differently: nothing is proven then. A TLS transport counts records.
+EXACT_WRITE_BUFFERS = {
+    "uvloop.loop.TCPTransport": "0.23.",
+    "uvloop.loop.UnixTransport": "0.23.",
+    "asyncio.selector_events._SelectorSocketTransport": "3.11.",
+}
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -369,12 +368,15 @@ class Channel(asyncio.BufferedProtocol):
         """Shut the connection for writing if every byte written after ``since`` (an
         earlier ``submitted``) is still in our own buffer: none of them can reach the peer
         then. True when done; False, nothing done, when a byte may have left (or the
-        transport cannot say: TLS, closed). No await: nothing moves between the two."""
+        transport cannot say: TLS, closed, a version not read). No await: nothing moves
+        between the two."""
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
         kind = type(transport)
-        if f"{kind.__module__}.{kind.__qualname__}" not in EXACT_WRITE_BUFFERS:
+        read = EXACT_WRITE_BUFFERS.get(f"{kind.__module__}.{kind.__qualname__}")
+        package = sys.modules.get(kind.__module__.partition(".")[0])  # asyncio: Python's
+        if read is None or not getattr(package, "__version__", sys.version).startswith(read):
             return False
         if not 0 < self.submitted - since <= transport.get_write_buffer_size():
             return False

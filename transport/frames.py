@@ -47,7 +47,7 @@ A session is 1..16 connections ("channels"). Each channel starts with the handsh
 The destination answers a failed proof, or a HELLO it refuses (a wrong version, a
 field missing, mistyped or past its limits), with CANCEL {reason, code} naming the
 field and nothing else; the source refuses a destination whose proof fails the same
-way. ``max_payload`` is at least 1 both ways.
+way. ``max_payload`` is at least ``MIN_MAX_PAYLOAD`` (4 KiB) both ways.
 Both nonces are fresh per connection, so a recorded proof never matches again. TLS, if
 configured, wraps the whole connection.
 

@@ -24,7 +24,7 @@ from transport.frames import (
     Tag,
     typed_field,
 )
-from transport.limits import Limits
+from transport.limits import MIN_MAX_PAYLOAD, Limits
 
 log = structlog.get_logger(__name__)
 
@@ -74,10 +74,11 @@ def _checksum_field(fields: Mapping[str, Any]) -> bool:
 
 
 def _max_payload_field(fields: Mapping[str, Any]) -> int:
-    """``max_payload``: the largest data payload the peer takes, so at least one byte."""
+    """``max_payload``: the largest data payload the peer takes, at least MIN_MAX_PAYLOAD
+    (our chunks are cut to it: smaller, a frame each would cost more than its bytes)."""
     value: int = typed_field(fields, "max_payload", int)
-    if value < 1:
-        raise ProtocolError("max_payload", f"{value} is below 1")
+    if value < MIN_MAX_PAYLOAD:
+        raise ProtocolError("max_payload", f"{value} is below {MIN_MAX_PAYLOAD}")
     return value
 
 

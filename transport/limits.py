@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 KiB = 1024
 MiB = 1024 * KiB
+#: The least max_payload a side may announce: a chunk goes in frames of at most the peer's
+#: max_payload, and at this size a frame's header (at most 40 bytes) is under 1 % of it.
+#: Below it each MiB of state could take a million frames (36 times its memory buffered).
+MIN_MAX_PAYLOAD = 4 * KiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,8 @@ class Limits:
         for name in ("max_payload", "max_control_payload", "max_handshake_payload"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.max_payload < MIN_MAX_PAYLOAD:
+            raise ValueError(f"max_payload must be at least {MIN_MAX_PAYLOAD} (peers refuse less)")
         if self.max_channels < 1 or self.receive_segments < 2 or self.max_queued_frames < 1:
             raise ValueError("max_channels, max_queued_frames >= 1 and receive_segments >= 2")
         if self.max_pending_per_peer < 1 or self.max_pending_handshakes < 1:

@@ -378,9 +378,10 @@ class Commands:
         except PhaseError as exc:
             raise ControlError(
                 "WrongState",
-                f"{exc} (past the point of no return): the workload now belongs to the "
-                f"destination; livemig status --id {migration_id} shows how it ends, and "
-                "only a migration back from there returns it",
+                f"{exc} (past the point of no return): COMMIT is on its way, so the "
+                f"destination may run the workload; livemig status --id {migration_id} "
+                "shows where it ends (the source runs it again only if COMMIT provably "
+                "never left this host)",
             ) from None
         return {"id": migration_id}
 

@@ -336,11 +336,30 @@ class Service:
                 if r.owner in RUNNING_OWNERS and self.devices[n].state == State.STOP
             ]
             kept = {n: r for n, r in kept.items() if self.devices[n].state == _held_in(r)}
-            # The others' loading had begun, so their earlier state is gone: nothing.
+            # The others' loading had begun, so their earlier state is gone: nothing, unless
+            # the reset failed: one still RESUMING, or in STOP once the barrier's note was
+            # made (so loaded), holds (part of) the peer's copy, which runs there again:
+            # resumed here unasked, it would run in two places.
             emptied = [n for n in offer.devices if n not in kept and n not in halted]
+            copies = [
+                n
+                for n in emptied
+                if self.devices[n].state == State.RESUMING
+                or (
+                    self.devices[n].state == State.STOP
+                    and self.book.get(n).owner == Owner.OUTCOME_UNKNOWN
+                )
+            ]
+            emptied = [n for n in emptied if n not in copies]
             for names, owner, reason in (
                 (halted, Owner.STOPPED, "an incoming migration stopped it and failed"),
                 (emptied, Owner.IDLE, "an incoming migration failed while loading"),
+                (
+                    copies,
+                    Owner.MIGRATED_AWAY,
+                    "an incoming migration failed and the state it loaded could not be "
+                    "reset: the workload runs on the peer, not this stopped copy",
+                ),
             ):
                 if names:
                     self.book.set(

@@ -310,8 +310,10 @@ async def test_cancel_and_resume_just_after_commit_are_refused(
     make_ends: Callable[..., Any], tmp_path: Path
 ) -> None:
     """Once COMMIT is sent (the destination holds its "resumed" verdict), ``cancel`` is
-    refused as past the point of no return and ``resume --force`` as busy; the migration
-    then completes and the source's records say migrated away."""
+    refused as past the point of no return, without claiming where the workload ends (a
+    COMMIT still whole in our buffer is withdrawn, and the source runs again), and
+    ``resume --force`` as busy; the migration then completes and the source's records say
+    migrated away."""
     ends = await make_ends([Spec("sim0", seed=1), Spec("sim1", seed=2)], hold_verdicts="resumed")
     service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), ends.sources)
     commands = Commands(service)
@@ -322,7 +324,9 @@ async def test_cancel_and_resume_just_after_commit_are_refused(
             await commands.migrate_cancel()
         assert refused.value.error_class == "WrongState"
         assert "past the point of no return" in refused.value.desc
-        assert "only a migration back from there returns it" in refused.value.desc
+        assert "the destination may run the workload" in refused.value.desc
+        assert "belongs to the destination" not in refused.value.desc
+        assert f"livemig status --id {record.migration.stats.migration_id}" in refused.value.desc
         with pytest.raises(ControlError) as busy:
             await commands.device_resume(["sim0"], force=True)
         assert busy.value.error_class == "DeviceBusy"

@@ -47,6 +47,7 @@ from transport import (
     serve,
 )
 from transport.auth import proof
+from transport.limits import MIN_MAX_PAYLOAD
 
 #: Bound on anything that must happen "soon" (closing, a refusal): generous, as the
 #: machine is shared; every wait below ends on an event well before it.
@@ -452,7 +453,7 @@ def test_a_source_wanting_more_channels_than_allowed_hears_why_at_once(
     [
         ({"checksum": False}, "checksum"),
         ({"name": "other"}, "name"),
-        ({"max_payload": 1}, "max_payload"),
+        ({"max_payload": 8192}, "max_payload"),
         ({"channels": 3}, "channels"),
         ({"channel": 0}, "channel 0 joined already"),
     ],
@@ -516,7 +517,7 @@ async def test_a_destination_that_takes_no_payload_is_refused_naming_max_payload
             await connect(f"127.0.0.1:{port}", name="source", auth=AuthConfig(), timeout=SOON_S)
         await done.wait()
     assert caught.value.field == "max_payload"
-    assert str(caught.value) == "max_payload: 0 is below 1"
+    assert str(caught.value) == f"max_payload: 0 is below {MIN_MAX_PAYLOAD}"
 
 
 # -- frame length limits on the wire -------------------------------------------------

@@ -8,6 +8,8 @@ import asyncio
 import socket
 from typing import Any
 
+import pytest
+import uvloop
 from transport_helpers import PSK, announce
 
 from tests.conftest import Runner
@@ -117,3 +119,47 @@ async def test_a_transport_whose_buffer_is_not_known_exact_never_withdraws() -> 
     channel.submitted = 100
     assert not channel.withdraw_unsent(0)
     assert not layer.aborted
+
+
+class _NewerUvloopStream:
+    """A transport of uvloop's stream class, as a uvloop version not read would make it:
+    its buffer may count differently, so its figures prove nothing."""
+
+    aborted = False
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 1 << 30
+
+    def get_extra_info(self, name: str) -> Any:
+        return self.sock if name == "socket" else None
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+_NewerUvloopStream.__module__, _NewerUvloopStream.__qualname__ = "uvloop.loop", "TCPTransport"
+
+
+async def test_a_transport_of_a_version_whose_source_was_not_read_never_withdraws(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The accounting was read in one version of each transport's source: under another
+    (uvloop 0.99 here) nothing is proven, the socket is not shut and the transport is left
+    alone, so the outcome stays unknown rather than resting on a guess."""
+    monkeypatch.setattr(uvloop, "__version__", "0.99.0")
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        channel = Channel(Limits())
+        layer = _NewerUvloopStream(ours)
+        channel.transport = layer  # type: ignore[assignment]
+        channel.submitted = 100
+        assert not channel.withdraw_unsent(0)
+        assert not layer.aborted
+        ours.send(b"x")  # still open for writing
+        assert theirs.recv(1) == b"x"

@@ -10,7 +10,7 @@ from devices.fsm import State
 from devices.vfio_user import VfioUserDevice
 from orchestrator.engine.destination import Offer
 from orchestrator.service.config import parse
-from orchestrator.service.ownership import Owner
+from orchestrator.service.ownership import ARMABLE_BY_DEFAULT, Owner
 from orchestrator.service.service import Incoming, Service, _IncomingGate
 from tests.vfio_user import servers
 from tests.vfio_user.servers import Server
@@ -25,6 +25,13 @@ S = State
         pytest.param(Owner.RUNNING_HERE, (S.STOP,), Owner.STOPPED, S.STOP, id="after-first-arc"),
         pytest.param(Owner.STOPPED, (), Owner.STOPPED, S.STOP, id="kept-stopped-untouched"),
         pytest.param(Owner.RUNNING_HERE, (S.STOP, S.RESUMING), Owner.IDLE, S.STOP, id="loading"),
+        pytest.param(Owner.MIGRATED_AWAY, (), Owner.MIGRATED_AWAY, S.STOP, id="away-untouched"),
+        pytest.param(
+            Owner.OUTCOME_UNKNOWN, (), Owner.OUTCOME_UNKNOWN, S.STOP, id="unknown-untouched"
+        ),
+        pytest.param(
+            Owner.OUTCOME_UNKNOWN, (S.RESUMING,), Owner.IDLE, S.STOP, id="unknown-loading"
+        ),
     ],
 )
 async def test_a_daemon_dead_between_admission_and_load_records_what_the_device_may_hold(
@@ -67,7 +74,7 @@ async def test_a_daemon_dead_between_admission_and_load_records_what_the_device_
         await restarted.fence()
         assert again.state == found
         assert restarted.book.get("vu0").owner == owner
-        assert ("vu0" in restarted.book.default_armable()) == (owner == Owner.IDLE)
+        assert ("vu0" in restarted.book.default_armable()) == (owner in ARMABLE_BY_DEFAULT)
         restarted.book.close()
     finally:
         await again.close()
