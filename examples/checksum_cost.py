@@ -17,11 +17,11 @@ hash call itself, timed inside the loop, takes 0.028 s/GB on the static chunk ri
 after its write (0.025 on a chunk a copy just wrote, as a device read does). The
 "pause" way shows the rest: spinning for the hash's in-cache time, touching no memory,
 costs the sender 0.04 s/GB (five runs, medians: none 0.202, pause 0.241, hash 0.257).
-On loopback any work added to the sender costs it about twice its own time (its writes
-also run the receiving side's TCP processing, and how much of that falls to it depends
-on the timing of both sides: the multiplier is measured, its mechanism not pinned
-down). Integrity costs one more pass over the bytes, whatever hash makes it, and this
-multiplier on top.
+In this loop any work added to the sender costs it about twice its own time: on
+loopback its writes also run the receiving side's TCP processing, and how much of that
+falls to it depends on the timing of both sides. (In ``livemig bench transport``, with
+uvloop on both sides, it is the receiver's pass that costs the sender most; see the
+README's Performance section.)
 
 A migration source does not send one chunk over and over: it reads each chunk out of
 the device's state first. The last two ways do that (a copy out of a 256 MiB state,
