@@ -4,12 +4,15 @@ For each channel count it streams the volume three ways, interleaved: through th
 framing path (connect, send_chunk, the destination's decoder and recv) with per-chunk
 checksums ("framed", the default outside TLS), the same without them ("unchecked", what
 a session inside TLS agrees to, here without the encryption), and through plain asyncio
-sockets with no framing at all ("raw"). The receiver runs in its own process, so sender
-and receiver each get a core, as on two hosts; ``--one-process`` runs both in one event
-loop instead. Throughput is in MB/s (10**6 bytes per second), measured from the first
-byte sent until the receiver confirmed the last one. On a shared machine trust the CPU
-cost more than the throughput: each side's CPU seconds (user + system, from getrusage)
-per GB moved, which other load does not inflate.
+sockets with no framing at all ("raw"), whose receiver reads through its buffer as the
+framed receiver reads through its segments (see ``_RawSink``). The receiver runs in its
+own process, so sender and receiver each get a core, as on two hosts;
+``--one-process`` runs both in one event loop instead. Throughput is in MB/s (10**6
+bytes per second), measured from the first byte sent until the receiver confirmed the
+last one. On a shared machine trust the CPU cost more than the throughput: each side's
+CPU seconds (user + system, from getrusage) per GB moved. It is steadier, though not
+fixed: on loopback the sender's writes also run the receiving TCP stack, so a slower
+receiver makes the sender pay more per byte.
 
     python -m orchestrator.bench.transportbench [--volume 2GiB] [--channels 1,2,4] [--chunk 1MiB]
                               [--repeat 3] [--one-process] [--json]
