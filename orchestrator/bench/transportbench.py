@@ -4,12 +4,15 @@ For each channel count it streams the volume three ways, interleaved: through th
 framing path (connect, send_chunk, the destination's decoder and recv) with per-chunk
 checksums ("framed", the default outside TLS), the same without them ("unchecked", what
 a session inside TLS agrees to, here without the encryption), and through plain asyncio
-sockets with no framing at all ("raw"). The receiver runs in its own process, so sender
-and receiver each get a core, as on two hosts; ``--one-process`` runs both in one event
-loop instead. Throughput is in MB/s (10**6 bytes per second), measured from the first
-byte sent until the receiver confirmed the last one. On a shared machine trust the CPU
-cost more than the throughput: each side's CPU seconds (user + system, from getrusage)
-per GB moved, which other load does not inflate.
+sockets with no framing at all ("raw"), whose receiver reads through its buffer as the
+framed receiver reads through its segments (see ``_RawSink``). The receiver runs in its
+own process, so sender and receiver each get a core, as on two hosts;
+``--one-process`` runs both in one event loop instead. Throughput is in MB/s (10**6
+bytes per second), measured from the first byte sent until the receiver confirmed the
+last one. On a shared machine trust the CPU cost more than the throughput: each side's
+CPU seconds (user + system, from getrusage) per GB moved. It is steadier, though not
+fixed: on loopback the sender's writes also run the receiving TCP stack, so a slower
+receiver makes the sender pay more per byte.
 
     python -m orchestrator.bench.transportbench [--volume 2GiB] [--channels 1,2,4] [--chunk 1MiB]
                               [--repeat 3] [--one-process] [--json]
@@ -38,12 +41,12 @@ from transport import Session, connect, serve
 from transport.auth import AuthConfig
 from transport.channel import WRITE_HIGH_WATER as HIGH_WATER
 from transport.channel import WRITE_LOW_WATER as LOW_WATER
-from transport.frames import Tag
-from transport.limits import MiB
+from transport.frames import MIN_READ, Tag
+from transport.limits import Limits, MiB
 
 GiB = 1024 * MiB
 #: The raw receiver reads into a buffer as large as the framed receiver's segments.
-RAW_READ_BUFFER = 4 * MiB
+RAW_READ_BUFFER = Limits().receive_segment_size
 PSK = b"bench"
 #: What is measured, in the order of each round.
 KINDS = ("framed", "unchecked", "raw")
@@ -97,10 +100,17 @@ async def _framed_receiver(
 
 
 class _RawSink(asyncio.BufferedProtocol):
-    """Counts the bytes of one plain connection and acknowledges the last one."""
+    """Counts the bytes of one plain connection and acknowledges the last one.
+
+    Each read lands where the last one ended, wrapping at the end of the buffer, as the
+    framed receiver's reads walk its decoder's segments. Reading every time into the
+    buffer's start would keep the kernel's copies in a few hundred KiB that never leave
+    the cache, a saving no receiver that keeps the bytes it reads can have.
+    """
 
     def __init__(self, expected: int, finished: Callable[[], None]) -> None:
         self.buffer = memoryview(bytearray(RAW_READ_BUFFER))
+        self.offset = 0
         self.expected = expected
         self.finished = finished
         self.transport: asyncio.Transport | None = None
@@ -109,9 +119,12 @@ class _RawSink(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's do not derive from it
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.buffer
+        if len(self.buffer) - self.offset < MIN_READ:
+            self.offset = 0
+        return self.buffer[self.offset :]
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.offset += nbytes
         self.expected -= nbytes
         if self.expected == 0 and self.transport is not None:
             self.transport.write(b"!")
