@@ -272,7 +272,8 @@ class PagedDevice(ArcDevice):
         }
 
     def fail_arc(self, arc_from: State, arc_to: State) -> None:
-        if (arc_from, arc_to) in self.faults.fail_arcs:
+        fail_arcs = self.faults.fail_arcs
+        if fail_arcs and (arc_from, arc_to) in fail_arcs:  # the common case builds no tuple
             raise ArcFailed(self.name, f"{arc_from.name} -> {arc_to.name} failed (injected)")
 
     def descriptor(self) -> DeviceDescriptor:
