@@ -395,8 +395,9 @@ class Commands:
                     "InvalidParameter",
                     f"unknown event(s) {', '.join(unknown)}; known: {', '.join(EVENTS)}",
                 )
-        connection = self.service.control.current
-        connection.events = None if events is None else frozenset(str(e) for e in events)
+        control = self.service.control
+        connection = control.current
+        control.subscribe(connection, None if events is None else frozenset(map(str, events)))
         return {"events": list(EVENTS) if events is None else sorted(connection.events or ())}
 
 

@@ -15,7 +15,6 @@ import gc
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import structlog
@@ -203,11 +202,12 @@ class Service:
             return
         migration = self.owners.get(device.name)
         record = self.outgoing.get(migration) or self.incoming.get(migration) if migration else None
-        report = partial(self._emit_device_state, device.name, old, new, migration)
         if record is None or record.migration is None:
-            report()
+            self._emit_device_state(device.name, old, new, migration)
         else:
-            record.migration.after_window(report)
+            record.migration.after_window(
+                self._emit_device_state, (device.name, old, new, migration)
+            )
 
     def _emit_device_state(self, name: str, old: State, new: State, migration: str | None) -> None:
         data = {"device": name, "old": old.name, "new": new.name, "migration": migration}

@@ -97,7 +97,7 @@ async def test_the_server_says_whether_any_client_wants_an_event(tmp_path) -> No
     server: ControlServer
 
     async def subscribe(events: list[str]) -> dict[str, str]:
-        server.current.events = frozenset(events)
+        server.subscribe(server.current, frozenset(events))
         return {}
 
     server = ControlServer(
