@@ -14,16 +14,14 @@ import pytest
 
 from devices.errors import DeviceError
 from devices.fsm import State
-from devices.paged import Faults
 from orchestrator.engine.destination import Offer
 from orchestrator.engine.errors import MigrationError
 from orchestrator.service.commands import Commands
 from orchestrator.service.config import parse
-from orchestrator.service.ownership import FENCED_OWNERS, Owner
+from orchestrator.service.ownership import FENCED_OWNERS
 from orchestrator.service.protocol import ControlError
 from orchestrator.service.service import Incoming, Service, _IncomingGate
 from tests.orchestrator.conftest import Spec
-from tests.orchestrator.test_second_look_ownership import daemon_owning, fails_into
 
 #: Bound of every wait.
 DEADLINE_S = 30.0
@@ -86,17 +84,3 @@ async def test_a_loaded_device_whose_reset_failed_is_not_resumed_without_force(
         assert target.state == State.STOP
     finally:
         service.book.close()
-
-
-async def test_an_idle_stopped_device_the_load_never_reached_stays_idle(tmp_path: Path) -> None:
-    """A destination device with no workload (``idle``) that waits in STOP, whose arc into
-    RESUMING fails: it was never loaded nor reset, holds no copy, and stays ``idle``."""
-    faults = Faults(fail_arcs=frozenset({(State.STOP, State.RESUMING)}))
-    target = Spec("sim0", seed=2, source_faults=faults).build(source=True)
-    async with daemon_owning(tmp_path, target) as (service, address):
-        await target.set_state(State.STOP)
-        service.book.set(["sim0"], Owner.IDLE, reason="waits (test)")
-        service.book.arm(["sim0"], None, None)
-        await fails_into(address, "RESUMING failed")
-        assert target.state == State.STOP
-        assert service.book.get("sim0").owner == Owner.IDLE

@@ -117,22 +117,24 @@ async def test_an_offer_whose_devices_never_left_their_workload_keeps_their_reco
         assert stored["devices"]["sim0"]["owner"] == Owner.RUNNING_HERE.value
 
 
+@pytest.mark.parametrize("owner", [Owner.STOPPED, Owner.IDLE], ids=lambda o: o.name)
 async def test_an_armed_stopped_device_the_load_never_reached_keeps_its_state(
-    tmp_path: Path,
+    tmp_path: Path, owner: Owner
 ) -> None:
-    """A destination device recorded ``stopped`` (a workload kept here, stopped) armed by
-    name, whose arc into RESUMING fails so that it never leaves STOP: the failed
-    migration leaves it untouched, still STOP and still ``stopped``. A reset would drop
-    the state it keeps (a VFIO device's), and ``idle`` would say it holds nothing."""
+    """A destination device waiting in STOP armed by name, whose arc into RESUMING fails
+    so that it never leaves STOP: the failed migration leaves it untouched, still STOP
+    with its record. ``stopped`` (a workload kept here): a reset would drop the state it
+    keeps (a VFIO device's), and ``idle`` would say it holds nothing. ``idle`` (no
+    workload): never loaded nor reset, it holds no copy and is fenced from nothing."""
     faults = Faults(fail_arcs=frozenset({(State.STOP, State.RESUMING)}))
     target = Spec("sim0", seed=2, source_faults=faults).build(source=True)
     async with daemon_owning(tmp_path, target) as (service, address):
         await target.set_state(State.STOP)
-        service.book.set(["sim0"], Owner.STOPPED, reason="split outcome (test)")
+        service.book.set(["sim0"], owner, reason="set by the test")
         service.book.arm(["sim0"], None, None)
         await fails_into(address, "RESUMING failed")
         assert target.state == State.STOP  # not reset: the state it keeps stays
-        assert service.book.get("sim0").owner == Owner.STOPPED
+        assert service.book.get("sim0").owner == owner
 
 
 async def test_a_running_device_a_failed_load_left_stopped_is_recorded_stopped(

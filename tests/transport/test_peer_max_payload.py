@@ -18,7 +18,7 @@ from transport.limits import MIN_MAX_PAYLOAD
 DEADLINE_S = 10.0
 
 
-@pytest.mark.parametrize("announced", [1, MIN_MAX_PAYLOAD - 1])
+@pytest.mark.parametrize("announced", [0, 1, MIN_MAX_PAYLOAD - 1])
 async def test_a_destination_taking_tiny_payloads_is_refused_naming_max_payload(
     announced: int,
 ) -> None:

@@ -47,7 +47,6 @@ from transport import (
     serve,
 )
 from transport.auth import proof
-from transport.limits import MIN_MAX_PAYLOAD
 
 #: Bound on anything that must happen "soon" (closing, a refusal): generous, as the
 #: machine is shared; every wait below ends on an event well before it.
@@ -492,32 +491,6 @@ async def test_a_channel_that_disagrees_with_its_session_is_refused(
     index = 0 if "channel 0" in field else 1
     assert refusal.fields()["reason"] == f"channel {index} does not fit the session: {misfit}"
     assert not recorder.done.is_set(), "no session was handed to the handler"
-
-
-async def test_a_destination_that_takes_no_payload_is_refused_naming_max_payload() -> None:
-    """A destination whose AUTH announces max_payload 0 fails connect() with a
-    ProtocolError naming the field, not a ValueError at the source's first chunk."""
-    done = asyncio.Event()
-
-    async def destination(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = RawPeer(reader, writer)
-        await peer.read_frame()
-        answer = {"version": 1, "nonce": os.urandom(32), "auth": "none", "checksum": True}
-        await peer.send(Tag.HELLO, answer)
-        await peer.read_frame()
-        await peer.send(Tag.AUTH, {"name": "dest", "max_payload": 0})
-        assert await peer.read_frame() is None  # the source hung up
-        await peer.close()
-        done.set()
-
-    listener = await asyncio.start_server(destination, "127.0.0.1", 0)
-    async with listener:
-        port = listener.sockets[0].getsockname()[1]
-        with pytest.raises(ProtocolError) as caught:
-            await connect(f"127.0.0.1:{port}", name="source", auth=AuthConfig(), timeout=SOON_S)
-        await done.wait()
-    assert caught.value.field == "max_payload"
-    assert str(caught.value) == f"max_payload: 0 is below {MIN_MAX_PAYLOAD}"
 
 
 # -- frame length limits on the wire -------------------------------------------------
