@@ -1,0 +1,65 @@
+"""An operator's resume that can only reset a device says the device's state is lost.
+
+``device-resume`` (``livemig resume``) brings stopped devices back to RUNNING; a device
+the FSM cannot bring back is reset (``resume_in_order``), which drops its state: for a
+device kept stopped, or one whose outcome was unknown, perhaps the workload's only copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devices.fsm import State
+from devices.paged import Faults
+from orchestrator.service.commands import Commands
+from orchestrator.service.config import parse
+from orchestrator.service.ownership import Owner
+from orchestrator.service.protocol import ControlError
+from orchestrator.service.service import Service
+from tests.orchestrator.conftest import Spec
+
+#: Every arc out of STOP towards running fails: only a reset brings the device back.
+STUCK = Faults(fail_arcs=frozenset({(State.STOP, State.RUNNING_P2P), (State.STOP, State.RUNNING)}))
+
+
+@pytest.mark.xfail(strict=True, reason="a reset is reported as a resume")
+@pytest.mark.parametrize("owner", [Owner.STOPPED, Owner.OUTCOME_UNKNOWN], ids=lambda o: o.name)
+async def test_a_resume_that_resets_the_device_says_its_state_is_lost(
+    tmp_path: Path, owner: Owner
+) -> None:
+    """The reply is an error naming the device and its lost state, not its new RUNNING;
+    its record no longer says the workload runs here: a reset device holds none."""
+    device = Spec("sim0", seed=1, source_faults=STUCK).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    try:
+        await device.set_state(State.STOP)
+        service.book.set(["sim0"], owner, peer="b", migration_id="m1", reason="test")
+        with pytest.raises(ControlError, match=r"sim0: .*reset.*its state is lost") as caught:
+            await Commands(service).device_resume(["sim0"], force=True)
+        assert caught.value.error_class == "GenericError"
+        assert device.state == State.RUNNING
+        record = service.book.get("sim0")
+        assert record.owner == Owner.IDLE
+        assert record.reason is not None
+        assert "state is lost" in record.reason
+    finally:
+        service.book.close()
+        await device.close()
+
+
+async def test_a_resume_that_works_keeps_the_workload_here(tmp_path: Path) -> None:
+    """The same resume without the fault: RUNNING, recorded as the workload here."""
+    device = Spec("sim0", seed=1).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    try:
+        await device.set_state(State.STOP)
+        service.book.set(["sim0"], Owner.STOPPED, reason="test")
+        assert await Commands(service).device_resume(["sim0"]) == {"sim0": "RUNNING"}
+        assert service.book.get("sim0").owner == Owner.RUNNING_HERE
+    finally:
+        service.book.close()
+        await device.close()
