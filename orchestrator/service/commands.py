@@ -173,7 +173,10 @@ class Commands:
         A device whose workload migrated away, or whose outcome is unknown, may be
         running on the other host: it is refused unless ``force`` (the operator checked
         that the other host does not run it), and then logged loudly. A device that
-        cannot get back to RUNNING by the FSM is reset.
+        cannot get back to RUNNING by the FSM is reset, which drops its state: it is
+        recorded ``idle`` (it holds no workload now) and the reply is a GenericError
+        naming it, after the others resumed, so the operator never takes it for the
+        workload resumed.
         """
         if not devices or not all(isinstance(n, str) for n in devices):
             raise ControlError("InvalidParameter", "devices: must be a non-empty array of names")
@@ -198,7 +201,9 @@ class Commands:
         with self.service.holding(devices, "operator-resume"):
             notes = await resume_in_order(chosen, log)
             taken_back = [
-                d.name for d in chosen if self.service.book.get(d.name).owner in KEPT_STOPPED
+                d.name
+                for d in chosen
+                if d.name not in notes and self.service.book.get(d.name).owner in KEPT_STOPPED
             ]
             if taken_back:
                 self.service.book.set(
@@ -206,9 +211,24 @@ class Commands:
                     Owner.RUNNING_HERE,
                     reason="resumed by the operator" + (" (forced)" if fenced else ""),
                 )
+            for name, note in notes.items():
+                log.critical("device_state_lost_on_resume", device=name, note=note)
+                self.service.book.set(
+                    [name],
+                    Owner.IDLE,
+                    reason=f"could not resume when the operator asked ({note}): its state is lost",
+                )
         for device in chosen:
             log.warning(
                 "device_resumed_by_operator", device=device.name, note=notes.get(device.name)
+            )
+        if notes:
+            details = "; ".join(f"{name}: {note}" for name, note in notes.items())
+            states = ", ".join(f"{d.name} {d.state.name}" for d in chosen)
+            raise ControlError(
+                "GenericError",
+                f"the state of {', '.join(notes)} is lost: the FSM could not resume it "
+                f"({details}); now {states}",
             )
         return {d.name: d.state.name for d in chosen}
 
