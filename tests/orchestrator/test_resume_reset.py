@@ -8,6 +8,7 @@ device kept stopped, or one whose outcome was unknown, perhaps the workload's on
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,6 +62,30 @@ async def test_a_resume_that_works_keeps_the_workload_here(tmp_path: Path) -> No
         service.book.set(["sim0"], Owner.STOPPED, reason="test")
         assert await Commands(service).device_resume(["sim0"]) == {"sim0": "RUNNING"}
         assert service.book.get("sim0").owner == Owner.RUNNING_HERE
+    finally:
+        service.book.close()
+        await device.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a rollback's reset restores the running record")
+async def test_a_rollback_that_resets_a_device_records_its_state_lost(
+    tmp_path: Path, make_ends: Any
+) -> None:
+    """A failed migration whose rollback can only reset a source device (its arcs back to
+    running fail): the daemon's record no longer says the workload runs here."""
+    ends = await make_ends([Spec("sim0", seed=1, target_faults=Faults(corrupt_validation=True))])
+    device = Spec("sim0", seed=1, source_faults=STUCK).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    try:
+        outgoing = service.start_migration(ends.address, None, {})
+        assert outgoing.task is not None
+        await outgoing.task
+        assert outgoing.migration.stats.placement["sim0"].startswith("reset (state lost)")
+        record = service.book.get("sim0")
+        assert record.owner == Owner.IDLE
+        assert record.reason is not None
+        assert "state is lost" in record.reason
     finally:
         service.book.close()
         await device.close()
