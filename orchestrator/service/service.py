@@ -504,6 +504,14 @@ class Service:
         before = self._before_fence.pop(stats.migration_id, None)
         if stats.outcome == "source" and before is not None:
             self.book.restore(before)  # rolled back: the workload never left
+        if stats.outcome == "source":
+            # A device the rollback could only reset holds no workload any more.
+            for name, where in stats.placement.items():
+                if where != "source":
+                    log.critical("device_state_lost_in_rollback", device=name, note=where)
+                    self.book.set(
+                        [name], Owner.IDLE, reason=f"rollback: {where}; its state is lost"
+                    )
         if stats.outcome in ("destination", "split"):
             reason = None if stats.outcome == "destination" else stats.error
             self.book.set(

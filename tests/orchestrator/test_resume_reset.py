@@ -67,7 +67,6 @@ async def test_a_resume_that_works_keeps_the_workload_here(tmp_path: Path) -> No
         await device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a rollback's reset restores the running record")
 async def test_a_rollback_that_resets_a_device_records_its_state_lost(
     tmp_path: Path, make_ends: Any
 ) -> None:
