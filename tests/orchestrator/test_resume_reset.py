@@ -7,6 +7,8 @@ device kept stopped, or one whose outcome was unknown, perhaps the workload's on
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,28 @@ from orchestrator.service.protocol import ControlError
 from orchestrator.service.service import Service
 from tests.orchestrator.conftest import Spec
 
+
+@contextlib.asynccontextmanager
+async def serviced(tmp_path: Path, faults: Faults | None) -> AsyncIterator[tuple[Any, Service]]:
+    """An opened source device "sim0" with ``faults`` and a daemon's service owning it."""
+    device = Spec("sim0", seed=1, source_faults=faults).build(source=True)
+    await device.open()
+    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
+    try:
+        yield device, service
+    finally:
+        service.book.close()
+        await device.close()
+
+
+def assert_recorded_lost(service: Service) -> None:
+    """sim0's record says no workload runs here, and why: its state is lost."""
+    record = service.book.get("sim0")
+    assert record.owner == Owner.IDLE
+    assert record.reason is not None
+    assert "state is lost" in record.reason
+
+
 #: Every arc out of STOP towards running fails: only a reset brings the device back.
 STUCK = Faults(fail_arcs=frozenset({(State.STOP, State.RUNNING_P2P), (State.STOP, State.RUNNING)}))
 
@@ -31,10 +55,7 @@ async def test_a_resume_that_resets_the_device_says_its_state_is_lost(
 ) -> None:
     """The reply is an error naming the device and its lost state, not its new RUNNING;
     its record no longer says the workload runs here: a reset device holds none."""
-    device = Spec("sim0", seed=1, source_faults=STUCK).build(source=True)
-    await device.open()
-    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
-    try:
+    async with serviced(tmp_path, STUCK) as (device, service):
         await device.set_state(State.STOP)
         service.book.set(["sim0"], owner, peer="b", migration_id="m1", reason="test")
         with pytest.raises(
@@ -43,28 +64,16 @@ async def test_a_resume_that_resets_the_device_says_its_state_is_lost(
             await Commands(service).device_resume(["sim0"], force=True)
         assert caught.value.error_class == "GenericError"
         assert device.state == State.RUNNING
-        record = service.book.get("sim0")
-        assert record.owner == Owner.IDLE
-        assert record.reason is not None
-        assert "state is lost" in record.reason
-    finally:
-        service.book.close()
-        await device.close()
+        assert_recorded_lost(service)
 
 
 async def test_a_resume_that_works_keeps_the_workload_here(tmp_path: Path) -> None:
     """The same resume without the fault: RUNNING, recorded as the workload here."""
-    device = Spec("sim0", seed=1).build(source=True)
-    await device.open()
-    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
-    try:
+    async with serviced(tmp_path, None) as (device, service):
         await device.set_state(State.STOP)
         service.book.set(["sim0"], Owner.STOPPED, reason="test")
         assert await Commands(service).device_resume(["sim0"]) == {"sim0": "RUNNING"}
         assert service.book.get("sim0").owner == Owner.RUNNING_HERE
-    finally:
-        service.book.close()
-        await device.close()
 
 
 async def test_a_rollback_that_resets_a_device_records_its_state_lost(
@@ -73,18 +82,9 @@ async def test_a_rollback_that_resets_a_device_records_its_state_lost(
     """A failed migration whose rollback can only reset a source device (its arcs back to
     running fail): the daemon's record no longer says the workload runs here."""
     ends = await make_ends([Spec("sim0", seed=1, target_faults=Faults(corrupt_validation=True))])
-    device = Spec("sim0", seed=1, source_faults=STUCK).build(source=True)
-    await device.open()
-    service = Service(parse(f'control_socket = "{tmp_path}/c.sock"\n'), [device])
-    try:
+    async with serviced(tmp_path, STUCK) as (_, service):
         outgoing = service.start_migration(ends.address, None, {})
         assert outgoing.task is not None
         await outgoing.task
         assert outgoing.migration.stats.placement["sim0"].startswith("reset (state lost)")
-        record = service.book.get("sim0")
-        assert record.owner == Owner.IDLE
-        assert record.reason is not None
-        assert "state is lost" in record.reason
-    finally:
-        service.book.close()
-        await device.close()
+        assert_recorded_lost(service)
