@@ -211,13 +211,7 @@ class Commands:
                     Owner.RUNNING_HERE,
                     reason="resumed by the operator" + (" (forced)" if fenced else ""),
                 )
-            for name, note in notes.items():
-                log.critical("device_state_lost_on_resume", device=name, note=note)
-                self.service.book.set(
-                    [name],
-                    Owner.IDLE,
-                    reason=f"could not resume when the operator asked ({note}): its state is lost",
-                )
+            self.service.record_state_lost(notes, "resume")
         for device in chosen:
             log.warning(
                 "device_resumed_by_operator", device=device.name, note=notes.get(device.name)

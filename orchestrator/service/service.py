@@ -505,13 +505,8 @@ class Service:
         if stats.outcome == "source" and before is not None:
             self.book.restore(before)  # rolled back: the workload never left
         if stats.outcome == "source":
-            # A device the rollback could only reset holds no workload any more.
-            for name, where in stats.placement.items():
-                if where != "source":
-                    log.critical("device_state_lost_in_rollback", device=name, note=where)
-                    self.book.set(
-                        [name], Owner.IDLE, reason=f"rollback: {where}; its state is lost"
-                    )
+            reset = {name: where for name, where in stats.placement.items() if where != "source"}
+            self.record_state_lost(reset, "rollback")
         if stats.outcome in ("destination", "split"):
             reason = None if stats.outcome == "destination" else stats.error
             self.book.set(
@@ -521,6 +516,14 @@ class Service:
                 migration_id=stats.migration_id,
                 reason=reason,
             )
+
+    def record_state_lost(self, notes: Mapping[str, str], during: str) -> None:
+        """Devices that ``resume_in_order`` could only reset (``notes``: name -> what
+        happened) during a ``rollback`` or an operator's ``resume``: they hold no workload
+        any more, so they are ``idle``, loudly, never the workload running here."""
+        for name, note in notes.items():
+            log.critical("device_state_lost", device=name, during=during, note=note)
+            self.book.set([name], Owner.IDLE, reason=f"{during}: {note}; its state is lost")
 
     def _share_bandwidth(self) -> None:
         """Split ``max_total_bandwidth`` between the running outgoing migrations, max-min fair.
